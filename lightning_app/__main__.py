@@ -1,0 +1,5 @@
+"""``python -m lightning_app ...`` is the ``reglab`` command."""
+
+from lightning_app.cli import main
+
+main()

@@ -1,0 +1,216 @@
+"""The ``reglab`` command: LightningCLI's fit/validate/test/predict plus reglab's own commands.
+
+Configs compose: pass several ``--config`` files (data, model, technique, trainer); later ones
+override earlier ones. Techniques live under their own key, a mapping from a name to a technique,
+so a second file *adds* a technique instead of replacing the first file's list (the
+``trainer.callbacks`` pitfall of LightningCLI)::
+
+    # configs/technique/elr.yaml
+    techniques:
+      elr:
+        class_path: callbacks.ELR
+        init_args: {beta: 0.7, lam: 3.0}
+
+    reglab fit --config configs/experiment/quickstart.yaml --config configs/technique/label_smoothing.yaml
+
+Setting ``techniques: {elr: null}`` in a later file removes one. Every run writes CSV and
+TensorBoard logs, the resolved ``config.yaml`` and ``checkpoints/last.ckpt`` into one folder,
+``<runs_dir>/<run_name>/version_<k>``; ``--ckpt_path last`` resumes the newest run of that name
+in its own folder.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import Namespace
+from lightning import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_app.summary import print_run_summary
+
+RUN_DIR_ENV = "REGLAB_RUN_DIR"
+
+
+class ReglabCLI(LightningCLI):
+    """LightningCLI with composable technique configs and one folder per run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", True)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--techniques",
+            type=dict[str, Callback | None] | None,
+            default=None,
+            help="Techniques by name; files merge, `name: null` removes one.",
+        )
+        parser.add_argument("--run_name", type=str, default="run", help="Folder name of this run.")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="Where run folders go.")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False, help="After fit, test and print a summary."
+        )
+
+    # -- configuration ------------------------------------------------------------------------
+    def _subconfig(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subconfig()
+        fill_model_shape_from_data(config)
+        self._run_dir = resolve_run_dir(config, self.subcommand)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        techniques = self._get(self.config_init, "techniques") or {}
+        callbacks = list(config.get("callbacks") or [])
+        callbacks += [technique for technique in techniques.values() if technique is not None]
+        if not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+            callbacks.append(ModelCheckpoint(dirpath=self._run_dir / "checkpoints", save_last=True))
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(cb, RichProgressBar) for cb in callbacks
+        ):
+            callbacks.append(RichProgressBar(leave=True))
+        kwargs["callbacks"] = callbacks
+        if config.get("logger") in (None, True):
+            name, version = self._run_dir.parent, self._run_dir.name
+            kwargs["logger"] = [
+                CSVLogger(name.parent, name=name.name, version=version),
+                TensorBoardLogger(name.parent, name=name.name, version=version, default_hp_metric=False),
+            ]
+        kwargs.setdefault("default_root_dir", str(self._run_dir))
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        config = self._subconfig()
+        test_metrics: dict[str, float] = {}
+        if config.get("test_after_fit"):
+            results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            test_metrics = results[0] if results else {}
+        print_run_summary(self.trainer, test_metrics, self._run_dir)
+
+
+def fill_model_shape_from_data(config: Namespace) -> None:
+    """Set the model's ``num_classes`` / ``input_shape`` from the DataModule when it has them.
+
+    Only for model classes whose constructor takes these arguments and left them unset; the
+    DataModule is built once here to read them (reglab DataModules load nothing in ``__init__``).
+    """
+    model_cfg, data_cfg = config.get("model"), config.get("data")
+    if model_cfg is None or data_cfg is None or not isinstance(model_cfg, Namespace):
+        return
+    model_class = _import(model_cfg.class_path)
+    wanted = [
+        key
+        for key in ("num_classes", "input_shape")
+        if key in inspect.signature(model_class).parameters and model_cfg.init_args.get(key) is None
+    ]
+    if not wanted:
+        return
+    datamodule = _instantiate_datamodule(data_cfg)
+    for key in wanted:
+        value = getattr(datamodule, key, None)
+        if value is not None:
+            model_cfg.init_args[key] = list(value) if isinstance(value, tuple) else value
+
+
+def _instantiate_datamodule(data_cfg: Namespace) -> LightningDataModule:
+    parser = LightningArgumentParser()
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    return parser.instantiate_classes(Namespace(data=data_cfg)).data
+
+
+def _import(class_path: str) -> type:
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(__import__(module_name, fromlist=[name]), name)
+
+
+def resolve_run_dir(config: Namespace, subcommand: str | None) -> Path:
+    """``<runs_dir>/<run_name>/version_<k>``: the newest one holding ``last.ckpt`` when the run
+    resumes with ``--ckpt_path last`` (which then points at that file), else a new version."""
+    if RUN_DIR_ENV in os.environ:  # a DDP worker started by the launcher: the parent chose
+        return Path(os.environ[RUN_DIR_ENV])
+    root = Path(config.get("runs_dir") or "runs") / (config.get("run_name") or "run")
+    versions = sorted(
+        (p for p in root.glob("version_*") if p.name.split("_")[-1].isdigit()),
+        key=lambda p: int(p.name.split("_")[-1]),
+    )
+    if config.get("ckpt_path") == "last":
+        resumable = [v for v in versions if (v / "checkpoints" / "last.ckpt").is_file()]
+        if not resumable:
+            raise SystemExit(
+                f"--ckpt_path last: no checkpoints/last.ckpt under {root}/version_*; start a new run "
+                "without --ckpt_path, or pass the checkpoint's path"
+            )
+        config.ckpt_path = str(resumable[-1] / "checkpoints" / "last.ckpt")
+        run_dir = resumable[-1]
+    else:
+        next_version = int(versions[-1].name.split("_")[-1]) + 1 if versions else 0
+        run_dir = root / f"version_{next_version}"
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
+
+
+def merge_technique_configs(argv: list[str]) -> list[str]:
+    """Make ``techniques`` mappings of successive ``--config`` files add up.
+
+    jsonargparse replaces a dict-valued key as a whole when a later config sets it; this reads
+    the config files, deep-merges their ``techniques`` (a later ``name: null`` removes ``name``),
+    and passes the merged mapping right after the last ``--config``, so explicit
+    ``--techniques...`` arguments after it still override it.
+    """
+    config_positions = [
+        i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")
+    ]
+    merged: dict[str, Any] = {}
+    found = False
+    for i in config_positions:
+        path = argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
+        if not Path(path).is_file():
+            continue
+        techniques = (yaml.safe_load(Path(path).read_text()) or {}).get("techniques")
+        if isinstance(techniques, dict):
+            found = True
+            merged = _deep_merge(merged, techniques)
+    if not found:
+        return argv
+    last = config_positions[-1] + (1 if "=" in argv[config_positions[-1]] else 2)
+    merged = {name: value for name, value in merged.items() if value is not None}
+    return argv[:last] + [f"--techniques={json.dumps(merged)}"] + argv[last:]
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``reglab`` console script and ``python -m lightning_app``."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "bench":
+        from lightning_app.bench.cli import main as bench_main
+
+        bench_main(argv[1:])
+        return
+    ReglabCLI(args=merge_technique_configs(argv))
+
+
+if __name__ == "__main__":
+    main()

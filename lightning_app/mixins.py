@@ -1,0 +1,202 @@
+"""The step contract between LightningModules and techniques.
+
+Lightning callbacks cannot change the loss under automatic optimization: hook return values are
+discarded, and the tensor seen in ``on_before_backward`` is already divided by
+``accumulate_grad_batches`` (and scaled under 16-mixed). So the module owns the loss:
+
+* a module mixes in :class:`RegularizedMixin` and implements ``forward_step(batch) -> StepOutput``;
+* :meth:`RegularizedMixin.training_step` runs every :class:`~lightning_app.technique.Technique`
+  attached to the trainer through the stages below, in the order they appear in
+  ``trainer.callbacks`` (the order of the config), and returns ``task_loss + sum(terms)``;
+* Lightning then applies accumulation, precision scaling and DDP gradient sync uniformly.
+
+Stages, each an optional method of a technique::
+
+    batch      = technique.transform_batch(batch, module)      # mixup, cutmix, input noise
+    out        = module.forward_step(batch)                    # -> StepOutput
+    out        = technique.transform_outputs(out, module)      # logit masking, feature scaling
+    out.target = technique.transform_targets(out, module)      # soft targets, label correction
+    per_sample = technique.task_loss(out, module)              # at most one technique replaces CE
+    terms      = technique.loss_terms(out, module)             # additive, already weighted
+
+Every term is logged as ``train/<technique>/<term>``. After the step, techniques read the same
+forward pass in ``on_train_batch_end(..., outputs, ...)`` as ``outputs["step_output"]`` (detached).
+
+Example:
+    >>> import torch
+    >>> from lightning import LightningModule
+    >>> class MyModule(RegularizedMixin, LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = torch.nn.Linear(4, 3)
+    ...     def forward_step(self, batch):
+    ...         return StepOutput(logits=self.net(batch["input"]), target=batch["target"],
+    ...                           index=batch.get("index"))
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+    >>> module = MyModule()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_app.technique import Technique
+
+
+@dataclass
+class StepOutput:
+    """What one forward pass produced, handed to every technique stage.
+
+    Attributes:
+        logits: ``(N, C)`` class scores.
+        target: what the task loss is computed against: ``(N,)`` class indices, or ``(N, C)``
+            probabilities once a target transform ran.
+        labels: ``(N,)`` class indices as the data gave them; never transformed (defaults to
+            ``target`` when that holds indices).
+        features: ``(N, D)`` penultimate features, when the module has them.
+        index: ``(N,)`` positions of the samples in the training set, when the data has them.
+        batch: the batch the step ran on (after batch transforms).
+        task_loss: ``(N,)`` per-sample task loss, filled by the step before loss terms run.
+        extras: anything else a module or technique wants to pass along.
+    """
+
+    logits: Tensor
+    target: Tensor
+    labels: Tensor | None = None
+    features: Tensor | None = None
+    index: Tensor | None = None
+    batch: dict[str, Any] = field(default_factory=dict)
+    task_loss: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.labels is None and self.target.dim() == 1:
+            self.labels = self.target
+
+    def detached(self) -> StepOutput:
+        """A copy whose tensors are cut from the autograd graph (safe to keep after the step)."""
+
+        def cut(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                return value.detach()
+            if isinstance(value, dict):
+                return {k: cut(v) for k, v in value.items()}
+            return value
+
+        return dataclasses.replace(
+            self, **{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
+
+
+def cross_entropy_per_sample(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy per sample for hard (``(N,)``) or soft (``(N, C)``) targets, in fp32."""
+    logits = logits.float()
+    if target.dim() == logits.dim():
+        return -(target.float() * F.log_softmax(logits, dim=-1)).sum(-1)
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RegularizedMixin:
+    """Owns ``training_step`` and runs the attached techniques through the step contract.
+
+    Mix it in *before* ``LightningModule`` and implement :meth:`forward_step`. Override
+    :meth:`task_loss` to change the default cross-entropy, and :meth:`on_step_output` to update
+    metrics from any stage's output.
+
+    The mixin also saves the global RNG states (torch, CUDA, numpy, python) in every checkpoint
+    and restores them on resume, so that random techniques (mixup, dropout, noise injection)
+    continue exactly where an uninterrupted run would be.
+    """
+
+    def forward_step(self, batch: dict[str, Any]) -> StepOutput:
+        """Run the model on ``batch`` and describe the result (implemented by the module)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} mixes in RegularizedMixin but does not implement "
+            "forward_step(batch) -> StepOutput; add it (see lightning_app.mixins)."
+        )
+
+    def task_loss(self, out: StepOutput) -> Tensor:
+        """Per-sample task loss; cross-entropy with hard or soft targets by default."""
+        return cross_entropy_per_sample(out.logits, out.target)
+
+    def on_step_output(self, out: StepOutput, stage: str) -> None:
+        """Called with every step's output (``stage`` is train/val/test); update metrics here."""
+
+    @property
+    def techniques(self) -> list[Technique]:
+        """The techniques attached to the trainer, in config order."""
+        from lightning_app.technique import Technique
+
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return []
+        return [cb for cb in trainer.callbacks if isinstance(cb, Technique)]
+
+    def regularized_step(self, batch: dict[str, Any]) -> tuple[Tensor, StepOutput, dict[str, Tensor]]:
+        """Run the contract on one batch: returns (total loss, step output, named terms)."""
+        from lightning_app.technique import run_stages
+
+        return run_stages(self, self.techniques, batch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        total, out, terms = self.regularized_step(batch)
+        batch_size = out.logits.shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.on_step_output(out, "train")
+        return {"loss": total, "step_output": out.detached()}
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        out = self.forward_step(batch)
+        loss = self.task_loss(out).mean()
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=out.logits.shape[0])
+        self.on_step_output(out, stage)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.forward_step(batch).logits.softmax(-1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["reglab_rng_state"] = _rng_state()
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "reglab_rng_state" in checkpoint:
+            _set_rng_state(checkpoint["reglab_rng_state"])
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)

@@ -1,0 +1,246 @@
+"""The technique Protocol: a Lightning ``Callback`` that may take part in the step contract.
+
+A technique overrides any of the stage methods below (all optional) and uses ordinary Lightning
+hooks for everything else (EMA updates in ``on_train_batch_end``, gradient masks in
+``on_before_optimizer_step``, model surgery in ``setup``). What it needs is declared, and checked
+when the trainer sets up, so a missing piece fails before the first step with a message naming
+the technique, the need and the fix.
+
+Declarations (class attributes):
+    needs: batch keys or step-output fields the technique reads: ``"index"``, ``"features"``,
+        ``"clean_target"``, ``"domain"``, ``"task"``.
+    conflicts_with: names of technique classes it cannot be stacked with.
+    requires_closure: it re-evaluates the loss inside ``optimizer.step(closure)`` (SAM-style).
+    stateful: it keeps state that must be identical on every DDP rank and survive resume.
+
+Example:
+    >>> import torch
+    >>> class ConfidencePenalty(Technique):
+    ...     '''Adds beta * (negative entropy of the prediction).'''
+    ...     def __init__(self, beta: float = 0.1):
+    ...         self.beta = beta
+    ...     def loss_terms(self, out, module):
+    ...         p = out.logits.float().softmax(-1)
+    ...         return {"neg_entropy": self.beta * (p * p.clamp_min(1e-12).log()).sum(-1).mean()}
+    >>> ConfidencePenalty().name
+    'confidence_penalty'
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_app.mixins import RegularizedMixin, StepOutput
+
+STAGES = ("transform_batch", "transform_outputs", "transform_targets", "task_loss", "loss_terms")
+STEP_FIELDS = frozenset({"features", "index"})
+
+
+class TechniqueConfigError(ValueError):
+    """A technique cannot run with the given module, data or other techniques."""
+
+
+class Technique(L.Callback):
+    """Base class of every reglab technique (see the module docstring for the Protocol)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+    conflicts_with: ClassVar[tuple[str, ...]] = ()
+    requires_closure: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    stages: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.stages = frozenset(s for s in STAGES if getattr(cls, s) is not getattr(Technique, s))
+
+    @property
+    def name(self) -> str:
+        """Snake-case class name; the prefix of every logged term."""
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(self).__name__).lower()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    # -- stages (identity / nothing by default) -------------------------------------------------
+    def transform_batch(self, batch: dict[str, Any], module: L.LightningModule) -> dict[str, Any]:
+        return batch
+
+    def transform_outputs(self, out: StepOutput, module: L.LightningModule) -> StepOutput:
+        return out
+
+    def transform_targets(self, out: StepOutput, module: L.LightningModule) -> Tensor:
+        return out.target
+
+    def task_loss(self, out: StepOutput, module: L.LightningModule) -> Tensor:
+        raise NotImplementedError
+
+    def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
+        return {}
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_technique(self, trainer, pl_module)
+
+    def fail(self, problem: str, fix: str) -> TechniqueConfigError:
+        """An error naming this technique, the problem and the fix (raise it)."""
+        return TechniqueConfigError(f"{type(self).__name__}: {problem}. Fix: {fix}.")
+
+
+def check_technique(technique: Technique, trainer: L.Trainer, module: L.LightningModule) -> None:
+    """Validate a technique against the module, the data and the other techniques."""
+    if technique.stages and not isinstance(module, RegularizedMixin):
+        raise technique.fail(
+            f"it changes the training loss (stages: {', '.join(sorted(technique.stages))}) but "
+            f"{type(module).__name__} does not use the step contract",
+            "mix lightning_app.mixins.RegularizedMixin into the module and implement "
+            "forward_step(batch) -> StepOutput (docs/architecture.md shows how)",
+        )
+    others = [cb for cb in trainer.callbacks if isinstance(cb, Technique) and cb is not technique]
+    for other in others:
+        if type(other).__name__ in technique.conflicts_with:
+            raise technique.fail(
+                f"it cannot be stacked with {type(other).__name__}", "remove one of the two techniques"
+            )
+    if "task_loss" in technique.stages:
+        owners = [t for t in others if "task_loss" in t.stages]
+        if owners:
+            raise technique.fail(
+                f"both it and {type(owners[0]).__name__} replace the task loss", "keep only one of them"
+            )
+    if technique.requires_closure and not module.automatic_optimization:
+        raise technique.fail("it needs automatic optimization", "set automatic_optimization = True")
+    batch_keys = getattr(trainer.datamodule, "batch_keys", None)
+    provides = getattr(module, "provides", None)
+    for need in sorted(technique.needs):
+        if need in STEP_FIELDS and provides is not None and need not in provides:
+            raise technique.fail(
+                f"it needs `{need}` from {type(module).__name__}.forward_step, which provides "
+                f"{sorted(provides)}",
+                f"use a module whose forward_step returns {need} (ClassificationModule does)",
+            )
+        if need not in STEP_FIELDS - {"index"} and batch_keys is not None and need not in batch_keys:
+            raise technique.fail(
+                f"it needs `{need}` in every training batch, but {type(trainer.datamodule).__name__} "
+                f"yields only {sorted(batch_keys)}",
+                f"use a DataModule whose batches carry `{need}` (every reglab DataModule has `index`; "
+                "`clean_target` comes with label_noise)",
+            )
+
+
+def check_step_output(technique: Technique, out: StepOutput) -> None:
+    """First-step check for modules and data that could not be checked at setup."""
+    for need in technique.needs:
+        present = getattr(out, need, None) if need in STEP_FIELDS else out.batch.get(need)
+        if present is None:
+            raise technique.fail(
+                f"it needs `{need}` but the first training step has none",
+                f"return `{need}` from forward_step / put it in every batch",
+            )
+
+
+def run_stages(
+    module: RegularizedMixin, techniques: list[Technique], batch: dict[str, Any]
+) -> tuple[Tensor, StepOutput, dict[str, Tensor]]:
+    """One training step of the contract; returns (total loss, step output, named terms)."""
+    for technique in techniques:
+        if "transform_batch" in technique.stages:
+            batch = technique.transform_batch(batch, module)
+    out = module.forward_step(batch)
+    if not out.batch:
+        out.batch = batch
+    if out.index is None:
+        out.index = batch.get("index")
+    if not getattr(module, "_reglab_step_checked", False):
+        for technique in techniques:
+            check_step_output(technique, out)
+        module._reglab_step_checked = True
+    for technique in techniques:
+        if "transform_outputs" in technique.stages:
+            out = technique.transform_outputs(out, module)
+    for technique in techniques:
+        if "transform_targets" in technique.stages:
+            out.target = technique.transform_targets(out, module)
+    loss_owner = next((t for t in techniques if "task_loss" in t.stages), None)
+    out.task_loss = loss_owner.task_loss(out, module) if loss_owner else module.task_loss(out)
+    total = out.task_loss.mean()
+    terms = {"task_loss": total}
+    for technique in techniques:
+        if "loss_terms" in technique.stages:
+            for key, value in technique.loss_terms(out, module).items():
+                terms[f"{technique.name}/{key}"] = value
+                total = total + value
+    return total, out, terms
+
+
+def training_set_shape(
+    technique: Technique, trainer: L.Trainer, num_samples: int | None, num_classes: int | None
+) -> tuple[int, int]:
+    """(number of training samples, number of classes) for per-sample state, from the
+    technique's own arguments or else the DataModule."""
+    datamodule = trainer.datamodule
+    num_samples = num_samples or getattr(datamodule, "num_train_samples", None)
+    num_classes = num_classes or getattr(datamodule, "num_classes", None)
+    if not num_samples or not num_classes:
+        raise technique.fail(
+            "it keeps per-sample state but cannot tell the training-set size and class count",
+            "use a reglab DataModule, or pass num_samples and num_classes to the technique",
+        )
+    return int(num_samples), int(num_classes)
+
+
+class PerSampleTable:
+    """An ``(N, C)`` fp32 table indexed by training-sample position, identical on every rank.
+
+    Each rank writes the rows of the samples it saw; :meth:`write` gathers the rows of all ranks
+    first, so every rank applies every update. The table follows the module's device lazily and
+    round-trips through ``state_dict`` (loading before or after allocation both work).
+    """
+
+    def __init__(self) -> None:
+        self.table: Tensor | None = None
+        self._pending: Tensor | None = None
+
+    def allocate(self, num_samples: int, num_classes: int, fill: float = 0.0) -> None:
+        self.table = torch.full((num_samples, num_classes), fill, dtype=torch.float32)
+        if self._pending is not None:
+            self.load(self._pending)
+
+    def rows(self, index: Tensor) -> Tensor:
+        return self._on(index.device)[index]
+
+    def write(self, index: Tensor, values: Tensor, module: L.LightningModule) -> None:
+        """Set rows ``index`` to ``values`` on every rank (collective under DDP)."""
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            index = module.all_gather(index).reshape(-1)
+            values = module.all_gather(values).reshape(-1, values.shape[-1])
+        self._on(index.device).index_copy_(0, index, values.float())
+
+    def _on(self, device: torch.device) -> Tensor:
+        if self.table is None:
+            raise RuntimeError("PerSampleTable used before allocate()")
+        if self.table.device != device:
+            self.table = self.table.to(device)
+        return self.table
+
+    def state(self) -> Tensor | None:
+        return None if self.table is None else self.table.detach().cpu().clone()
+
+    def load(self, table: Tensor) -> None:
+        if self.table is None:
+            self._pending = table
+            return
+        if table.shape != self.table.shape:
+            raise ValueError(
+                f"checkpoint holds a per-sample table of shape {tuple(table.shape)} but this run "
+                f"needs {tuple(self.table.shape)}: resume with the same dataset and classes"
+            )
+        self.table.copy_(table.to(self.table.device))
+        self._pending = None
