@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import replace
-from typing import Any, ClassVar, Optional, Protocol, Union, runtime_checkable
+from typing import Any, ClassVar, Optional, Protocol, Union
 
 import lightning
 import torch
@@ -25,7 +25,6 @@ RESERVED_KEYS = ("input", "target", "index")
 REQUIRED_SPLITS = ("train", "val", "test")
 
 
-@runtime_checkable
 class LazyInputs(Protocol):
     """Per-sample inputs produced on access (e.g. decoded image files) instead of held in one tensor.
 
@@ -128,7 +127,13 @@ class ResumableSampler(DistributedSampler):
     """
 
     def __init__(
-        self, data_source: Union[Sized, int], *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0
+        self,
+        data_source: Union[Sized, int],
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
     ) -> None:
         dataset = range(data_source) if isinstance(data_source, int) else data_source
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
@@ -155,6 +160,19 @@ class ResumableSampler(DistributedSampler):
             indices = indices[self._samples_to_skip :]
         self._resume_epoch = None
         return iter(indices)
+
+
+class _DeferredIterator(Iterator[Any]):
+    """An iterator that calls ``make_iterator`` on its first ``next()`` and then delegates to the result."""
+
+    def __init__(self, make_iterator: Callable[[], Iterator[Any]]) -> None:
+        self._make_iterator = make_iterator
+        self._iterator: Optional[Iterator[Any]] = None
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = self._make_iterator()
+        return next(self._iterator)
 
 
 class ResumableDataLoader(DataLoader):
@@ -205,6 +223,13 @@ class ResumableDataLoader(DataLoader):
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **dataloader_kwargs)
         self.progress_fn = progress_fn
 
+    def __iter__(self) -> Iterator[Any]:
+        # Lightning creates the first iterator of a run (in fit_loop.setup_data) before it calls
+        # set_epoch for that epoch, and worker processes start drawing sampler indices as soon as the
+        # iterator exists. Deferring creation to the first next() lets that epoch, and its resume
+        # point, take effect; otherwise a resumed run with num_workers > 0 replays the wrong epoch.
+        return _DeferredIterator(super().__iter__)
+
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batches_done"}`` as reported by ``progress_fn`` now."""
         if self.progress_fn is None:
@@ -222,7 +247,9 @@ class ResumableDataLoader(DataLoader):
                 f"ResumableDataLoader: resuming needs a ResumableSampler, but the sampler is"
                 f" {type(self.sampler).__name__} (was it replaced, e.g. by Trainer(overfit_batches=...)?)."
             )
-        self.sampler.resume(state_dict["epoch"], state_dict["batches_done"] * self.batch_size)
+        # min(): the last batch of an epoch may be smaller than batch_size.
+        samples_done = min(state_dict["batches_done"] * self.batch_size, len(self.sampler))
+        self.sampler.resume(state_dict["epoch"], samples_done)
 
 
 class ClassificationDataModule(lightning.LightningDataModule):
@@ -284,7 +311,9 @@ class ClassificationDataModule(lightning.LightningDataModule):
         super().__init__()
         name = type(self).__name__
         if not (hasattr(self, "num_classes") and hasattr(self, "input_shape")):
-            raise TypeError(f"{name} must set num_classes and input_shape before calling ClassificationDataModule.__init__.")
+            raise TypeError(
+                f"{name} must set num_classes and input_shape before calling ClassificationDataModule.__init__."
+            )
         for arg, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}: {arg} must be at least 1, got {value}.")
@@ -329,7 +358,9 @@ class ClassificationDataModule(lightning.LightningDataModule):
         splits = self._load_splits()
         missing = [name for name in REQUIRED_SPLITS if name not in splits]
         if missing:
-            raise ValueError(f"{type(self).__name__}._load_splits returned no {missing} split; it must return {REQUIRED_SPLITS}.")
+            raise ValueError(
+                f"{type(self).__name__}._load_splits returned no {missing} split; it must return {REQUIRED_SPLITS}."
+            )
         checked = {name: self._checked_split(name, split) for name, split in splits.items()}
         self.train_dataset = self._corrupted_train_dataset(*checked.pop("train"))
         self.val_dataset, self.test_dataset = DictDataset(*checked["val"]), DictDataset(*checked["test"])
@@ -344,13 +375,19 @@ class ClassificationDataModule(lightning.LightningDataModule):
         inputs, targets = split[0], split[1]
         extras = split[2] if len(split) == 3 else {}
         if targets.ndim != 1 or targets.is_floating_point() or targets.is_complex():
-            raise ValueError(f"{where} needs 1-D integer targets, got dtype {targets.dtype} and shape {tuple(targets.shape)}.")
+            raise ValueError(
+                f"{where} needs 1-D integer targets, got dtype {targets.dtype} and shape {tuple(targets.shape)}."
+            )
         targets = targets.long()
         if len(targets) == 0:
-            raise ValueError(f"{where} is empty; check the data source and the split fractions so that every split gets samples.")
+            raise ValueError(
+                f"{where} is empty; check the data source and the split fractions so that every split gets samples."
+            )
         lengths = {"inputs": len(inputs), "targets": len(targets), **{k: len(v) for k, v in extras.items()}}
         if len(set(lengths.values())) > 1:
-            raise ValueError(f"{where} has inputs and targets of different length {lengths}; give every sample one target.")
+            raise ValueError(
+                f"{where} has inputs and targets of different length {lengths}; give every sample one target."
+            )
         bad_labels = targets[(targets < 0) | (targets >= self.num_classes)].unique()
         if len(bad_labels):
             raise ValueError(

@@ -77,7 +77,9 @@ class ReglabCLI(LightningCLI):
         techniques = self._get(self.config_init, "techniques") or {}
         callbacks = list(config.get("callbacks") or [])
         callbacks += [technique for technique in techniques.values() if technique is not None]
-        if not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+        if config.get("enable_checkpointing", True) is not False and not any(
+            isinstance(cb, ModelCheckpoint) for cb in callbacks
+        ):
             callbacks.append(ModelCheckpoint(dirpath=self._run_dir / "checkpoints", save_last=True))
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(cb, RichProgressBar) for cb in callbacks
@@ -94,12 +96,11 @@ class ReglabCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
-        config = self._subconfig()
-        test_metrics: dict[str, float] = {}
-        if config.get("test_after_fit"):
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        if self._subconfig().get("test_after_fit"):
             results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            test_metrics = results[0] if results else {}
-        print_run_summary(self.trainer, test_metrics, self._run_dir)
+            metrics.update(results[0] if results else {})
+        print_run_summary(self.trainer, metrics, self._run_dir)
 
 
 def fill_model_shape_from_data(config: Namespace) -> None:
@@ -140,8 +141,8 @@ def _import(class_path: str) -> type:
 def resolve_run_dir(config: Namespace, subcommand: str | None) -> Path:
     """``<runs_dir>/<run_name>/version_<k>``: the newest one holding ``last.ckpt`` when the run
     resumes with ``--ckpt_path last`` (which then points at that file), else a new version."""
-    if RUN_DIR_ENV in os.environ:  # a DDP worker started by the launcher: the parent chose
-        return Path(os.environ[RUN_DIR_ENV])
+    if RUN_DIR_ENV in os.environ and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return Path(os.environ[RUN_DIR_ENV])  # a DDP worker started by rank 0: same folder
     root = Path(config.get("runs_dir") or "runs") / (config.get("run_name") or "run")
     versions = sorted(
         (p for p in root.glob("version_*") if p.name.split("_")[-1].isdigit()),

@@ -6,33 +6,27 @@ from pathlib import Path
 
 from lightning import Trainer
 from rich.console import Console
-from rich.table import Table
 
 SUMMARY_METRICS = {
     "test/acc": "clean-test accuracy",
     "test/ece": "test calibration error (ECE)",
     "val/acc": "validation accuracy",
-    "train/memorized": "noisy training samples memorized (predicted as their wrong label)",
-    "train/corrected": "noisy training samples corrected (predicted as their true label)",
+    "train/memorized": "noisy training samples memorized (predicted as their wrong label), last epoch",
+    "train/corrected": "noisy training samples corrected (predicted as their true label), last epoch",
 }
 
 
-def print_run_summary(trainer: Trainer, test_metrics: dict[str, float], run_dir: Path) -> None:
-    """Print the headline metrics of the run (last epoch) and the paths of its outputs."""
+def print_run_summary(trainer: Trainer, values: dict[str, float], run_dir: Path) -> None:
+    """Print the run's headline metrics (last epoch, then test) and the paths of its outputs."""
     if trainer.global_rank != 0:
         return
-    values = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    values.update({k: float(v) for k, v in test_metrics.items()})
-    table = Table(title=f"reglab run {run_dir}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    console = Console(soft_wrap=True)  # paths and numbers stay on one line in logs
+    console.print(f"\n[bold]reglab run {run_dir}[/bold]")
     for key, label in SUMMARY_METRICS.items():
         if key in values:
-            table.add_row(f"{label} [{key}]", f"{values[key]:.4f}")
-    console = Console()
-    console.print(table)
+            console.print(f"  {label} [dim]({key})[/dim]: [bold]{values[key]:.4f}[/bold]")
+    console.print(f"  logs (metrics.csv, TensorBoard) and config.yaml: {run_dir}")
     checkpoint = trainer.checkpoint_callback
-    console.print(f"logs (CSV, TensorBoard) and config.yaml: {run_dir}")
     if checkpoint is not None and checkpoint.last_model_path:
-        console.print(f"checkpoints: {Path(checkpoint.last_model_path).parent}")
-    console.print(f"resume this run:  reglab fit ... --ckpt_path last   (run name {run_dir.parent.name!r})")
+        console.print(f"  checkpoints: {Path(checkpoint.last_model_path).parent}")
+    console.print(f"  resume it: the same command with --ckpt_path last (run name {run_dir.parent.name!r})")

@@ -56,7 +56,8 @@ class KernelCase:
     temperature: float = 1.0
     reduction: Literal["mean", "sum", "none"] = "mean"
     subtract_target_entropy: bool = False
-    targets: Literal["soft", "one_hot"] = "soft"
+    # "unnormalised" rows sum to 0.7, so the gradient's sum_k t_k factor matters.
+    targets: Literal["soft", "one_hot", "unnormalised"] = "soft"
     # "ascending" puts each row's largest logits in its last block, so the
     # online softmax must rescale its running sum at every block.
     logits: Literal["random", "ascending"] = "random"
@@ -71,7 +72,8 @@ def _make_inputs(case: KernelCase, device: str) -> tuple[torch.Tensor, torch.Ten
     generator = torch.Generator().manual_seed(0)
     shape = (case.num_rows, case.num_classes)
     if case.logits == "ascending":
-        logits = torch.linspace(-8.0, 8.0, case.num_classes).expand(shape) + 0.1 * torch.randn(shape, generator=generator)
+        ramp = torch.linspace(-8.0, 8.0, case.num_classes).expand(shape)
+        logits = ramp + 0.1 * torch.randn(shape, generator=generator)
     else:
         logits = 3.0 * torch.randn(shape, generator=generator)
     if case.targets == "one_hot":
@@ -79,6 +81,8 @@ def _make_inputs(case: KernelCase, device: str) -> tuple[torch.Tensor, torch.Ten
         targets = F.one_hot(labels, case.num_classes).float()
     else:
         targets = torch.softmax(2.0 * torch.randn(shape, generator=generator), dim=-1)
+        if case.targets == "unnormalised":
+            targets = 0.7 * targets
 
     def lay_out(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(device=device, dtype=case.dtype)
@@ -146,6 +150,7 @@ INTERPRETER_CHECKS: dict[str, Callable[[str], None]] = {
         "fp16_multi_block": KernelCase(dtype=torch.float16),
         "fp32_online_max_moves_every_block": KernelCase(logits="ascending"),
         "fp32_one_hot_targets": KernelCase(targets="one_hot"),
+        "fp32_targets_not_summing_to_one": KernelCase(targets="unnormalised", temperature=2.0),
         "fp16_temperature_sum": KernelCase(dtype=torch.float16, temperature=2.5, reduction="sum"),
         "fp32_temperature_none_random_upstream": KernelCase(temperature=0.5, reduction="none"),
         "fp16_none_random_upstream": KernelCase(dtype=torch.float16, reduction="none"),
@@ -157,7 +162,9 @@ INTERPRETER_CHECKS: dict[str, Callable[[str], None]] = {
         "fp32_block_wider_than_row": KernelCase(block_size=128),
         "fp32_single_class": KernelCase(num_classes=1),
         "fp32_no_grad_loss_only": KernelCase(logits_require_grad=False, reduction="none"),
-        "dispatcher_forced_triton_default_block": KernelCase(num_classes=70, block_size=None, through_dispatcher=True),
+        "dispatcher_forced_triton_default_block": KernelCase(
+            num_classes=70, block_size=None, through_dispatcher=True
+        ),
     }.items()
 }
 INTERPRETER_CHECKS["forced_triton_rejects_targets_that_require_grad"] = (
@@ -200,7 +207,9 @@ def test_triton_kernel_in_interpreter(check_name: str, interpreter_verdicts: dic
     assert failure is None, failure
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and TRITON_INSTALLED), reason="needs a CUDA GPU and triton")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and TRITON_INSTALLED), reason="needs a CUDA GPU and triton"
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_classes", [1000, 32000 + 7], ids=lambda c: f"C{c}")
 @pytest.mark.parametrize(
@@ -262,7 +271,8 @@ def test_reference_computes_in_fp32_for_half_inputs(dtype: torch.dtype) -> None:
     half_logits = logits.to(dtype).requires_grad_()
     loss = soft_cross_entropy_reference(half_logits, targets.to(dtype))
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, soft_cross_entropy_reference(logits.to(dtype).float(), targets.to(dtype).float()))
+    fp32_loss = soft_cross_entropy_reference(logits.to(dtype).float(), targets.to(dtype).float())
+    torch.testing.assert_close(loss, fp32_loss)
     loss.backward()
     assert half_logits.grad.dtype == dtype
 
@@ -272,7 +282,8 @@ def test_reference_mean_divides_by_the_number_of_rows() -> None:
     targets = torch.softmax(torch.randn(5, 7), dim=-1)
     row_losses = soft_cross_entropy_reference(logits, targets, reduction="none")
     assert row_losses.shape == (5,)
-    torch.testing.assert_close(soft_cross_entropy_reference(logits, targets, reduction="sum"), row_losses.sum())
+    summed = soft_cross_entropy_reference(logits, targets, reduction="sum")
+    torch.testing.assert_close(summed, row_losses.sum())
     torch.testing.assert_close(soft_cross_entropy_reference(logits, targets), row_losses.sum() / 5)
 
 
@@ -313,6 +324,19 @@ def test_integer_targets_are_rejected() -> None:
 def test_forcing_triton_on_cpu_without_the_interpreter_raises() -> None:
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         soft_cross_entropy(torch.randn(2, 3), torch.rand(2, 3), implementation="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_benchmark_script_parses_arguments_and_asks_for_a_gpu() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "kernel_soft_cross_entropy_benchmark", REPO_ROOT / "benchmarks" / "kernel_soft_cross_entropy.py"
+    )
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    args = benchmark.parse_args(["--dtype", "fp16", "--classes", "1000", "32000", "--kl"])
+    assert (args.dtype, args.classes, args.kl, args.rows) == ("fp16", [1000, 32000], True, 8192)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        benchmark.main([])
 
 
 if __name__ == "__main__" and sys.argv[1:] == [RUN_INTERPRETER_CHECKS_FLAG]:

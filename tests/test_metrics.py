@@ -17,7 +17,7 @@ from lightning_app.metrics import (
 
 # Six samples, the last three mislabelled. Sample 3 is predicted as its noisy label (memorized),
 # sample 4 as its clean label (corrected), sample 5 as a third class (neither). The clean samples'
-# predictions are chosen to be wrong or right at random: they must not affect the result.
+# predictions are a mix of right and wrong: they must not affect the result.
 NOISY_TARGET = torch.tensor([0, 1, 2, 0, 1, 2])
 CLEAN_TARGET = torch.tensor([0, 1, 2, 1, 2, 0])
 PREDICTED_CLASS = torch.tensor([1, 1, 0, 0, 2, 1])

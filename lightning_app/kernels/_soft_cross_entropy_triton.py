@@ -10,25 +10,26 @@ first call, because triton decides between compiling and interpreting when the
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+from triton.runtime.interpreter import InterpretedFunction
 
 from lightning_app.kernels.soft_cross_entropy import reduce_row_losses
 
-# Whether the kernel below was built for the CPU interpreter. Read once, next to
-# the decorator, because that is the moment triton reads TRITON_INTERPRET.
-RUNS_IN_INTERPRETER: bool = bool(triton.knobs.runtime.interpret)
-
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# 4096 classes per block with 8 warps gives each thread 16 values of every live
-# block-sized tensor: enough for wide vectorised loads, few enough registers to
-# avoid spills. Larger vocabularies loop over several blocks instead.
+# Each thread holds 8 values of every block-sized tensor: for bf16/fp16 that is
+# one 16-byte load per tensor, and ptxas (sm_90a) then needs 40-64 registers per
+# thread with no spills; 16 values per thread needed 80-170 registers, leaving
+# far fewer threads resident per SM to hide memory latency. Rows longer than
+# 4096 classes (16 warps) loop over several blocks instead of growing the block.
 MAX_BLOCK_SIZE = 4096
-ELEMENTS_PER_THREAD = 16
-MAX_NUM_WARPS = 8
+ELEMENTS_PER_THREAD = 8
+MAX_NUM_WARPS = 16
 
 
 @triton.jit
@@ -76,6 +77,7 @@ def _soft_cross_entropy_kernel(
 
     # Pass 2: the loss is summed per lane and reduced once after the loop; the
     # gradient is written now so that backward is a single multiplication.
+    # Masked lanes load t = 0 and a finite logit, so they add exactly 0.
     loss_per_lane = tl.zeros((BLOCK_SIZE,), tl.float32)
     for block_start in range(0, num_classes, BLOCK_SIZE):
         offsets = block_start + tl.arange(0, BLOCK_SIZE)
@@ -91,9 +93,9 @@ def _soft_cross_entropy_kernel(
             # forming 0 * -inf; a negative target still yields NaN, as torch.xlogy
             # does in the reference.
             target_log_target = targets * tl.log(tl.where(targets == 0.0, 1.0, targets))
-            loss_per_lane += tl.where(in_row, target_log_target - targets * log_probs, 0.0)
+            loss_per_lane += target_log_target - targets * log_probs
         else:
-            loss_per_lane += tl.where(in_row, -targets * log_probs, 0.0)
+            loss_per_lane -= targets * log_probs
         if COMPUTE_GRAD:
             # d/dz_c of -sum_k t_k log softmax(z/T)_k = (softmax(z/T)_c * sum_k t_k - t_c) / T;
             # the target entropy does not depend on z, so KL shares it.
@@ -102,11 +104,16 @@ def _soft_cross_entropy_kernel(
     tl.store(row_losses_ptr + row, tl.sum(loss_per_lane, axis=0))
 
 
+# Asked of the kernel itself: triton chose interpreting or compiling when the
+# decorator above ran, according to TRITON_INTERPRET at that moment.
+RUNS_IN_INTERPRETER: bool = isinstance(_soft_cross_entropy_kernel, InterpretedFunction)
+
+
 def default_launch_config(num_classes: int) -> tuple[int, int]:
     """Return ``(block_size, num_warps)`` for rows of ``num_classes`` classes.
 
     >>> default_launch_config(1000), default_launch_config(128000)
-    ((1024, 2), (4096, 8))
+    ((1024, 4), (4096, 16))
     """
     block_size = min(triton.next_power_of_2(num_classes), MAX_BLOCK_SIZE)
     num_warps = max(1, min(MAX_NUM_WARPS, block_size // (32 * ELEMENTS_PER_THREAD)))
@@ -140,23 +147,26 @@ def _launch(
 
     row_losses = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
-    _soft_cross_entropy_kernel[(num_rows,)](
-        logits,
-        target_probs,
-        # Never written when COMPUTE_GRAD is off; logits only fills the slot.
-        grad if compute_grad else logits,
-        row_losses,
-        logits.stride(0),
-        target_probs.stride(0),
-        grad.stride(0) if compute_grad else 0,
-        num_classes,
-        1.0 / temperature,
-        grad_scale,
-        SUBTRACT_TARGET_ENTROPY=subtract_target_entropy,
-        COMPUTE_GRAD=compute_grad,
-        BLOCK_SIZE=block_size,
-        num_warps=num_warps,
-    )
+    # Triton launches on the current CUDA device, which need not hold the inputs.
+    device_guard = torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext()
+    with device_guard:
+        _soft_cross_entropy_kernel[(num_rows,)](
+            logits,
+            target_probs,
+            # Never written when COMPUTE_GRAD is off; logits only fills the slot.
+            grad if compute_grad else logits,
+            row_losses,
+            logits.stride(0),
+            target_probs.stride(0),
+            grad.stride(0) if compute_grad else 0,
+            num_classes,
+            1.0 / temperature,
+            grad_scale,
+            SUBTRACT_TARGET_ENTROPY=subtract_target_entropy,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_SIZE=block_size,
+            num_warps=num_warps,
+        )
     return row_losses, grad
 
 
@@ -203,7 +213,7 @@ class SoftCrossEntropyFunction(torch.autograd.Function):
         (grad_logits,) = ctx.saved_tensors
         # A scalar for mean/sum, one value per row for reduction="none".
         scale = grad_output.unsqueeze(-1) if grad_output.dim() == 1 else grad_output
-        grad_logits.mul_(1.0)
+        grad_logits.mul_(scale)
         return grad_logits, None, None, None, None, None, None
 
 

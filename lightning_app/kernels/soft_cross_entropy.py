@@ -85,7 +85,8 @@ def _validate_inputs(
         )
     if target_probs.device != logits.device:
         raise ValueError(
-            f"logits and target_probs must be on the same device; got {logits.device} and {target_probs.device}"
+            "logits and target_probs must be on the same device; "
+            f"got {logits.device} and {target_probs.device}"
         )
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number; got {temperature}")
@@ -169,7 +170,7 @@ def soft_cross_entropy_triton(
     Args:
         block_size: classes per chunk, a power of two; defaults to
             ``min(next_power_of_2(C), 4096)``.
-        num_warps: warps per program; defaults to ``block_size / 512`` clamped to 1..8.
+        num_warps: warps per program; defaults to ``block_size / 256`` clamped to 1..16.
         Other arguments: as in :func:`soft_cross_entropy_reference`.
 
     Returns:
@@ -189,7 +190,9 @@ def soft_cross_entropy_triton(
     _validate_inputs(logits, target_probs, temperature, reduction)
     backend = _load_triton_backend()
     if backend is None:
-        raise RuntimeError("the Triton implementation needs the `triton` package (pip install reglab[triton])")
+        raise RuntimeError(
+            "the Triton implementation needs the `triton` package (pip install reglab[triton])"
+        )
     if logits.dtype not in backend.SUPPORTED_DTYPES:
         raise TypeError(f"the Triton implementation supports fp32, fp16 and bf16 logits; got {logits.dtype}")
     if not (logits.is_cuda or backend.RUNS_IN_INTERPRETER):
@@ -254,5 +257,7 @@ def soft_cross_entropy(
         implementation == "auto" and _triton_is_the_fast_path(logits, target_probs)
     )
     if use_triton:
-        return soft_cross_entropy_triton(logits, target_probs, temperature, reduction, subtract_target_entropy)
+        return soft_cross_entropy_triton(
+            logits, target_probs, temperature, reduction, subtract_target_entropy
+        )
     return soft_cross_entropy_reference(logits, target_probs, temperature, reduction, subtract_target_entropy)

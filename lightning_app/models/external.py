@@ -32,7 +32,8 @@ class TransformersClassifier(nn.Module):
         super().__init__()
         from transformers import AutoModelForSequenceClassification
 
-        extra = {"num_labels": num_labels} if num_labels else {}
+        # a head of another size (the usual fine-tuning case) is re-initialised, not an error
+        extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
         self.model = AutoModelForSequenceClassification.from_pretrained(path, **extra, **kwargs)
         self.feature_dim = self.model.config.hidden_size
 

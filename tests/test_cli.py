@@ -1,0 +1,100 @@
+"""The reglab command: config composition, error messages, run folders, resume, and a smoke run
+of every YAML under configs/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from callbacks import ELR, LabelSmoothing
+from lightning_app.cli import ReglabCLI, main, merge_technique_configs
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"]
+
+
+def cli(*args: str) -> ReglabCLI:
+    return ReglabCLI(args=merge_technique_configs(list(args)), run=False)
+
+
+def techniques_of(trainer) -> list:
+    return [cb for cb in trainer.callbacks if isinstance(cb, (ELR, LabelSmoothing))]
+
+
+def test_second_file_adds_a_technique_without_repeating_the_first(tmp_path):
+    built = cli("--config", str(CONFIGS / "experiment/quickstart.yaml"),
+                "--config", str(CONFIGS / "technique/label_smoothing.yaml"), f"--runs_dir={tmp_path}")
+    assert [type(t) for t in techniques_of(built.trainer)] == [ELR, LabelSmoothing]
+
+
+def test_later_file_overrides_one_argument_and_null_removes(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"techniques": {"elr": {"init_args": {"lam": 7.0}}}}))
+    built = cli("--config", str(CONFIGS / "experiment/quickstart.yaml"), "--config", str(override), f"--runs_dir={tmp_path}")
+    (elr,) = techniques_of(built.trainer)
+    assert (elr.lam, elr.beta) == (7.0, 0.7)
+    remove = tmp_path / "remove.yaml"
+    remove.write_text("techniques:\n  elr: null\n")
+    built = cli("--config", str(CONFIGS / "experiment/quickstart.yaml"), "--config", str(remove), f"--runs_dir={tmp_path}")
+    assert techniques_of(built.trainer) == []
+
+
+def test_model_shape_is_filled_from_the_datamodule(tmp_path):
+    built = cli("--config", str(CONFIGS / "experiment/quickstart.yaml"), f"--runs_dir={tmp_path}")
+    assert built.model.hparams.num_classes == 10 and tuple(built.model.hparams.input_shape) == (1, 8, 8)
+
+
+def test_config_error_names_key_and_accepted_values(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli("--config", str(CONFIGS / "experiment/quickstart.yaml"),
+            "--data.init_args.label_noise.kind=sideways", f"--runs_dir={tmp_path}")
+    err = capsys.readouterr().err
+    assert "label_noise.kind" in err and "symmetric" in err and "pairflip" in err
+
+
+def test_unknown_backbone_names_accepted_values(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet9000'.*cnn.*mlp"):
+        cli("--config", str(CONFIGS / "experiment/quickstart.yaml"), "--model.init_args.backbone=resnet9000", f"--runs_dir={tmp_path}")
+
+
+def test_run_folder_has_logs_config_checkpoint_and_resumes_with_last(tmp_path, capsys):
+    base = ["fit", "--config", str(CONFIGS / "experiment/quickstart.yaml"), f"--runs_dir={tmp_path}", *FAST]
+    main(base)
+    run = tmp_path / "quickstart" / "version_0"
+    assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
+    assert list(run.glob("events.out.tfevents.*")), sorted(p.name for p in run.iterdir())
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    out = capsys.readouterr().out
+    assert "clean-test accuracy" in out and str(run) in out
+
+    main([*base[:-len(FAST)], "--trainer.max_epochs=2", *FAST[1:], "--ckpt_path", "last"])
+    assert not (tmp_path / "quickstart" / "version_1").exists(), "resume must continue in the same folder"
+    import torch
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["epoch"] == 1 and "ELR{'name': 'elr'}" in state["callbacks"]
+
+
+def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoints/last.ckpt"):
+        main(["fit", "--config", str(CONFIGS / "experiment/quickstart.yaml"), f"--runs_dir={tmp_path}", "--ckpt_path", "last"])
+
+
+def _smoke_sets() -> list[list[Path]]:
+    """Every config file, completed into a runnable set with the fewest other files."""
+    base = [CONFIGS / "experiment/noisy_digits.yaml"]
+    sets = [[path] for path in sorted((CONFIGS / "experiment").glob("*.yaml"))]
+    for kind in ("data", "model", "technique", "trainer"):
+        sets += [base + [path] for path in sorted((CONFIGS / kind).glob("*.yaml"))]
+    return sets
+
+
+@pytest.mark.parametrize("paths", _smoke_sets(), ids=lambda ps: str(ps[-1].relative_to(CONFIGS)))
+def test_every_config_runs(paths, tmp_path):
+    args = ["fit"]
+    for path in paths:
+        args += ["--config", str(path)]
+    main([*args, f"--runs_dir={tmp_path}", "--trainer.logger=false", *FAST])
