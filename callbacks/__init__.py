@@ -5,7 +5,18 @@ harness (tests/test_harness.py) discovers them from ``__all__`` and fails for an
 has no harness entry.
 """
 
-from callbacks.baselines import GCE, LabelSmoothing
+from callbacks.averaging import EMA, SWA, MeanTeacher, OGENSelfDistillation
+from callbacks.baselines import GCE, CutMix, LabelSmoothing, Mixup
+from callbacks.continual import EWC, FeatureDistillation, L2ToPreviousTask, LwF
 from callbacks.noisy_labels import ELR
+from callbacks.peft import BitFit, FullFineTuning, LinearProbe, LoLDU, LoRA, LoRASB, SVFit
+from callbacks.self_distillation import KnowledgeDistillation, PSKD
 
-__all__ = ["ELR", "GCE", "LabelSmoothing"]
+__all__ = [
+    "CutMix", "ELR", "EWC", "FeatureDistillation", "GCE", "KnowledgeDistillation", "L2ToPreviousTask",
+    "LabelSmoothing", "LwF", "Mixup", "PSKD",
+    # parameter-efficient fine-tuning
+    "BitFit", "FullFineTuning", "LinearProbe", "LoLDU", "LoRA", "LoRASB", "SVFit",
+    # weight averaging and self-distillation between model states
+    "EMA", "MeanTeacher", "OGENSelfDistillation", "SWA",
+]

@@ -15,6 +15,7 @@ from .base import (
 )
 from .cifar import CIFARDataModule
 from .digits import DigitsDataModule
+from .domains import RotatedDigitsDataModule, rotate_images
 from .image_folder import ImageFolderDataModule, ImageFolderInputs
 from .label_noise import (
     CIFAR10_ASYMMETRIC_MAP,
@@ -27,6 +28,8 @@ from .long_tail import LongTail, apply_long_tail, long_tail_class_counts
 from .splits import stratified_split
 from .synthetic import SyntheticDataModule
 from .tabular import TabularDataModule
+from .tasks import TaskSequenceDataModule, TaskSubset, split_classes
+from .class_split import ClassSplitDataModule
 
 __all__ = [
     "CIFAR10_ASYMMETRIC_MAP",
@@ -43,10 +46,16 @@ __all__ = [
     "MNIST_ASYMMETRIC_MAP",
     "ResumableDataLoader",
     "ResumableSampler",
+    "RotatedDigitsDataModule",
     "SyntheticDataModule",
     "TabularDataModule",
+    "TaskSequenceDataModule",
+    "ClassSplitDataModule",
+    "TaskSubset",
     "apply_label_noise",
     "apply_long_tail",
     "long_tail_class_counts",
+    "rotate_images",
+    "split_classes",
     "stratified_split",
 ]

@@ -210,6 +210,16 @@ def main(args: list[str] | None = None) -> None:
 
         bench_main(argv[1:])
         return
+    if argv and argv[0] == "fit-tasks":
+        from lightning_app.continual.cli import main as fit_tasks_main
+
+        fit_tasks_main(argv[1:])
+        return
+    if argv and argv[0] == "soup":
+        from lightning_app.soups import main as soup_main
+
+        soup_main(argv[1:])
+        return
     ReglabCLI(args=merge_technique_configs(argv))
 
 

@@ -83,6 +83,13 @@ class Technique(L.Callback):
     def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
         return {}
 
+    # -- task sequences (lightning_app.continual) -----------------------------------------------
+    def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
+        """Before task ``task`` is fitted (its trainer is new; the DataModule shows the task)."""
+
+    def on_task_end(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
+        """After task ``task`` was fitted, before its boundary checkpoint (consolidate state here)."""
+
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -8,13 +8,20 @@ that keep state) 2-process DDP.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 
-from callbacks import ELR, GCE, LabelSmoothing
+from callbacks import ELR, EWC, GCE, FeatureDistillation, L2ToPreviousTask, LabelSmoothing, LwF
+from callbacks import PSKD, CutMix, KnowledgeDistillation, Mixup
+from callbacks import BitFit, FullFineTuning, LinearProbe, LoLDU, LoRA, LoRASB, SVFit
+from callbacks import EMA, SWA, MeanTeacher, OGENSelfDistillation
 from datamodules import DigitsDataModule, LabelNoise
 from lightning_app.tasks import ClassificationModule
 from lightning_app.technique import Technique
@@ -30,6 +37,50 @@ HARNESS: dict[str, HarnessCase] = {
     "ELR": HarnessCase(make=lambda: ELR(beta=0.7, lam=3.0), partner=lambda: LabelSmoothing(0.1)),
     "GCE": HarnessCase(make=lambda: GCE(q=0.7), partner=lambda: ELR()),
     "LabelSmoothing": HarnessCase(make=lambda: LabelSmoothing(0.1), partner=lambda: ELR()),
+    # PS-KD first: a later mixing technique then mixes its per-sample targets too. The harness
+    # bounds runs by max_steps only, so PS-KD's schedule length T is given (12 steps = 3 epochs).
+    "PSKD": HarnessCase(make=lambda: PSKD(alpha_T=0.8, total_epochs=3), partner=lambda: Mixup()),
+    "Mixup": HarnessCase(make=lambda: Mixup(alpha=1.0), partner=lambda: LabelSmoothing(0.1)),
+    # Every batch cut-mixed (the default mixes half), on the 8x8 images the flat inputs come from.
+    "CutMix": HarnessCase(
+        make=lambda: CutMix(alpha=1.0, probability=1.0, image_shape=(1, 8, 8)),
+        partner=lambda: KnowledgeDistillation(distillation_teacher()),
+    ),
+    "KnowledgeDistillation": HarnessCase(
+        make=lambda: KnowledgeDistillation(distillation_teacher(), temperature=4.0),
+        partner=lambda: PSKD(total_epochs=3),
+    ),
+    # Continual techniques are no-ops until a task ends, so each starts as after a finished task:
+    # anchored to / distilling from another model (seed 1), EWC with a Fisher from one batch.
+    "L2ToPreviousTask": HarnessCase(
+        make=lambda: L2ToPreviousTask(lam=1.0).remember(small_module(seed=1)), partner=lambda: LwF()
+    ),
+    "EWC": HarnessCase(
+        make=lambda: EWC(lam=100.0).remember(
+            small_module(seed=1), [{"input": torch.rand(16, 64), "target": torch.randint(0, 10, (16,))}]
+        ),
+        partner=lambda: LabelSmoothing(0.1),
+    ),
+    "LwF": HarnessCase(make=lambda: LwF().remember(small_module(seed=1)), partner=lambda: L2ToPreviousTask()),
+    "FeatureDistillation": HarnessCase(
+        make=lambda: FeatureDistillation(lam=1.0).remember(small_module(seed=1)), partner=lambda: ELR()
+    ),
+    # Parameter-efficient fine-tuning: surgery on the MLP's hidden Linear layers (the head trains).
+    "FullFineTuning": HarnessCase(make=lambda: FullFineTuning(), partner=lambda: ELR()),
+    "LinearProbe": HarnessCase(make=lambda: LinearProbe(), partner=lambda: ELR()),
+    "BitFit": HarnessCase(make=lambda: BitFit(), partner=lambda: ELR()),
+    "LoRA": HarnessCase(make=lambda: LoRA(r=4), partner=lambda: ELR()),
+    "SVFit": HarnessCase(make=lambda: SVFit(rank=8), partner=lambda: ELR()),
+    "LoLDU": HarnessCase(make=lambda: LoLDU(), partner=lambda: ELR()),
+    "LoRASB": HarnessCase(make=lambda: LoRASB(rank=4, gradient_samples=64), partner=lambda: ELR()),
+    # Weight averaging: SWA from the first step (a run of a few steps never reaches an epoch-based
+    # start); the mean teacher stacked with an EMA that is evaluated while the teacher trains.
+    "EMA": HarnessCase(make=lambda: EMA(decay=0.9), partner=lambda: LabelSmoothing(0.1)),
+    "SWA": HarnessCase(make=lambda: SWA(start_epoch=0, every_n_steps=1), partner=lambda: ELR()),
+    "MeanTeacher": HarnessCase(make=lambda: MeanTeacher(lam=1.0, temperature=2.0), partner=lambda: EMA()),
+    "OGENSelfDistillation": HarnessCase(
+        make=lambda: OGENSelfDistillation(min_window=1, max_window=2, total_epochs=3), partner=lambda: LabelSmoothing(0.1)
+    ),
 }
 
 
@@ -41,6 +92,19 @@ def noisy_digits(batch_size: int = 256) -> DigitsDataModule:
 def small_module(seed: int = 0) -> ClassificationModule:
     L.seed_everything(seed, verbose=False)
     return ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (32,)}, lr=1e-2)
+
+
+@functools.cache
+def distillation_teacher() -> str:
+    """Path of an untrained small_module(seed=1) saved as a Lightning checkpoint, written once per
+    process (the teacher's quality does not matter to the harness, only that it loads)."""
+    directory = tempfile.mkdtemp(prefix="reglab-harness-teacher-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    teacher = small_module(seed=1)
+    path = f"{directory}/teacher.ckpt"
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    return path
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:

@@ -98,3 +98,23 @@ def test_every_config_runs(paths, tmp_path):
     for path in paths:
         args += ["--config", str(path)]
     main([*args, f"--runs_dir={tmp_path}", "--trainer.logger=false", *FAST])
+
+
+def test_optimizer_and_scheduler_from_lightningcli_arguments(tmp_path):
+    built = cli("--config", str(CONFIGS / "experiment/quickstart.yaml"), f"--runs_dir={tmp_path}",
+                "--optimizer=SGD", "--optimizer.lr=0.05", "--optimizer.momentum=0.9",
+                "--lr_scheduler=CosineAnnealingLR", "--lr_scheduler.T_max=30")
+    optimizers = built.model.configure_optimizers()
+    optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers[0][0]
+    assert type(optimizer).__name__ == "SGD" and optimizer.defaults["lr"] == 0.05
+
+
+def test_validate_test_and_predict_from_a_checkpoint(tmp_path, capsys):
+    common = ["--config", str(CONFIGS / "experiment/quickstart.yaml"), f"--runs_dir={tmp_path}", *FAST]
+    main(["fit", *common, "--test_after_fit=false"])
+    ckpt = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    for subcommand in ("validate", "test", "predict"):
+        main([subcommand, *[a for a in common if not a.startswith("--trainer.max_epochs")
+                            and not a.startswith("--trainer.limit_train")], f"--ckpt_path={ckpt}"])
+    out = capsys.readouterr().out
+    assert "test/acc" in out and "val/acc" in out

@@ -1,4 +1,4 @@
-"""``reglab bench``: effect benchmarks (and, later, overhead benchmarks)."""
+"""``reglab bench``: effect benchmarks and the overhead benchmark."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 from lightning_app.bench.effects import load_claims, run_claims
+from lightning_app.bench.overhead import run_overhead
 
 
 def main(argv: list[str]) -> None:
@@ -17,6 +18,17 @@ def main(argv: list[str]) -> None:
     effects.add_argument("--seeds", type=int, help="seeds per arm (default: the claim's)")
     effects.add_argument("--claims-dir", type=Path, default=Path("benchmarks/effects"))
     effects.add_argument("--out", type=Path, default=Path("docs/results"))
+    overhead = commands.add_parser("overhead", help="step time and memory of every technique; EMA implementations compared")
+    overhead.add_argument("--only", nargs="+", help="technique names (default: all of callbacks.__all__)")
+    overhead.add_argument("--repeats", type=int, default=3, help="interleaved fits per technique")
+    overhead.add_argument("--steps", type=int, default=30, help="timed training steps per fit")
+    overhead.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each fit")
+    overhead.add_argument("--calls", type=int, default=20, help="timed calls per EMA operation")
+    overhead.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    overhead.add_argument("--out", type=Path, default=Path("docs/results/overhead.md"))
     args = parser.parse_args(argv)
     command = "reglab bench " + " ".join(shlex.quote(a) for a in argv)
+    if args.command == "overhead":
+        run_overhead(args.only, args.repeats, args.steps, args.warmup, args.calls, args.accelerator, args.out, command)
+        return
     run_claims(load_claims(args.claims_dir, args.only), args.seeds, args.out, command)

@@ -64,6 +64,10 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         self.backbone = create_backbone(backbone, input_shape, pretrained=pretrained, **kwargs)
         self.head = None if getattr(self.backbone, "has_head", False) else nn.Linear(self.backbone.feature_dim, num_classes)
         self.num_classes = num_classes
+        # Class-incremental learning (lightning_app.continual): logits of classes outside this mask
+        # are -inf, so the head is sized for all classes from the start and checkpoint shapes never
+        # change. All True outside a task sequence; not saved, the task runner sets it per task.
+        self.register_buffer("active_classes", torch.ones(num_classes, dtype=torch.bool), persistent=False)
         self.val_metrics = classification_metrics(num_classes, prefix="val/")
         self.test_metrics = classification_metrics(num_classes, prefix="test/")
         self.memorization = NoisyLabelMemorization()
@@ -79,6 +83,8 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
 
     def forward_step(self, batch: dict[str, Any]) -> StepOutput:
         features, logits = self.features_and_logits(batch["input"])
+        if not self.active_classes.all():
+            logits = logits.masked_fill(~self.active_classes, float("-inf"))
         return StepOutput(logits=logits, target=batch["target"], features=features, index=batch.get("index"), batch=batch)
 
     def on_step_output(self, out: StepOutput, stage: str) -> None:

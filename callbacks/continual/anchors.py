@@ -1,0 +1,101 @@
+"""Shared core of the parameter regularizers of paper 40 (L2 to the previous task, EWC).
+
+Both add ``lam * sum_i Omega_i (theta_i - theta*_i)^2`` where ``theta*`` are the parameters at the
+end of the previous task and ``Omega`` their importance (1 for L2, the diagonal Fisher for EWC).
+Before the first task ends there is no anchor and the term is 0, so in a plain single fit these
+techniques change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_app.mixins import StepOutput
+from lightning_app.technique import Technique
+
+
+def trainable_parameters(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def quadratic_penalty(
+    parameters: Mapping[str, Tensor], anchor: Mapping[str, Tensor], importance: Mapping[str, Tensor] | None
+) -> Tensor:
+    """``sum_i Omega_i (theta_i - theta*_i)^2`` over the anchored parameters, in fp32
+    (``importance=None`` means Omega = 1)."""
+    total = torch.zeros((), device=next(iter(parameters.values())).device)
+    for name, reference in anchor.items():
+        squared = (parameters[name].float() - reference).pow(2)
+        total = total + (squared if importance is None else importance[name] * squared).sum()
+    return total
+
+
+def flatten_state(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{prefix.name: tensor}``: top-level tensors, so checkpoints and the harness see each one."""
+    return {f"{prefix}.{name}": t.detach().cpu().clone() for name, t in tensors.items()}
+
+
+def unflatten_state(prefix: str, state: Mapping[str, Any]) -> dict[str, Tensor]:
+    return {key[len(prefix) + 1 :]: value for key, value in state.items() if key.startswith(prefix + ".")}
+
+
+class AnchoredParameterPenalty(Technique):
+    """Pulls the parameters towards their values at the end of the previous task.
+
+    Subclasses say how important each parameter is (:meth:`updated_importance`). The anchor and
+    importance are taken in :meth:`remember`, which the task runner calls at every task end; call
+    it yourself to anchor to any model (e.g. a pretrained one).
+    """
+
+    stateful = True
+
+    def __init__(self, lam: float) -> None:
+        if lam < 0:
+            raise ValueError(f"{type(self).__name__}: lam must be >= 0, got {lam}")
+        self.lam = lam
+        self.anchor: dict[str, Tensor] = {}
+        self.importance: dict[str, Tensor] | None = None
+
+    def updated_importance(self, module: L.LightningModule, batches: Iterable[dict[str, Any]]) -> dict[str, Tensor] | None:
+        """The importance after the task just finished (``None``: every parameter weighs 1)."""
+        return None
+
+    def remember(self, module: L.LightningModule, batches: Iterable[dict[str, Any]] = ()) -> AnchoredParameterPenalty:
+        """Anchor to ``module``'s current parameters; ``batches`` are the finished task's data."""
+        self.importance = self.updated_importance(module, batches)
+        self.anchor = {name: p.detach().float().clone() for name, p in trainable_parameters(module).items()}
+        return self
+
+    def on_task_end(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
+        self.remember(pl_module, trainer.datamodule.train_dataloader())
+
+    def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
+        parameters = trainable_parameters(module)
+        if not self.anchor:
+            return {"penalty": torch.zeros((), device=out.logits.device)}
+        device = next(iter(parameters.values())).device
+        self.anchor = _on(self.anchor, device)
+        if self.importance is not None:
+            self.importance = _on(self.importance, device)
+        return {"penalty": self.lam * quadratic_penalty(parameters, self.anchor, self.importance)}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = flatten_state("anchor", self.anchor)
+        if self.importance is not None:
+            state.update(flatten_state("importance", self.importance))
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.anchor = unflatten_state("anchor", state_dict)
+        self.importance = unflatten_state("importance", state_dict) or None
+
+
+def _on(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    if all(t.device == device for t in tensors.values()):
+        return tensors
+    return {name: t.to(device) for name, t in tensors.items()}

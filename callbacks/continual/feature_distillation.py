@@ -1,0 +1,48 @@
+"""Feature distillation of paper 40 ("A Closer Look at Rehearsal-Free Continual Learning").
+
+The model from the end of the previous task is the teacher; on the new task's inputs the
+student's penultimate features are kept close to the teacher's:
+
+    loss = CE + lam * mean_n mean_d (f_d(x_n) - f^teacher_d(x_n))^2
+
+Unlike prediction distillation it constrains the representation, not the old head, so the head
+can move freely. ``lam`` is a per-benchmark choice in the paper; the default is the one tuned on
+split digits (``benchmarks/continual_claims.py``). In a plain single fit the term is 0.
+
+Method card:
+    what it does: an L2 pull of the features to the previous model's features on new data;
+    when it helps: task sequences without replay where the representation drifts;
+    what it costs: a frozen copy of the model and its forward pass on every training step.
+
+Example:
+    >>> from callbacks import FeatureDistillation
+    >>> distil = FeatureDistillation(lam=1.0)
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from callbacks.continual.teacher import PreviousModelDistillation
+from lightning_app.mixins import StepOutput
+
+
+def feature_distillation_loss(features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Mean squared difference of the two feature batches, in fp32."""
+    return (features.float() - teacher_features.float()).pow(2).mean()
+
+
+class FeatureDistillation(PreviousModelDistillation):
+    """Keeps the features close to the previous model's (see the module docstring).
+
+    Args:
+        lam: weight of the distillation term.
+    """
+
+    needs = frozenset({"features"})
+
+    def __init__(self, lam: float = 1.0) -> None:
+        super().__init__(lam)
+
+    def distillation(self, out: StepOutput, teacher_out: StepOutput) -> Tensor:
+        return feature_distillation_loss(out.features, teacher_out.features)

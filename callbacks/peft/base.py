@@ -1,0 +1,140 @@
+"""The surgery every parameter-efficient fine-tuning technique shares, and full fine-tuning.
+
+A PEFT technique is a :class:`~lightning_app.technique.Technique` that changes the model at
+``setup`` — after the reglab CLI has built the complete model, before Lightning creates the
+optimizers and before it restores a checkpoint:
+
+1. load the pretrained weights (``pretrained_checkpoint``), if given;
+2. pick the layers to adapt (``target_modules``: regexes over module names; default every layer
+   type the technique supports — ``nn.Linear`` and ``nn.Conv2d`` — except the task head) and
+   inject adapters into them (:meth:`ParameterEfficientFineTuning.inject`);
+3. freeze every parameter except the ones the injection created, the ones the technique names
+   (:meth:`ParameterEfficientFineTuning.trains`) and the task head's;
+4. report trainable / total parameters (``technique.parameter_counts``, also printed).
+
+Because the adapters exist before Lightning restores a checkpoint, ``trainer.fit(ckpt_path=...)``
+resumes exactly. With a ``pretrained_checkpoint``, checkpoints hold only the trainable parameters
+and the buffers (the frozen ones are rebuilt from the pretrained weights at setup), so the
+module's ``strict_loading`` is turned off; :func:`lightning_app.peft_surgery.load_finetuned` rebuilds a working module from one, and
+:meth:`ParameterEfficientFineTuning.merge` folds the adapters into the weights for inference.
+
+Method card (full fine-tuning, :class:`FullFineTuning`):
+    what it does: starts from the pretrained weights and trains all of them — the reference every
+        PEFT method is compared against (the plain task module when no pretrained weights are
+        loaded);
+    when it helps: plenty of target data and memory; the target task is far from the source;
+    what it costs: optimizer state and gradients for every parameter, a full-size checkpoint, and
+        the most forgetting of the source task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_app.peft_surgery import (
+    RECIPE_KEY,
+    count_parameters,
+    freeze_all_except,
+    is_task_head,
+    load_pretrained,
+    merge_adapters,
+    select_layers,
+    technique_recipe,
+    trainable_state,
+)
+from lightning_app.technique import Technique
+
+#: Attribute a surgery technique sets on the module it changed (one per module).
+OPERATED_BY = "_reglab_peft_technique"
+
+
+class ParameterEfficientFineTuning(Technique):
+    """Base of the PEFT techniques (see the module docstring for what ``setup`` does).
+
+    Subclasses set ``layer_types`` (what :meth:`inject` can adapt; empty = no injection) and
+    override :meth:`inject` and/or :meth:`trains`. They store every ``__init__`` argument as an
+    attribute of the same name, which is how a checkpoint records how to redo the surgery.
+
+    Args:
+        target_modules: regexes searched in module names (``"qkv"``, ``"^backbone\\."``); ``None``
+            = every layer of ``layer_types`` outside the task head. For the built-in MLP that is
+            every hidden ``nn.Linear``; for the built-in CNN every ``nn.Conv2d``; for the ViT every
+            attention and MLP projection (and the patch embedding, a ``Conv2d``).
+        pretrained_checkpoint: Lightning checkpoint (or state dict) of the same module to start from.
+    """
+
+    layer_types: tuple[type[nn.Module], ...] = ()
+
+    def __init__(self, target_modules: list[str] | None = None, pretrained_checkpoint: str | None = None) -> None:
+        self.target_modules = target_modules
+        self.pretrained_checkpoint = pretrained_checkpoint
+        self.parameter_counts: dict[str, int] = {}
+
+    # -- what subclasses change -----------------------------------------------------------------
+    def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
+        """Replace the layers ``layer_names`` of ``module`` by adapters (new parameters train).
+        ``trainer`` is ``None`` when a checkpoint is being reloaded outside a run."""
+
+    def trains(self, name: str, parameter: nn.Parameter) -> bool:
+        """Whether an existing (not injected) parameter keeps training."""
+        return False
+
+    # -- surgery --------------------------------------------------------------------------------
+    def prepare(self, module: nn.Module, trainer: L.Trainer | None = None) -> None:
+        """Load the pretrained weights, inject, freeze and count (once per module)."""
+        operated_by = getattr(module, OPERATED_BY, None)
+        if operated_by is self:
+            return
+        if operated_by is not None:
+            raise self.fail(
+                f"{type(operated_by).__name__} has already changed this module's layers",
+                "attach only one parameter-efficient fine-tuning technique",
+            )
+        if self.pretrained_checkpoint:
+            load_pretrained(module, self.pretrained_checkpoint)
+        existing = {id(p) for p in module.parameters()}
+        if self.layer_types:
+            self.inject(module, select_layers(module, self.target_modules, self.layer_types), trainer)
+        freeze_all_except(
+            module, lambda name, p: id(p) not in existing or is_task_head(name) or self.trains(name, p)
+        )
+        # checkpoints hold only what trains; the frozen rest comes from the pretrained weights
+        module.strict_loading = False
+        setattr(module, OPERATED_BY, self)
+        self.parameter_counts = count_parameters(module)
+        rank_zero_info(
+            f"{type(self).__name__}: {self.parameter_counts['trainable']:,} trainable of "
+            f"{self.parameter_counts['total']:,} parameters"
+        )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.prepare(pl_module, trainer)
+
+    def merge(self, module: nn.Module) -> int:
+        """Fold the adapters into the base weights (inference); returns how many were merged."""
+        return merge_adapters(module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # the frozen weights can be dropped only when they can be rebuilt from a pretrained checkpoint
+        if self.pretrained_checkpoint:
+            checkpoint["state_dict"] = trainable_state(pl_module, checkpoint["state_dict"])
+        checkpoint[RECIPE_KEY] = technique_recipe(self)
+
+
+class FullFineTuning(ParameterEfficientFineTuning):
+    """Train every parameter, starting from ``pretrained_checkpoint`` (the reference arm).
+
+    A technique only so that it loads the pretrained weights the same way the PEFT methods do;
+    without ``pretrained_checkpoint`` it changes nothing.
+    """
+
+    def __init__(self, pretrained_checkpoint: str | None = None) -> None:
+        super().__init__(target_modules=None, pretrained_checkpoint=pretrained_checkpoint)
+
+    def trains(self, name: str, parameter: nn.Parameter) -> bool:
+        return True

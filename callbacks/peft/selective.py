@@ -1,0 +1,49 @@
+"""Selective fine-tuning baselines: train a subset of the existing parameters, add none.
+
+* :class:`LinearProbe` — only the task head trains:  ``logits = head(frozen_backbone(x))``.
+* :class:`BitFit` (Ben Zaken et al., ACL 2022) — the task head and every bias term train:
+  ``y = W x + b`` with ``W`` frozen and ``b`` trainable, in every layer.
+
+Method card (linear probe):
+    what it does: fits a linear classifier on the frozen pretrained features;
+    when it helps: the features already separate the target classes; the least forgetting
+        (none, apart from the head); the reference for #36 and #37;
+    what it costs: only the head's parameters and gradients; the backbone's forward pass.
+
+Method card (BitFit):
+    what it does: shifts every layer's pre-activations by trained biases;
+    when it helps: small target sets close to the source task; a standard PEFT baseline;
+    what it costs: one vector per layer (< 0.1-1 % of the parameters); full backward pass
+        through the network; layers without bias (the built-in CNN's convolutions) get nothing.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from callbacks.peft.base import ParameterEfficientFineTuning
+
+
+class LinearProbe(ParameterEfficientFineTuning):
+    """Freeze everything but the task head.
+
+    Args:
+        pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+    """
+
+    def __init__(self, pretrained_checkpoint: str | None = None) -> None:
+        super().__init__(target_modules=None, pretrained_checkpoint=pretrained_checkpoint)
+
+
+class BitFit(ParameterEfficientFineTuning):
+    """Train the task head and every bias.
+
+    Args:
+        pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+    """
+
+    def __init__(self, pretrained_checkpoint: str | None = None) -> None:
+        super().__init__(target_modules=None, pretrained_checkpoint=pretrained_checkpoint)
+
+    def trains(self, name: str, parameter: nn.Parameter) -> bool:
+        return name.rpartition(".")[2] == "bias"

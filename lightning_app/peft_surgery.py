@@ -1,0 +1,165 @@
+"""Model surgery for parameter-efficient fine-tuning: pick layers, freeze, count, merge, reload.
+
+The pieces every technique of :mod:`callbacks.peft` is built from, usable on any ``nn.Module``:
+
+* :func:`select_layers` — names of the layers to adapt, by regex over module names, never the
+  task head (:func:`is_task_head`);
+* :func:`freeze_all_except` — ``requires_grad`` off for every parameter a rule does not keep.
+  Surgery runs at ``setup``, before optimizers and DDP exist, so flipping ``requires_grad`` is
+  safe there; anything that changes *during* a run must mask gradients instead (DDP has already
+  bucketed the trainable parameters by then);
+* :func:`count_parameters`, :func:`merge_adapters` (peft's LoRA layers and
+  :class:`~lightning_app.nn.core_adapter.CoreAdapter` alike);
+* :func:`load_pretrained` — the weights the fine-tuning starts from (a Lightning checkpoint or a
+  plain state dict);
+* :func:`trainable_state` — a checkpoint's ``state_dict`` without the frozen parameters (small
+  checkpoints; the frozen ones are rebuilt from the pretrained weights), and
+  :func:`load_finetuned` — a working module from such a checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: A module named like this (any part of its dotted name) is the task head: it always trains and
+#: is never adapted. ``head`` is ClassificationModule's, ``classifier`` / ``score`` transformers'.
+TASK_HEAD_NAMES = frozenset({"head", "classifier", "score"})
+#: Where a surgery technique leaves its recipe in a checkpoint, for :func:`load_finetuned`.
+RECIPE_KEY = "reglab_peft"
+
+
+def is_task_head(name: str) -> bool:
+    """Whether the module or parameter ``name`` belongs to the task head."""
+    return any(part in TASK_HEAD_NAMES for part in name.split("."))
+
+
+def select_layers(model: nn.Module, patterns: Sequence[str] | None, layer_types: tuple[type, ...]) -> list[str]:
+    """Names of the modules of ``layer_types`` to adapt.
+
+    Args:
+        model: the module to search (names are relative to it).
+        patterns: regular expressions searched in each module's dotted name (``"qkv"``,
+            ``r"blocks\\.\\d+\\.mlp"``, ``"^backbone\\."``); ``None`` = every layer of those types.
+        layer_types: the layer classes the technique can adapt.
+
+    The task head is never selected. Raises ``ValueError`` when nothing matches, listing what
+    could have.
+    """
+    candidates = [
+        name for name, module in model.named_modules()
+        if isinstance(module, layer_types) and name and not is_task_head(name)
+    ]
+    chosen = [name for name in candidates if patterns is None or any(re.search(p, name) for p in patterns)]
+    if not chosen:
+        kinds = ", ".join(t.__name__ for t in layer_types)
+        raise ValueError(
+            f"no {kinds} layer matches the target patterns {list(patterns or [])}; candidates are "
+            f"{candidates[:20]}{' ...' if len(candidates) > 20 else ''}"
+        )
+    return chosen
+
+
+def freeze_all_except(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> None:
+    """Set ``requires_grad`` to ``keep(name, parameter)`` for every parameter (setup time only)."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(keep(name, parameter))
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"trainable": ..., "total": ...}`` (shared parameters counted once)."""
+    parameters = list(model.parameters())
+    return {
+        "trainable": sum(p.numel() for p in parameters if p.requires_grad),
+        "total": sum(p.numel() for p in parameters),
+    }
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def merge_adapters(model: nn.Module) -> int:
+    """Fold every adapter (peft LoRA layer or CoreAdapter) into its base layer and put the base
+    layer back in its place; returns how many were merged. The model then has its original
+    architecture and no extra cost per step."""
+    adapters = [
+        name for name, module in model.named_modules()
+        if callable(getattr(module, "merge", None)) and callable(getattr(module, "get_base_layer", None))
+    ]
+    # innermost first, so that a name stays valid while its parents are still wrappers
+    for name in sorted(adapters, key=lambda n: n.count("."), reverse=True):
+        adapter = model.get_submodule(name)
+        adapter.merge()
+        replace_module(model, name, adapter.get_base_layer())
+    return len(adapters)
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> None:
+    """Load the weights fine-tuning starts from: a Lightning checkpoint (its ``state_dict``) or a
+    plain state dict. Every key must fit ``model`` (same backbone, same head size)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"the pretrained checkpoint {path} does not fit {type(model).__name__}: build the module "
+            f"with the backbone and number of classes it was pretrained with ({error})"
+        ) from error
+
+
+def frozen_parameter_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def trainable_state(model: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the frozen parameters of ``model``; buffers (BatchNorm statistics,
+    factors that cannot be recomputed) stay, so a resumed run is exact."""
+    frozen = frozen_parameter_names(model)
+    return {key: value for key, value in state_dict.items() if key not in frozen}
+
+
+def technique_recipe(technique: Any) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of a technique whose arguments are stored as same-named
+    attributes (the convention of :mod:`callbacks.peft`)."""
+    import inspect
+
+    names = [n for n in inspect.signature(type(technique)).parameters if n not in ("args", "kwargs")]
+    return {
+        "class_path": f"{type(technique).__module__}.{type(technique).__qualname__}",
+        "init_args": {name: getattr(technique, name) for name in names},
+    }
+
+
+def load_finetuned(module_class: type, path: str | Path) -> nn.Module:
+    """A working module from a checkpoint that holds only the trainable weights.
+
+    Builds ``module_class`` from the checkpoint's hyperparameters, redoes the technique's surgery
+    (which reloads the pretrained weights) and loads the checkpoint over it. Checkpoints without
+    a surgery recipe load as usual. ``module_class.load_from_checkpoint`` cannot do this on its
+    own: it loads the weights into a module no technique has operated on yet.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    module = module_class(**checkpoint.get("hyper_parameters", {}))
+    recipe = checkpoint.get(RECIPE_KEY)
+    if recipe is not None:
+        module_path, _, class_name = recipe["class_path"].rpartition(".")
+        technique = getattr(importlib.import_module(module_path), class_name)(**recipe["init_args"])
+        technique.prepare(module)
+    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    not_restored = set(missing) - frozen_parameter_names(module)
+    if unexpected or not_restored:
+        raise ValueError(
+            f"{path} does not fit the rebuilt {module_class.__name__}: missing {sorted(not_restored)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return module
+

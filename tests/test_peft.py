@@ -1,0 +1,94 @@
+"""PEFT surgery: adapter math, layer selection, small checkpoints, reloading and merging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from callbacks.peft import LoLDU, LoRA, LoRASB, SVFit
+from callbacks.peft.loldu import loldu_factors
+from callbacks.peft.lora_sb import lora_sb_factors
+from callbacks.peft.svfit import svfit_factors
+from harness import noisy_digits, quiet_trainer, small_module
+from lightning_app.nn.core_adapter import CoreAdapter
+from lightning_app.peft_surgery import load_finetuned, select_layers
+from lightning_app.tasks import ClassificationModule
+
+
+@pytest.mark.parametrize("factorize", [svfit_factors, loldu_factors])
+def test_full_rank_factors_rebuild_the_weight(factorize):
+    weight = torch.randn(6, 4)
+    left, right, core = factorize(weight, None)
+    torch.testing.assert_close(left @ torch.diag(core) @ right, weight, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_sb_factors_span_the_sign_step():
+    gradient = torch.randn(6, 5)
+    left, right, core = lora_sb_factors(gradient, rank=5)
+    projected = left @ (left.T @ -torch.sign(gradient) @ right.T) @ right
+    torch.testing.assert_close(projected, -torch.sign(gradient), atol=1e-5, rtol=1e-5)
+    assert core.shape == (5, 5) and not core.any()
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(4, 6), nn.Conv2d(2, 3, 3, padding=1)])
+def test_core_adapter_starts_as_the_layer_and_merges_exactly(layer):
+    matrix = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    x = torch.randn(2, 4) if isinstance(layer, nn.Linear) else torch.randn(2, 2, 5, 5)
+    expected = layer(x)
+    adapter = CoreAdapter(layer, *svfit_factors(matrix, 2), scale_init=0.5)
+    torch.testing.assert_close(adapter(x), expected)
+    with torch.no_grad():
+        adapter.core += 1.0
+        adapter.scale += 0.25
+    changed = adapter(x)
+    assert not torch.allclose(changed, expected)
+    adapter.merge()
+    torch.testing.assert_close(adapter.get_base_layer()(x), changed, atol=1e-5, rtol=1e-5)
+
+
+def test_targets_default_to_every_layer_but_the_head_and_fail_loudly():
+    vit = ClassificationModule("vit", num_classes=10, input_shape=(1, 8, 8), backbone_kwargs={"depth": 1})
+    linears = select_layers(vit, None, (nn.Linear,))
+    assert "head" not in linears and "backbone.blocks.0.attn.qkv" in linears
+    assert select_layers(vit, ["qkv"], (nn.Linear,)) == ["backbone.blocks.0.attn.qkv"]
+    with pytest.raises(ValueError, match="candidates"):
+        select_layers(vit, ["no_such_layer"], (nn.Linear,))
+
+
+@pytest.mark.parametrize("make", [lambda: LoRA(r=4), lambda: SVFit(rank=8), lambda: LoLDU(), lambda: LoRASB(rank=4, gradient_samples=64)],
+                         ids=["LoRA", "SVFit", "LoLDU", "LoRASB"])
+def test_small_checkpoint_reloads_and_merges(make, tmp_path):
+    pretrained = tmp_path / "pretrained.ckpt"
+    torch.save({"state_dict": small_module(seed=3).state_dict()}, pretrained)
+    technique, module = make(), small_module()
+    technique.pretrained_checkpoint = str(pretrained)
+    trainer = quiet_trainer(max_steps=4, enable_checkpointing=True, default_root_dir=tmp_path, callbacks=[technique])
+    trainer.fit(module, datamodule=noisy_digits())
+    path = tmp_path / "peft.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert set(saved) == {n for n, p in module.named_parameters() if p.requires_grad} | {
+        n for n, _ in module.state_dict().items() if n not in dict(module.named_parameters())}
+    assert sum(v.numel() for v in saved.values()) < sum(p.numel() for p in module.parameters())
+
+    x = torch.rand(5, 64)
+    module.eval()
+    expected = module(x)
+    reloaded = load_finetuned(ClassificationModule, path).eval()
+    torch.testing.assert_close(reloaded(x), expected)
+    assert technique.merge(reloaded) > 0
+    assert not any(isinstance(m, CoreAdapter) for m in reloaded.modules())
+    torch.testing.assert_close(reloaded(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_checkpoint_is_the_starting_point(tmp_path):
+    pretrained = small_module(seed=3)
+    path = tmp_path / "pretrained.ckpt"
+    torch.save({"state_dict": pretrained.state_dict()}, path)
+    module = small_module(seed=0)
+    SVFit(pretrained_checkpoint=str(path)).prepare(module)
+    x = torch.rand(3, 64)
+    torch.testing.assert_close(module(x), pretrained(x), atol=1e-5, rtol=1e-5)
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {
+        "backbone.layers.1.core", "head.weight", "head.bias"}
