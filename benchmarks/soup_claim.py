@@ -14,8 +14,12 @@ then a soup, so this script runs the claim itself and writes the same kind of re
    (in-distribution, the claim's metric) and at the unseen 60 degrees (out-of-distribution).
 
 The baseline is the ingredient with the best ``val/acc``: what one deploys without soups. The
-verdict rule is the effect harness's (the mean paired difference, soup minus baseline, must
-exceed two standard errors).
+paper's claim is "at least as good", so the verdict is the effect harness's non-inferiority rule
+(:func:`lightning_app.bench.effects.verdict` with ``direction: at_least``): the mean paired
+difference (soup minus baseline, same seed) minus two standard errors must be above −``MARGIN``.
+``MARGIN`` = 0.005 accuracy, fixed before the measurement: about 2 of the ~450 in-distribution
+test images, a quarter of the best ingredient's error rate (~0.02), so a pass rules out a soup
+that loses a relevant share of the accuracy left to gain.
 
 Usage (from the repository root)::
 
@@ -36,7 +40,7 @@ import lightning as L
 import yaml
 
 from lightning_app import soups
-from lightning_app.bench.effects import Claim, mean_std, verdict
+from lightning_app.bench.effects import Check, Claim, mean_std, verdict
 from lightning_app.cli import ReglabCLI, merge_technique_configs
 from lightning_app.tasks import ClassificationModule
 
@@ -45,14 +49,14 @@ LABEL_SMOOTHING_CONFIG = "configs/technique/label_smoothing.yaml"
 LEARNING_RATES = (5e-4, 1e-3, 2e-3)
 IN_DISTRIBUTION_ANGLES = [0, 15, 30]
 OUT_OF_DISTRIBUTION_ANGLES = [60]
+MARGIN = 0.005
 CLAIM = Claim(
     name="soup",
     claim="digits pretrained upright, 6 fine-tunes on digits rotated by 0/15/30 degrees (3 learning rates x "
     "label smoothing off/on): test accuracy at the training angles of the greedy soup at least that of the "
     "ingredient with the best validation accuracy (paper 52)",
-    metric="test/acc",
-    direction="higher",
     configs=[INGREDIENT_CONFIG],
+    checks=[Check("test/acc", "at_least", MARGIN)],
 )
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
@@ -144,14 +148,14 @@ def report(results: list[dict], command: str) -> str:
     lines.append(f"| best ingredient on test (oracle, not selectable) | {mean_std(oracle)} | "
                  f"{', '.join(f'{v:.4f}' for v in oracle)} | | |")
     best_id, greedy_id = [r["best"].test_id for r in results], [r["greedy"].test_id for r in results]
-    outcome, diff, stderr = verdict(CLAIM, best_id, greedy_id)
+    check = CLAIM.checks[0]
+    judged = verdict(check, best_id, greedy_id)
     at_least = sum(g >= b for g, b in zip(greedy_id, best_id))
-    _, ood_diff, ood_stderr = verdict(CLAIM, [r["best"].test_ood for r in results], [r["greedy"].test_ood for r in results])
+    ood = verdict(check, [r["best"].test_ood for r in results], [r["greedy"].test_ood for r in results])
     lines += ["", f"Paired difference (greedy soup − best ingredient, same seed), test/acc at the training angles: "
-              f"{diff:+.4f} (standard error {stderr:.4f}); greedy soup ≥ best ingredient in {at_least} of "
-              f"{len(results)} seeds. Verdict: **{outcome}** (rule: the mean paired difference goes the claimed way, "
-              "higher, by more than two standard errors). At the unseen angle: "
-              f"{ood_diff:+.4f} (standard error {ood_stderr:.4f}).", ""]
+              f"{judged.difference:+.4f} (standard error {judged.stderr:.4f}); greedy soup ≥ best ingredient in "
+              f"{at_least} of {len(results)} seeds. Verdict: **{judged.outcome}** (rule: {check.rule}). "
+              f"At the unseen angle (not part of the claim): {ood.difference:+.4f} (standard error {ood.stderr:.4f}).", ""]
     for seed, result in enumerate(results):
         lines += [f"## Seed {seed}", "", f"Greedy soup, {result['greedy_kept']} of {len(result['ingredients'])} "
                   "ingredients kept, as `reglab soup` recorded it (val/acc on held-out images of the training angles):",

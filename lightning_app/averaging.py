@@ -296,20 +296,6 @@ def recompute_batchnorm_statistics(
             norm.num_batches_tracked.copy_(tracked)
 
 
-def schedule_epochs(technique: Technique, trainer: L.Trainer, total_epochs: int | None) -> int:
-    """The number of epochs a technique's schedule spans: ``total_epochs`` if given, else the
-    trainer's ``max_epochs``. Not estimated from ``max_steps``: a run resumed with another step
-    budget would then follow another schedule."""
-    if total_epochs is not None:
-        return total_epochs
-    if trainer.max_epochs is not None and trainer.max_epochs > 0:
-        return trainer.max_epochs
-    raise technique.fail(
-        "its schedule needs the number of training epochs, and the trainer has no max_epochs",
-        f"set trainer.max_epochs, or pass total_epochs to {type(technique).__name__}",
-    )
-
-
 class WeightAveraging(Technique):
     """Lightning side of a technique that keeps a :class:`WeightAverage` of the module.
 

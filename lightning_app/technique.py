@@ -85,7 +85,9 @@ class Technique(L.Callback):
 
     # -- task sequences (lightning_app.continual) -----------------------------------------------
     def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
-        """Before task ``task`` is fitted (its trainer is new; the DataModule shows the task)."""
+        """Before task ``task`` is fitted: its trainer is new and not yet attached to the DataModule
+        (``trainer.datamodule`` is ``None`` until ``fit``), so work that reads the task's data
+        belongs in ``setup`` / ``on_fit_start``, where ``trainer.datamodule`` shows the task."""
 
     def on_task_end(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
         """After task ``task`` was fitted, before its boundary checkpoint (consolidate state here)."""
@@ -200,6 +202,20 @@ def training_set_shape(
             "use a reglab DataModule, or pass num_samples and num_classes to the technique",
         )
     return int(num_samples), int(num_classes)
+
+
+def schedule_epochs(technique: Technique, trainer: L.Trainer, total_epochs: int | None) -> int:
+    """The number of epochs a technique's schedule spans: ``total_epochs`` if given, else the
+    trainer's ``max_epochs``. Not estimated from ``max_steps``: a run resumed with another step
+    budget would then follow another schedule."""
+    if total_epochs is not None:
+        return total_epochs
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return trainer.max_epochs
+    raise technique.fail(
+        "its schedule needs the number of training epochs, and the trainer has no max_epochs",
+        f"set trainer.max_epochs, or pass total_epochs to {type(technique).__name__}",
+    )
 
 
 class PerSampleTable:

@@ -110,6 +110,18 @@ def test_distillation_kl_equals_reference_and_hand_value():
     assert teacher.grad is None and student.grad is not None  # gradient through the student only
 
 
+def test_distillation_kl_ignores_classes_masked_to_minus_infinity():
+    """Student and teacher both masked by active_classes (-inf logits): the KL over the active
+    classes, not NaN from 0 * -inf."""
+    active = torch.tensor([True, False, True, True])
+    student, teacher = torch.randn(3, 4), torch.randn(3, 4)
+    masked_student = student.masked_fill(~active, float("-inf")).requires_grad_()
+    value = distillation_kl(masked_student, teacher.masked_fill(~active, float("-inf")), 2.0)
+    value.backward()
+    torch.testing.assert_close(value, distillation_kl(student[:, active], teacher[:, active], 2.0))
+    assert masked_student.grad.isfinite().all()
+
+
 def test_adaptive_window_grows_from_min_to_max():
     assert [adaptive_window(e, 5, 1, 5) for e in range(5)] == [1, 2, 3, 4, 5]
     assert [adaptive_window(e, 3, 1, 2) for e in range(3)] == [1, 2, 2]

@@ -66,6 +66,16 @@ class KernelCase:
     layout: Literal["contiguous", "row_slice", "transposed"] = "contiguous"
     logits_require_grad: bool = True
     through_dispatcher: bool = False
+    # Sets the masked classes' logits to -inf and their targets to 0, as ClassificationModule's
+    # active_classes does: the whole first block (the online softmax starts from an all -inf
+    # block) and every fifth class after it.
+    masked_classes: bool = False
+
+
+def class_mask(num_classes: int) -> torch.Tensor:
+    """True for the classes a masked case sets to -inf (see KernelCase.masked_classes)."""
+    classes = torch.arange(num_classes)
+    return (classes < SMALL_BLOCK) | (classes % 5 == 0)
 
 
 def _make_inputs(case: KernelCase, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +93,11 @@ def _make_inputs(case: KernelCase, device: str) -> tuple[torch.Tensor, torch.Ten
         targets = torch.softmax(2.0 * torch.randn(shape, generator=generator), dim=-1)
         if case.targets == "unnormalised":
             targets = 0.7 * targets
+    if case.masked_classes:
+        masked = class_mask(case.num_classes)
+        logits = logits.masked_fill(masked, float("-inf"))
+        targets = targets.masked_fill(masked, 0.0)
+        targets = targets / targets.sum(-1, keepdim=True)
 
     def lay_out(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(device=device, dtype=case.dtype)
@@ -162,6 +177,11 @@ INTERPRETER_CHECKS: dict[str, Callable[[str], None]] = {
         "fp32_block_wider_than_row": KernelCase(block_size=128),
         "fp32_single_class": KernelCase(num_classes=1),
         "fp32_no_grad_loss_only": KernelCase(logits_require_grad=False, reduction="none"),
+        "fp32_masked_classes": KernelCase(masked_classes=True),
+        "fp16_masked_classes_kl_temperature": KernelCase(
+            dtype=torch.float16, masked_classes=True, subtract_target_entropy=True, temperature=2.0
+        ),
+        "fp32_masked_classes_ascending_none": KernelCase(masked_classes=True, logits="ascending", reduction="none"),
         "dispatcher_forced_triton_default_block": KernelCase(
             num_classes=70, block_size=None, through_dispatcher=True
         ),
@@ -214,8 +234,8 @@ def test_triton_kernel_in_interpreter(check_name: str, interpreter_verdicts: dic
 @pytest.mark.parametrize("num_classes", [1000, 32000 + 7], ids=lambda c: f"C{c}")
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(subtract_target_entropy=True, temperature=2.0, reduction="none")],
-    ids=["ce_mean", "kl_none"],
+    [dict(), dict(subtract_target_entropy=True, temperature=2.0, reduction="none"), dict(masked_classes=True)],
+    ids=["ce_mean", "kl_none", "masked_ce_mean"],
 )
 def test_triton_kernel_on_cuda_with_default_launch_config(
     dtype: torch.dtype, num_classes: int, options: dict
@@ -233,6 +253,33 @@ def test_reference_matches_torch_cross_entropy_with_soft_targets(temperature: fl
     expected = F.cross_entropy(logits / temperature, targets, reduction=reduction)
     actual = soft_cross_entropy_reference(logits, targets, temperature=temperature, reduction=reduction)
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("subtract_target_entropy", [False, True], ids=["ce", "kl"])
+def test_reference_skips_masked_classes_like_a_loss_over_the_active_ones(subtract_target_entropy: bool) -> None:
+    num_classes = MULTI_BLOCK_CLASSES
+    active = ~class_mask(num_classes)
+    logits = torch.randn(4, num_classes)
+    targets = torch.softmax(torch.randn(4, num_classes).masked_fill(~active, float("-inf")), dim=-1)
+    masked_logits = logits.masked_fill(~active, float("-inf")).requires_grad_()
+    loss = soft_cross_entropy_reference(
+        masked_logits, targets, temperature=2.0, subtract_target_entropy=subtract_target_entropy
+    )
+    loss.backward()
+    # The same loss computed on the active columns only, where nothing is infinite.
+    active_logits = logits[:, active].clone().requires_grad_()
+    expected = F.cross_entropy(active_logits / 2.0, targets[:, active])
+    if subtract_target_entropy:
+        expected = expected + torch.xlogy(targets[:, active], targets[:, active]).sum(-1).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(masked_logits.grad[:, active], active_logits.grad)
+    assert (masked_logits.grad[:, ~active] == 0).all()
+
+
+def test_reference_is_infinite_when_targets_put_mass_on_a_masked_class() -> None:
+    logits = torch.tensor([[0.0, float("-inf"), 1.0]])
+    assert soft_cross_entropy_reference(logits, torch.tensor([[0.5, 0.5, 0.0]])).isinf()
 
 
 def test_reference_with_one_hot_targets_matches_hard_label_cross_entropy() -> None:

@@ -14,7 +14,7 @@ from callbacks.self_distillation.knowledge_distillation import distillation_loss
 from callbacks.self_distillation.ps_kd import pskd_alpha, pskd_targets
 from datamodules import DigitsDataModule
 from harness import distillation_teacher, quiet_trainer, small_module
-from lightning_app.mixins import StepOutput
+from lightning_app.mixins import StepOutput, cross_entropy_per_sample
 from lightning_app.technique import Technique, TechniqueConfigError
 
 # -- PS-KD ------------------------------------------------------------------------------------
@@ -77,6 +77,23 @@ def test_pskd_targets_use_the_previous_epochs_predictions_and_the_table_holds_th
     expected_epoch_1 = 0.2 * one_hot + 0.8 * by_sample(recorder.predictions, 0)
     torch.testing.assert_close(by_sample(recorder.targets, 1), expected_epoch_1)
     torch.testing.assert_close(pskd.predictions.table, by_sample(recorder.predictions, 1))
+
+
+def test_pskd_loss_ignores_classes_masked_to_minus_infinity():
+    """ClassificationModule.active_classes sets inactive logits to -inf; PS-KD's targets are 0 there
+    (the stored softmax is), so the loss equals the loss over the active classes instead of NaN."""
+    torch.manual_seed(0)
+    active = torch.tensor([True, True, False, True, False, True])
+    logits = torch.randn(4, 6)
+    masked_logits = logits.masked_fill(~active, float("-inf")).requires_grad_()
+    previous = masked_logits.detach().softmax(-1)
+    labels = F.one_hot(torch.tensor([0, 1, 3, 5]), 6).float()
+    loss = cross_entropy_per_sample(masked_logits, pskd_targets(labels, previous, alpha=0.5))
+    loss.sum().backward()
+    active_logits = logits[:, active]
+    expected = F.cross_entropy(active_logits, pskd_targets(labels, previous, alpha=0.5)[:, active], reduction="none")
+    torch.testing.assert_close(loss, expected)
+    assert masked_logits.grad.isfinite().all() and (masked_logits.grad[:, ~active] == 0).all()
 
 
 def test_pskd_without_an_epoch_budget_says_what_to_set():

@@ -53,8 +53,9 @@ import torch
 from torch import Tensor
 
 from callbacks.averaging.mean_teacher import distillation_kl
-from lightning_app.averaging import WeightAverage, WeightAveraging, schedule_epochs, teacher_logits
+from lightning_app.averaging import WeightAverage, WeightAveraging, teacher_logits
 from lightning_app.mixins import StepOutput
+from lightning_app.technique import schedule_epochs
 
 
 def adaptive_window(epoch: int, total_epochs: int, min_window: int, max_window: int) -> int:

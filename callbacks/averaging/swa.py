@@ -46,8 +46,8 @@ from lightning_app.averaging import (
     WeightAveraging,
     is_batchnorm_statistic,
     recompute_batchnorm_statistics,
-    schedule_epochs,
 )
+from lightning_app.technique import schedule_epochs
 
 
 class SWA(WeightAveraging):

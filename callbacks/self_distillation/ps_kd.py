@@ -7,6 +7,9 @@ prediction for that sample from the previous epoch, more and more as training go
     target_i = (1 - alpha_t) * y_i + alpha_t * P[i]
     loss     = soft-target cross-entropy(z_i, target_i)        (the module's task loss)
 
+The loss is the module's own task loss on soft targets, which runs through
+:func:`lightning_app.kernels.soft_cross_entropy` (the fused Triton kernel on GPU).
+
 ``y_i`` is the incoming target as probabilities (the one-hot label, or soft targets of an
 earlier technique) and ``P[i]`` the softmax prediction for sample ``i`` stored at its previous
 visit. A sample that has no stored prediction yet -- every sample during epoch 0 -- is its own
@@ -55,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_app.mixins import StepOutput
-from lightning_app.technique import PerSampleTable, Technique, training_set_shape
+from lightning_app.technique import PerSampleTable, Technique, schedule_epochs, training_set_shape
 
 
 def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float) -> float:
@@ -109,15 +112,7 @@ class PSKD(Technique):
             self.predictions.allocate(*training_set_shape(self, trainer, self.num_samples, self.num_classes))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.total_epochs is not None:
-            self._schedule_epochs = self.total_epochs
-        elif trainer.max_epochs is not None and trainer.max_epochs > 0:
-            self._schedule_epochs = trainer.max_epochs
-        else:
-            raise self.fail(
-                "its alpha schedule needs the number of training epochs T, and the trainer has no max_epochs",
-                "set trainer.max_epochs, or pass total_epochs to PSKD",
-            )
+        self._schedule_epochs = schedule_epochs(self, trainer, self.total_epochs)
 
     def alpha(self, epoch: int) -> float:
         if self._schedule_epochs is None:

@@ -55,7 +55,10 @@ def _soft_cross_entropy_kernel(
     grad_row = grad_ptr + row * grad_row_stride
 
     # Pass 1: online softmax. The running max is rescaled whenever a later block
-    # holds a larger logit, so one read of the row gives its log-sum-exp.
+    # holds a larger logit, so one read of the row gives its log-sum-exp. Masked
+    # classes (-inf logits) can fill whole blocks: while no finite logit has been
+    # seen the shift is 0 instead of -inf, so exp(-inf - shift) = 0, never
+    # exp(-inf - -inf) = NaN.
     running_max = tl.full((), float("-inf"), tl.float32)
     running_sum_exp = tl.zeros((), tl.float32)
     target_mass = tl.zeros((), tl.float32)
@@ -68,8 +71,9 @@ def _soft_cross_entropy_kernel(
         )
         targets = tl.load(targets_row + offsets, mask=in_row, other=0.0).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(scaled_logits, axis=0))
-        running_sum_exp = running_sum_exp * tl.exp(running_max - new_max) + tl.sum(
-            tl.exp(scaled_logits - new_max), axis=0
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum_exp = running_sum_exp * tl.exp(running_max - shift) + tl.sum(
+            tl.exp(scaled_logits - shift), axis=0
         )
         running_max = new_max
         target_mass += tl.sum(targets, axis=0)
@@ -88,14 +92,16 @@ def _soft_cross_entropy_kernel(
         )
         targets = tl.load(targets_row + offsets, mask=in_row, other=0.0).to(tl.float32)
         log_probs = scaled_logits - log_sum_exp
+        # A zero target on a masked (-inf) logit adds 0, not 0 * -inf = NaN.
+        target_log_probs = tl.where(targets == 0.0, 0.0, targets * log_probs)
         if SUBTRACT_TARGET_ENTROPY:
             # log(1) in place of log(0) makes 0 * log 0 count as 0 without ever
             # forming 0 * -inf; a negative target still yields NaN, as torch.xlogy
             # does in the reference.
             target_log_target = targets * tl.log(tl.where(targets == 0.0, 1.0, targets))
-            loss_per_lane += target_log_target - targets * log_probs
+            loss_per_lane += target_log_target - target_log_probs
         else:
-            loss_per_lane -= targets * log_probs
+            loss_per_lane -= target_log_probs
         if COMPUTE_GRAD:
             # d/dz_c of -sum_k t_k log softmax(z/T)_k = (softmax(z/T)_c * sum_k t_k - t_c) / T;
             # the target entropy does not depend on z, so KL shares it.

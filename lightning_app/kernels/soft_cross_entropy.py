@@ -11,6 +11,13 @@ KL is selected with ``subtract_target_entropy=True`` (it is the cross-entropy
 minus the entropy of ``t``, with ``0 * log 0 = 0``), so both losses share one
 code path and one gradient with respect to the logits.
 
+Masked classes: a logit of ``-inf`` (``ClassificationModule.active_classes``
+masks classes a continual-learning task has not shown yet this way) has
+probability 0, and a target of 0 there contributes nothing: the term
+``t_c * log_softmax(z)_c`` is taken as 0 when ``t_c = 0``, never ``0 * -inf =
+NaN``. A positive target on a ``-inf`` logit gives an infinite loss, as it
+should (the target puts mass where the model cannot).
+
 Temperature convention: ``T`` only divides the logits. The Hinton et al.
 ``T**2`` factor that keeps gradient magnitudes comparable across temperatures
 is *not* applied here; callers multiply the loss by ``T**2`` themselves. The
@@ -125,6 +132,9 @@ def soft_cross_entropy_reference(
     _validate_inputs(logits, target_probs, temperature, reduction)
     targets = target_probs.float()
     log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    # Zero-target terms on masked (-inf) logits count as 0, not 0 * -inf = NaN. Only those are
+    # replaced, so the gradient with respect to a zero target elsewhere stays -log_softmax.
+    log_probs = log_probs.masked_fill((targets == 0) & torch.isneginf(log_probs), 0.0)
     row_losses = -(targets * log_probs).sum(dim=-1)
     if subtract_target_entropy:
         row_losses = row_losses + torch.xlogy(targets, targets).sum(dim=-1)
