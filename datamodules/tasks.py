@@ -12,6 +12,13 @@ into consecutive groups.
 * few-shot class-incremental sessions: ``first_task_classes`` classes in a base session with all
   their samples, then the remaining classes in ``num_tasks - 1`` sessions of N ways with
   ``shots`` training samples per class (validation and test stay complete).
+* ``joint=True`` (joint training, the upper bound of the family): task t trains on the data of
+  every task 0..t at once (each sample keeps its own ``task`` tag); evaluation per task is
+  unchanged, so its accuracy matrix compares directly with the sequential runs.
+* ``pretrain_fraction``: a seeded, class-stratified fraction of the training images is set aside
+  for pretraining a backbone and never appears in any task; ``pretraining=True`` shows exactly
+  those images (all classes, one task) for the pretraining fit
+  (``configs/experiment/split_digits_pretrain.yaml``).
 
 Every batch carries ``task`` (the index of the task the sample belongs to); ``index`` stays the
 sample's position in the *whole* training set, so per-sample state of a technique can be sized
@@ -27,22 +34,26 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .base import ClassificationDataModule, DictDataset
+from .splits import stratified_split
 
 Scenario = Literal["class", "task"]
 
 
 class TaskSubset(Dataset):
-    """The samples of ``dataset`` at ``positions``, each tagged with ``task``; ``index`` is kept
-    as the position in ``dataset``."""
+    """The samples of ``dataset`` at ``positions``, each tagged with ``task`` (or, for the union of
+    several tasks, with its own entry of ``sample_tasks``); ``index`` is kept as the position in
+    ``dataset``."""
 
-    def __init__(self, dataset: DictDataset, positions: Tensor, task: int) -> None:
+    def __init__(self, dataset: DictDataset, positions: Tensor, task: int, sample_tasks: Optional[Tensor] = None) -> None:
         self.dataset, self.positions, self.task = dataset, positions, task
+        self.sample_tasks = sample_tasks
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        return {**self.dataset[int(self.positions[position])], "task": self.task}
+        task = self.task if self.sample_tasks is None else int(self.sample_tasks[position])
+        return {**self.dataset[int(self.positions[position])], "task": task}
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -90,6 +101,11 @@ class TaskSequenceDataModule(ClassificationDataModule):
         shuffle_classes: permute the classes before splitting them.
         first_task_classes: size of a base session (few-shot class-incremental), else tasks are even.
         shots: training samples per class in every task after the first (few-shot sessions).
+        joint: train task t on the union of tasks 0..t (joint training, the upper bound).
+        pretrain_fraction: fraction of every class's training images set aside for pretraining
+            (drawn with the base seed); no task trains on them.
+        pretraining: show only the set-aside images, all classes as one task (for the pretraining
+            fit; needs ``pretrain_fraction > 0``).
 
     Attributes:
         task: the current task; ``tasks[t]`` the classes of task ``t``.
@@ -113,11 +129,26 @@ class TaskSequenceDataModule(ClassificationDataModule):
         shuffle_classes: bool = True,
         first_task_classes: Optional[int] = None,
         shots: Optional[int] = None,
+        joint: bool = False,
+        pretrain_fraction: float = 0.0,
+        pretraining: bool = False,
     ) -> None:
         if scenario not in ("class", "task"):
             raise ValueError(f"TaskSequenceDataModule: scenario must be 'class' or 'task', got {scenario!r}.")
         if shots is not None and shots < 1:
             raise ValueError(f"TaskSequenceDataModule: shots must be at least 1, got {shots}.")
+        if joint and scenario != "class":
+            raise ValueError(
+                "TaskSequenceDataModule: joint training trains one head on all seen classes; use "
+                "scenario='class' with joint=True."
+            )
+        if not 0.0 <= pretrain_fraction < 1.0:
+            raise ValueError(f"TaskSequenceDataModule: pretrain_fraction must lie in [0, 1), got {pretrain_fraction}.")
+        if pretraining and pretrain_fraction == 0.0:
+            raise ValueError(
+                "TaskSequenceDataModule: pretraining=True shows the images set aside for pretraining, but "
+                "pretrain_fraction is 0; set pretrain_fraction (e.g. 0.5)."
+            )
         self.base = base
         self.num_classes, self.input_shape = base.num_classes, tuple(base.input_shape)
         super().__init__(
@@ -125,6 +156,7 @@ class TaskSequenceDataModule(ClassificationDataModule):
             eval_batch_size=base.eval_batch_size,
         )
         self.num_tasks, self.scenario, self.shots = num_tasks, scenario, shots
+        self.joint, self.pretrain_fraction, self.pretraining = joint, pretrain_fraction, pretraining
         classes = list(range(self.num_classes))
         if shuffle_classes:
             generator = torch.Generator().manual_seed(base.seed if class_order_seed is None else class_order_seed)
@@ -144,16 +176,43 @@ class TaskSequenceDataModule(ClassificationDataModule):
         if not 0 <= task < self.num_tasks:
             raise ValueError(f"TaskSequenceDataModule: task must lie in [0, {self.num_tasks}), got {task}.")
         self.task = task
-        if self.base.train_dataset is not None:
-            self.train_dataset = self.task_split("train", task)
-            self.val_dataset = self.task_split("val", task)
-            self.test_dataset = self.task_split("test", task)
+        if self.base.train_dataset is None:
+            return
+        if self.pretraining:  # all classes: the set-aside training images, the whole val / test splits
+            self.train_dataset = TaskSubset(self.base.train_dataset, self._pretrain_positions(), 0)
+            self.val_dataset, self.test_dataset = (self._whole(split) for split in ("val", "test"))
+            return
+        seen = range(task + 1) if self.joint else [task]
+        self.train_dataset, self.val_dataset = (self._union(split, seen, task) for split in ("train", "val"))
+        self.test_dataset = self.task_split("test", task)
+
+    def _union(self, split: str, tasks: range | list[int], task: int) -> TaskSubset:
+        """The samples of ``tasks`` in ``split``, each tagged with its own task."""
+        parts = [self.task_split(split, t) for t in tasks]
+        if len(parts) == 1:
+            return parts[0]
+        sample_tasks = torch.cat([torch.full((len(p),), p.task) for p in parts])
+        return TaskSubset(parts[0].dataset, torch.cat([p.positions for p in parts]), task, sample_tasks)
+
+    def _whole(self, split: str) -> TaskSubset:
+        dataset: DictDataset = getattr(self.base, f"{split}_dataset")
+        return TaskSubset(dataset, torch.arange(len(dataset)), 0)
+
+    def _pretrain_positions(self) -> Tensor:
+        """Training positions set aside for pretraining (empty without ``pretrain_fraction``)."""
+        if self.pretrain_fraction == 0.0:
+            return torch.empty(0, dtype=torch.long)
+        targets = self.base.train_dataset.targets
+        return stratified_split(targets, {"pretrain": self.pretrain_fraction}, self.base.seed)["pretrain"]
 
     def task_split(self, split: str, task: int) -> TaskSubset:
         """Task ``task``'s samples of ``split`` (``train``/``val``/``test``); few-shot sessions
-        keep ``shots`` training samples per class, drawn with the base seed."""
+        keep ``shots`` training samples per class, drawn with the base seed; training images
+        set aside for pretraining are left out."""
         dataset: DictDataset = getattr(self.base, f"{split}_dataset")
         members = torch.isin(dataset.targets, torch.tensor(self.tasks[task]))
+        if split == "train":
+            members[self._pretrain_positions()] = False
         positions = members.nonzero().flatten()
         if split == "train" and self.shots is not None and task > 0:
             generator = torch.Generator().manual_seed(self.base.seed + task)

@@ -12,6 +12,10 @@ are the model's own predictions (not the data's labels), gradients are per sampl
 is accumulated with gamma = 1 and only the latest anchor is kept. The estimate runs in eval mode
 so batch-norm statistics are not touched.
 
+Under DDP every rank sums the squared gradients over its own shard and counts its samples; the
+sums and counts are all-reduced before dividing, so every rank holds the Fisher of the union of
+the shards, exactly as one process would compute it on all of them (also for unequal shards).
+
 Method card:
     what it does: a quadratic pull to the previous parameters, weighted by how much each
         parameter mattered to the previous tasks' predictions;
@@ -45,7 +49,9 @@ def diagonal_fisher(
 ) -> dict[str, Tensor]:
     """Mean over samples of the squared per-sample gradient of CE against the predicted label.
 
-    ``module`` must implement ``forward_step(batch) -> StepOutput`` (RegularizedMixin).
+    ``module`` must implement ``forward_step(batch) -> StepOutput`` (RegularizedMixin). Inside an
+    initialised process group the mean runs over the samples of all ranks (``max_samples`` caps
+    each rank's share).
     """
     parameters = trainable_parameters(module)
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
@@ -66,7 +72,23 @@ def diagonal_fisher(
                 break
     finally:
         module.train(was_training)
-    return {name: value / max(seen, 1) for name, value in fisher.items()}
+    return mean_over_ranks(fisher, seen)
+
+
+def mean_over_ranks(sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+    """``sums / count`` where, inside a process group, both are first summed over the ranks (one
+    all-reduce of the flattened sums with the count appended)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flat = torch.cat([*(s.flatten() for s in sums.values()), torch.tensor([float(count)], device=_device_of(sums))])
+        torch.distributed.all_reduce(flat)
+        count = int(flat[-1].item())
+        totals = flat[:-1].split([s.numel() for s in sums.values()])
+        sums = {name: total.view_as(s) for (name, s), total in zip(sums.items(), totals)}
+    return {name: value / max(count, 1) for name, value in sums.items()}
+
+
+def _device_of(tensors: dict[str, Tensor]) -> torch.device:
+    return next(iter(tensors.values())).device if tensors else torch.device("cpu")
 
 
 class EWC(AnchoredParameterPenalty):

@@ -2,20 +2,26 @@
 
     reglab fit-tasks --config configs/experiment/split_digits.yaml --config configs/technique/ewc.yaml
     reglab fit-tasks --config ... --ckpt_path runs/split_digits/version_0/checkpoints/task_1_end.ckpt
+    reglab fit-tasks --config ... --ckpt_path last
 
 ``data`` must be a :class:`datamodules.TaskSequenceDataModule`. The ``trainer`` section applies to
 every task's (fresh) trainer; techniques, ``--run_name`` and ``--runs_dir`` work as in ``reglab fit``.
 ``--ckpt_path`` takes a boundary checkpoint (``task_<t>_end.ckpt``) or one from inside a task
-(``task_<t>/*.ckpt``); ``--checkpoint_every_n_steps n`` adds checkpoints inside tasks.
+(``task_<t>/*.ckpt``); ``--ckpt_path last`` continues the newest version of the run (same
+``--run_name``) that has a checkpoint, from its newest checkpoint (boundary or inside a task),
+in that version's folder. ``--checkpoint_every_n_steps n`` adds checkpoints inside tasks.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from lightning import Callback
 
 from datamodules.tasks import TaskSequenceDataModule
-from lightning_app.cli import ReglabCLI, merge_technique_configs
-from lightning_app.continual.runner import TaskSequenceRunner
+from lightning_app.cli import RUN_DIR_ENV, ReglabCLI, merge_technique_configs
+from lightning_app.continual.runner import TaskSequenceRunner, latest_checkpoint
 from lightning_app.technique import Technique
 
 RUNNER_OPTIONS = ("--ckpt_path", "--checkpoint_every_n_steps")
@@ -37,6 +43,21 @@ def split_runner_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return rest, options
 
 
+def resume_last(new_run_dir: Path) -> tuple[Path, Path]:
+    """``(run folder, checkpoint)`` for ``--ckpt_path last``: the newest version of the run whose
+    folder holds a checkpoint, and its newest checkpoint."""
+    versions = sorted((p for p in new_run_dir.parent.glob("version_*") if p.name.split("_")[-1].isdigit()),
+                      key=lambda p: int(p.name.split("_")[-1]), reverse=True)
+    for version in versions:
+        checkpoint = latest_checkpoint(version)
+        if checkpoint is not None:
+            return version, checkpoint
+    raise SystemExit(
+        f"reglab fit-tasks --ckpt_path last: no checkpoint under {new_run_dir.parent}/version_*/checkpoints; "
+        "start a new run without --ckpt_path, or pass a checkpoint's path"
+    )
+
+
 def main(argv: list[str]) -> TaskSequenceRunner:
     argv, options = split_runner_options(argv)
     cli = ReglabCLI(args=merge_technique_configs(argv), run=False)
@@ -50,11 +71,16 @@ def main(argv: list[str]) -> TaskSequenceRunner:
     others = [cb for cb in trainer_config.pop("callbacks", None) or [] if not isinstance(cb, Technique)]
     trainer_config.pop("logger", None)
     every = options.get("checkpoint_every_n_steps")
+    run_dir, ckpt_path = cli._run_dir, options.get("ckpt_path")
+    if ckpt_path == "last":
+        run_dir, ckpt_path = resume_last(run_dir)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        print(f"resuming {run_dir} from {ckpt_path}")
     runner = TaskSequenceRunner(
         cli.model, cli.datamodule, techniques, trainer_config, callbacks=[cb for cb in others if isinstance(cb, Callback)],
-        run_dir=cli._run_dir, checkpoint_every_n_steps=int(every) if every else None,
+        run_dir=run_dir, checkpoint_every_n_steps=int(every) if every else None,
     )
-    runner.run(ckpt_path=options.get("ckpt_path"))
-    print((cli._run_dir / "accuracy_matrix.md").read_text())
-    print(f"accuracy matrix, scores and heat map: {cli._run_dir}")
+    runner.run(ckpt_path=ckpt_path)
+    print((run_dir / "accuracy_matrix.md").read_text())
+    print(f"accuracy matrix, scores and heat map: {run_dir}")
     return runner

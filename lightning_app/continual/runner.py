@@ -16,6 +16,11 @@ the number of finished tasks and the accuracy rows into it, the DataModule its t
 techniques their state. Resuming from a boundary checkpoint loads these into the live objects and
 continues with the next task; from a mid-task one (``checkpoints/task_<t>/``) Lightning resumes
 the fit of task t exactly (see docs/architecture.md) and the sequence continues from there.
+:func:`latest_checkpoint` finds the newest of a run's checkpoints (``--ckpt_path last``).
+
+Each task logs to ``<run_dir>/tasks/task_<t>/``: ``metrics.csv`` and TensorBoard events side by
+side. Callbacks that start a run from pretrained weights (:class:`PretrainedWeights`) act on the
+first task only; later tasks continue from the previous task's weights.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
+from callbacks.fine_tuning.pretrained_weights import PretrainedWeights
 from datamodules.tasks import TaskSequenceDataModule
 from lightning_app.continual.metrics import accuracy_matrix, markdown_table, plot_heatmap, summary
 from lightning_app.technique import Technique
@@ -64,7 +70,7 @@ class TaskSequenceRunner:
         callbacks: other callbacks; each task gets a fresh copy (so early stopping resets).
         run_dir: where checkpoints, logs and the accuracy matrix go.
         checkpoint_every_n_steps: also checkpoint inside a task every n steps (for resume).
-        log: write CSV logs per task (``<run_dir>/tasks/task_<t>``).
+        log: write CSV and TensorBoard logs per task (``<run_dir>/tasks/task_<t>``).
     """
 
     def __init__(
@@ -120,15 +126,19 @@ class TaskSequenceRunner:
         return mask
 
     def _trainer_for(self, task: int) -> L.Trainer:
-        callbacks: list[L.Callback] = [*self.techniques, self.progress, *copy.deepcopy(self.callbacks)]
-        if self.trainer_kwargs.get("enable_checkpointing", True):
+        others = [cb for cb in self.callbacks if task == 0 or not isinstance(cb, PretrainedWeights)]
+        callbacks: list[L.Callback] = [*self.techniques, self.progress, *copy.deepcopy(others)]
+        if self.trainer_kwargs.get("enable_checkpointing") is not False:  # None (from the CLI) means on
             every = self.checkpoint_every_n_steps
             callbacks.append(ModelCheckpoint(
                 dirpath=self.run_dir / "checkpoints" / f"task_{task}", save_last=True,
                 every_n_train_steps=every, save_top_k=-1 if every else 1,
             ))
-        logger: Any = CSVLogger(self.run_dir, name="tasks", version=f"task_{task}") if self.log else False
-        return L.Trainer(**{"default_root_dir": str(self.run_dir), **self.trainer_kwargs},
+        logger: Any = False
+        if self.log:
+            logger = [CSVLogger(self.run_dir, name="tasks", version=f"task_{task}"),
+                      TensorBoardLogger(self.run_dir, name="tasks", version=f"task_{task}", default_hp_metric=False)]
+        return L.Trainer(**{**self.trainer_kwargs, "default_root_dir": self.trainer_kwargs.get("default_root_dir") or str(self.run_dir)},
                          callbacks=callbacks, logger=logger)
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -179,3 +189,23 @@ class TaskSequenceRunner:
             if technique.state_key in checkpoint["callbacks"]:
                 technique.load_state_dict(checkpoint["callbacks"][technique.state_key])
         return self.progress.tasks_done, None
+
+
+def checkpoint_progress(path: Path) -> tuple[int, float]:
+    """Where in the sequence a checkpoint of the runner was taken: ``(task, step)``, a boundary
+    checkpoint ``task_<t>_end.ckpt`` counting as after every step of task t."""
+    if path.name.endswith("_end.ckpt"):
+        return int(path.name.split("_")[1]), float("inf")
+    step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return int(path.parent.name.split("_")[1]), float(step)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a runner's run folder (boundary or inside a task), or ``None``.
+
+    Newest means furthest in the sequence: the highest task, and within it the highest step;
+    a boundary checkpoint is newer than every checkpoint inside its task.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    candidates = [*folder.glob("task_*_end.ckpt"), *folder.glob("task_*/*.ckpt")]
+    return max(candidates, key=checkpoint_progress, default=None)
