@@ -12,7 +12,10 @@ a copy with each method on the target classes and measure
 
 Each method is a :class:`Method`: how to build its technique from the pretrained checkpoint and
 the fine-tuning learning rate its paper (or official code) uses, so methods are compared at their
-own settings rather than one shared rate.
+own settings rather than one shared rate. Those rates were set for models and step counts far
+from these (RoBERTa on GLUE, ViT-B over 15k steps), so ``--lr_grid`` gives the fairer comparison:
+every method is fitted at each rate of one shared grid and keeps, per seed, the rate with the best
+accuracy on the target *validation* split (the test split is never used to choose).
 
 Writes ``docs/results/peft_claims.md`` with the command that produced it. Run:
 
@@ -22,6 +25,7 @@ Writes ``docs/results/peft_claims.md`` with the command that produced it. Run:
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import tempfile
@@ -36,6 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks.peft import BitFit, FullFineTuning, LinearProbe, LoLDU, LoRA, LoRASB, SVFit  # noqa: E402
+from callbacks.peft import PEGO, BALoRA, RegularizedMaskTuning  # noqa: E402
+from callbacks.peft import SoMA  # noqa: E402
 from datamodules import ClassSplitDataModule, DigitsDataModule  # noqa: E402
 from datamodules.domains import rotate_images  # noqa: E402
 from lightning_app.tasks import ClassificationModule  # noqa: E402
@@ -59,13 +65,38 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
+    # the official full fine-tuning rates (1e-5 for BERT in BitFit's README) are for large pretrained
+    # transformers, not for a 60k-parameter network pretrained here: no comparable rate, default kept
     "full fine-tuning": Method(lambda ckpt: FullFineTuning(pretrained_checkpoint=ckpt)),
-    "linear probe": Method(lambda ckpt: LinearProbe(pretrained_checkpoint=ckpt)),
-    "BitFit": Method(lambda ckpt: BitFit(pretrained_checkpoint=ckpt)),
-    "LoRA r=4": Method(lambda ckpt: LoRA(r=4, lora_alpha=8.0, pretrained_checkpoint=ckpt)),
+    "linear probe": Method(lambda ckpt: LinearProbe(pretrained_checkpoint=ckpt), 1e-3,
+                           "BitFit README, frozen encoder, GLUE"),
+    "BitFit": Method(lambda ckpt: BitFit(pretrained_checkpoint=ckpt), 1e-3, "BitFit README, GLUE"),
+    # alpha / r = 2 as the official RoBERTa runs (r=8, alpha=16)
+    "LoRA r=4": Method(lambda ckpt: LoRA(r=4, lora_alpha=8.0, pretrained_checkpoint=ckpt), 5e-4,
+                       "microsoft/LoRA roberta_base_sst2.sh"),
+    # no official code found and no rate for a comparable setting at hand: default kept
     "SVFit (all σ)": Method(lambda ckpt: SVFit(pretrained_checkpoint=ckpt)),
-    "LoLDU (full diag)": Method(lambda ckpt: LoLDU(pretrained_checkpoint=ckpt)),
-    "LoRA-SB r=4": Method(lambda ckpt: LoRASB(rank=4, pretrained_checkpoint=ckpt)),
+    "LoLDU (full diag)": Method(lambda ckpt: LoLDU(pretrained_checkpoint=ckpt), 1e-3,
+                                "official repo's only example, demo.ipynb"),
+    "LoRA-SB r=4": Method(lambda ckpt: LoRASB(rank=4, pretrained_checkpoint=ckpt), 1e-3,
+                          "lora-sb train_glue.py default"),
+    "Regularized Mask Tuning": Method(lambda ckpt: RegularizedMaskTuning(pretrained_checkpoint=ckpt), 8e-5,
+                                      "R-AMT configs/trainers/MASK/vit_b16.yaml"),
+    # the official rate is for ~15k steps: at 8e-5 a mask needs >= 63 steps to cross the threshold,
+    # more than these runs have, so the method is also run at the linear probe's rate
+    "Regularized Mask Tuning (lr 1e-3)": Method(lambda ckpt: RegularizedMaskTuning(pretrained_checkpoint=ckpt), 1e-3,
+                                                "the linear probe's rate"),
+    "PEGO N=4 r=4": Method(lambda ckpt: PEGO(num_adapters=4, r=4, lam=1e-3, pretrained_checkpoint=ckpt), 5e-4,
+                           "JudgingH/PEGO run.sh"),
+    # the official 2e-5 is for LLaMA-scale NLG from a PiSSA start: LoRA's rate, so only the regularizers differ
+    "BA-LoRA r=4": Method(lambda ckpt: BALoRA(r=4, lora_alpha=8.0, pretrained_checkpoint=ckpt), 5e-4,
+                          "LoRA r=4's rate"),
+    # the official AdamW 1e-4 (x0.5 in the backbone) is for DINOv2-L over 40k iterations: LoRA's
+    # rate, at LoRA's rank, so the minor-component start, frozen early blocks and decay differ
+    "SoMA r=4": Method(lambda ckpt: SoMA(r=4, pretrained_checkpoint=ckpt), 5e-4, "LoRA r=4's rate"),
+    # sensitivity arms: SoMA and LoRA both at the shared default rate (SoMA under-trains at 5e-4 here)
+    "SoMA r=4 (lr 3e-3)": Method(lambda ckpt: SoMA(r=4, pretrained_checkpoint=ckpt)),
+    "LoRA r=4 (lr 3e-3)": Method(lambda ckpt: LoRA(r=4, lora_alpha=8.0, pretrained_checkpoint=ckpt)),
 }
 #: kept small so that 3 seeds of every method run in minutes on 2 CPU cores
 BACKBONES = {"vit": {"depth": 2}, "cnn": {}}
@@ -94,10 +125,11 @@ def trainer(epochs: int, callbacks: list) -> L.Trainer:
 
 @torch.no_grad()
 def accuracy(module: ClassificationModule, datamodule: ClassSplitDataModule, classes: list[int] | None,
-             angle: float = 0.0) -> float:
+             angle: float = 0.0, split: str = "test") -> float:
     module.eval()
     correct = total = 0
-    for batch in datamodule.test_dataloader():
+    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+    for batch in loader:
         logits = module(rotate_images(batch["input"], angle).to(module.device))
         if classes is not None:
             logits = logits[:, classes]
@@ -109,8 +141,20 @@ def accuracy(module: ClassificationModule, datamodule: ClassSplitDataModule, cla
     return correct / total
 
 
+def finetune(backbone: str, seed: int, method: Method, lr: float, checkpoint: str, target: ClassSplitDataModule,
+             epochs: int) -> tuple[ClassificationModule, Technique, StepTimer, float]:
+    L.seed_everything(seed, verbose=False)
+    module = ClassificationModule(backbone, num_classes=10, input_shape=(1, 8, 8),
+                                  backbone_kwargs=BACKBONES[backbone], lr=lr)
+    technique, timer = method.make(checkpoint), StepTimer()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer(epochs, [technique, timer]).fit(module, datamodule=target)
+    return module, technique, timer, lr
+
+
 def run(backbone: str, seed: int, pretrain_epochs: int, finetune_epochs: int, workdir: Path,
-        methods: list[str]) -> dict[str, dict]:
+        methods: list[str], lr_grid: list[float] | None = None) -> dict[str, dict]:
     L.seed_everything(seed, verbose=False)
     source = data(SOURCE, seed)
     model = ClassificationModule(backbone, num_classes=10, input_shape=(1, 8, 8), backbone_kwargs=BACKBONES[backbone])
@@ -122,15 +166,12 @@ def run(backbone: str, seed: int, pretrain_epochs: int, finetune_epochs: int, wo
     rows = {"pretrained": {"target": 0.0, "retention": accuracy(model, source, source_classes)}}
     for name in methods:
         method = METHODS[name]
-        L.seed_everything(seed, verbose=False)
-        module = ClassificationModule(backbone, num_classes=10, input_shape=(1, 8, 8),
-                                      backbone_kwargs=BACKBONES[backbone], lr=method.lr)
-        technique, timer = method.make(checkpoint), StepTimer()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
         target = data(TARGET, seed)
-        trainer(finetune_epochs, [technique, timer]).fit(module, datamodule=target)
+        fits = [finetune(backbone, seed, method, lr, checkpoint, target, finetune_epochs) for lr in (lr_grid or [method.lr])]
+        # with a grid, the rate is chosen on the target validation split, never on the test split
+        module, technique, timer, lr = max(fits, key=lambda fit: accuracy(fit[0], target, None, split="val"))
         rows[name] = {
+            "lr": lr,
             "target": accuracy(module, target, None),
             "unseen": accuracy(module, target, None, UNSEEN_ANGLE),
             "retention": accuracy(module, source, source_classes),
@@ -187,16 +228,43 @@ CLAIMS = [
     Claim(f"{name} within 2 points of LoRA's target accuracy with fewer trainable parameters",
           within_points_with_fewer_params(name, "LoRA r=4", 0.02), (name, "LoRA r=4"))
     for name in ("SVFit (all σ)", "LoLDU (full diag)", "LoRA-SB r=4")
+] + [
+    Claim("Regularized Mask Tuning beats the linear probe's target accuracy (paired, > 2 s.e.)",
+          paired_better("Regularized Mask Tuning", "linear probe", "target"), ("Regularized Mask Tuning", "linear probe")),
+    Claim("Regularized Mask Tuning retains more of the source task than full fine-tuning (paired, > 2 s.e.)",
+          paired_better("Regularized Mask Tuning", "full fine-tuning", "retention"),
+          ("Regularized Mask Tuning", "full fine-tuning")),
+    Claim("Regularized Mask Tuning (lr 1e-3) beats the linear probe's target accuracy (paired, > 2 s.e.)",
+          paired_better("Regularized Mask Tuning (lr 1e-3)", "linear probe", "target"),
+          ("Regularized Mask Tuning (lr 1e-3)", "linear probe")),
+    Claim("Regularized Mask Tuning (lr 1e-3) retains more of the source task than full fine-tuning (paired, > 2 s.e.)",
+          paired_better("Regularized Mask Tuning (lr 1e-3)", "full fine-tuning", "retention"),
+          ("Regularized Mask Tuning (lr 1e-3)", "full fine-tuning")),
+    Claim("PEGO at least LoRA's accuracy on the unseen rotated domain (mean)",
+          mean_at_least("PEGO N=4 r=4", "LoRA r=4", "unseen"), ("PEGO N=4 r=4", "LoRA r=4")),
+    Claim("SoMA at least LoRA's accuracy on the unseen rotated domain (mean)",
+          mean_at_least("SoMA r=4", "LoRA r=4", "unseen"), ("SoMA r=4", "LoRA r=4")),
+    Claim("SoMA at least LoRA's accuracy on the unseen rotated domain, both at lr 3e-3 (mean)",
+          mean_at_least("SoMA r=4 (lr 3e-3)", "LoRA r=4 (lr 3e-3)", "unseen"), ("SoMA r=4 (lr 3e-3)", "LoRA r=4 (lr 3e-3)")),
 ]
 
 
-def report(results: dict[str, list[dict]], command: str, seeds: int, methods: list[str]) -> str:
+def lr_cell(method: Method, rows: list[dict], lr_grid: list[float] | None) -> str:
+    if not lr_grid:
+        return f"{method.lr:g} ({method.source})"
+    return "val-selected: " + " / ".join(f"{row['lr']:g}" for row in rows) + f" (paper: {method.lr:g})"
+
+
+def report(results: dict[str, list[dict]], command: str, seeds: int, methods: list[str], epochs: str,
+           lr_grid: list[float] | None = None) -> str:
     lines = [
         "# PEFT on the embedded scenario (digits 0-4 → 5-9)",
         "",
         f"Produced by: `{command}`",
         "",
-        "Pretrain on classes 0-4 (Adam, lr 1e-3), fine-tune on 5-9 (Adam, each method at the lr in its row). "
+        "Pretrain on classes 0-4 (Adam, lr 1e-3), fine-tune on 5-9 (Adam; "
+        + (f"each method's rate chosen per seed from {lr_grid} by target validation accuracy" if lr_grid
+           else "each method at the lr in its row") + f"; {epochs}). "
         "Target: test accuracy on 5-9 (argmax over all 10 classes). "
         f"Unseen {UNSEEN_ANGLE:g}°: the same test images rotated by {UNSEEN_ANGLE:g}°, a domain no run trains on. "
         "Retention: test accuracy on 0-4 with the prediction restricted to classes 0-4. "
@@ -212,7 +280,7 @@ def report(results: dict[str, list[dict]], command: str, seeds: int, methods: li
             method, rows = METHODS[name], [r[name] for r in per_seed]
             peak = "-" if rows[0]["peak_mb"] is None else f"{statistics.fmean(r['peak_mb'] for r in rows):.0f}"
             lines.append(
-                f"| {name} | {method.lr:g} ({method.source}) | {mean_std(metric(per_seed, name, 'target'))} | "
+                f"| {name} | {lr_cell(method, rows, lr_grid)} | {mean_std(metric(per_seed, name, 'target'))} | "
                 f"{mean_std(metric(per_seed, name, 'unseen'))} | {mean_std(metric(per_seed, name, 'retention'))} | "
                 f"{rows[0]['trainable']:,} / {rows[0]['total']:,} | {statistics.fmean(r['step_ms'] for r in rows):.1f} | "
                 f"{peak} |"
@@ -226,21 +294,31 @@ def report(results: dict[str, list[dict]], command: str, seeds: int, methods: li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pretrain_epochs", type=int, default=12)
-    parser.add_argument("--finetune_epochs", type=int, default=6)
+    parser.add_argument("--pretrain_epochs", type=int, default=12, help="source-task epochs of the CNN")
+    parser.add_argument("--vit_pretrain_epochs", type=int, default=60,
+                        help="source-task epochs of the ViT (from scratch it needs more than the CNN: "
+                             "source accuracy ~0.80 after 12 epochs, ~0.96 after 60)")
+    parser.add_argument("--finetune_epochs", type=int, default=10)
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="the arms to run (default: all); a claim is judged when all its methods ran")
+    parser.add_argument("--lr_grid", nargs="+", type=float, default=None,
+                        help="fit every method at each of these rates and keep, per seed, the one with the best "
+                             "target validation accuracy (default: each method's own rate)")
     parser.add_argument("--out", default="docs/results/peft_claims.md")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: extra threads only contend
-    command = "python benchmarks/peft_claims.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/peft_claims.py " + shlex.join(sys.argv[1:])
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="reglab-peft-") as workdir:
         for backbone in args.backbones:
-            results[backbone] = [run(backbone, seed, args.pretrain_epochs, args.finetune_epochs, Path(workdir), args.methods)
+            pretrain_epochs = args.vit_pretrain_epochs if backbone == "vit" else args.pretrain_epochs
+            results[backbone] = [run(backbone, seed, pretrain_epochs, args.finetune_epochs, Path(workdir), args.methods,
+                                     args.lr_grid)
                                  for seed in range(args.seeds)]
-    Path(args.out).write_text(report(results, command, args.seeds, args.methods))
+    epochs = (f"pretraining {args.pretrain_epochs} epochs for the CNN, {args.vit_pretrain_epochs} for the ViT; "
+              f"fine-tuning {args.finetune_epochs} epochs")
+    Path(args.out).write_text(report(results, command, args.seeds, args.methods, epochs, args.lr_grid))
     print(Path(args.out).read_text())
 
 

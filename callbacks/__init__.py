@@ -7,16 +7,24 @@ has no harness entry.
 
 from callbacks.averaging import EMA, SWA, MeanTeacher, OGENSelfDistillation
 from callbacks.baselines import GCE, CutMix, LabelSmoothing, Mixup
-from callbacks.continual import EWC, FeatureDistillation, L2ToPreviousTask, LwF
+from callbacks.continual import EWC, MVP, OVOR, SI, TEEN, ExperienceReplay, FeatureDistillation, L2ToPreviousTask, LwF
 from callbacks.noisy_labels import ELR
-from callbacks.peft import BitFit, FullFineTuning, LinearProbe, LoLDU, LoRA, LoRASB, SVFit
+from callbacks.peft import BitFit, FullFineTuning, GSLoRA, LinearProbe, LoLDU, LoRA, LoRASB, SoMA, SVFit
+from callbacks.peft import PEGO, BALoRA, RegularizedMaskTuning
 from callbacks.self_distillation import KnowledgeDistillation, PSKD
 
 __all__ = [
     "CutMix", "ELR", "EWC", "FeatureDistillation", "GCE", "KnowledgeDistillation", "L2ToPreviousTask",
     "LabelSmoothing", "LwF", "Mixup", "PSKD",
+    # continual-learning baselines
+    "ExperienceReplay", "SI",
+    # continual learning: OVOR (paper 08), TEEN (paper 47)
+    "OVOR", "TEEN",
+    # online continual learning: MVP (paper 16)
+    "MVP",
     # parameter-efficient fine-tuning
-    "BitFit", "FullFineTuning", "LinearProbe", "LoLDU", "LoRA", "LoRASB", "SVFit",
+    "BitFit", "FullFineTuning", "GSLoRA", "LinearProbe", "LoLDU", "LoRA", "LoRASB", "SoMA", "SVFit",
+    "BALoRA", "PEGO", "RegularizedMaskTuning",
     # weight averaging and self-distillation between model states
     "EMA", "MeanTeacher", "OGENSelfDistillation", "SWA",
 ]

@@ -28,8 +28,10 @@ from .long_tail import LongTail, apply_long_tail, long_tail_class_counts
 from .splits import stratified_split
 from .synthetic import SyntheticDataModule
 from .tabular import TabularDataModule
+from .text import TemplatedSentimentDataModule
 from .tasks import TaskSequenceDataModule, TaskSubset, split_classes
 from .class_split import ClassSplitDataModule
+from .si_blurry import SiBlurryDataModule, SiBlurryStream, si_blurry_stream
 
 __all__ = [
     "CIFAR10_ASYMMETRIC_MAP",
@@ -50,12 +52,16 @@ __all__ = [
     "SyntheticDataModule",
     "TabularDataModule",
     "TaskSequenceDataModule",
+    "TemplatedSentimentDataModule",
     "ClassSplitDataModule",
+    "SiBlurryDataModule",
+    "SiBlurryStream",
     "TaskSubset",
     "apply_label_noise",
     "apply_long_tail",
     "long_tail_class_counts",
     "rotate_images",
+    "si_blurry_stream",
     "split_classes",
     "stratified_split",
 ]

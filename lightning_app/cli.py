@@ -195,11 +195,16 @@ def merge_technique_configs(argv: list[str]) -> list[str]:
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        # another class under the same name is a new technique: the old one's init_args don't apply
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not _replaces_class(out[key], value):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value
     return out
+
+
+def _replaces_class(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return "class_path" in new and new["class_path"] != old.get("class_path")
 
 
 def main(args: list[str] | None = None) -> None:

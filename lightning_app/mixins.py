@@ -49,6 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_app.kernels import soft_cross_entropy
+from lightning_app.peft_surgery import restore_surgery
+
 if TYPE_CHECKING:
     from lightning_app.technique import Technique
 
@@ -99,11 +102,16 @@ class StepOutput:
 
 
 def cross_entropy_per_sample(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy per sample for hard (``(N,)``) or soft (``(N, C)``) targets, in fp32."""
-    logits = logits.float()
+    """Cross-entropy per sample for hard (``(N,)``) or soft (``(N, C)``) targets, in fp32.
+
+    Soft targets (PS-KD, mixup, label smoothing) go through
+    :func:`lightning_app.kernels.soft_cross_entropy`: the fused Triton kernel on GPU, the torch
+    reference elsewhere; both count zero-target terms on masked (-inf) logits as 0.
+    """
     if target.dim() == logits.dim():
-        return -(target.float() * F.log_softmax(logits, dim=-1)).sum(-1)
-    return F.cross_entropy(logits, target, reduction="none")
+        rows = soft_cross_entropy(logits.flatten(0, -2), target.flatten(0, -2), reduction="none")
+        return rows.view(logits.shape[:-1])
+    return F.cross_entropy(logits.float(), target, reduction="none")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -203,6 +211,9 @@ class RegularizedMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "reglab_rng_state" in checkpoint:
             _set_rng_state(checkpoint["reglab_rng_state"])
+        # a parameter-efficient fine-tuning checkpoint holds only the trained weights: redo the
+        # surgery it records before Lightning loads them (load_from_checkpoint)
+        restore_surgery(self, checkpoint)
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)

@@ -14,7 +14,8 @@ The pieces every technique of :mod:`callbacks.peft` is built from, usable on any
   plain state dict);
 * :func:`trainable_state` — a checkpoint's ``state_dict`` without the frozen parameters (small
   checkpoints; the frozen ones are rebuilt from the pretrained weights), and
-  :func:`load_finetuned` — a working module from such a checkpoint.
+  :func:`restore_surgery` — what lets ``Module.load_from_checkpoint`` rebuild a working module
+  from such a checkpoint (``RegularizedMixin.on_load_checkpoint`` calls it).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from torch import nn
 #: A module named like this (any part of its dotted name) is the task head: it always trains and
 #: is never adapted. ``head`` is ClassificationModule's, ``classifier`` / ``score`` transformers'.
 TASK_HEAD_NAMES = frozenset({"head", "classifier", "score"})
-#: Where a surgery technique leaves its recipe in a checkpoint, for :func:`load_finetuned`.
+#: Where a surgery technique leaves its recipe in a checkpoint, for :func:`restore_surgery`.
 RECIPE_KEY = "reglab_peft"
+#: Attribute a surgery technique sets on the module it changed (one per module).
+OPERATED_BY = "_reglab_peft_technique"
 
 
 def is_task_head(name: str) -> bool:
@@ -139,27 +142,28 @@ def technique_recipe(technique: Any) -> dict[str, Any]:
     }
 
 
-def load_finetuned(module_class: type, path: str | Path) -> nn.Module:
-    """A working module from a checkpoint that holds only the trainable weights.
+def technique_from_recipe(recipe: dict[str, Any]) -> Any:
+    """The technique a :func:`technique_recipe` describes, built anew."""
+    module_path, _, class_name = recipe["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module_path), class_name)(**recipe["init_args"])
 
-    Builds ``module_class`` from the checkpoint's hyperparameters, redoes the technique's surgery
-    (which reloads the pretrained weights) and loads the checkpoint over it. Checkpoints without
-    a surgery recipe load as usual. ``module_class.load_from_checkpoint`` cannot do this on its
-    own: it loads the weights into a module no technique has operated on yet.
+
+def restore_surgery(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Make ``module`` ready to load ``checkpoint`` when a surgery technique wrote it.
+
+    Called from the module's ``on_load_checkpoint``, which Lightning runs before it loads the
+    weights, both in ``Module.load_from_checkpoint(path)`` and when a run resumes. Outside a run no
+    technique has operated on the module yet, so the one the checkpoint records is rebuilt and
+    redoes its surgery (loading the pretrained weights, injecting the adapters). Then the frozen
+    parameters a small checkpoint leaves out are filled in from the module, so that the strict
+    load ``load_from_checkpoint`` does by default finds every key. Checkpoints without a recipe
+    are left as they are.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    module = module_class(**checkpoint.get("hyper_parameters", {}))
     recipe = checkpoint.get(RECIPE_KEY)
-    if recipe is not None:
-        module_path, _, class_name = recipe["class_path"].rpartition(".")
-        technique = getattr(importlib.import_module(module_path), class_name)(**recipe["init_args"])
-        technique.prepare(module)
-    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
-    not_restored = set(missing) - frozen_parameter_names(module)
-    if unexpected or not_restored:
-        raise ValueError(
-            f"{path} does not fit the rebuilt {module_class.__name__}: missing {sorted(not_restored)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    return module
-
+    if recipe is None:
+        return
+    if getattr(module, OPERATED_BY, None) is None:
+        technique_from_recipe(recipe).prepare(module)
+    state, current = checkpoint["state_dict"], module.state_dict()
+    for name in frozen_parameter_names(module):
+        state.setdefault(name, current[name])

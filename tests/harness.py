@@ -19,8 +19,12 @@ import lightning as L
 import torch
 
 from callbacks import ELR, EWC, GCE, FeatureDistillation, L2ToPreviousTask, LabelSmoothing, LwF
+from callbacks import SI, ExperienceReplay
+from callbacks import OVOR, TEEN
+from callbacks import MVP
 from callbacks import PSKD, CutMix, KnowledgeDistillation, Mixup
-from callbacks import BitFit, FullFineTuning, LinearProbe, LoLDU, LoRA, LoRASB, SVFit
+from callbacks import BitFit, FullFineTuning, GSLoRA, LinearProbe, LoLDU, LoRA, LoRASB, SoMA, SVFit
+from callbacks import BALoRA, PEGO, RegularizedMaskTuning
 from callbacks import EMA, SWA, MeanTeacher, OGENSelfDistillation
 from datamodules import DigitsDataModule, LabelNoise
 from lightning_app.tasks import ClassificationModule
@@ -65,6 +69,19 @@ HARNESS: dict[str, HarnessCase] = {
     "FeatureDistillation": HarnessCase(
         make=lambda: FeatureDistillation(lam=1.0).remember(small_module(seed=1)), partner=lambda: ELR()
     ),
+    "SI": HarnessCase(make=lambda: consolidated_si(), partner=lambda: LwF().remember(small_module(seed=1))),
+    # Replay fills its buffer from the first step (a small one, so it fills and replaces within a run).
+    "ExperienceReplay": HarnessCase(make=lambda: ExperienceReplay(buffer_size=64, replay_batch_size=32), partner=lambda: ELR()),
+    # MVP on an ordinary shuffled batch stream; label smoothing exercises its soft-target path.
+    "MVP": HarnessCase(make=lambda: MVP(), partner=lambda: LabelSmoothing(0.1)),
+    # OVOR regularizes from the first epoch of a plain fit, with a smaller outlier synthesis (the
+    # defaults would draw 30,000 candidates per epoch). TEEN acts only at task boundaries; in a
+    # plain fit it must leave training untouched.
+    "OVOR": HarnessCase(
+        make=lambda: OVOR(k=10, boundary_points=10, candidates_per_point=50, outliers_per_class=4),
+        partner=lambda: LabelSmoothing(0.1),
+    ),
+    "TEEN": HarnessCase(make=lambda: TEEN(), partner=lambda: ELR()),
     # Parameter-efficient fine-tuning: surgery on the MLP's hidden Linear layers (the head trains).
     "FullFineTuning": HarnessCase(make=lambda: FullFineTuning(), partner=lambda: ELR()),
     "LinearProbe": HarnessCase(make=lambda: LinearProbe(), partner=lambda: ELR()),
@@ -73,6 +90,13 @@ HARNESS: dict[str, HarnessCase] = {
     "SVFit": HarnessCase(make=lambda: SVFit(rank=8), partner=lambda: ELR()),
     "LoLDU": HarnessCase(make=lambda: LoLDU(), partner=lambda: ELR()),
     "LoRASB": HarnessCase(make=lambda: LoRASB(rank=4, gradient_samples=64), partner=lambda: ELR()),
+    # SoMA's single MLP block is adapted (a third of one block rounds to none frozen); its weight
+    # decay schedule is given its length, as the harness's runs stop at different max_steps.
+    "SoMA": HarnessCase(make=lambda: SoMA(r=4, total_steps=12), partner=lambda: ELR()),
+    "GSLoRA": HarnessCase(make=lambda: GSLoRA(forget_classes=[0, 1], r=4), partner=lambda: ELR()),
+    "RegularizedMaskTuning": HarnessCase(make=lambda: RegularizedMaskTuning(), partner=lambda: ELR()),
+    "PEGO": HarnessCase(make=lambda: PEGO(num_adapters=2, r=2), partner=lambda: ELR()),
+    "BALoRA": HarnessCase(make=lambda: BALoRA(r=4), partner=lambda: ELR()),
     # Weight averaging: SWA from the first step (a run of a few steps never reaches an epoch-based
     # start); the mean teacher stacked with an EMA that is evaluated while the teacher trains.
     "EMA": HarnessCase(make=lambda: EMA(decay=0.9), partner=lambda: LabelSmoothing(0.1)),
@@ -92,6 +116,16 @@ def noisy_digits(batch_size: int = 256) -> DigitsDataModule:
 def small_module(seed: int = 0) -> ClassificationModule:
     L.seed_everything(seed, verbose=False)
     return ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (32,)}, lr=1e-2)
+
+
+def consolidated_si() -> SI:
+    """SI as after a finished task: anchored to small_module(seed=1), with the importance of a
+    made-up path (a random path integral over a move of 0.1 per parameter)."""
+    si, previous = SI(c=1.0), small_module(seed=1)
+    generator = torch.Generator().manual_seed(2)
+    si.task_start = {name: p.detach() - 0.1 for name, p in previous.named_parameters()}
+    si.omega = {name: torch.rand(p.shape, generator=generator) for name, p in previous.named_parameters()}
+    return si.remember(previous)
 
 
 @functools.cache

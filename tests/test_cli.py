@@ -43,6 +43,14 @@ def test_later_file_overrides_one_argument_and_null_removes(tmp_path):
     assert techniques_of(built.trainer) == []
 
 
+def test_another_class_under_the_same_name_drops_the_old_init_args(tmp_path):
+    swap = tmp_path / "swap.yaml"
+    swap.write_text("techniques:\n  elr:\n    class_path: callbacks.LabelSmoothing\n")
+    built = cli("--config", str(CONFIGS / "experiment/quickstart.yaml"), "--config", str(swap), f"--runs_dir={tmp_path}")
+    (smoothing,) = techniques_of(built.trainer)
+    assert isinstance(smoothing, LabelSmoothing)  # ELR's beta and lam would have been rejected
+
+
 def test_model_shape_is_filled_from_the_datamodule(tmp_path):
     built = cli("--config", str(CONFIGS / "experiment/quickstart.yaml"), f"--runs_dir={tmp_path}")
     assert built.model.hparams.num_classes == 10 and tuple(built.model.hparams.input_shape) == (1, 8, 8)

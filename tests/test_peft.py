@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
-from callbacks.peft import LoLDU, LoRA, LoRASB, SVFit
+from callbacks.peft import BitFit, LoLDU, LoRA, LoRASB, SVFit
 from callbacks.peft.loldu import loldu_factors
 from callbacks.peft.lora_sb import lora_sb_factors
 from callbacks.peft.svfit import svfit_factors
 from harness import noisy_digits, quiet_trainer, small_module
 from lightning_app.nn.core_adapter import CoreAdapter
-from lightning_app.peft_surgery import load_finetuned, select_layers
+from lightning_app.peft_surgery import select_layers
 from lightning_app.tasks import ClassificationModule
+from lightning_app.technique import TechniqueConfigError
 
 
 @pytest.mark.parametrize("factorize", [svfit_factors, loldu_factors])
@@ -56,9 +58,10 @@ def test_targets_default_to_every_layer_but_the_head_and_fail_loudly():
         select_layers(vit, ["no_such_layer"], (nn.Linear,))
 
 
-@pytest.mark.parametrize("make", [lambda: LoRA(r=4), lambda: SVFit(rank=8), lambda: LoLDU(), lambda: LoRASB(rank=4, gradient_samples=64)],
-                         ids=["LoRA", "SVFit", "LoLDU", "LoRASB"])
-def test_small_checkpoint_reloads_and_merges(make, tmp_path):
+@pytest.mark.parametrize("make", [lambda: LoRA(r=4), lambda: SVFit(rank=8), lambda: LoLDU(),
+                                  lambda: LoRASB(rank=4, gradient_samples=64), lambda: BitFit()],
+                         ids=["LoRA", "SVFit", "LoLDU", "LoRASB", "BitFit"])
+def test_small_checkpoint_loads_from_checkpoint_and_merges(make, tmp_path):
     pretrained = tmp_path / "pretrained.ckpt"
     torch.save({"state_dict": small_module(seed=3).state_dict()}, pretrained)
     technique, module = make(), small_module()
@@ -75,11 +78,26 @@ def test_small_checkpoint_reloads_and_merges(make, tmp_path):
     x = torch.rand(5, 64)
     module.eval()
     expected = module(x)
-    reloaded = load_finetuned(ClassificationModule, path).eval()
+    # a fresh module of the same seed would not give these outputs: the fine-tuned weights matter
+    assert not torch.allclose(small_module(seed=3).eval()(x), expected)
+    reloaded = ClassificationModule.load_from_checkpoint(path).eval()
     torch.testing.assert_close(reloaded(x), expected)
-    assert technique.merge(reloaded) > 0
+    # BitFit adds no adapter, so there is nothing to merge
+    assert (technique.merge(reloaded) > 0) == (not isinstance(technique, BitFit))
     assert not any(isinstance(m, CoreAdapter) for m in reloaded.modules())
     torch.testing.assert_close(reloaded(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_load_from_checkpoint_names_a_missing_pretrained_checkpoint(tmp_path):
+    pretrained = tmp_path / "pretrained.ckpt"
+    torch.save({"state_dict": small_module(seed=3).state_dict()}, pretrained)
+    trainer = quiet_trainer(max_steps=1, callbacks=[SVFit(pretrained_checkpoint=str(pretrained))])
+    trainer.fit(small_module(), datamodule=noisy_digits())
+    path = tmp_path / "peft.ckpt"
+    trainer.save_checkpoint(path)
+    pretrained.unlink()
+    with pytest.raises(FileNotFoundError, match="pretrained.ckpt"):
+        ClassificationModule.load_from_checkpoint(path)
 
 
 def test_pretrained_checkpoint_is_the_starting_point(tmp_path):
@@ -92,3 +110,59 @@ def test_pretrained_checkpoint_is_the_starting_point(tmp_path):
     torch.testing.assert_close(module(x), pretrained(x), atol=1e-5, rtol=1e-5)
     assert {n for n, p in module.named_parameters() if p.requires_grad} == {
         "backbone.layers.1.core", "head.weight", "head.bias"}
+
+
+def test_lora_exports_with_peft_save_pretrained_and_peft_reloads_it(tmp_path):
+    from peft import PeftModel
+
+    pretrained = tmp_path / "pretrained.ckpt"
+    torch.save({"state_dict": small_module(seed=3).state_dict()}, pretrained)
+    lora, module = LoRA(r=4, pretrained_checkpoint=str(pretrained)), small_module()
+    quiet_trainer(max_steps=4, callbacks=[lora]).fit(module, datamodule=noisy_digits())
+    lora.save_pretrained(module, tmp_path / "adapter")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+
+    x = torch.rand(5, 64)
+    expected = module.eval()(x)
+    base = small_module(seed=3).eval()  # the pretrained weights, as a user would have them
+    assert not torch.allclose(base(x), expected)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(reloaded(x), expected)
+    # the export copied the module: it still trains and still has its adapters
+    assert any(".lora_A." in name for name, p in module.named_parameters() if p.requires_grad)
+
+
+class SaveLoRASBFactors(L.Callback):
+    """Writes every CoreAdapter's frozen factors to ``rank<r>.pt`` once training starts."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_start(self, trainer, pl_module):
+        factors = {f"{name}.{side}": getattr(layer, side).clone() for name, layer in pl_module.named_modules()
+                   if isinstance(layer, CoreAdapter) for side in ("left", "right")}
+        torch.save(factors, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_lora_sb_first_gradients_are_all_reduced_over_ddp_ranks(tmp_path):
+    # 2 ranks x 64 samples in batches of 32 cover the same 128 samples (the seeded permutation,
+    # rank r taking every second index) as one process taking the first 128
+    factors = {}
+    for devices, strategy in ((2, "ddp_spawn"), (1, "auto")):
+        directory = tmp_path / f"{devices}"
+        directory.mkdir()
+        trainer = quiet_trainer(max_steps=1, devices=devices, strategy=strategy,
+                                callbacks=[LoRASB(rank=4, gradient_samples=128), SaveLoRASBFactors(directory)])
+        trainer.fit(small_module(), datamodule=noisy_digits(batch_size=32))
+        factors[devices] = [torch.load(path, weights_only=True) for path in sorted(directory.glob("rank*.pt"))]
+    (rank0, rank1), (single,) = factors[2], factors[1]
+    assert set(rank0) == set(single) and rank0
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between the ranks"
+        torch.testing.assert_close(rank0[key], single[key], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_export_of_a_module_without_lora_names_the_fix(tmp_path):
+    with pytest.raises(TechniqueConfigError, match="no LoRA layer"):
+        LoRA().save_pretrained(small_module(), tmp_path / "adapter")

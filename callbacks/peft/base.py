@@ -15,7 +15,9 @@ optimizers and before it restores a checkpoint:
 Because the adapters exist before Lightning restores a checkpoint, ``trainer.fit(ckpt_path=...)``
 resumes exactly. With a ``pretrained_checkpoint``, checkpoints hold only the trainable parameters
 and the buffers (the frozen ones are rebuilt from the pretrained weights at setup), so the
-module's ``strict_loading`` is turned off; :func:`lightning_app.peft_surgery.load_finetuned` rebuilds a working module from one, and
+module's ``strict_loading`` is turned off. The checkpoint records the technique and its arguments,
+so ``ClassificationModule.load_from_checkpoint(path)`` redoes the surgery and yields a working
+model (:func:`lightning_app.peft_surgery.restore_surgery`), and
 :meth:`ParameterEfficientFineTuning.merge` folds the adapters into the weights for inference.
 
 Method card (full fine-tuning, :class:`FullFineTuning`):
@@ -36,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_app.peft_surgery import (
+    OPERATED_BY,
     RECIPE_KEY,
     count_parameters,
     freeze_all_except,
@@ -47,10 +50,6 @@ from lightning_app.peft_surgery import (
     trainable_state,
 )
 from lightning_app.technique import Technique
-
-#: Attribute a surgery technique sets on the module it changed (one per module).
-OPERATED_BY = "_reglab_peft_technique"
-
 
 class ParameterEfficientFineTuning(Technique):
     """Base of the PEFT techniques (see the module docstring for what ``setup`` does).

@@ -8,6 +8,8 @@ so ``W' = W`` at the start; ``A``, ``B`` (and the task head) train, ``W`` stays 
 injection, the layers (``nn.Linear``, ``nn.Conv2d``, ...) and merging are peft's
 (``peft.inject_adapter_in_model``); reglab picks the layers, freezes the rest and handles
 checkpoints. Defaults are peft's ``LoraConfig`` (r = 8, alpha = 8, no dropout).
+:meth:`LoRA.save_pretrained` exports the trained adapters (and the task head) with peft's own
+``PeftModel.save_pretrained``, so peft alone reloads them: ``PeftModel.from_pretrained(base, path)``.
 
 Method card:
     what it does: learns a rank-r update of each adapted weight;
@@ -23,10 +25,15 @@ Example:
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+from typing import Any
+
 import lightning as L
 from torch import nn
 
 from callbacks.peft.base import ParameterEfficientFineTuning
+from lightning_app.peft_surgery import is_task_head, replace_module
 
 
 class LoRA(ParameterEfficientFineTuning):
@@ -48,9 +55,47 @@ class LoRA(ParameterEfficientFineTuning):
         super().__init__(target_modules, pretrained_checkpoint)
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, lora_dropout
 
-    def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+    def peft_config(self, layer_names: list[str], **extra: Any) -> Any:
+        from peft import LoraConfig
 
-        config = LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                            target_modules=layer_names)
-        inject_adapter_in_model(config, module)
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=layer_names, **extra)
+
+    def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(self.peft_config(layer_names), module)
+
+    def save_pretrained(self, module: nn.Module, directory: str | Path, root: str = "") -> None:
+        """Export the trained adapters and task head of ``module`` as a peft adapter directory.
+
+        Args:
+            module: the fine-tuned module (this technique has operated on it).
+            directory: where peft writes ``adapter_config.json`` and ``adapter_model.safetensors``.
+            root: the submodule to export, e.g. ``"backbone.model"`` for the transformers model
+                inside an ``hf:`` backbone, so that the adapter loads onto
+                ``AutoModelForSequenceClassification.from_pretrained(...)``; ``""`` = the whole module.
+
+        A copy of ``root`` with the adapters taken out becomes a ``PeftModel`` (peft injects the same
+        layers under the same names, the head as ``modules_to_save``), the trained adapter weights
+        are copied in, and peft writes the directory. ``module`` itself is not changed.
+        """
+        from peft import get_peft_model
+        from peft.tuners.lora import LoraLayer
+
+        base = copy.deepcopy(module.get_submodule(root))
+        adapted = [name for name, layer in base.named_modules() if isinstance(layer, LoraLayer)]
+        if not adapted:
+            raise self.fail(f"the module {root or 'given'} holds no LoRA layer", "pass the module this LoRA fine-tuned")
+        adapter_weights = {name: value for name, value in base.state_dict().items() if ".lora_" in name}
+        for name in adapted:
+            replace_module(base, name, base.get_submodule(name).get_base_layer())
+        base.__dict__.pop("peft_config", None)  # left by the injection; the copy is a plain model again
+        heads = [name for name, _ in base.named_modules()
+                 if name and is_task_head(name) and not is_task_head(name.rpartition(".")[0])]
+        peft_model = get_peft_model(base, self.peft_config(adapted, modules_to_save=heads or None))
+        missing_adapter = set(adapter_weights) - set(peft_model.base_model.model.state_dict())
+        if missing_adapter:
+            raise RuntimeError(f"LoRA: peft named the exported adapters differently: {sorted(missing_adapter)[:5]}")
+        peft_model.base_model.model.load_state_dict(adapter_weights, strict=False)
+        peft_model.save_pretrained(str(directory))

@@ -6,7 +6,8 @@ approximation of a full fine-tuning step. Following the official code
 (``utils/gradient_utils.py`` of github.com/RaghavSinghal10/lora-sb), at setup:
 
     G      = sum of the loss gradients w.r.t. W over the first ``gradient_samples`` training
-             samples (summed over DDP ranks)
+             samples (under DDP each rank takes its share of its own shard of the data and the
+             sums are all-reduced, so every rank gets the same G as one process would)
     -sign(G) = U S V^T  (SVD),      B = U_r,  A = V_r^T
 
 The paper also sets ``R0`` from ``S_r`` and subtracts ``B R0 A`` from ``W``; here the update is
@@ -23,6 +24,8 @@ Method card:
 """
 
 from __future__ import annotations
+
+import math
 
 import lightning as L
 import torch
@@ -41,14 +44,18 @@ def lora_sb_factors(gradient: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor
 
 def accumulated_gradients(module: nn.Module, layer_names: list[str], trainer: L.Trainer, num_samples: int) -> dict[str, Tensor]:
     """Loss gradients w.r.t. the target layers' weights, summed over batches covering
-    ``num_samples`` training samples (and over DDP ranks), as ``out x in`` matrices."""
+    ``num_samples`` training samples in total, as ``out x in`` matrices.
+
+    The DataModule's training loader is sharded over the ranks, so each rank covers
+    ``ceil(num_samples / world_size)`` of its own samples and the per-rank sums are all-reduced:
+    the work is split and the result is the sum over the union of the shards' samples."""
     weights = {name: module.get_submodule(name).weight for name in layer_names}
     sums = {name: torch.zeros_like(w, dtype=torch.float32).reshape(w.shape[0], -1) for name, w in weights.items()}
     was_training = module.training
     module.eval()
-    seen = 0
+    seen, per_rank = 0, math.ceil(num_samples / trainer.world_size)
     for batch in trainer.datamodule.train_dataloader():
-        if seen >= num_samples:
+        if seen >= per_rank:
             break
         module.zero_grad(set_to_none=True)
         out = module.forward_step(batch)
@@ -66,7 +73,8 @@ class LoRASB(FrozenFactorsTuning):
 
     Args:
         rank: r.
-        gradient_samples: training samples whose gradients initialise the factors (official: 170).
+        gradient_samples: training samples whose gradients initialise the factors, over all ranks
+            together (official: 170).
         target_modules, pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 

