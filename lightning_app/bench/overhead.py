@@ -27,6 +27,7 @@ Results go to ``<out>`` (``docs/results/overhead.md``) with the command that pro
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import platform
 import statistics
@@ -114,10 +115,14 @@ def technique_overheads(
     harness = load_harness()
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in [BASELINE, *names]}
     failures: dict[str, str] = {}
+    order = list(runs)
     for repeat in range(repeats):
-        for name in runs:
+        # rotated so that no technique always runs first after the previous repeat's fits, and
+        # collected so that garbage left by earlier trainers is not paid inside a timed step
+        for name in order[repeat % len(order):] + order[:repeat % len(order)]:
             if name in failures:
                 continue
+            gc.collect()
             try:
                 runs[name].append(time_step(harness, name, steps, warmup, accelerator))
                 print(f"[overhead] repeat {repeat} {name}: {runs[name][-1]['seconds'] * 1e3:.2f} ms", flush=True)
