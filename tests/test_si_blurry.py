@@ -198,3 +198,36 @@ def test_anytime_accuracy_refuses_bad_settings():
 
     with pytest.raises(ValueError, match="active_classes"):
         quiet_trainer(max_steps=1, callbacks=[AnytimeAccuracy()]).fit(NoMask(), datamodule=digits_stream())
+
+
+class CurveOnEachRank(L.Callback):
+    """Saves, per rank, the labels that rank trained on and its AnytimeAccuracy state."""
+
+    def __init__(self, report_dir, curve: AnytimeAccuracy):
+        self.report_dir, self.curve, self.labels = report_dir, curve, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.labels.append(batch["target"].clone())
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({"labels": torch.cat(self.labels), **self.curve.state_dict(), "summary": self.curve.summary()},
+                   self.report_dir / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_anytime_accuracy_agrees_on_every_ddp_rank_and_counts_all_ranks_classes(tmp_path):
+    curve = AnytimeAccuracy(eval_period=64)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[curve, CurveOnEachRank(tmp_path, curve)])
+    trainer.fit(small_module(), datamodule=digits_stream(batch_size=16))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    union = torch.zeros(10, dtype=torch.bool)
+    union[torch.cat([report["labels"] for report in ranks])] = True
+    assert not torch.equal(ranks[0]["labels"], ranks[1]["labels"])  # the ranks did see different samples
+    for report in ranks:
+        assert torch.equal(report["seen"], union)
+        assert report["samples_seen"] == 2 * 6 * 16
+        assert report["samples"].tolist() == ranks[0]["samples"].tolist() and len(report["samples"]) == 3
+        assert report["accuracies"].tolist() == ranks[0]["accuracies"].tolist()
+        assert report["summary"] == ranks[0]["summary"]
