@@ -106,12 +106,14 @@ class AnytimeAccuracy(L.Callback):
             )
         if self.seen is None:
             self.seen = torch.zeros(num_classes, dtype=torch.bool)
+        # on the module's device, so marking a batch's classes needs no host sync
+        self.seen = self.seen.to(pl_module.device)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         labels = batch["target"]
         if trainer.world_size > 1:
             labels = pl_module.all_gather(labels).reshape(-1)
-        self.seen[labels.cpu()] = True
+        self.seen[labels] = True
         if self.mask_unseen_classes:
             pl_module.active_classes.copy_(self.seen)
 
@@ -148,7 +150,7 @@ class AnytimeAccuracy(L.Callback):
         return {**auc, "online/A_last": self.last_accuracy}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "samples_seen": self.samples_seen, "samples": torch.tensor(self.samples),
+        return {"seen": self.seen.cpu(), "samples_seen": self.samples_seen, "samples": torch.tensor(self.samples),
                 "accuracies": torch.tensor(self.accuracies, dtype=torch.float64)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
