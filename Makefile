@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .PHONY: quickstart test install bench-effects
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"

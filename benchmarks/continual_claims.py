@@ -10,7 +10,7 @@
    (non-inferiority, the margin fixed before running: ``NONINFERIORITY_MARGIN``).
 
 The effect harness fits once per arm; a claim about a task sequence needs the task runner, so it
-lives here. Every (arm, seed) run is ``lightning_app.continual.TaskSequenceRunner`` on
+lives here. Every (arm, seed) run is ``reglab.continual.TaskSequenceRunner`` on
 ``configs/experiment/split_digits.yaml``'s setting (5 tasks x 2 classes, seeded class order, MLP)
 with the data seed, class order and initialisation set to the seed. Verdict rules, fixed in code:
 
@@ -34,14 +34,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from callbacks import EWC, SI, ExperienceReplay, L2ToPreviousTask, LwF
-from callbacks.fine_tuning.pretrained_weights import copy_pretrained_weights
-from datamodules import DigitsDataModule, TaskSequenceDataModule
-from lightning_app.bench.effects import mean_std
-from lightning_app.continual.metrics import summary
-from lightning_app.continual.runner import TaskSequenceRunner
-from lightning_app.tasks import ClassificationModule
-from lightning_app.technique import Technique
+from reglab.callbacks import EWC, SI, ExperienceReplay, L2ToPreviousTask, LwF
+from reglab.callbacks.fine_tuning.pretrained_weights import copy_pretrained_weights
+from reglab.datamodules import DigitsDataModule, TaskSequenceDataModule
+from reglab.bench.effects import mean_std
+from reglab.continual.metrics import summary
+from reglab.continual.runner import TaskSequenceRunner
+from reglab.tasks import ClassificationModule
+from reglab.technique import Technique
 
 # SI's strength c: the lowest forgetting of the grid {100, 1000, 10000} on tuning seed 100 (not an
 # evaluation seed), from scratch, 3 epochs per task (forgetting 0.967 / 0.931 / 0.816 vs fine-tuning

@@ -74,7 +74,7 @@ for dtype in bf16 fp32; do
 done
 
 step="overhead benchmark"
-timeout 360 "$PYTHON" -m lightning_app.cli bench overhead --accelerator gpu --out "$RESULTS/overhead_gpu.md"
+timeout 360 "$PYTHON" -m reglab.cli bench overhead --accelerator gpu --out "$RESULTS/overhead_gpu.md"
 test -s "$RESULTS/overhead_gpu.md"
 
 echo "gpu_checks.sh: all checks passed; wrote $kernel_md and $RESULTS/overhead_gpu.md"

@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.peft_claims import BACKBONES, mean_std, trainer  # noqa: E402
-from callbacks.peft import GSLoRA  # noqa: E402
-from datamodules import DigitsDataModule  # noqa: E402
-from lightning_app.tasks import ClassificationModule  # noqa: E402
+from reglab.callbacks.peft import GSLoRA  # noqa: E402
+from reglab.datamodules import DigitsDataModule  # noqa: E402
+from reglab.tasks import ClassificationModule  # noqa: E402
 
 FORGET = [0, 1]
 NUM_CLASSES = 10

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from lightning_app.kernels import soft_cross_entropy_reference, soft_cross_entropy_triton
+from reglab.kernels import soft_cross_entropy_reference, soft_cross_entropy_triton
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PASSES_OVER_LOGITS_SIZED_TENSORS = 7

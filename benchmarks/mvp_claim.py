@@ -21,11 +21,11 @@ from pathlib import Path
 
 import lightning as L
 
-from callbacks import MVP
-from datamodules import DigitsDataModule, SiBlurryDataModule
-from lightning_app.bench.effects import Check, mean_std, verdict
-from lightning_app.continual.online import AnytimeAccuracy
-from lightning_app.tasks import ClassificationModule
+from reglab.callbacks import MVP
+from reglab.datamodules import DigitsDataModule, SiBlurryDataModule
+from reglab.bench.effects import Check, mean_std, verdict
+from reglab.continual.online import AnytimeAccuracy
+from reglab.tasks import ClassificationModule
 
 ARMS = {
     "online CE": lambda: [],

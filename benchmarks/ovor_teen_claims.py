@@ -46,14 +46,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks import OVOR, TEEN
-from callbacks.continual.ovor import dataset_features, energy, synthesize_outliers
-from datamodules import DigitsDataModule, TaskSequenceDataModule
-from lightning_app.bench.effects import Check, mean_std, verdict
-from lightning_app.continual.metrics import average_accuracy
-from lightning_app.continual.runner import TaskSequenceRunner
-from lightning_app.tasks import ClassificationModule
-from lightning_app.technique import Technique
+from reglab.callbacks import OVOR, TEEN
+from reglab.callbacks.continual.ovor import dataset_features, energy, synthesize_outliers
+from reglab.datamodules import DigitsDataModule, TaskSequenceDataModule
+from reglab.bench.effects import Check, mean_std, verdict
+from reglab.continual.metrics import average_accuracy
+from reglab.continual.runner import TaskSequenceRunner
+from reglab.tasks import ClassificationModule
+from reglab.technique import Technique
 
 HIDDEN = (128, 128)
 QUIET = dict(accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,

@@ -39,13 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks.peft import BitFit, FullFineTuning, LinearProbe, LoLDU, LoRA, LoRASB, SVFit  # noqa: E402
-from callbacks.peft import PEGO, BALoRA, RegularizedMaskTuning  # noqa: E402
-from callbacks.peft import SoMA  # noqa: E402
-from datamodules import ClassSplitDataModule, DigitsDataModule, LabelNoise  # noqa: E402
-from datamodules.domains import rotate_images  # noqa: E402
-from lightning_app.tasks import ClassificationModule  # noqa: E402
-from lightning_app.technique import Technique  # noqa: E402
+from reglab.callbacks.peft import BitFit, FullFineTuning, LinearProbe, LoLDU, LoRA, LoRASB, SVFit  # noqa: E402
+from reglab.callbacks.peft import PEGO, BALoRA, RegularizedMaskTuning  # noqa: E402
+from reglab.callbacks.peft import SoMA  # noqa: E402
+from reglab.datamodules import ClassSplitDataModule, DigitsDataModule, LabelNoise  # noqa: E402
+from reglab.datamodules.domains import rotate_images  # noqa: E402
+from reglab.tasks import ClassificationModule  # noqa: E402
+from reglab.technique import Technique  # noqa: E402
 
 SOURCE, TARGET = 0, 1
 #: the default fine-tuning learning rate (Adam) for methods whose papers give none for this setting

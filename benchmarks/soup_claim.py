@@ -15,7 +15,7 @@ then a soup, so this script runs the claim itself and writes the same kind of re
 
 The baseline is the ingredient with the best ``val/acc``: what one deploys without soups. The
 paper's claim is "at least as good", so the verdict is the effect harness's non-inferiority rule
-(:func:`lightning_app.bench.effects.verdict` with ``direction: at_least``): the mean paired
+(:func:`reglab.bench.effects.verdict` with ``direction: at_least``): the mean paired
 difference (soup minus baseline, same seed) minus two standard errors must be above −``MARGIN``.
 ``MARGIN`` = 0.005 accuracy, fixed before the measurement: about 2 of the ~450 in-distribution
 test images, a quarter of the best ingredient's error rate (~0.02), so a pass rules out a soup
@@ -39,10 +39,10 @@ from pathlib import Path
 import lightning as L
 import yaml
 
-from lightning_app import soups
-from lightning_app.bench.effects import Check, Claim, mean_std, verdict
-from lightning_app.cli import ReglabCLI, merge_technique_configs
-from lightning_app.tasks import ClassificationModule
+from reglab import soups
+from reglab.bench.effects import Check, Claim, mean_std, verdict
+from reglab.cli import ReglabCLI, merge_technique_configs
+from reglab.tasks import ClassificationModule
 
 INGREDIENT_CONFIG = "configs/experiment/rotated_digits_soup_ingredient.yaml"
 LABEL_SMOOTHING_CONFIG = "configs/technique/label_smoothing.yaml"

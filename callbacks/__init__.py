@@ -1,17 +1,17 @@
 """Every reglab technique, one module per paper, grouped by family.
 
-Each name exported here is a :class:`lightning_app.technique.Technique`; the shared test
+Each name exported here is a :class:`reglab.technique.Technique`; the shared test
 harness (tests/test_harness.py) discovers them from ``__all__`` and fails for any technique that
 has no harness entry.
 """
 
-from callbacks.averaging import EMA, SWA, MeanTeacher, OGENSelfDistillation
-from callbacks.baselines import GCE, CutMix, LabelSmoothing, Mixup
-from callbacks.continual import EWC, MVP, OVOR, SI, TEEN, ExperienceReplay, FeatureDistillation, L2ToPreviousTask, LwF
-from callbacks.noisy_labels import ELR
-from callbacks.peft import BitFit, FullFineTuning, GSLoRA, LinearProbe, LoLDU, LoRA, LoRASB, SoMA, SVFit
-from callbacks.peft import PEGO, BALoRA, RegularizedMaskTuning
-from callbacks.self_distillation import KnowledgeDistillation, PSKD
+from reglab.callbacks.averaging import EMA, SWA, MeanTeacher, OGENSelfDistillation
+from reglab.callbacks.baselines import GCE, CutMix, LabelSmoothing, Mixup
+from reglab.callbacks.continual import EWC, MVP, OVOR, SI, TEEN, ExperienceReplay, FeatureDistillation, L2ToPreviousTask, LwF
+from reglab.callbacks.noisy_labels import ELR
+from reglab.callbacks.peft import BitFit, FullFineTuning, GSLoRA, LinearProbe, LoLDU, LoRA, LoRASB, SoMA, SVFit
+from reglab.callbacks.peft import PEGO, BALoRA, RegularizedMaskTuning
+from reglab.callbacks.self_distillation import KnowledgeDistillation, PSKD
 
 __all__ = [
     "CutMix", "ELR", "EWC", "FeatureDistillation", "GCE", "KnowledgeDistillation", "L2ToPreviousTask",

@@ -67,7 +67,7 @@ class CIFARDataModule(ClassificationDataModule):
         variant: ``10`` or ``100``.
         download: download the archive into ``root`` with torchvision if it is not there.
         val_fraction: fraction of each class of the training files held out for validation.
-        **kwargs: :class:`~datamodules.base.ClassificationDataModule` arguments.
+        **kwargs: :class:`~reglab.datamodules.base.ClassificationDataModule` arguments.
 
     Example (needs the data on disk)::
 

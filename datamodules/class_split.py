@@ -1,4 +1,4 @@
-"""One fixed task of a :class:`~datamodules.tasks.TaskSequenceDataModule`, chosen by argument, so
+"""One fixed task of a :class:`~reglab.datamodules.tasks.TaskSequenceDataModule`, chosen by argument, so
 a config can say "the source classes" or "the target classes" (pretrain here, fine-tune there)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ class ClassSplitDataModule(TaskSequenceDataModule):
     (by default 2: classes 0..C/2-1 are task 0, the rest task 1). Heads keep all classes.
 
     Example:
-        >>> from datamodules import DigitsDataModule
+        >>> from reglab.datamodules import DigitsDataModule
         >>> target = ClassSplitDataModule(DigitsDataModule(batch_size=8), task=1)
         >>> target.tasks[target.task]
         [5, 6, 7, 8, 9]

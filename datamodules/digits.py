@@ -16,13 +16,13 @@ class DigitsDataModule(ClassificationDataModule):
     """The embedded stand-in for MNIST: digits scaled to [0, 1], split seeded and stratified.
 
     ``LabelNoise(kind="asymmetric")`` without a ``class_map`` uses the MNIST protocol's
-    :data:`~datamodules.label_noise.MNIST_ASYMMETRIC_MAP` (7→1, 2→7, 5↔6, 3→8).
+    :data:`~reglab.datamodules.label_noise.MNIST_ASYMMETRIC_MAP` (7→1, 2→7, 5↔6, 3→8).
 
     Args:
         flatten: give inputs of shape ``(64,)`` (for MLPs / linear models) instead of ``(1, 8, 8)``.
         val_fraction: fraction of each class held out for validation.
         test_fraction: fraction of each class held out for testing.
-        **kwargs: :class:`~datamodules.base.ClassificationDataModule` arguments
+        **kwargs: :class:`~reglab.datamodules.base.ClassificationDataModule` arguments
             (``batch_size``, ``num_workers``, ``seed``, ``label_noise``, ``long_tail``, ``eval_batch_size``).
 
     Example:

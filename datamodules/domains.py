@@ -61,7 +61,7 @@ class RotatedDigitsDataModule(ClassificationDataModule):
             so that a model pretrained on the upright training pool never saw a test image.
         flatten: inputs of shape ``(64,)`` instead of ``(1, 8, 8)``.
         val_fraction, test_fraction: share of each class in the validation / test pool.
-        **kwargs: :class:`~datamodules.base.ClassificationDataModule` arguments
+        **kwargs: :class:`~reglab.datamodules.base.ClassificationDataModule` arguments
             (``batch_size``, ``num_workers``, ``seed``, ``label_noise``, ``long_tail``, ``eval_batch_size``).
 
     Example:

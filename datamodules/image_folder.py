@@ -16,7 +16,7 @@ from .base import ClassificationDataModule, Split
 class ImageFolderInputs:
     """The images of an :class:`~torchvision.datasets.ImageFolder`, decoded only when accessed.
 
-    A :class:`~datamodules.base.LazyInputs`: it stands in for an ``(N, 3, size, size)`` tensor, so
+    A :class:`~reglab.datamodules.base.LazyInputs`: it stands in for an ``(N, 3, size, size)`` tensor, so
     the base DataModule can subsample (long tail) and index it like one without loading every image.
     """
 
@@ -45,7 +45,7 @@ class ImageFolderDataModule(ClassificationDataModule):
     Args:
         root: folder holding ``train/``, ``val/`` and optionally ``test/``.
         image_size: side length images are resized to.
-        **kwargs: :class:`~datamodules.base.ClassificationDataModule` arguments.
+        **kwargs: :class:`~reglab.datamodules.base.ClassificationDataModule` arguments.
 
     Example (needs images on disk)::
 

@@ -20,12 +20,12 @@ rounded down to multiples of ``num_tasks`` (a leftover of its fixed-split mode, 
 classes from the stream), and the samples a task gives up are drawn at random (the official code
 takes the first ones in dataset order, i.e. one class's samples in a class-sorted dataset).
 
-:class:`SiBlurryDataModule` wraps any :class:`~datamodules.base.ClassificationDataModule` and
+:class:`SiBlurryDataModule` wraps any :class:`~reglab.datamodules.base.ClassificationDataModule` and
 yields the stream in order for one ``Trainer.fit`` epoch (``max_epochs=1``: every sample seen
 once). The training loader is the base class's resumable one without shuffling, so a run resumes
 in the middle of the stream batch for batch. Batches carry ``task`` (the stochastic task of the
 sample); ``index`` is the sample's position in the base training set. Validation and test are the
-base's full splits; ``lightning_app.continual.online`` evaluates on the seen classes' test samples.
+base's full splits; ``reglab.continual.online`` evaluates on the seen classes' test samples.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class SiBlurryDataModule(ClassificationDataModule):
         stream: the drawn :class:`SiBlurryStream` (after ``setup``).
 
     Example:
-        >>> from datamodules import DigitsDataModule
+        >>> from reglab.datamodules import DigitsDataModule
         >>> data = SiBlurryDataModule(DigitsDataModule(flatten=True, batch_size=16))
         >>> data.setup("fit")
         >>> batch = next(iter(data.train_dataloader()))

@@ -28,7 +28,7 @@ class SyntheticDataModule(ClassificationDataModule):
         class_sep: hypercube size; larger is easier.
         val_fraction: fraction of each class held out for validation.
         test_fraction: fraction of each class held out for testing.
-        **kwargs: :class:`~datamodules.base.ClassificationDataModule` arguments.
+        **kwargs: :class:`~reglab.datamodules.base.ClassificationDataModule` arguments.
 
     Example:
         >>> data = SyntheticDataModule(num_samples=200, num_features=5, num_classes=3, num_informative=3)

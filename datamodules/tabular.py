@@ -27,7 +27,7 @@ class TabularDataModule(ClassificationDataModule):
         name: ``"iris"``, ``"wine"`` or ``"breast_cancer"``.
         val_fraction: fraction of each class held out for validation.
         test_fraction: fraction of each class held out for testing.
-        **kwargs: :class:`~datamodules.base.ClassificationDataModule` arguments.
+        **kwargs: :class:`~reglab.datamodules.base.ClassificationDataModule` arguments.
 
     Example:
         >>> data = TabularDataModule(name="iris", batch_size=8)

@@ -1,6 +1,6 @@
 """Task sequences over any classification DataModule: class-, task-incremental and few-shot sessions.
 
-:class:`TaskSequenceDataModule` wraps a :class:`~datamodules.base.ClassificationDataModule` and
+:class:`TaskSequenceDataModule` wraps a :class:`~reglab.datamodules.base.ClassificationDataModule` and
 shows one task at a time: :meth:`~TaskSequenceDataModule.set_task` selects the classes whose
 samples the train/val/test loaders yield. The class order is a seeded permutation; tasks split it
 into consecutive groups.
@@ -8,7 +8,7 @@ into consecutive groups.
 * ``scenario="class"`` (class-incremental): one head over all classes; at test time the model
   must tell apart every class seen so far, without being told the task.
 * ``scenario="task"`` (task-incremental): the task is known at test time; evaluation picks among
-  the task's own classes only (``lightning_app.continual`` applies that mask).
+  the task's own classes only (``reglab.continual`` applies that mask).
 * few-shot class-incremental sessions: ``first_task_classes`` classes in a base session with all
   their samples, then the remaining classes in ``num_tasks - 1`` sessions of N ways with
   ``shots`` training samples per class (validation and test stay complete).
@@ -111,7 +111,7 @@ class TaskSequenceDataModule(ClassificationDataModule):
         task: the current task; ``tasks[t]`` the classes of task ``t``.
 
     Example:
-        >>> from datamodules import DigitsDataModule
+        >>> from reglab.datamodules import DigitsDataModule
         >>> data = TaskSequenceDataModule(DigitsDataModule(flatten=True, batch_size=8), num_tasks=5)
         >>> data.setup("fit")
         >>> data.set_task(1)

@@ -60,7 +60,7 @@ class Tokens(dict):
 
 
 class TokenizedTexts:
-    """Tokenized sentences as :class:`~datamodules.base.LazyInputs`: item ``i`` is a :class:`Tokens`."""
+    """Tokenized sentences as :class:`~reglab.datamodules.base.LazyInputs`: item ``i`` is a :class:`Tokens`."""
 
     def __init__(self, encoded: dict[str, Tensor]) -> None:
         self.encoded = encoded
@@ -80,12 +80,12 @@ class TemplatedSentimentDataModule(ClassificationDataModule):
 
     Args:
         tokenizer: a model directory, hub id or ``package:<module>`` whose tokenizer to use (see
-            :func:`lightning_app.models.external.transformers_path`); use the same as the backbone.
+            :func:`reglab.models.external.transformers_path`); use the same as the backbone.
         max_length: tokens per sentence (padded / truncated); the longest sentence has 10 with
             MiniLM's tokenizer.
         val_fraction, test_fraction: share of each class held out (disjoint sentences).
         max_train_samples: keep at most this many training sentences (small CPU runs); ``None`` = all.
-        **kwargs: :class:`~datamodules.base.ClassificationDataModule` arguments.
+        **kwargs: :class:`~reglab.datamodules.base.ClassificationDataModule` arguments.
 
     Example:
         >>> data = TemplatedSentimentDataModule(batch_size=4, max_train_samples=8)
@@ -115,7 +115,7 @@ class TemplatedSentimentDataModule(ClassificationDataModule):
     def _load_splits(self) -> dict[str, Split]:
         from transformers import AutoTokenizer
 
-        from lightning_app.models.external import transformers_path
+        from reglab.models.external import transformers_path
 
         sentences, labels = templated_reviews()
         tokenizer = AutoTokenizer.from_pretrained(transformers_path(self.tokenizer))

@@ -1,5 +1,5 @@
-"""``python -m lightning_app ...`` is the ``reglab`` command."""
+"""``python -m reglab ...`` is the ``reglab`` command."""
 
-from lightning_app.cli import main
+from reglab.cli import main
 
 main()

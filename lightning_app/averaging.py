@@ -15,7 +15,7 @@ Two layers:
   ======================  =========================================================
 
 * :class:`WeightAveraging` — the Lightning side shared by the techniques in
-  ``callbacks.averaging``: allocation when fit starts, one update per optimizer step (not per
+  ``reglab.callbacks.averaging``: allocation when fit starts, one update per optimizer step (not per
   micro-batch under gradient accumulation), evaluation with the average, and the checkpoint
   protocol below.
 
@@ -69,7 +69,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_app.technique import Technique
+from reglab.technique import Technique
 
 TRAINING_WEIGHTS_KEY = "reglab_training_state_dict"
 

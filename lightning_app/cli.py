@@ -8,7 +8,7 @@ so a second file *adds* a technique instead of replacing the first file's list (
     # configs/technique/elr.yaml
     techniques:
       elr:
-        class_path: callbacks.ELR
+        class_path: reglab.callbacks.ELR
         init_args: {beta: 0.7, lam: 3.0}
 
     reglab fit --config configs/experiment/quickstart.yaml --config configs/technique/label_smoothing.yaml
@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_app.summary import print_run_summary
+from reglab.summary import print_run_summary
 
 RUN_DIR_ENV = "REGLAB_RUN_DIR"
 
@@ -208,20 +208,20 @@ def _replaces_class(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``reglab`` console script and ``python -m lightning_app``."""
+    """Entry point of the ``reglab`` console script and ``python -m reglab``."""
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "bench":
-        from lightning_app.bench.cli import main as bench_main
+        from reglab.bench.cli import main as bench_main
 
         bench_main(argv[1:])
         return
     if argv and argv[0] == "fit-tasks":
-        from lightning_app.continual.cli import main as fit_tasks_main
+        from reglab.continual.cli import main as fit_tasks_main
 
         fit_tasks_main(argv[1:])
         return
     if argv and argv[0] == "soup":
-        from lightning_app.soups import main as soup_main
+        from reglab.soups import main as soup_main
 
         soup_main(argv[1:])
         return

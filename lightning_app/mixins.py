@@ -5,7 +5,7 @@ discarded, and the tensor seen in ``on_before_backward`` is already divided by
 ``accumulate_grad_batches`` (and scaled under 16-mixed). So the module owns the loss:
 
 * a module mixes in :class:`RegularizedMixin` and implements ``forward_step(batch) -> StepOutput``;
-* :meth:`RegularizedMixin.training_step` runs every :class:`~lightning_app.technique.Technique`
+* :meth:`RegularizedMixin.training_step` runs every :class:`~reglab.technique.Technique`
   attached to the trainer through the stages below, in the order they appear in
   ``trainer.callbacks`` (the order of the config), and returns ``task_loss + sum(terms)``;
 * Lightning then applies accumulation, precision scaling and DDP gradient sync uniformly.
@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_app.kernels import soft_cross_entropy
-from lightning_app.peft_surgery import restore_surgery
+from reglab.kernels import soft_cross_entropy
+from reglab.peft_surgery import restore_surgery
 
 if TYPE_CHECKING:
-    from lightning_app.technique import Technique
+    from reglab.technique import Technique
 
 
 @dataclass
@@ -105,7 +105,7 @@ def cross_entropy_per_sample(logits: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy per sample for hard (``(N,)``) or soft (``(N, C)``) targets, in fp32.
 
     Soft targets (PS-KD, mixup, label smoothing) go through
-    :func:`lightning_app.kernels.soft_cross_entropy`: the fused Triton kernel on GPU, the torch
+    :func:`reglab.kernels.soft_cross_entropy`: the fused Triton kernel on GPU, the torch
     reference elsewhere; both count zero-target terms on masked (-inf) logits as 0.
     """
     if target.dim() == logits.dim():
@@ -151,7 +151,7 @@ class RegularizedMixin:
         """Run the model on ``batch`` and describe the result (implemented by the module)."""
         raise NotImplementedError(
             f"{type(self).__name__} mixes in RegularizedMixin but does not implement "
-            "forward_step(batch) -> StepOutput; add it (see lightning_app.mixins)."
+            "forward_step(batch) -> StepOutput; add it (see reglab.mixins)."
         )
 
     def task_loss(self, out: StepOutput) -> Tensor:
@@ -164,7 +164,7 @@ class RegularizedMixin:
     @property
     def techniques(self) -> list[Technique]:
         """The techniques attached to the trainer, in config order."""
-        from lightning_app.technique import Technique
+        from reglab.technique import Technique
 
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
@@ -173,7 +173,7 @@ class RegularizedMixin:
 
     def regularized_step(self, batch: dict[str, Any]) -> tuple[Tensor, StepOutput, dict[str, Tensor]]:
         """Run the contract on one batch: returns (total loss, step output, named terms)."""
-        from lightning_app.technique import run_stages
+        from reglab.technique import run_stages
 
         return run_stages(self, self.techniques, batch)
 

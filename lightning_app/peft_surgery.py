@@ -1,6 +1,6 @@
 """Model surgery for parameter-efficient fine-tuning: pick layers, freeze, count, merge, reload.
 
-The pieces every technique of :mod:`callbacks.peft` is built from, usable on any ``nn.Module``:
+The pieces every technique of :mod:`reglab.callbacks.peft` is built from, usable on any ``nn.Module``:
 
 * :func:`select_layers` — names of the layers to adapt, by regex over module names, never the
   task head (:func:`is_task_head`);
@@ -9,7 +9,7 @@ The pieces every technique of :mod:`callbacks.peft` is built from, usable on any
   safe there; anything that changes *during* a run must mask gradients instead (DDP has already
   bucketed the trainable parameters by then);
 * :func:`count_parameters`, :func:`merge_adapters` (peft's LoRA layers and
-  :class:`~lightning_app.nn.core_adapter.CoreAdapter` alike);
+  :class:`~reglab.nn.core_adapter.CoreAdapter` alike);
 * :func:`load_pretrained` — the weights the fine-tuning starts from (a Lightning checkpoint or a
   plain state dict);
 * :func:`trainable_state` — a checkpoint's ``state_dict`` without the frozen parameters (small
@@ -132,7 +132,7 @@ def trainable_state(model: nn.Module, state_dict: dict[str, Any]) -> dict[str, A
 
 def technique_recipe(technique: Any) -> dict[str, Any]:
     """``{"class_path", "init_args"}`` of a technique whose arguments are stored as same-named
-    attributes (the convention of :mod:`callbacks.peft`)."""
+    attributes (the convention of :mod:`reglab.callbacks.peft`)."""
     import inspect
 
     names = [n for n in inspect.signature(type(technique)).parameters if n not in ("args", "kwargs")]

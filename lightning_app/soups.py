@@ -69,7 +69,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 from torch import Tensor
 
-from lightning_app.cli import _deep_merge, _import
+from reglab.cli import _deep_merge, _import
 
 StateDict = Mapping[str, Tensor]
 
@@ -315,7 +315,7 @@ def main(argv: list[str]) -> None:
                         "required for greedy, optional for uniform (then metrics are reported)")
     parser.add_argument("--metric", default="val/acc", help="held-out metric logged in validation")
     parser.add_argument("--mode", choices=("max", "min"), default="max", help="whether higher or lower is better")
-    parser.add_argument("--model_class", default="lightning_app.tasks.ClassificationModule",
+    parser.add_argument("--model_class", default="reglab.tasks.ClassificationModule",
                         help="LightningModule class of the ingredients")
     parser.add_argument("--out", type=Path, required=True, help="where to write the soup's checkpoint")
     parser.add_argument("--report", type=Path, help="markdown table of the ingredients (default: --out with .md)")

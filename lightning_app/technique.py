@@ -35,7 +35,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_app.mixins import RegularizedMixin, StepOutput
+from reglab.mixins import RegularizedMixin, StepOutput
 
 STAGES = ("transform_batch", "transform_outputs", "transform_targets", "task_loss", "loss_terms")
 STEP_FIELDS = frozenset({"features", "index"})
@@ -83,7 +83,7 @@ class Technique(L.Callback):
     def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
         return {}
 
-    # -- task sequences (lightning_app.continual) -----------------------------------------------
+    # -- task sequences (reglab.continual) -----------------------------------------------
     def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
         """Before task ``task`` is fitted: its trainer is new and not yet attached to the DataModule
         (``trainer.datamodule`` is ``None`` until ``fit``), so work that reads the task's data
@@ -108,7 +108,7 @@ def check_technique(technique: Technique, trainer: L.Trainer, module: L.Lightnin
         raise technique.fail(
             f"it changes the training loss (stages: {', '.join(sorted(technique.stages))}) but "
             f"{type(module).__name__} does not use the step contract",
-            "mix lightning_app.mixins.RegularizedMixin into the module and implement "
+            "mix reglab.mixins.RegularizedMixin into the module and implement "
             "forward_step(batch) -> StepOutput (docs/architecture.md shows how)",
         )
     others = [cb for cb in trainer.callbacks if isinstance(cb, Technique) and cb is not technique]

@@ -18,17 +18,17 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
-from callbacks import ELR, EWC, GCE, FeatureDistillation, L2ToPreviousTask, LabelSmoothing, LwF
-from callbacks import SI, ExperienceReplay
-from callbacks import OVOR, TEEN
-from callbacks import MVP
-from callbacks import PSKD, CutMix, KnowledgeDistillation, Mixup
-from callbacks import BitFit, FullFineTuning, GSLoRA, LinearProbe, LoLDU, LoRA, LoRASB, SoMA, SVFit
-from callbacks import BALoRA, PEGO, RegularizedMaskTuning
-from callbacks import EMA, SWA, MeanTeacher, OGENSelfDistillation
-from datamodules import DigitsDataModule, LabelNoise
-from lightning_app.tasks import ClassificationModule
-from lightning_app.technique import Technique
+from reglab.callbacks import ELR, EWC, GCE, FeatureDistillation, L2ToPreviousTask, LabelSmoothing, LwF
+from reglab.callbacks import SI, ExperienceReplay
+from reglab.callbacks import OVOR, TEEN
+from reglab.callbacks import MVP
+from reglab.callbacks import PSKD, CutMix, KnowledgeDistillation, Mixup
+from reglab.callbacks import BitFit, FullFineTuning, GSLoRA, LinearProbe, LoLDU, LoRA, LoRASB, SoMA, SVFit
+from reglab.callbacks import BALoRA, PEGO, RegularizedMaskTuning
+from reglab.callbacks import EMA, SWA, MeanTeacher, OGENSelfDistillation
+from reglab.datamodules import DigitsDataModule, LabelNoise
+from reglab.tasks import ClassificationModule
+from reglab.technique import Technique
 
 
 @dataclass(frozen=True)

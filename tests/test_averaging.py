@@ -1,4 +1,4 @@
-"""The averaging core (lightning_app.averaging) and the techniques on it (callbacks.averaging):
+"""The averaging core (reglab.averaging) and the techniques on it (reglab.callbacks.averaging):
 their math against naive or reference computations, the swap, and the checkpoint protocol."""
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from callbacks import EMA, SWA, MeanTeacher, OGENSelfDistillation
-from callbacks.averaging.mean_teacher import distillation_kl
-from callbacks.averaging.ogen import adaptive_window
-from lightning_app.averaging import (
+from reglab.callbacks import EMA, SWA, MeanTeacher, OGENSelfDistillation
+from reglab.callbacks.averaging.mean_teacher import distillation_kl
+from reglab.callbacks.averaging.ogen import adaptive_window
+from reglab.averaging import (
     TRAINING_WEIGHTS_KEY,
     WeightAverage,
     ema_decay,
     recompute_batchnorm_statistics,
     teacher_logits,
 )
-from lightning_app.tasks import ClassificationModule
-from lightning_app.technique import TechniqueConfigError
+from reglab.tasks import ClassificationModule
+from reglab.technique import TechniqueConfigError
 
 
 def conv_net() -> nn.Module:
@@ -278,7 +278,7 @@ def test_mean_teacher_term_is_logged_and_two_evaluated_averages_are_refused():
         quiet_trainer(max_steps=1, callbacks=[EMA(), SWA()]).fit(small_module(), datamodule=noisy_digits())
 
 
-MODULES = ["lightning_app.averaging", *(f"callbacks.averaging.{m}" for m in ("ema", "swa", "mean_teacher", "ogen"))]
+MODULES = ["reglab.averaging", *(f"reglab.callbacks.averaging.{m}" for m in ("ema", "swa", "mean_teacher", "ogen"))]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from callbacks import ELR, LabelSmoothing
-from lightning_app.cli import ReglabCLI, main, merge_technique_configs
+from reglab.callbacks import ELR, LabelSmoothing
+from reglab.cli import ReglabCLI, main, merge_technique_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -45,7 +45,7 @@ def test_later_file_overrides_one_argument_and_null_removes(tmp_path):
 
 def test_another_class_under_the_same_name_drops_the_old_init_args(tmp_path):
     swap = tmp_path / "swap.yaml"
-    swap.write_text("techniques:\n  elr:\n    class_path: callbacks.LabelSmoothing\n")
+    swap.write_text("techniques:\n  elr:\n    class_path: reglab.callbacks.LabelSmoothing\n")
     built = cli("--config", str(CONFIGS / "experiment/quickstart.yaml"), "--config", str(swap), f"--runs_dir={tmp_path}")
     (smoothing,) = techniques_of(built.trainer)
     assert isinstance(smoothing, LabelSmoothing)  # ELR's beta and lam would have been rejected

@@ -11,15 +11,15 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import EWC, SI, ExperienceReplay, FeatureDistillation, L2ToPreviousTask, LwF
-from callbacks.continual.ewc import diagonal_fisher
-from callbacks.continual.lwf import prediction_distillation
-from callbacks.continual.replay import reservoir_slots
-from datamodules import DigitsDataModule, TaskSequenceDataModule, split_classes
-from lightning_app.continual.cli import main as fit_tasks
-from lightning_app.continual.metrics import accuracy_matrix, average_accuracy, backward_transfer, forgetting
-from lightning_app.continual.runner import TaskSequenceRunner, latest_checkpoint
-from lightning_app.tasks import ClassificationModule
+from reglab.callbacks import EWC, SI, ExperienceReplay, FeatureDistillation, L2ToPreviousTask, LwF
+from reglab.callbacks.continual.ewc import diagonal_fisher
+from reglab.callbacks.continual.lwf import prediction_distillation
+from reglab.callbacks.continual.replay import reservoir_slots
+from reglab.datamodules import DigitsDataModule, TaskSequenceDataModule, split_classes
+from reglab.continual.cli import main as fit_tasks
+from reglab.continual.metrics import accuracy_matrix, average_accuracy, backward_transfer, forgetting
+from reglab.continual.runner import TaskSequenceRunner, latest_checkpoint
+from reglab.tasks import ClassificationModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -322,7 +322,7 @@ def test_fit_tasks_logs_tensorboard_and_resumes_the_newest_checkpoint_with_last(
 
 
 def test_pretrained_weights_are_copied_in_before_the_first_task_only(tmp_path):
-    from callbacks.fine_tuning import PretrainedWeights
+    from reglab.callbacks.fine_tuning import PretrainedWeights
 
     runner = TaskSequenceRunner(small_module(), split_digits(num_tasks=2), (), FAST_TRAINER,
                                 callbacks=[PretrainedWeights(checkpoint="pretrained.ckpt")], run_dir=tmp_path, log=False)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from callbacks import ELR, GCE, LabelSmoothing
-from lightning_app.mixins import RegularizedMixin, StepOutput
-from lightning_app.technique import Technique, TechniqueConfigError
+from reglab.callbacks import ELR, GCE, LabelSmoothing
+from reglab.mixins import RegularizedMixin, StepOutput
+from reglab.technique import Technique, TechniqueConfigError
 
 
 class PointsDataset(Dataset):

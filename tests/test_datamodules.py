@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-import datamodules
-from datamodules import (
+import reglab.datamodules
+from reglab.datamodules import (
     CIFARDataModule,
     ClassificationDataModule,
     DictDataset,
@@ -33,7 +33,7 @@ from datamodules import (
     apply_long_tail,
     stratified_split,
 )
-from datamodules import base, cifar, digits, image_folder, label_noise, long_tail, splits, synthetic, tabular
+from reglab.datamodules import base, cifar, digits, image_folder, label_noise, long_tail, splits, synthetic, tabular
 
 
 class ArrayDataModule(ClassificationDataModule):
@@ -136,7 +136,7 @@ def test_datamodule_arguments_parse_from_yaml_with_jsonargparse():
     config = parser.parse_string(
         """
         data:
-          class_path: datamodules.DigitsDataModule
+          class_path: reglab.datamodules.DigitsDataModule
           init_args:
             flatten: true
             batch_size: 16
@@ -654,5 +654,5 @@ def test_docstring_examples_run(module):
 
 
 def test_package_exports_every_public_name():
-    missing = [name for name in datamodules.__all__ if not hasattr(datamodules, name)]
+    missing = [name for name in reglab.datamodules.__all__ if not hasattr(reglab.datamodules, name)]
     assert missing == []

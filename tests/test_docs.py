@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-import callbacks
+import reglab.callbacks
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [line for line in (REPO / "docs/techniques.md").read_text().splitlines() if line.startswith("| ")]
@@ -25,8 +25,8 @@ def test_one_row_per_paper_with_a_valid_status():
 
 
 def test_every_exported_technique_has_a_built_row_and_config():
-    for name in callbacks.__all__:
-        rows = [c for c in map(cells, ROWS) if re.search(rf"`callbacks\.[\w.]*\b{name}`", c[2])]
+    for name in reglab.callbacks.__all__:
+        rows = [c for c in map(cells, ROWS) if re.search(rf"`reglab\.callbacks\.[\w.]*\b{name}`", c[2])]
         assert rows, f"{name} has no row in docs/techniques.md"
         for row in rows:
             assert row[4] != "planned", f"{name} is built but its row says planned"
@@ -47,4 +47,4 @@ def test_measured_rows_link_their_results_and_command():
 def test_technique_configs_name_exported_techniques():
     for path in sorted((REPO / "configs/technique").glob("*.yaml")):
         for entry in yaml.safe_load(path.read_text())["techniques"].values():
-            assert entry["class_path"].split(".")[-1] in callbacks.__all__, path.name
+            assert entry["class_path"].split(".")[-1] in reglab.callbacks.__all__, path.name

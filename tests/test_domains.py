@@ -7,8 +7,8 @@ import doctest
 import pytest
 import torch
 
-import datamodules.domains
-from datamodules import DigitsDataModule, LabelNoise, RotatedDigitsDataModule, rotate_images
+import reglab.datamodules.domains
+from reglab.datamodules import DigitsDataModule, LabelNoise, RotatedDigitsDataModule, rotate_images
 
 
 def rows(images: torch.Tensor) -> set[tuple[float, ...]]:
@@ -90,4 +90,4 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
 
 
 def test_docstring_examples_run():
-    assert doctest.testmod(datamodules.domains, verbose=False).failed == 0
+    assert doctest.testmod(reglab.datamodules.domains, verbose=False).failed == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_app.bench.effects import Check, Claim, RunResult, load_claims, verdict, write_report
+from reglab.bench.effects import Check, Claim, RunResult, load_claims, verdict, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import callbacks
+import reglab.callbacks
 from harness import HARNESS, flat_state, noisy_digits, quiet_trainer, small_module
 
-TECHNIQUES = sorted(callbacks.__all__)
-STATEFUL = [name for name in TECHNIQUES if getattr(callbacks, name).stateful]
+TECHNIQUES = sorted(reglab.callbacks.__all__)
+STATEFUL = [name for name in TECHNIQUES if getattr(reglab.callbacks, name).stateful]
 
 
 def test_every_exported_technique_has_a_harness_entry():

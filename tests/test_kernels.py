@@ -1,4 +1,4 @@
-"""Tests for lightning_app.kernels.soft_cross_entropy.
+"""Tests for reglab.kernels.soft_cross_entropy.
 
 The Triton kernel is exercised on CPU through triton's interpreter, which only
 takes effect if TRITON_INTERPRET=1 is set before the kernel is first imported.
@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_app.kernels import soft_cross_entropy, soft_cross_entropy_reference, soft_cross_entropy_triton
+from reglab.kernels import soft_cross_entropy, soft_cross_entropy_reference, soft_cross_entropy_triton
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_INTERPRETER_CHECKS_FLAG = "--run-interpreter-checks"

@@ -10,13 +10,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import callbacks.fine_tuning.pretrained_weights as pretrained_weights
-import lightning_app.tasks.levi
-from callbacks import ELR
-from callbacks.fine_tuning import PretrainedWeights, copy_pretrained_weights
-from datamodules import RotatedDigitsDataModule
-from lightning_app.tasks import ClassificationModule
-from lightning_app.tasks.levi import LEVIModule
+import reglab.callbacks.fine_tuning.pretrained_weights as pretrained_weights
+import reglab.tasks.levi
+from reglab.callbacks import ELR
+from reglab.callbacks.fine_tuning import PretrainedWeights, copy_pretrained_weights
+from reglab.datamodules import RotatedDigitsDataModule
+from reglab.tasks import ClassificationModule
+from reglab.tasks.levi import LEVIModule
 
 QUIET = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
              enable_model_summary=False, num_sanity_val_steps=0)
@@ -153,4 +153,4 @@ def test_a_pretraining_config_is_fitted_once_and_cached_by_its_content(tmp_path,
 
 
 def test_docstring_examples_run():
-    assert doctest.testmod(lightning_app.tasks.levi, verbose=False).failed == 0
+    assert doctest.testmod(reglab.tasks.levi, verbose=False).failed == 0

@@ -1,4 +1,4 @@
-"""Hand-computed checks of lightning_app.metrics."""
+"""Hand-computed checks of reglab.metrics."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import doctest
 import pytest
 import torch
 
-import lightning_app.metrics.classification
-import lightning_app.metrics.noisy_labels
-from lightning_app.metrics import (
+import reglab.metrics.classification
+import reglab.metrics.noisy_labels
+from reglab.metrics import (
     NoisyLabelMemorization,
     classification_metrics,
     per_class_accuracy_dict,
@@ -153,7 +153,7 @@ def test_calibration_error_matches_hand_value():
 
 @pytest.mark.parametrize(
     "module",
-    [lightning_app.metrics.noisy_labels, lightning_app.metrics.classification],
+    [reglab.metrics.noisy_labels, reglab.metrics.classification],
     ids=lambda module: module.__name__,
 )
 def test_docstring_examples_run(module):

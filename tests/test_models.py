@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_app.models import create_backbone, list_backbones
-from lightning_app.tasks import ClassificationModule
+from reglab.models import create_backbone, list_backbones
+from reglab.tasks import ClassificationModule
 
 
 @pytest.mark.parametrize(("name", "shape"), [("mlp", (64,)), ("cnn", (1, 8, 8)), ("mlp", (3, 4, 4))])

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks import MVP, LabelSmoothing
-from callbacks.continual.mvp import (
+from reglab.callbacks import MVP, LabelSmoothing
+from reglab.callbacks.continual.mvp import (
     compensation_scores,
     ignorance_scores,
     mask_absent_classes,
@@ -19,9 +19,9 @@ from callbacks.continual.mvp import (
     unmasked_targets,
 )
 from harness import noisy_digits, quiet_trainer
-from lightning_app.mixins import StepOutput
-from lightning_app.tasks import ClassificationModule
-from lightning_app.technique import TechniqueConfigError
+from reglab.mixins import StepOutput
+from reglab.tasks import ClassificationModule
+from reglab.technique import TechniqueConfigError
 
 LABELS = torch.tensor([0, 2, 2, 4, 0, 2])
 

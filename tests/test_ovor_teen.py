@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks import OVOR, TEEN
-from callbacks.continual.ovor import energy_margin_loss, kth_neighbour_distance, synthesize_outliers
-from callbacks.continual.teen import calibrate_prototypes, class_means
-from datamodules import DigitsDataModule, TaskSequenceDataModule
-from lightning_app.continual.runner import TaskSequenceRunner
-from lightning_app.mixins import StepOutput
-from lightning_app.tasks import ClassificationModule
-from lightning_app.technique import TechniqueConfigError
+from reglab.callbacks import OVOR, TEEN
+from reglab.callbacks.continual.ovor import energy_margin_loss, kth_neighbour_distance, synthesize_outliers
+from reglab.callbacks.continual.teen import calibrate_prototypes, class_means
+from reglab.datamodules import DigitsDataModule, TaskSequenceDataModule
+from reglab.continual.runner import TaskSequenceRunner
+from reglab.mixins import StepOutput
+from reglab.tasks import ClassificationModule
+from reglab.technique import TechniqueConfigError
 
 
 def two_blobs(n: int = 60, dim: int = 6, seed: int = 0) -> torch.Tensor:

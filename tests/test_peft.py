@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.peft import BitFit, LoLDU, LoRA, LoRASB, SVFit
-from callbacks.peft.loldu import loldu_factors
-from callbacks.peft.lora_sb import lora_sb_factors
-from callbacks.peft.svfit import svfit_factors
+from reglab.callbacks.peft import BitFit, LoLDU, LoRA, LoRASB, SVFit
+from reglab.callbacks.peft.loldu import loldu_factors
+from reglab.callbacks.peft.lora_sb import lora_sb_factors
+from reglab.callbacks.peft.svfit import svfit_factors
 from harness import noisy_digits, quiet_trainer, small_module
-from lightning_app.nn.core_adapter import CoreAdapter
-from lightning_app.peft_surgery import select_layers
-from lightning_app.tasks import ClassificationModule
-from lightning_app.technique import TechniqueConfigError
+from reglab.nn.core_adapter import CoreAdapter
+from reglab.peft_surgery import select_layers
+from reglab.tasks import ClassificationModule
+from reglab.technique import TechniqueConfigError
 
 
 @pytest.mark.parametrize("factorize", [svfit_factors, loldu_factors])

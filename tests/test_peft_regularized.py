@@ -9,17 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.peft import PEGO, BALoRA, RegularizedMaskTuning
-from callbacks.peft.ba_lora import adapters_off, consistency_loss, diversity_loss, top_k_singular_loss
-from callbacks.peft.mask_tuning import (
+from reglab.callbacks.peft import PEGO, BALoRA, RegularizedMaskTuning
+from reglab.callbacks.peft.ba_lora import adapters_off, consistency_loss, diversity_loss, top_k_singular_loss
+from reglab.callbacks.peft.mask_tuning import (
     MaskedLayer,
     binarize,
     keep_probability,
     running_stats_kept,
     soft_cross_entropy,
 )
-from callbacks.peft.pego import orthogonality_penalty
-from lightning_app.tasks import ClassificationModule
+from reglab.callbacks.peft.pego import orthogonality_penalty
+from reglab.tasks import ClassificationModule
 
 
 def mlp_module(seed: int = 0) -> ClassificationModule:

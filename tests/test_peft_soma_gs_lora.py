@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.peft import GSLoRA, SoMA
-from callbacks.peft.gs_lora import adapter_group, bounded_forget_loss, group_lasso, retain_and_forget_losses
-from callbacks.peft.soma import block_of, cosine_weight_decay, later_block_layers, minor_components
+from reglab.callbacks.peft import GSLoRA, SoMA
+from reglab.callbacks.peft.gs_lora import adapter_group, bounded_forget_loss, group_lasso, retain_and_forget_losses
+from reglab.callbacks.peft.soma import block_of, cosine_weight_decay, later_block_layers, minor_components
 from harness import noisy_digits, quiet_trainer, small_module
-from lightning_app.mixins import StepOutput
-from lightning_app.tasks import ClassificationModule
-from lightning_app.technique import TechniqueConfigError
+from reglab.mixins import StepOutput
+from reglab.tasks import ClassificationModule
+from reglab.technique import TechniqueConfigError
 
 
 def tiny(backbone: str) -> ClassificationModule:

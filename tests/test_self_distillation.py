@@ -6,16 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks import PSKD, CutMix, KnowledgeDistillation, Mixup
-from callbacks.baselines.cutmix import Box, cut_box, kept_share, paste_box
-from callbacks.baselines.label_smoothing import smooth_targets
-from callbacks.baselines.mixing import MixingPlan, mix_targets, sample_mixing_share
-from callbacks.self_distillation.knowledge_distillation import distillation_loss
-from callbacks.self_distillation.ps_kd import pskd_alpha, pskd_targets
-from datamodules import DigitsDataModule
+from reglab.callbacks import PSKD, CutMix, KnowledgeDistillation, Mixup
+from reglab.callbacks.baselines.cutmix import Box, cut_box, kept_share, paste_box
+from reglab.callbacks.baselines.label_smoothing import smooth_targets
+from reglab.callbacks.baselines.mixing import MixingPlan, mix_targets, sample_mixing_share
+from reglab.callbacks.self_distillation.knowledge_distillation import distillation_loss
+from reglab.callbacks.self_distillation.ps_kd import pskd_alpha, pskd_targets
+from reglab.datamodules import DigitsDataModule
 from harness import distillation_teacher, quiet_trainer, small_module
-from lightning_app.mixins import StepOutput, cross_entropy_per_sample
-from lightning_app.technique import Technique, TechniqueConfigError
+from reglab.mixins import StepOutput, cross_entropy_per_sample
+from reglab.technique import Technique, TechniqueConfigError
 
 # -- PS-KD ------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The Si-Blurry online stream (datamodules.si_blurry) and the online metrics over it
-(lightning_app.continual.online)."""
+"""The Si-Blurry online stream (reglab.datamodules.si_blurry) and the online metrics over it
+(reglab.continual.online)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules import DigitsDataModule, SiBlurryDataModule, si_blurry_stream
+from reglab.datamodules import DigitsDataModule, SiBlurryDataModule, si_blurry_stream
 from harness import quiet_trainer, small_module
-from lightning_app.continual.online import AnytimeAccuracy, area_under_accuracy, seen_class_accuracy
+from reglab.continual.online import AnytimeAccuracy, area_under_accuracy, seen_class_accuracy
 
 # 20 classes x 30 samples, grouped by class as many datasets are stored.
 TARGETS = torch.arange(20).repeat_interleave(30)

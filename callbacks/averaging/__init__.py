@@ -1,8 +1,8 @@
-"""Weight averaging and self-distillation between model states, on :mod:`lightning_app.averaging`."""
+"""Weight averaging and self-distillation between model states, on :mod:`reglab.averaging`."""
 
-from callbacks.averaging.ema import EMA
-from callbacks.averaging.mean_teacher import MeanTeacher
-from callbacks.averaging.ogen import OGENSelfDistillation
-from callbacks.averaging.swa import SWA
+from reglab.callbacks.averaging.ema import EMA
+from reglab.callbacks.averaging.mean_teacher import MeanTeacher
+from reglab.callbacks.averaging.ogen import OGENSelfDistillation
+from reglab.callbacks.averaging.swa import SWA
 
 __all__ = ["EMA", "MeanTeacher", "OGENSelfDistillation", "SWA"]

@@ -5,7 +5,7 @@ After every optimizer step the fp32 average moves towards the current weights:
     theta_ema <- d_t * theta_ema + (1 - d_t) * theta,     d_t = min(d, (1 + t) / (10 + t))  (warm-up)
                                                            or d_t = d                          (no warm-up)
 
-where t counts the updates so far (:func:`lightning_app.averaging.ema_decay`). BatchNorm running
+where t counts the updates so far (:func:`reglab.averaging.ema_decay`). BatchNorm running
 statistics (and any other float buffer) are averaged the same way. Validation during fit runs on
 the average, the module holds it after fit, and checkpoints store it as the model's weights
 (``load_from_checkpoint`` gives the EMA model; a resumed fit continues from the training weights).
@@ -20,7 +20,7 @@ Method card:
         O(1) pointer swap per validation (no copy), and a model-sized entry in the checkpoint.
 
 Example:
-    >>> from callbacks import EMA
+    >>> from reglab.callbacks import EMA
     >>> ema = EMA(decay=0.999)   # Trainer(callbacks=[ema]) with any LightningModule
 """
 
@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_app.averaging import WeightAveraging, ema_decay
+from reglab.averaging import WeightAveraging, ema_decay
 
 
 class EMA(WeightAveraging):

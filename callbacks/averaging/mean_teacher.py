@@ -1,6 +1,6 @@
 """Mean teacher (Tarvainen & Valpola, NeurIPS 2017) as self-distillation — a baseline.
 
-The teacher is an EMA of the student's weights (the same update as :class:`~callbacks.averaging.EMA`,
+The teacher is an EMA of the student's weights (the same update as :class:`~reglab.callbacks.averaging.EMA`,
 default d = 0.99, the paper's value during its ramp-up). Every training step adds the
 temperature-scaled KL divergence from the teacher's prediction to the student's, on the same
 batch:
@@ -10,7 +10,7 @@ batch:
 
 The teacher's forward pass runs under ``no_grad`` in eval mode (no dropout, BatchNorm on the
 teacher's own averaged statistics), with the teacher's weights swapped into the module without a
-copy. The KL goes through :func:`lightning_app.kernels.soft_cross_entropy` (fused Triton kernel on
+copy. The KL goes through :func:`reglab.kernels.soft_cross_entropy` (fused Triton kernel on
 CUDA). The T^2 factor keeps the gradient's scale independent of T (Hinton et al., 2015).
 
 Departures from the paper, on purpose: the paper's consistency cost is the squared error between
@@ -28,7 +28,7 @@ Method card:
         lerp per optimizer step.
 
 Example:
-    >>> from callbacks import MeanTeacher
+    >>> from reglab.callbacks import MeanTeacher
     >>> teacher = MeanTeacher(lam=1.0, temperature=1.0, decay=0.99)
 """
 
@@ -37,10 +37,10 @@ from __future__ import annotations
 import lightning as L
 from torch import Tensor
 
-from callbacks.averaging.ema import EMA
-from lightning_app.averaging import teacher_logits
-from lightning_app.kernels import soft_cross_entropy
-from lightning_app.mixins import StepOutput
+from reglab.callbacks.averaging.ema import EMA
+from reglab.averaging import teacher_logits
+from reglab.kernels import soft_cross_entropy
+from reglab.mixins import StepOutput
 
 
 def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

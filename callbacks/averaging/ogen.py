@@ -9,7 +9,7 @@ whose window m_e grows over training, and every step distils it into the student
     theta_T   = (1 / m) * sum of the last m = min(m_e, states kept) epoch-end states
     loss      = CE(z, y) + lambda * T^2 * mean_i KL(softmax(z_T,i / T) || softmax(z_i / T))
 
-The KL is :func:`callbacks.averaging.mean_teacher.distillation_kl`; the teacher's forward pass
+The KL is :func:`reglab.callbacks.averaging.mean_teacher.distillation_kl`; the teacher's forward pass
 runs under ``no_grad`` in eval mode with its weights swapped into the module without a copy.
 
 What the paper's text confirms, and what it does not. Found: the abstract (in the project's paper
@@ -42,7 +42,7 @@ Method card:
         backward) per step, a few fused copies per epoch.
 
 Example:
-    >>> from callbacks import OGENSelfDistillation
+    >>> from reglab.callbacks import OGENSelfDistillation
     >>> distil = OGENSelfDistillation(min_window=1, max_window=5)
 """
 
@@ -52,10 +52,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.averaging.mean_teacher import distillation_kl
-from lightning_app.averaging import WeightAverage, WeightAveraging, teacher_logits
-from lightning_app.mixins import StepOutput
-from lightning_app.technique import schedule_epochs
+from reglab.callbacks.averaging.mean_teacher import distillation_kl
+from reglab.averaging import WeightAverage, WeightAveraging, teacher_logits
+from reglab.mixins import StepOutput
+from reglab.technique import schedule_epochs
 
 
 def adaptive_window(epoch: int, total_epochs: int, min_window: int, max_window: int) -> int:

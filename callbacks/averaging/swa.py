@@ -9,7 +9,7 @@ which after n updates is exactly the mean of the n snapshots. BatchNorm statisti
 averaged: as the paper prescribes (and ``torch.optim.swa_utils.update_bn`` implements), the
 running mean and variance of the averaged weights are recomputed with one pass over the training
 data, in train mode with cumulative averaging, before the average is evaluated or exported, and
-only when it changed since the last pass (:func:`lightning_app.averaging.recompute_batchnorm_statistics`).
+only when it changed since the last pass (:func:`reglab.averaging.recompute_batchnorm_statistics`).
 Under DDP each rank runs the pass on its shard and the statistics are averaged over ranks. The
 learning rate is left to the module's optimizer: the paper's constant or cyclical SWA schedule is
 a scheduler choice, not part of the average.
@@ -29,7 +29,7 @@ Method card:
         update.
 
 Example:
-    >>> from callbacks import SWA
+    >>> from reglab.callbacks import SWA
     >>> swa = SWA(start_epoch=0.75)   # average over the last quarter of the epochs
 """
 
@@ -41,13 +41,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_app.averaging import (
+from reglab.averaging import (
     WeightAverage,
     WeightAveraging,
     is_batchnorm_statistic,
     recompute_batchnorm_statistics,
 )
-from lightning_app.technique import schedule_epochs
+from reglab.technique import schedule_epochs
 
 
 class SWA(WeightAveraging):

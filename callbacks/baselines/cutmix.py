@@ -26,7 +26,7 @@ Method card:
     what it costs: one extra gather of the batch per step; nothing stored.
 
 Example:
-    >>> from callbacks import CutMix
+    >>> from reglab.callbacks import CutMix
     >>> CutMix(alpha=1.0, probability=0.5).name
     'cut_mix'
 """
@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from callbacks.baselines.mixing import BatchMixing
+from reglab.callbacks.baselines.mixing import BatchMixing
 
 
 class Box(NamedTuple):

@@ -12,7 +12,7 @@ Method card:
     measurable (it can train slower than CE on clean data).
 
 Example:
-    >>> from callbacks import GCE
+    >>> from reglab.callbacks import GCE
     >>> GCE(q=0.7).name
     'gce'
 """
@@ -23,8 +23,8 @@ import lightning as L
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_app.mixins import StepOutput
-from lightning_app.technique import Technique
+from reglab.mixins import StepOutput
+from reglab.technique import Technique
 
 
 def generalized_cross_entropy(logits: Tensor, target: Tensor, q: float) -> Tensor:

@@ -11,7 +11,7 @@ Method card:
     calibration, mild label noise; what it costs: nothing measurable (one C-wide mix per sample).
 
 Example:
-    >>> from callbacks import LabelSmoothing
+    >>> from reglab.callbacks import LabelSmoothing
     >>> LabelSmoothing(epsilon=0.1).name
     'label_smoothing'
 """
@@ -22,8 +22,8 @@ import lightning as L
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_app.mixins import StepOutput
-from lightning_app.technique import Technique
+from reglab.mixins import StepOutput
+from reglab.technique import Technique
 
 
 def smooth_targets(target: Tensor, num_classes: int, epsilon: float) -> Tensor:

@@ -10,7 +10,7 @@ batch, and its target by the same combination of the two targets:
 alpha = 1.0 (lam uniform on [0, 1]) is the default of the official code
 (github.com/facebookresearch/mixup-cifar10, ``train.py``), which mixes every batch with one lam.
 The shared mechanics (drawing, target mixing, composition with other target transforms) are in
-:mod:`callbacks.baselines.mixing`.
+:mod:`reglab.callbacks.baselines.mixing`.
 
 Method card:
     what it does: trains on convex combinations of input pairs and of their targets;
@@ -19,7 +19,7 @@ Method card:
     what it costs: one extra gather of the batch per step; nothing stored.
 
 Example:
-    >>> from callbacks import Mixup
+    >>> from reglab.callbacks import Mixup
     >>> Mixup(alpha=1.0).name
     'mixup'
 """
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from callbacks.baselines.mixing import BatchMixing
+from reglab.callbacks.baselines.mixing import BatchMixing
 
 
 def mixup_inputs(inputs: Tensor, permutation: Tensor, lam: float) -> Tensor:

@@ -15,8 +15,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_app.mixins import StepOutput
-from lightning_app.technique import Technique
+from reglab.mixins import StepOutput
+from reglab.technique import Technique
 
 
 def trainable_parameters(module: torch.nn.Module) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ Method card:
         training sample of the task (cap with ``fisher_samples``).
 
 Example:
-    >>> from callbacks import EWC
+    >>> from reglab.callbacks import EWC
     >>> ewc = EWC(lam=100.0)
 """
 
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.continual.anchors import AnchoredParameterPenalty, trainable_parameters
+from reglab.callbacks.continual.anchors import AnchoredParameterPenalty, trainable_parameters
 
 DEFAULT_LAM = 100.0
 

@@ -15,7 +15,7 @@ Method card:
     what it costs: a frozen copy of the model and its forward pass on every training step.
 
 Example:
-    >>> from callbacks import FeatureDistillation
+    >>> from reglab.callbacks import FeatureDistillation
     >>> distil = FeatureDistillation(lam=1.0)
 """
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from callbacks.continual.teacher import PreviousModelDistillation
-from lightning_app.mixins import StepOutput
+from reglab.callbacks.continual.teacher import PreviousModelDistillation
+from reglab.mixins import StepOutput
 
 
 def feature_distillation_loss(features: Tensor, teacher_features: Tensor) -> Tensor:

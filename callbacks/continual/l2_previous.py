@@ -16,13 +16,13 @@ Method card:
     what it costs: one fp32 copy of the parameters; one pass over them per step.
 
 Example:
-    >>> from callbacks import L2ToPreviousTask
-    >>> l2 = L2ToPreviousTask(lam=1.0)    # with `reglab fit-tasks` (lightning_app.continual)
+    >>> from reglab.callbacks import L2ToPreviousTask
+    >>> l2 = L2ToPreviousTask(lam=1.0)    # with `reglab fit-tasks` (reglab.continual)
 """
 
 from __future__ import annotations
 
-from callbacks.continual.anchors import AnchoredParameterPenalty
+from reglab.callbacks.continual.anchors import AnchoredParameterPenalty
 
 DEFAULT_LAM = 1.0
 

@@ -15,7 +15,7 @@ Method card:
     what it costs: a frozen copy of the model and its forward pass on every training step.
 
 Example:
-    >>> from callbacks import LwF
+    >>> from reglab.callbacks import LwF
     >>> lwf = LwF(temperature=2.0, lam=1.0)
 """
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.continual.teacher import PreviousModelDistillation
-from lightning_app.mixins import StepOutput
+from reglab.callbacks.continual.teacher import PreviousModelDistillation
+from reglab.mixins import StepOutput
 
 
 def prediction_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

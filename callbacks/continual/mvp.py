@@ -43,7 +43,7 @@ Method card:
 
 Example:
     >>> import torch
-    >>> from callbacks import MVP
+    >>> from reglab.callbacks import MVP
     >>> mvp = MVP(alpha=0.5, gamma=2.0, margin=0.5)
     >>> ignorance_scores(torch.tensor([[0.7, 0.3], [0.2, 0.8]]), torch.eye(2), torch.tensor([0, 1]), torch.eye(2))
     tensor([0.1679, 0.4453])
@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_app.mixins import StepOutput
-from lightning_app.technique import Technique
+from reglab.mixins import StepOutput
+from reglab.technique import Technique
 
 
 def mask_absent_classes(logits: Tensor, labels: Tensor) -> Tensor:
@@ -134,7 +134,7 @@ class MVP(Technique):
             raise self.fail(
                 f"it needs the classifier head as an nn.Linear `head` attribute, and {type(pl_module).__name__} has "
                 f"{type(getattr(pl_module, 'head', None)).__name__}",
-                "use lightning_app.tasks.ClassificationModule with a backbone that has no head of its own",
+                "use reglab.tasks.ClassificationModule with a backbone that has no head of its own",
             )
 
     def transform_outputs(self, out: StepOutput, module: L.LightningModule) -> StepOutput:

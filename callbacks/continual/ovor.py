@@ -56,7 +56,7 @@ Method card:
 
 Example:
     >>> import torch
-    >>> from callbacks import OVOR
+    >>> from reglab.callbacks import OVOR
     >>> ovor = OVOR(start_epoch=8)  # 10 epochs per task: the last 2 regularized, as 16 + 4
     >>> features = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
     >>> synthesize_outliers(features, num_classes=2, k=10, boundary_points=5,
@@ -74,8 +74,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_app.mixins import StepOutput
-from lightning_app.technique import Technique
+from reglab.mixins import StepOutput
+from reglab.technique import Technique
 
 KNN_CHUNK = 4096  # candidates per distance block: bounds memory at KNN_CHUNK x (ID points) floats
 

@@ -30,8 +30,8 @@ Method card:
         as large; one all-gather of the batch per step under DDP.
 
 Example:
-    >>> from callbacks import ExperienceReplay
-    >>> replay = ExperienceReplay(buffer_size=200)    # with `reglab fit-tasks` (lightning_app.continual)
+    >>> from reglab.callbacks import ExperienceReplay
+    >>> replay = ExperienceReplay(buffer_size=200)    # with `reglab fit-tasks` (reglab.continual)
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.continual.anchors import flatten_state, unflatten_state
-from lightning_app.technique import Technique
+from reglab.callbacks.continual.anchors import flatten_state, unflatten_state
+from reglab.technique import Technique
 
 RESERVOIR_STREAM, REPLAY_STREAM = 0, 1
 

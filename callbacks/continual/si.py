@@ -28,8 +28,8 @@ Method card:
         more transient copy per optimizer step.
 
 Example:
-    >>> from callbacks import SI
-    >>> si = SI(c=1.0, xi=0.1)    # with `reglab fit-tasks` (lightning_app.continual)
+    >>> from reglab.callbacks import SI
+    >>> si = SI(c=1.0, xi=0.1)    # with `reglab fit-tasks` (reglab.continual)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.continual.anchors import AnchoredParameterPenalty, flatten_state, trainable_parameters, unflatten_state
+from reglab.callbacks.continual.anchors import AnchoredParameterPenalty, flatten_state, trainable_parameters, unflatten_state
 
 DEFAULT_C = 1.0
 DEFAULT_XI = 0.1

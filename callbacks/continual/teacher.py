@@ -14,9 +14,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.continual.anchors import flatten_state, unflatten_state
-from lightning_app.mixins import StepOutput
-from lightning_app.technique import Technique
+from reglab.callbacks.continual.anchors import flatten_state, unflatten_state
+from reglab.mixins import StepOutput
+from reglab.technique import Technique
 
 
 def frozen_copy(module: L.LightningModule) -> L.LightningModule:

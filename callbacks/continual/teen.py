@@ -41,7 +41,7 @@ Method card:
 
 Example:
     >>> import torch
-    >>> from callbacks import TEEN
+    >>> from reglab.callbacks import TEEN
     >>> teen = TEEN(alpha=0.5, tau=16.0)
     >>> new, base = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0], [1.0, 1.0]])
     >>> calibrate_prototypes(new, base, alpha=1.0, tau=16.0)  # alpha = 1: only normalized
@@ -57,9 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.continual.ovor import dataset_features
-from lightning_app.tasks.classification import CosineClassifier
-from lightning_app.technique import Technique
+from reglab.callbacks.continual.ovor import dataset_features
+from reglab.tasks.classification import CosineClassifier
+from reglab.technique import Technique
 
 
 def calibrate_prototypes(new: Tensor, base: Tensor, alpha: float, tau: float) -> Tensor:
@@ -135,7 +135,7 @@ class TEEN(Technique):
         tasks = getattr(trainer.datamodule, "tasks", None)
         if tasks is None:
             raise self.fail(f"its task hooks need the sessions' classes, but {type(trainer.datamodule).__name__} "
-                            "has no `tasks`", "run it in a task sequence (datamodules.TaskSequenceDataModule)")
+                            "has no `tasks`", "run it in a task sequence (reglab.datamodules.TaskSequenceDataModule)")
         return tasks
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ This is a plain Lightning callback, not a technique: it changes no loss and need
 the step contract.
 
 Example:
-    >>> from callbacks.fine_tuning import PretrainedWeights
+    >>> from reglab.callbacks.fine_tuning import PretrainedWeights
     >>> start = PretrainedWeights(pretrain_config="configs/experiment/digits_pretrain.yaml")
     >>> # Trainer(callbacks=[start, ...]); list it before anything that changes the architecture
 """
@@ -38,7 +38,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_app.soups import first_mismatch
+from reglab.soups import first_mismatch
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -82,7 +82,7 @@ def pretrained_checkpoint_for(config: str | Path, cache_dir: str | Path) -> Path
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="reglab-pretrain-") as runs_dir:
-        command = [sys.executable, "-m", "lightning_app", "fit", "--config", str(config), f"--runs_dir={runs_dir}",
+        command = [sys.executable, "-m", "reglab", "fit", "--config", str(config), f"--runs_dir={runs_dir}",
                    "--run_name=pretrain", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
         print(f"pretraining once with {config} -> {cached}", flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)

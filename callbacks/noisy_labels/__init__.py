@@ -1,5 +1,5 @@
 """Techniques for learning with noisy labels and long-tailed data."""
 
-from callbacks.noisy_labels.elr import ELR
+from reglab.callbacks.noisy_labels.elr import ELR
 
 __all__ = ["ELR"]

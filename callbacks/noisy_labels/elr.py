@@ -22,7 +22,7 @@ Method card:
         under DDP one all-gather of the batch's rows per step.
 
 Example:
-    >>> from callbacks import ELR
+    >>> from reglab.callbacks import ELR
     >>> elr = ELR(beta=0.7, lam=3.0)   # add to Trainer(callbacks=[elr]) with a RegularizedMixin module
 """
 
@@ -34,8 +34,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_app.mixins import StepOutput
-from lightning_app.technique import PerSampleTable, Technique, training_set_shape
+from reglab.mixins import StepOutput
+from reglab.technique import PerSampleTable, Technique, training_set_shape
 
 PROBABILITY_CLAMP = 1e-4
 

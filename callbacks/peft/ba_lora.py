@@ -1,6 +1,6 @@
 """BA-LoRA — LoRA with consistency, diversity and SVD regularizers (Chang et al., paper 23).
 
-LoRA (peft, see :mod:`callbacks.peft.lora`) plus three terms on the outputs ``F`` (``n x d``, one
+LoRA (peft, see :mod:`reglab.callbacks.peft.lora`) plus three terms on the outputs ``F`` (``n x d``, one
 row per sample of the batch) of the adapted network, with ``F0`` the frozen base model's outputs
 on the same batch (the adapters switched off):
 
@@ -34,7 +34,7 @@ Method card:
         covariance and an SVD of the n x d batch features.
 
 Example:
-    >>> from callbacks.peft import BALoRA
+    >>> from reglab.callbacks.peft import BALoRA
     >>> ba_lora = BALoRA(r=8, k=3)   # regularizer weights default to the paper's
 """
 
@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.peft.lora import LoRA
-from callbacks.peft.mask_tuning import running_stats_kept
-from lightning_app.mixins import StepOutput
+from reglab.callbacks.peft.lora import LoRA
+from reglab.callbacks.peft.mask_tuning import running_stats_kept
+from reglab.mixins import StepOutput
 
 #: keeps the singular-value ratio finite for an all-zero output matrix (official value)
 RATIO_EPS = 1e-10
@@ -100,10 +100,10 @@ class BALoRA(LoRA):
     """LoRA with BA-LoRA's three output regularizers (see the module docstring).
 
     Args:
-        r, lora_alpha, lora_dropout: LoRA's (see :class:`~callbacks.peft.lora.LoRA`).
+        r, lora_alpha, lora_dropout: LoRA's (see :class:`~reglab.callbacks.peft.lora.LoRA`).
         lam_consistency, lam_diversity, lam_svd: weights of L_CR, L_DR, L_SVD (official 1e-4, 3e-4, 1e-4).
         k: singular values in the top-k ratio (official 3).
-        target_modules, pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     needs = frozenset({"features"})

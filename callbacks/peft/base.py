@@ -1,6 +1,6 @@
 """The surgery every parameter-efficient fine-tuning technique shares, and full fine-tuning.
 
-A PEFT technique is a :class:`~lightning_app.technique.Technique` that changes the model at
+A PEFT technique is a :class:`~reglab.technique.Technique` that changes the model at
 ``setup`` — after the reglab CLI has built the complete model, before Lightning creates the
 optimizers and before it restores a checkpoint:
 
@@ -17,7 +17,7 @@ resumes exactly. With a ``pretrained_checkpoint``, checkpoints hold only the tra
 and the buffers (the frozen ones are rebuilt from the pretrained weights at setup), so the
 module's ``strict_loading`` is turned off. The checkpoint records the technique and its arguments,
 so ``ClassificationModule.load_from_checkpoint(path)`` redoes the surgery and yields a working
-model (:func:`lightning_app.peft_surgery.restore_surgery`), and
+model (:func:`reglab.peft_surgery.restore_surgery`), and
 :meth:`ParameterEfficientFineTuning.merge` folds the adapters into the weights for inference.
 
 Method card (full fine-tuning, :class:`FullFineTuning`):
@@ -37,7 +37,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_app.peft_surgery import (
+from reglab.peft_surgery import (
     OPERATED_BY,
     RECIPE_KEY,
     count_parameters,
@@ -49,7 +49,7 @@ from lightning_app.peft_surgery import (
     technique_recipe,
     trainable_state,
 )
-from lightning_app.technique import Technique
+from reglab.technique import Technique
 
 class ParameterEfficientFineTuning(Technique):
     """Base of the PEFT techniques (see the module docstring for what ``setup`` does).

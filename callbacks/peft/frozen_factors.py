@@ -1,5 +1,5 @@
 """The common half of SVFit, LoLDU and LoRA-SB: wrap each target layer in a
-:class:`~lightning_app.nn.core_adapter.CoreAdapter` built from factors of a matrix.
+:class:`~reglab.nn.core_adapter.CoreAdapter` built from factors of a matrix.
 
 Each technique only says which matrix is factorised and how (:meth:`FrozenFactorsTuning.factors`);
 this class reads weights as matrices (a convolution's kernel as ``out x in*kh*kw``), wraps the
@@ -12,9 +12,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.peft.base import ParameterEfficientFineTuning
-from lightning_app.nn.core_adapter import CoreAdapter
-from lightning_app.peft_surgery import replace_module
+from reglab.callbacks.peft.base import ParameterEfficientFineTuning
+from reglab.nn.core_adapter import CoreAdapter
+from reglab.peft_surgery import replace_module
 
 
 def weight_matrix(layer: nn.Module) -> Tensor:

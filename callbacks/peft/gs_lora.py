@@ -39,7 +39,7 @@ Method card:
         the classes to forget and (some of) the classes to keep.
 
 Example:
-    >>> from callbacks.peft import GSLoRA
+    >>> from reglab.callbacks.peft import GSLoRA
     >>> forget = GSLoRA(forget_classes=[0, 1], target_modules=["mlp"])   # FFN adapters, as the paper
 """
 
@@ -51,8 +51,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.peft.lora import LoRA
-from lightning_app.mixins import StepOutput
+from reglab.callbacks.peft.lora import LoRA
+from reglab.mixins import StepOutput
 
 
 def group_lasso(groups: Iterable[Iterable[Tensor]]) -> Tensor:
@@ -91,7 +91,7 @@ class GSLoRA(LoRA):
         sparsity_weight: alpha, the weight of the group lasso.
         forget_weight: beta, the weight of the bounded forget loss.
         forget_bound: BND, the cross-entropy the forgotten classes are pushed up to.
-        target_modules, pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     def __init__(self, forget_classes: list[int], r: int = 8, lora_alpha: float = 1.0, sparsity_weight: float = 1e-4,

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.peft.frozen_factors import FrozenFactorsTuning, effective_rank, weight_matrix
+from reglab.callbacks.peft.frozen_factors import FrozenFactorsTuning, effective_rank, weight_matrix
 
 
 def loldu_factors(weight: Tensor, rank: int | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,7 +47,7 @@ class LoLDU(FrozenFactorsTuning):
     Args:
         rank: diagonal entries trained per layer (``None`` = all ``min(out, in)``).
         alpha: the scale starts at ``alpha / rank``.
-        target_modules, pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     def __init__(self, rank: int | None = None, alpha: float = 1.0, target_modules: list[str] | None = None,

@@ -19,7 +19,7 @@ Method card:
         training, nothing after :meth:`merge`.
 
 Example:
-    >>> from callbacks.peft import LoRA
+    >>> from reglab.callbacks.peft import LoRA
     >>> lora = LoRA(r=4, target_modules=["qkv", "fc1"])   # regexes over module names
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from callbacks.peft.base import ParameterEfficientFineTuning
-from lightning_app.peft_surgery import is_task_head, replace_module
+from reglab.callbacks.peft.base import ParameterEfficientFineTuning
+from reglab.peft_surgery import is_task_head, replace_module
 
 
 class LoRA(ParameterEfficientFineTuning):

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.peft.frozen_factors import FrozenFactorsTuning, effective_rank
+from reglab.callbacks.peft.frozen_factors import FrozenFactorsTuning, effective_rank
 
 
 def lora_sb_factors(gradient: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -75,7 +75,7 @@ class LoRASB(FrozenFactorsTuning):
         rank: r.
         gradient_samples: training samples whose gradients initialise the factors, over all ranks
             together (official: 170).
-        target_modules, pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     persistent_factors = True

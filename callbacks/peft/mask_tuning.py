@@ -41,7 +41,7 @@ Method card:
         one extra forward (pretrained model) and one extra backward (KL gradient) per step.
 
 Example:
-    >>> from callbacks.peft import RegularizedMaskTuning
+    >>> from reglab.callbacks.peft import RegularizedMaskTuning
     >>> masks = RegularizedMaskTuning(target_modules=["qkv"])   # masks on the attention projections
 """
 
@@ -58,9 +58,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from callbacks.peft.base import ParameterEfficientFineTuning
-from lightning_app.mixins import StepOutput
-from lightning_app.peft_surgery import replace_module
+from reglab.callbacks.peft.base import ParameterEfficientFineTuning
+from reglab.mixins import StepOutput
+from reglab.peft_surgery import replace_module
 
 #: keeps the sign-agreement ratio finite when both gradients are zero (official value)
 GRADIENT_EPS = 1e-8
@@ -103,7 +103,7 @@ def running_stats_kept(module: nn.Module) -> Iterator[None]:
 class MaskedLayer(nn.Module):
     """``base_layer`` with its weight replaced by ``binarize(mask) * weight`` (see the module
     docstring). Offers ``merge()`` / ``get_base_layer()`` like peft's layers, so
-    :func:`lightning_app.peft_surgery.merge_adapters` folds the binary mask into the weight."""
+    :func:`reglab.peft_surgery.merge_adapters` folds the binary mask into the weight."""
 
     def __init__(self, base_layer: nn.Module, mask_init: float, threshold: float) -> None:
         super().__init__()
@@ -142,7 +142,7 @@ class RegularizedMaskTuning(ParameterEfficientFineTuning):
         threshold: a weight is kept where its mask exceeds this (official 5e-3).
         mask_weight: weight of the masks' L2-norm penalty (official 1e-4).
         gradient_dropout: drop mask-gradient elements against the KL gradient (official: on).
-        target_modules, pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     layer_types = (nn.Linear, nn.Conv2d)

@@ -29,7 +29,7 @@ Method card:
         matrices for the penalty (no inference cost after :meth:`merge`).
 
 Example:
-    >>> from callbacks.peft import PEGO
+    >>> from reglab.callbacks.peft import PEGO
     >>> pego = PEGO(num_adapters=4, r=4, lam=1e-3, target_modules=["qkv"])
 """
 
@@ -41,8 +41,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.peft.lora import LoRA
-from lightning_app.mixins import StepOutput
+from reglab.callbacks.peft.lora import LoRA
+from reglab.mixins import StepOutput
 
 
 def orthogonality_penalty(weight: Tensor, updates: list[Tensor]) -> Tensor:
@@ -62,7 +62,7 @@ class PEGO(LoRA):
         r: rank of each adapter (official 4).
         lam: weight of the orthogonality penalty (official 1e-3).
         lora_alpha: each update is scaled by ``lora_alpha / r``; ``None`` = ``r`` (no scaling, official).
-        target_modules, pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     def __init__(self, num_adapters: int = 4, r: int = 4, lam: float = 1e-3, lora_alpha: float | None = None,

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from callbacks.peft.base import ParameterEfficientFineTuning
+from reglab.callbacks.peft.base import ParameterEfficientFineTuning
 
 
 class LinearProbe(ParameterEfficientFineTuning):
     """Freeze everything but the task head.
 
     Args:
-        pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     def __init__(self, pretrained_checkpoint: str | None = None) -> None:
@@ -39,7 +39,7 @@ class BitFit(ParameterEfficientFineTuning):
     """Train the task head and every bias.
 
     Args:
-        pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     def __init__(self, pretrained_checkpoint: str | None = None) -> None:

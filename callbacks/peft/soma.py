@@ -42,7 +42,7 @@ Method card:
         (recomputed on resume, not stored), nothing extra after :meth:`merge`.
 
 Example:
-    >>> from callbacks.peft import SoMA
+    >>> from reglab.callbacks.peft import SoMA
     >>> soma = SoMA(r=16, target_modules=["attn", "mlp"])   # blocks.0 .. first third stay frozen
 """
 
@@ -56,8 +56,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.peft.frozen_factors import weight_matrix
-from callbacks.peft.lora import LoRA
+from reglab.callbacks.peft.frozen_factors import weight_matrix
+from reglab.callbacks.peft.lora import LoRA
 
 #: the first numbered module on a dotted path, e.g. ``backbone.blocks.3`` of ``backbone.blocks.3.mlp.fc1``
 BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
@@ -102,7 +102,7 @@ class SoMA(LoRA):
         weight_decay, final_weight_decay: the cosine schedule's start and end (decoupled decay).
         total_steps: optimizer steps the schedule spans; ``None`` = the trainer's estimate of the
             run's steps (give it when a run is split over several fits with different limits).
-        target_modules, pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     def __init__(self, r: int = 16, frozen_block_fraction: float = 1 / 3, weight_decay: float = 0.05,
@@ -154,7 +154,7 @@ class SoMA(LoRA):
         raise self.fail("a peft adapter directory would apply its factors to the pretrained weights, but SoMA's "
                         "act on the residual W - B0 A0",
                         "fold them in with merge(module) and save the module, or reload a SoMA checkpoint with "
-                        "callbacks.peft.load_finetuned")
+                        "reglab.callbacks.peft.load_finetuned")
 
     # -- the annealed, decoupled weight decay -----------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

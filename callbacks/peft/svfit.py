@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.peft.frozen_factors import FrozenFactorsTuning, effective_rank, weight_matrix
+from reglab.callbacks.peft.frozen_factors import FrozenFactorsTuning, effective_rank, weight_matrix
 
 
 def svfit_factors(weight: Tensor, rank: int | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -40,7 +40,7 @@ class SVFit(FrozenFactorsTuning):
 
     Args:
         rank: singular values trained per layer (``None`` = all).
-        target_modules, pretrained_checkpoint: see :class:`~callbacks.peft.base.ParameterEfficientFineTuning`.
+        target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
     def __init__(self, rank: int | None = None, target_modules: list[str] | None = None,

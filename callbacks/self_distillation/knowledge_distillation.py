@@ -13,11 +13,11 @@ same weight makes the KL term 10x lighter relative to CE than there (weight 9 re
 ratio, at a 10x larger loss scale).
 
 The teacher is loaded at setup from a checkpoint -- a file, or the product of a ``reglab fit``
-config, fitted once and cached as :class:`callbacks.fine_tuning.PretrainedWeights` does --
+config, fitted once and cached as :class:`reglab.callbacks.fine_tuning.PretrainedWeights` does --
 frozen, kept in eval mode and moved to the student's device. It sees the same batch as the
 student (after batch transforms such as Mixup). Its logits come from ``forward_step`` when it
 uses the step contract (any reglab module), else from ``teacher(batch["input"])``. The KL goes
-through :func:`lightning_app.kernels.soft_cross_entropy`, the fused Triton kernel on GPU.
+through :func:`reglab.kernels.soft_cross_entropy`, the fused Triton kernel on GPU.
 
 Method card:
     what it does: adds a temperature-scaled KL term towards a fixed teacher's predictions;
@@ -26,7 +26,7 @@ Method card:
         the device; nothing saved in checkpoints (the teacher is reloaded from its file).
 
 Example:
-    >>> from callbacks import KnowledgeDistillation
+    >>> from reglab.callbacks import KnowledgeDistillation
     >>> KnowledgeDistillation("teacher.ckpt", temperature=4.0).name
     'knowledge_distillation'
 """
@@ -41,10 +41,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.fine_tuning.pretrained_weights import PretrainedWeights
-from lightning_app.kernels import soft_cross_entropy
-from lightning_app.mixins import RegularizedMixin, StepOutput
-from lightning_app.technique import Technique
+from reglab.callbacks.fine_tuning.pretrained_weights import PretrainedWeights
+from reglab.kernels import soft_cross_entropy
+from reglab.mixins import RegularizedMixin, StepOutput
+from reglab.technique import Technique
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -79,7 +79,7 @@ class KnowledgeDistillation(Technique):
         self,
         teacher_checkpoint: str | None = None,
         teacher_config: str | None = None,
-        teacher_class: str = "lightning_app.tasks.ClassificationModule",
+        teacher_class: str = "reglab.tasks.ClassificationModule",
         temperature: float = 4.0,
         weight: float = 0.9,
         cache_dir: str = "runs/pretrained",

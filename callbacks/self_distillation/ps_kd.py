@@ -8,7 +8,7 @@ prediction for that sample from the previous epoch, more and more as training go
     loss     = soft-target cross-entropy(z_i, target_i)        (the module's task loss)
 
 The loss is the module's own task loss on soft targets, which runs through
-:func:`lightning_app.kernels.soft_cross_entropy` (the fused Triton kernel on GPU).
+:func:`reglab.kernels.soft_cross_entropy` (the fused Triton kernel on GPU).
 
 ``y_i`` is the incoming target as probabilities (the one-hot label, or soft targets of an
 earlier technique) and ``P[i]`` the softmax prediction for sample ``i`` stored at its previous
@@ -43,7 +43,7 @@ Method card:
         batch's predictions per step.
 
 Example:
-    >>> from callbacks import PSKD
+    >>> from reglab.callbacks import PSKD
     >>> PSKD(alpha_T=0.8).name
     'pskd'
 """
@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_app.mixins import StepOutput
-from lightning_app.technique import PerSampleTable, Technique, schedule_epochs, training_set_shape
+from reglab.mixins import StepOutput
+from reglab.technique import PerSampleTable, Technique, schedule_epochs, training_set_shape
 
 
 def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float) -> float:

@@ -6,8 +6,8 @@ import argparse
 import shlex
 from pathlib import Path
 
-from lightning_app.bench.effects import load_claims, run_claims
-from lightning_app.bench.overhead import run_overhead
+from reglab.bench.effects import load_claims, run_claims
+from reglab.bench.overhead import run_overhead
 
 
 def main(argv: list[str]) -> None:
@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
     effects.add_argument("--claims-dir", type=Path, default=Path("benchmarks/effects"))
     effects.add_argument("--out", type=Path, default=Path("docs/results"))
     overhead = commands.add_parser("overhead", help="step time and memory of every technique; EMA implementations compared")
-    overhead.add_argument("--only", nargs="+", help="technique names (default: all of callbacks.__all__)")
+    overhead.add_argument("--only", nargs="+", help="technique names (default: all of reglab.callbacks.__all__)")
     overhead.add_argument("--repeats", type=int, default=5, help="interleaved fits per technique")
     overhead.add_argument("--steps", type=int, default=30, help="timed training steps per fit")
     overhead.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each fit")

@@ -178,7 +178,7 @@ def load_claims(claims_dir: Path, only: list[str] | None = None) -> list[Claim]:
 
 def run_arm(claim: Claim, arm: str, seed: int, workdir: Path) -> RunResult:
     """Fit and test one arm of a claim with one seed, in this process."""
-    from lightning_app.cli import ReglabCLI, merge_technique_configs
+    from reglab.cli import ReglabCLI, merge_technique_configs
 
     args: list[str] = []
     for path in claim.configs + getattr(claim, arm):

@@ -2,7 +2,7 @@
 
 ``reglab bench overhead`` measures, in one process:
 
-1. **Every technique exported by** ``callbacks`` (discovered from ``callbacks.__all__``, each
+1. **Every technique exported by** ``callbacks`` (discovered from ``reglab.callbacks.__all__``, each
    built by its entry in ``tests/harness.py``'s ``HARNESS``, the registry of small-run settings
    every technique already has): the median time of a training step (``on_train_batch_start`` to
    ``on_train_batch_end``: forward, the technique's stages, backward, optimizer step and the
@@ -15,7 +15,7 @@
    (``torch.cuda.max_memory_allocated``); on CPU there is no allocator statistic for torch
    tensors (``tracemalloc`` does not see them), so the table reports the memory the technique
    keeps between steps instead: the bytes of the tensors in its ``state_dict()``.
-2. **EMA update and swap cost on the same model**, per call: ``lightning_app.averaging``'s
+2. **EMA update and swap cost on the same model**, per call: ``reglab.averaging``'s
    ``WeightAverage`` (foreach lerp; pointer swap, or copying swap for bf16 weights), timm's
    ``ModelEmaV3`` (foreach lerp over the state dict) and Lightning's ``EMAWeightAveraging``
    (``torch.optim.swa_utils.AveragedModel`` with ``get_ema_avg_fn``, a per-tensor loop, and a
@@ -41,8 +41,8 @@ import lightning as L
 import torch
 from torch import nn
 
-import callbacks
-from lightning_app.averaging import WeightAverage, ema_decay
+import reglab.callbacks
+from reglab.averaging import WeightAverage, ema_decay
 
 BASELINE = "(no technique)"
 
@@ -201,7 +201,7 @@ def ema_comparison(net: nn.Module, calls: int, device: torch.device) -> list[tup
 def comparison_models() -> dict[str, nn.Module]:
     import timm
 
-    from lightning_app.models import create_backbone
+    from reglab.models import create_backbone
 
     torch.manual_seed(0)
     return {
@@ -271,10 +271,10 @@ def write_report(
 def run_overhead(
     only: list[str] | None, repeats: int, steps: int, warmup: int, calls: int, accelerator: str, out: Path, command: str
 ) -> None:
-    names = only or sorted(callbacks.__all__)
-    unknown = set(names) - set(callbacks.__all__)
+    names = only or sorted(reglab.callbacks.__all__)
+    unknown = set(names) - set(reglab.callbacks.__all__)
     if unknown:
-        raise SystemExit(f"unknown technique(s) {sorted(unknown)}; callbacks exports {sorted(callbacks.__all__)}")
+        raise SystemExit(f"unknown technique(s) {sorted(unknown)}; callbacks exports {sorted(reglab.callbacks.__all__)}")
     if accelerator == "cpu":
         torch.set_num_threads(1)  # CPU time then counts work, not threads spinning on a busy machine
     overheads = technique_overheads(names, repeats, steps, warmup, accelerator)

@@ -4,7 +4,7 @@
     reglab fit-tasks --config ... --ckpt_path runs/split_digits/version_0/checkpoints/task_1_end.ckpt
     reglab fit-tasks --config ... --ckpt_path last
 
-``data`` must be a :class:`datamodules.TaskSequenceDataModule`. The ``trainer`` section applies to
+``data`` must be a :class:`reglab.datamodules.TaskSequenceDataModule`. The ``trainer`` section applies to
 every task's (fresh) trainer; techniques, ``--run_name`` and ``--runs_dir`` work as in ``reglab fit``.
 ``--ckpt_path`` takes a boundary checkpoint (``task_<t>_end.ckpt``) or one from inside a task
 (``task_<t>/*.ckpt``); ``--ckpt_path last`` continues the newest version of the run (same
@@ -19,10 +19,10 @@ from pathlib import Path
 
 from lightning import Callback
 
-from datamodules.tasks import TaskSequenceDataModule
-from lightning_app.cli import RUN_DIR_ENV, ReglabCLI, merge_technique_configs
-from lightning_app.continual.runner import TaskSequenceRunner, latest_checkpoint
-from lightning_app.technique import Technique
+from reglab.datamodules.tasks import TaskSequenceDataModule
+from reglab.cli import RUN_DIR_ENV, ReglabCLI, merge_technique_configs
+from reglab.continual.runner import TaskSequenceRunner, latest_checkpoint
+from reglab.technique import Technique
 
 RUNNER_OPTIONS = ("--ckpt_path", "--checkpoint_every_n_steps")
 
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> TaskSequenceRunner:
     if not isinstance(cli.datamodule, TaskSequenceDataModule):
         raise SystemExit(
             f"reglab fit-tasks: data is {type(cli.datamodule).__name__}; wrap it in "
-            "datamodules.TaskSequenceDataModule (see configs/experiment/split_digits.yaml)"
+            "reglab.datamodules.TaskSequenceDataModule (see configs/experiment/split_digits.yaml)"
         )
     trainer_config = dict(cli._get(cli.config_init, "trainer", default={}))
     techniques = [t for t in (cli._get(cli.config_init, "techniques") or {}).values() if t is not None]

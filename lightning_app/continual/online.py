@@ -1,6 +1,6 @@
 """Online continual learning metrics: anytime accuracy over a stream and its area under the curve.
 
-In an online stream (``datamodules.SiBlurryDataModule``) the model may be asked for a prediction
+In an online stream (``reglab.datamodules.SiBlurryDataModule``) the model may be asked for a prediction
 at any time, so it is evaluated during the single pass, as in the Si-Blurry protocol (official
 code KHU-AGI/Si-Blurry, ``methods/_trainer.py``):
 
@@ -97,12 +97,12 @@ class AnytimeAccuracy(L.Callback):
         if num_classes is None or not hasattr(trainer.datamodule, "test_dataset"):
             raise ValueError(
                 "AnytimeAccuracy: the DataModule must have num_classes and a test_dataset (every reglab "
-                "ClassificationDataModule does); use e.g. datamodules.SiBlurryDataModule."
+                "ClassificationDataModule does); use e.g. reglab.datamodules.SiBlurryDataModule."
             )
         if self.mask_unseen_classes and not isinstance(getattr(pl_module, "active_classes", None), Tensor):
             raise ValueError(
                 f"AnytimeAccuracy: mask_unseen_classes needs an `active_classes` buffer on {type(pl_module).__name__}; "
-                "use lightning_app.tasks.ClassificationModule or set mask_unseen_classes=False."
+                "use reglab.tasks.ClassificationModule or set mask_unseen_classes=False."
             )
         if self.seen is None:
             self.seen = torch.zeros(num_classes, dtype=torch.bool)

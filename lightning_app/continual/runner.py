@@ -37,10 +37,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
-from callbacks.fine_tuning.pretrained_weights import PretrainedWeights
-from datamodules.tasks import TaskSequenceDataModule
-from lightning_app.continual.metrics import accuracy_matrix, markdown_table, plot_heatmap, summary
-from lightning_app.technique import Technique
+from reglab.callbacks.fine_tuning.pretrained_weights import PretrainedWeights
+from reglab.datamodules.tasks import TaskSequenceDataModule
+from reglab.continual.metrics import accuracy_matrix, markdown_table, plot_heatmap, summary
+from reglab.technique import Technique
 
 
 class TaskProgress(L.Callback):

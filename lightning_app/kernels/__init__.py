@@ -1,6 +1,6 @@
 """Fused kernels for the hot paths shared by reglab's techniques."""
 
-from lightning_app.kernels.soft_cross_entropy import (
+from reglab.kernels.soft_cross_entropy import (
     soft_cross_entropy,
     soft_cross_entropy_reference,
     soft_cross_entropy_triton,

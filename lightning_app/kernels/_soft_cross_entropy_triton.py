@@ -1,11 +1,11 @@
-"""Triton backend of :func:`lightning_app.kernels.soft_cross_entropy`.
+"""Triton backend of :func:`reglab.kernels.soft_cross_entropy`.
 
-Kept in its own module so that importing :mod:`lightning_app.kernels` never
+Kept in its own module so that importing :mod:`reglab.kernels` never
 imports triton: the public module loads this one lazily, on the first call that
 needs it. That also means ``TRITON_INTERPRET=1`` only has to be set before that
 first call, because triton decides between compiling and interpreting when the
 ``@triton.jit`` decorator below runs. Call it through
-:func:`lightning_app.kernels.soft_cross_entropy_triton`, which validates inputs.
+:func:`reglab.kernels.soft_cross_entropy_triton`, which validates inputs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from triton.runtime.interpreter import InterpretedFunction
 
-from lightning_app.kernels.soft_cross_entropy import reduce_row_losses
+from reglab.kernels.soft_cross_entropy import reduce_row_losses
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -35,7 +35,7 @@ Three entry points:
 Example::
 
     >>> import torch
-    >>> from lightning_app.kernels import soft_cross_entropy
+    >>> from reglab.kernels import soft_cross_entropy
     >>> logits = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
     >>> teacher_probs = torch.tensor([[0.7, 0.2, 0.1]])
     >>> loss = soft_cross_entropy(logits, teacher_probs, temperature=2.0)
@@ -145,7 +145,7 @@ def soft_cross_entropy_reference(
 def _load_triton_backend() -> ModuleType | None:
     """Import the Triton kernel module on first use; None when triton is missing."""
     try:
-        from lightning_app.kernels import _soft_cross_entropy_triton
+        from reglab.kernels import _soft_cross_entropy_triton
     except ImportError:
         return None
     return _soft_cross_entropy_triton
@@ -190,7 +190,7 @@ def soft_cross_entropy_triton(
 
         $ TRITON_INTERPRET=1 python -c "
         import torch
-        from lightning_app.kernels import soft_cross_entropy_triton
+        from reglab.kernels import soft_cross_entropy_triton
         logits = torch.randn(4, 40, requires_grad=True)
         targets = torch.softmax(torch.randn(4, 40), dim=-1)
         loss = soft_cross_entropy_triton(logits, targets, temperature=2.0, block_size=16)

@@ -48,11 +48,11 @@ def create_backbone(
     """Build the backbone ``name`` for inputs of shape ``input_shape`` (without the batch dim)."""
     input_shape = tuple(int(d) for d in input_shape)
     if name.startswith("timm:"):
-        from lightning_app.models.external import timm_backbone
+        from reglab.models.external import timm_backbone
 
         return timm_backbone(name[len("timm:") :], input_shape, pretrained=pretrained, **kwargs)
     if name.startswith("hf:"):
-        from lightning_app.models.external import TransformersClassifier
+        from reglab.models.external import TransformersClassifier
 
         return TransformersClassifier(name[len("hf:") :], **kwargs)
     if name not in _REGISTRY:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lightning_app.models.registry import register_backbone
+from reglab.models.registry import register_backbone
 
 
 class MLP(nn.Module):

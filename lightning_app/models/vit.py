@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_app.models.registry import register_backbone
+from reglab.models.registry import register_backbone
 
 
 @register_backbone("vit")

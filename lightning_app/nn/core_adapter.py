@@ -12,7 +12,7 @@ the factorisation of ``W`` never has to be stored or subtracted: the paper's "re
 factorisation" and this delta form give the same outputs and the same gradients. The optional
 scalar ``s`` is LoLDU's trainable scaling factor (``s = s0 = 1`` without it).
 
-Nothing here depends on how the factors were found; :mod:`callbacks.peft` computes them.
+Nothing here depends on how the factors were found; :mod:`reglab.callbacks.peft` computes them.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class CoreAdapter(nn.Module):
     ``W' = W + left @ (s*C - s0*C0) @ right`` (see the module docstring).
 
     Like peft's LoRA layers it keeps the wrapped layer as ``base_layer`` and offers ``merge()`` and
-    ``get_base_layer()``, so :func:`lightning_app.peft_surgery.merge_adapters` treats both alike.
+    ``get_base_layer()``, so :func:`reglab.peft_surgery.merge_adapters` treats both alike.
 
     Args:
         base_layer: the pretrained layer; its parameters are left to the caller to freeze.

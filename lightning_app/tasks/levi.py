@@ -25,7 +25,7 @@ which shows the paper's Figure 3 "LEVI architecture of using a layer-wise ensemb
   *adapting layers* whose input *concatenates intermediate outputs* of the pretrained model (and
   the small model's output); the pretrained model is *fixed / frozen* during LEVI's training (a
   pretrained model fine-tuned beforehand may be used instead, the paper's "Remark 5": here, point
-  :class:`~callbacks.fine_tuning.PretrainedWeights` at that checkpoint); one shared loss is
+  :class:`~reglab.callbacks.fine_tuning.PretrainedWeights` at that checkpoint); one shared loss is
   optimised over the combined intermediate representations; LEVI is compatible with LoRA.
 * Assumed here: the adapting layers are one two-layer MLP on the concatenation of all views
   (the summaries leave open whether each layer has its own adapting head with per-layer
@@ -45,7 +45,7 @@ Method card:
 It is a task module, not a technique callback: it *is* a different model (new trainable parts,
 a frozen part, a different prediction path at evaluation too), so its checkpoints describe and
 reload themselves with ``LEVIModule.load_from_checkpoint``. Its ``forward_step`` returns the
-usual :class:`~lightning_app.mixins.StepOutput` (``features`` = the concatenated views), so loss
+usual :class:`~reglab.mixins.StepOutput` (``features`` = the concatenated views), so loss
 techniques (ELR, label smoothing, GCE, ...) stack with it.
 
 Example:
@@ -65,8 +65,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_app.models import create_backbone
-from lightning_app.tasks.classification import ClassificationModule
+from reglab.models import create_backbone
+from reglab.tasks.classification import ClassificationModule
 
 
 def pooled_view(output: Any, layer: str) -> Tensor:
@@ -105,9 +105,9 @@ class LEVIModule(ClassificationModule):
 
     Args:
         backbone, num_classes, input_shape, backbone_kwargs, pretrained, lr, weight_decay: as in
-            :class:`~lightning_app.tasks.ClassificationModule`; ``backbone`` is the pretrained
+            :class:`~reglab.tasks.ClassificationModule`; ``backbone`` is the pretrained
             model (weights from ``pretrained`` or from
-            :class:`~callbacks.fine_tuning.PretrainedWeights`).
+            :class:`~reglab.callbacks.fine_tuning.PretrainedWeights`).
         layers: dotted names of the backbone's submodules whose outputs are the pretrained views
             (``"blocks.5"`` is the 6th module of the small CNN's ``blocks``); default: the
             backbone's output only.
