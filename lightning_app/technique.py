@@ -54,18 +54,22 @@ class Technique(L.Callback):
     stateful: ClassVar[bool] = False
     stages: ClassVar[frozenset[str]] = frozenset()
 
+    #: The technique's one id: its module file, config file, log prefix (``train/<name>/...``),
+    #: checkpoint state key, card and claim all use it. reglab's techniques set it; a class that
+    #: does not gets its snake-cased class name.
+    name: ClassVar[str] = "technique"
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.stages = frozenset(s for s in STAGES if getattr(cls, s) is not getattr(Technique, s))
-
-    @property
-    def name(self) -> str:
-        """Snake-case class name; the prefix of every logged term."""
-        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(self).__name__).lower()
+        if "name" not in cls.__dict__:
+            cls.name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls.__name__).lower()
+        if isinstance(cls.name, str) and not re.fullmatch(r"[a-z][a-z0-9_]*", cls.name):
+            raise TypeError(f"{cls.__name__}.name must be a snake-case id such as 'elr', got {cls.name!r}")
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        return self.name
 
     # -- stages (identity / nothing by default) -------------------------------------------------
     def transform_batch(self, batch: dict[str, Any], module: L.LightningModule) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class KnowledgeDistillation(Technique):
         cache_dir: where teachers fitted from ``teacher_config`` are cached.
     """
 
+    name = "knowledge_distillation"
+
     def __init__(
         self,
         teacher_checkpoint: str | None = None,
