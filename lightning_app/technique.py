@@ -35,7 +35,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from reglab.mixins import RegularizedMixin, StepOutput
+from reglab.step import StepOutput
 
 STAGES = ("transform_batch", "transform_outputs", "transform_targets", "task_loss", "loss_terms")
 STEP_FIELDS = frozenset({"features", "index"})
@@ -108,7 +108,8 @@ class Technique(L.Callback):
 
 def check_technique(technique: Technique, trainer: L.Trainer, module: L.LightningModule) -> None:
     """Validate a technique against the module, the data and the other techniques."""
-    if technique.stages and not isinstance(module, RegularizedMixin):
+    # RegularizedMixin, or any module that implements the contract's entry point itself
+    if technique.stages and not callable(getattr(module, "regularized_step", None)):
         raise technique.fail(
             f"it changes the training loss (stages: {', '.join(sorted(technique.stages))}) but "
             f"{type(module).__name__} does not use the step contract",
@@ -159,7 +160,7 @@ def check_step_output(technique: Technique, out: StepOutput) -> None:
 
 
 def run_stages(
-    module: RegularizedMixin, techniques: list[Technique], batch: dict[str, Any]
+    module: L.LightningModule, techniques: list[Technique], batch: dict[str, Any]
 ) -> tuple[Tensor, StepOutput, dict[str, Tensor]]:
     """One training step of the contract; returns (total loss, step output, named terms)."""
     for technique in techniques:

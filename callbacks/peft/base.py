@@ -30,6 +30,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from reglab.checkpoints import add_restore_hook
 from reglab.peft_surgery import (
     OPERATED_BY,
     RECIPE_KEY,
@@ -116,3 +117,4 @@ class ParameterEfficientFineTuning(Technique):
         if self.pretrained_checkpoint:
             checkpoint["state_dict"] = trainable_state(pl_module, checkpoint["state_dict"])
         checkpoint[RECIPE_KEY] = technique_recipe(self)
+        add_restore_hook(checkpoint, "reglab.peft_surgery:restore_surgery")
