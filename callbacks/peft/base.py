@@ -45,7 +45,7 @@ from reglab.peft_surgery import (
     trainable_state,
     trainable_without_gradient,
 )
-from reglab.technique import Technique
+from reglab.technique import Technique, is_sharded
 
 class ParameterEfficientFineTuning(Technique):
     """Base of the PEFT techniques (see the module docstring for what ``setup`` does).
@@ -131,6 +131,8 @@ class ParameterEfficientFineTuning(Technique):
         if self._gradients_checked:
             return
         self._gradients_checked = True
+        if is_sharded(trainer):  # FSDP gives a rank's empty shard of a parameter no gradient
+            return
         unused = trainable_without_gradient(pl_module)
         if unused:
             rank_zero_warn(

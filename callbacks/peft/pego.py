@@ -67,6 +67,7 @@ class PEGO(LoRA):
     """
 
     name = "pego"
+    fsdp_unsupported = "its loss term reads the adapters' weights directly (not through their forward), and FSDP may hold only this rank's shard of them"
 
     #: it reads each adapted layer's own weight and factors, which peft's attention layer
     #: (in and out projections together) does not have as one matrix
