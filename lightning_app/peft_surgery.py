@@ -92,14 +92,14 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | None, layer_types:
                 f"the target_modules patterns {unmatched} match no {kinds} layer of {type(model).__name__}"
                 + (f" (they match only {unusable}, the output projections nn.MultiheadAttention reads by "
                    "weight, which an adapter cannot wrap)" if unusable else "")
-                + f"; the layers they could match are {_listing(candidates)}"
+                + f"; the layers they could match are {name_listing(candidates)}"
             )
         chosen = [name for name in candidates if any(matches(p, name) for p in patterns)]
     if not chosen:
         kinds = ", ".join(t.__name__ for t in layer_types)
         raise ValueError(
             f"{type(model).__name__} has no {kinds} layer outside the task head; its modules are "
-            f"{_listing([name for name, _ in model.named_modules() if name])}"
+            f"{name_listing([name for name, _ in model.named_modules() if name])}"
         )
     left_out = sorted(
         name for name in skipped
@@ -108,13 +108,14 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | None, layer_types:
     )
     if left_out:
         rank_zero_info(
-            f"Not adapted: {_listing(left_out)} — nn.MultiheadAttention reads these output projections "
+            f"Not adapted: {name_listing(left_out)} — nn.MultiheadAttention reads these output projections "
             "by weight, so an adapter there would never train"
         )
     return chosen
 
 
-def _listing(names: Sequence[str], limit: int = 30) -> str:
+def name_listing(names: Sequence[str], limit: int = 30) -> str:
+    """``names`` as a list for a message, cut after ``limit``."""
     return f"{list(names[:limit])}{f' and {len(names) - limit} more' if len(names) > limit else ''}"
 
 
@@ -141,12 +142,16 @@ def keep_adapters_in_eval(model: nn.Module, adapted: Callable[[nn.Parameter], bo
     In eval mode without gradients that layer calls one fused kernel with ``linear1.weight``,
     ``self_attn.in_proj_weight``, ... read directly, which skips every adapter inside it: the
     model would train with its adapters and predict without them. A forward hook is one of the
-    conditions under which PyTorch keeps the ordinary path.
+    conditions under which PyTorch keeps the ordinary path; the encoder around such layers must
+    then not hand them nested tensors (its padding-mask fast path), which only the fused kernel takes.
     """
     layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)
               and any(adapted(p) for p in m.parameters())]
     for layer in layers:
         layer.register_forward_pre_hook(_no_fast_path)
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and any(layer in layers for layer in encoder.layers):
+            encoder.use_nested_tensor = False
     return len(layers)
 
 

@@ -107,7 +107,7 @@ def test_bitfit_trains_the_attention_input_bias():
     assert not [name for name in before if torch.equal(before[name], after[name])]
 
 
-@pytest.mark.parametrize(("make", "children"), [(DemoTransformer, "'model'"), (BoringModel, "'layer'")],
+@pytest.mark.parametrize(("make", "children"), [(DemoTransformer, "'model', 'model.pos_encoder'"), (BoringModel, "'layer'")],
                          ids=["demo-transformer", "boring-model"])
 def test_linear_probe_without_a_head_fails_at_setup(make, children):
     with pytest.raises(TechniqueConfigError, match=rf"LinearProbe: .*\['classifier', 'head', 'score'\].*{children}"):
@@ -130,3 +130,30 @@ def test_a_trainable_parameter_without_gradient_is_named_after_the_first_step():
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match=r"received no gradient in the first step.*unused\.lora_A\.default\.weight"):
         fit(BoringWithUnusedBranch(), LoRA(r=2, target_modules=["layer", "unused"]), steps=1)
+
+
+class Encoder(nn.Module):
+    """A batch-first nn.TransformerEncoder, whose layers have PyTorch's fused inference path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder, self.head = nn.TransformerEncoder(layer, num_layers=2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x, src_key_padding_mask=padding).mean(1))
+
+
+def test_adapters_inside_transformer_encoder_layers_take_part_in_evaluation():
+    torch.manual_seed(0)
+    model = Encoder()
+    LoRA(r=2).prepare(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # adapters that change the function
+    x, padding = torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    trained = model.train()(x, padding)
+    with torch.no_grad():
+        evaluated = model.eval()(x, padding)
+    torch.testing.assert_close(evaluated, trained.detach(), rtol=1e-5, atol=1e-5)

@@ -40,6 +40,7 @@ from reglab.peft_surgery import (
     keep_adapters_in_eval,
     load_pretrained,
     merge_adapters,
+    name_listing,
     select_layers,
     technique_recipe,
     trainable_state,
@@ -108,8 +109,8 @@ class ParameterEfficientFineTuning(Technique):
         if not any(p.requires_grad for p in module.parameters()):
             raise self.fail(
                 f"it would train no parameter of {type(module).__name__}: it found no task head (a module "
-                f"named one of {sorted(TASK_HEAD_NAMES)}) among its modules "
-                f"{[name for name, _ in module.named_children()]}",
+                f"named one of {sorted(TASK_HEAD_NAMES)}, or inside one) among its modules "
+                f"{name_listing([name for name, _ in module.named_modules() if name])}",
                 "name the module's output layer `head` (or `classifier` / `score`)",
             )
         # checkpoints hold only what trains; the frozen rest comes from the pretrained weights
