@@ -12,6 +12,8 @@ Declarations (class attributes):
     conflicts_with: names of technique classes it cannot be stacked with.
     requires_closure: it re-evaluates the loss inside ``optimizer.step(closure)`` (SAM-style).
     stateful: it keeps state that must be identical on every DDP rank and survive resume.
+    fsdp_unsupported: why it cannot run on a model sharded by FSDP (Lightning's ``FSDPStrategy``
+        or ``ModelParallelStrategy``), or ``None`` when it can; refused at setup with the reason.
 
 Example:
     >>> import torch
@@ -53,6 +55,7 @@ class Technique(L.Callback):
     requires_closure: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     stages: ClassVar[frozenset[str]] = frozenset()
+    fsdp_unsupported: ClassVar[str | None] = None
 
     #: The technique's one id: its module file, config file, log prefix (``train/<name>/...``),
     #: checkpoint state key, card and claim all use it. reglab's techniques set it; a class that
@@ -100,6 +103,7 @@ class Technique(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_technique(self, trainer, pl_module)
+            check_sharding(self, trainer)
 
     def fail(self, problem: str, fix: str) -> TechniqueConfigError:
         """An error naming this technique, the problem and the fix (raise it)."""
@@ -146,6 +150,22 @@ def check_technique(technique: Technique, trainer: L.Trainer, module: L.Lightnin
                 f"use a DataModule whose batches carry `{need}` (every reglab DataModule has `index`; "
                 "`clean_target` comes with label_noise)",
             )
+
+
+def is_sharded(trainer: L.Trainer) -> bool:
+    """Whether the trainer's strategy shards the module's parameters across ranks (FSDP)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), (FSDPStrategy, ModelParallelStrategy))
+
+
+def check_sharding(technique: Technique, trainer: L.Trainer) -> None:
+    """Refuse a technique that declares it cannot run on a sharded model (``fsdp_unsupported``)."""
+    if technique.fsdp_unsupported and is_sharded(trainer):
+        raise technique.fail(
+            f"it cannot run under {type(trainer.strategy).__name__}: {technique.fsdp_unsupported}",
+            "train with strategy='ddp' (every rank holds the whole model), or leave this technique out",
+        )
 
 
 def check_step_output(technique: Technique, out: StepOutput) -> None:
