@@ -39,6 +39,8 @@ a markdown table next to it::
     reglab soup --checkpoints a.ckpt b.ckpt c.ckpt --method greedy \
         --config configs/experiment/rotated_digits_soup_ingredient.yaml --out soup.ckpt
 
+``--out`` and the report (``--report``, default ``--out`` with ``.md``) must be new files: the
+command never overwrites a file, least of all an ingredient, and says so before loading anything.
 ``--config`` takes the configs the ingredients were trained with (their ``data:`` section gives
 the validation split); ``--metric`` / ``--mode`` choose what greedy ranks by (``val/acc``, max).
 :func:`average_state_dicts`, :func:`uniform_soup` and :func:`greedy_soup` are the pure functions
