@@ -301,8 +301,9 @@ def _check_required_sections(argv: list[str], sections: set[str], paths: list[st
         files = " ".join(f"--config {SECTION_EXAMPLES[section]}" for section in missing)
         raise SystemExit(
             f"reglab: no {' and no '.join(f'`{section}:`' for section in missing)} section in "
-            f"{', '.join(paths)}, so the {' and the '.join(missing)} config file is missing. Fix: pass it "
-            f"before this file (e.g. {files}), or start from an experiment config "
+            f"{', '.join(paths)}, so the {' and the '.join(missing)} config "
+            f"{'files are' if len(missing) > 1 else 'file is'} missing. Fix: pass "
+            f"{'them' if len(missing) > 1 else 'it'} before this file (e.g. {files}), or start from an experiment config "
             "(--config configs/experiment/quickstart.yaml) and add this file after it."
         )
 

@@ -180,7 +180,7 @@ def test_misspelled_callback_argument_is_named_too(tmp_path):
 def test_technique_file_without_a_data_file_says_which_file_is_missing(tmp_path):
     elr = CONFIGS / "technique/elr.yaml"
     with pytest.raises(SystemExit, match=rf"no `data:` and no `model:` section in {elr}, so the data and the model config "
-                                         r"file is missing. Fix: pass it.*configs/data/digits.yaml"):
+                                         r"files are missing. Fix: pass them.*configs/data/digits.yaml"):
         main(["fit", "--config", str(elr), f"--runs_dir={tmp_path}"])
     with pytest.raises(SystemExit, match=r"no `data:` section in .*so the data config file is missing"):
         main(["fit", "--config", str(CONFIGS / "model/cnn.yaml"), "--config", str(elr), f"--runs_dir={tmp_path}"])
