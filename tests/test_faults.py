@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from reglab.callbacks import ELR
+from reglab.callbacks import ELR, PSKD
 from reglab.callbacks.fine_tuning import PretrainedWeights
 from reglab.callbacks.self_distillation import KnowledgeDistillation
 from reglab.cli import ReglabCLI, main, merge_technique_configs
@@ -77,11 +77,13 @@ def test_model_built_for_other_data_fails_at_setup(wrong):
         _trainer().fit(_digits_mlp(**wrong), datamodule=DigitsDataModule(flatten=True, batch_size=32))
 
 
-def test_per_sample_table_smaller_than_the_training_set_fails_at_setup():
+@pytest.mark.parametrize("technique", [ELR, PSKD])
+def test_per_sample_table_smaller_than_the_training_set_fails_at_setup(technique):
     data = DigitsDataModule(flatten=True, batch_size=32)
-    with pytest.raises(TechniqueConfigError, match=r"ELR: num_samples=100 is smaller than the \d+ training samples "
+    name = technique.__name__
+    with pytest.raises(TechniqueConfigError, match=rf"{name}: num_samples=100 is smaller than the \d+ training samples "
                                                    r"of DigitsDataModule.*Fix: leave num_samples unset"):
-        _trainer(callbacks=[ELR(num_samples=100)]).fit(_digits_mlp(), datamodule=data)
+        _trainer(callbacks=[technique(num_samples=100)]).fit(_digits_mlp(), datamodule=data)
 
 
 def test_per_sample_table_smaller_than_another_datamodules_training_set_fails_at_the_first_step():
