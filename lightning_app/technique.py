@@ -11,7 +11,8 @@ Declarations (class attributes):
         ``"clean_target"``, ``"domain"``, ``"task"``.
     conflicts_with: names of technique classes it cannot be stacked with.
     requires_closure: it re-evaluates the loss inside ``optimizer.step(closure)`` (SAM-style).
-    stateful: it keeps state that must be identical on every DDP rank and survive resume.
+    stateful: it keeps state that must be identical on every DDP rank and survive resume; such
+        an object belongs to one model (a fit of another model is refused: build a new one).
     fsdp_unsupported: why it cannot run on a model sharded by FSDP (Lightning's ``FSDPStrategy``
         or ``ModelParallelStrategy``), or ``None`` when it can; refused at setup with the reason.
 
