@@ -187,7 +187,7 @@ class RelativeToConfig:
 
 ConfigPath = Annotated[str, RelativeToConfig]
 
-# sections that a config set must provide somewhere (a file or a --<section>... argument)
+# the sections every command needs from a file or a --<section>... argument, and a file that has each
 SECTION_EXAMPLES = {"data": "configs/data/digits.yaml", "model": "configs/model/cnn.yaml"}
 
 
