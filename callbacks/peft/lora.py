@@ -68,7 +68,16 @@ class LoRA(ParameterEfficientFineTuning):
     def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(self.peft_config(layer_names), module)
+        # peft takes a `_device_mesh` attribute for a transformers tensor-parallel model and reads its
+        # `config`; Lightning's ModelParallelStrategy sets one (a data-parallel mesh) on the module
+        mesh = getattr(module, "_device_mesh", None)
+        if mesh is not None:
+            module._device_mesh = None
+        try:
+            inject_adapter_in_model(self.peft_config(layer_names), module)
+        finally:
+            if mesh is not None:
+                module._device_mesh = mesh
 
     def save_pretrained(self, module: nn.Module, directory: str | Path, root: str = "") -> None:
         """Export the trained adapters and task head of ``module`` as a peft adapter directory.
