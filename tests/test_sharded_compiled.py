@@ -5,6 +5,8 @@ gain ``_orig_mod.``) or is refused at setup; under FSDP the techniques that decl
 ``fsdp_unsupported`` are refused at setup with their reason. Lightning's FSDP strategy and
 torch's FSDP need a GPU (neither runs on CPU in this torch/Lightning), so the FSDP runs that
 must work are in benchmarks/gpu_checks.sh; here the refusal path runs through a real Trainer.
+Lightning's ``ModelParallelStrategy`` (torch's ``fully_shard``, DTensor parameters) does run on
+CPU with gloo: two processes train sharded with a loss-only technique and with LoRA.
 The compiled runs use the ``eager`` backend: the same ``_orig_mod.`` names, no C compiler.
 """
 
@@ -15,10 +17,13 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from torch.distributed.fsdp import fully_shard
 
 from harness import HARNESS, noisy_digits, quiet_trainer, small_module
-from reglab.callbacks import EMA
+from reglab.callbacks import ELR, EMA, LoRA
+from reglab.tasks import ClassificationModule
 from reglab.technique import TechniqueConfigError, check_sharding
 
 REFUSED_UNDER_FSDP = sorted(name for name, case in HARNESS.items() if case.make().fsdp_unsupported)
@@ -80,3 +85,39 @@ def test_ema_of_a_compiled_module_averages_its_real_parameters():
     for name, value in zip(ema.average.names, ema.average.tensors):
         if name in parameters:
             torch.testing.assert_close(parameters[name].detach(), value)
+
+
+class MetricsOnlyLauncher(_MultiProcessingLauncher):
+    """Spawns the ranks (pytest cannot be re-run as a script) and brings back the metrics only:
+    DTensor weights do not reload in the main process."""
+
+    def _collect_rank_zero_results(self, trainer, results):
+        output = super()._collect_rank_zero_results(trainer, results)
+        return None if output is None else output._replace(weights_path=None)
+
+
+class SpawnedModelParallel(ModelParallelStrategy):
+    def _configure_launcher(self) -> None:
+        self._launcher = MetricsOnlyLauncher(self, start_method="spawn")
+
+
+class ShardedClassifier(ClassificationModule):
+    """Backbone and head each a ``fully_shard`` unit: the step contract calls them directly, not
+    through the module's forward, which would unshard a root unit."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.backbone, mesh=mesh)
+        fully_shard(self.head, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+@pytest.mark.parametrize(("make", "term"), [(lambda: ELR(lam=3.0), "train/loss"), (lambda: LoRA(r=4), "train/loss")],
+                         ids=["ELR", "LoRA"])
+def test_techniques_that_declare_nothing_train_a_sharded_model(make, term):
+    L.seed_everything(0, verbose=False)
+    module = ShardedClassifier("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (32,)}, lr=1e-2)
+    trainer = quiet_trainer(max_steps=3, devices=2, strategy=SpawnedModelParallel(), limit_val_batches=1,
+                            callbacks=[make()])
+    trainer.fit(module, datamodule=noisy_digits(batch_size=64))
+    assert trainer.state.finished and torch.isfinite(trainer.callback_metrics[term])

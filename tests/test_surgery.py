@@ -157,3 +157,21 @@ def test_adapters_inside_transformer_encoder_layers_take_part_in_evaluation():
     with torch.no_grad():
         evaluated = model.eval()(x, padding)
     torch.testing.assert_close(evaluated, trained.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_attention_exports_with_peft_and_peft_reloads_it(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    module, lora = DemoTransformer(), LoRA(r=2)
+    pretrained = {name: value.clone() for name, value in module.model.state_dict().items()}
+    fit(module, lora)
+    lora.save_pretrained(module, tmp_path / "adapter", root="model")
+    inputs, target = next(iter(module.train_dataloader()))
+    base = Transformer(vocab_size=VOCAB, ninp=8, nhead=2, nhid=8, nlayers=2, dropout=0.0)
+    base.load_state_dict(pretrained)
+    # in train mode (no dropout here): in eval, peft's model itself takes PyTorch's fused encoder
+    # path, which skips its adapters (the surgery above keeps that path off)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").train()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(inputs, target), module.eval()(inputs, target), rtol=1e-5, atol=1e-5)

@@ -12,6 +12,10 @@ optimizers and before it restores a checkpoint:
    (:meth:`ParameterEfficientFineTuning.trains`) and the task head's;
 4. report trainable / total parameters (``technique.parameter_counts``, also printed).
 
+A target pattern that matches no layer, or a surgery that would train nothing (no task head),
+fails here naming what it looked for and the module's names; after the first backward pass a
+warning names every trainable parameter that received no gradient (one the forward never uses).
+
 Because the adapters exist before Lightning restores a checkpoint, ``trainer.fit(ckpt_path=...)``
 resumes exactly. With a ``pretrained_checkpoint``, checkpoints hold only the trainable parameters
 and the buffers (the frozen ones are rebuilt from the pretrained weights at setup), so the
@@ -139,7 +143,7 @@ class ParameterEfficientFineTuning(Technique):
         if unused:
             rank_zero_warn(
                 f"{type(self).__name__}: {len(unused)} trainable parameters received no gradient in the first "
-                f"step, so they do not train: {unused[:30]}{' ...' if len(unused) > 30 else ''}. The forward "
+                f"step, so they do not train: {name_listing(unused)}. The forward "
                 "pass does not use them; leave their layers out of target_modules"
             )
 

@@ -68,7 +68,16 @@ class LoRA(ParameterEfficientFineTuning):
     def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(self.peft_config(layer_names), module)
+        # peft takes a `_device_mesh` attribute for a transformers tensor-parallel model and reads its
+        # `config`; Lightning's ModelParallelStrategy sets one (a data-parallel mesh) on the module
+        mesh = getattr(module, "_device_mesh", None)
+        if mesh is not None:
+            module._device_mesh = None
+        try:
+            inject_adapter_in_model(self.peft_config(layer_names), module)
+        finally:
+            if mesh is not None:
+                module._device_mesh = mesh
 
     def save_pretrained(self, module: nn.Module, directory: str | Path, root: str = "") -> None:
         """Export the trained adapters and task head of ``module`` as a peft adapter directory.
@@ -88,12 +97,17 @@ class LoRA(ParameterEfficientFineTuning):
         from peft.tuners.lora import LoraLayer
 
         base = copy.deepcopy(module.get_submodule(root))
-        adapted = [name for name, layer in base.named_modules() if isinstance(layer, LoraLayer)]
+        layers = [name for name, layer in base.named_modules() if isinstance(layer, LoraLayer)]
+        # the out_proj adapter inside peft's attention layer belongs to it: peft recreates both
+        adapted = [name for name in layers if not any(name.startswith(f"{outer}.") for outer in layers)]
         if not adapted:
             raise self.fail(f"the module {root or 'given'} holds no LoRA layer", "pass the module this LoRA fine-tuned")
         adapter_weights = {name: value for name, value in base.state_dict().items() if ".lora_" in name}
         for name in adapted:
-            replace_module(base, name, base.get_submodule(name).get_base_layer())
+            layer = base.get_submodule(name)
+            unload = getattr(layer, "unload_and_optionally_merge_module", None)
+            replace_module(base, name, unload(merge=False, safe_merge=False, adapter_names=None) if unload
+                           else layer.get_base_layer())
         base.__dict__.pop("peft_config", None)  # left by the injection; the copy is a plain model again
         heads = [name for name, _ in base.named_modules()
                  if name and is_task_head(name) and not is_task_head(name.rpartition(".")[0])]
