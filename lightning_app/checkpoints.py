@@ -11,10 +11,22 @@ different step with different weights than an uninterrupted one.
 place Lightning's ``every_n_train_steps`` checkpoints are written, which Lightning resumes batch
 for batch — and so the epoch-end save of that step is skipped. It also refuses to resume from a
 checkpoint written the other way, saying what to resume from instead.
+
+A checkpoint saved at an ordinary epoch end has a second problem: Lightning saves it inside
+``on_train_epoch_end``, where the epoch counts as processed but not completed, and the batch
+counter still holds the finished epoch's batches. Resumed with ``max_steps`` set (Lightning then
+always treats the fit as restarting), that state makes Lightning train the next epoch's first
+batch as one more batch of the old epoch and then skip to the epoch after next. RunCheckpoint
+stores (and, for older checkpoints, reads) such a checkpoint as what it is: that epoch completed,
+the next one not started — which Lightning resumes exactly with or without ``max_steps``.
+
+It writes every checkpoint to ``<name>.partial`` and renames it into place, so a process killed
+while saving (Ctrl-C, SIGKILL) leaves the previous ``last.ckpt`` whole.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -58,9 +70,22 @@ class RunCheckpoint(ModelCheckpoint):
         else:
             self._save_topk_checkpoint(trainer, candidates)
 
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        self._last_checkpoint_saved = filepath
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        mark_epoch_completed(checkpoint)
+
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
         if trainer.state.fn == "fit":
             check_exact_resume(checkpoint, trainer.ckpt_path)
+            mark_epoch_completed(checkpoint)  # Lightning restores the loops from this dict afterwards
 
 
 def stops_mid_epoch(trainer: L.Trainer) -> bool:
@@ -79,6 +104,34 @@ def stops_mid_epoch(trainer: L.Trainer) -> bool:
     )
 
 
+def _fit_progress(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(epoch progress, batch progress) of the fit loop in a checkpoint, if it has them."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loops.get("epoch_progress"), loops.get("epoch_loop.batch_progress")
+    return (epochs, batches) if epochs and batches else None
+
+
+def _saved_in_epoch_end(epochs: dict[str, Any]) -> bool:
+    current = epochs["current"]
+    return current["processed"] == current["started"] and current["completed"] == current["processed"] - 1
+
+
+def mark_epoch_completed(checkpoint: dict[str, Any]) -> None:
+    """Rewrite a checkpoint saved at the end of a whole epoch as "epoch completed, next not started".
+
+    This is the state Lightning itself reaches right after ``on_train_epoch_end``; the fit loop
+    resumes it by starting the next epoch (see the module docstring for why the saved state is not).
+    """
+    progress = _fit_progress(checkpoint)
+    if progress is None or not _saved_in_epoch_end(progress[0]) or not progress[1]["is_last_batch"]:
+        return
+    epochs, batches = progress
+    for scope in ("total", "current"):
+        epochs[scope]["completed"] = epochs[scope]["processed"]
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False
+
+
 def check_exact_resume(checkpoint: dict[str, Any], path: Any = None) -> None:
     """Refuse a checkpoint saved at the end of an epoch that a stop cut short.
 
@@ -86,12 +139,11 @@ def check_exact_resume(checkpoint: dict[str, Any], path: Any = None) -> None:
     ``should_stop`` ends a fit mid-epoch) marks the epoch as finished although only some of its
     batches were trained on, and the epoch's end hooks ran on that partial epoch.
     """
-    loops = checkpoint.get("loops", {}).get("fit_loop", {})
-    epochs, batches = loops.get("epoch_progress", {}).get("current"), loops.get("epoch_loop.batch_progress")
-    if not epochs or not batches:
+    progress = _fit_progress(checkpoint)
+    if progress is None:
         return
-    saved_at_epoch_end = epochs["processed"] == epochs["started"] and epochs["completed"] == epochs["processed"] - 1
-    if saved_at_epoch_end and not batches["is_last_batch"]:
+    epochs, batches = progress[0]["current"], progress[1]
+    if _saved_in_epoch_end(progress[0]) and not batches["is_last_batch"]:
         raise InexactResumeError(
             f"{path or 'the checkpoint'} was saved when the fit stopped in the middle of epoch "
             f"{epochs['completed']} (after {batches['current']['completed']} of its batches, step "

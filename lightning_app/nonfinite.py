@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 
@@ -115,12 +116,13 @@ class NonFiniteGuard(L.Callback):
         )
 
     def _kept_checkpoint(self, trainer: L.Trainer) -> str:
-        paths = sorted({
-            path
+        # every save after the first non-finite step was refused, so what is on disk is finite
+        paths = [
+            next((path for path in (callback.last_model_path, callback.best_model_path) if path and Path(path).is_file()), None)
             for callback in trainer.checkpoint_callbacks
-            for path in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", ""))
-            if path and Path(path).is_file()
-        })
+            if isinstance(callback, ModelCheckpoint)
+        ]
+        paths = [path for path in paths if path]
         if not paths:
             return "No checkpoint had been saved before it."
         when = f" (saved at step {self._last_saved_step})" if self._last_saved_step is not None else ""
