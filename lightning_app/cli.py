@@ -37,7 +37,7 @@ from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from reglab.checkpoints import InexactResumeError, RunCheckpoint
+from reglab.resume import InexactResumeError, RunCheckpoint
 from reglab.nonfinite import NonFiniteGuard, NonFiniteLossError
 from reglab.run_folder import RUN_DIR_ENV, RunFolder, next_number, numbered, run_loggers
 from reglab.summary import print_run_summary

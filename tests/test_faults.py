@@ -295,7 +295,7 @@ def test_resume_after_sigterm_loses_no_step_and_is_exact(tmp_path):
 def test_resume_after_mid_epoch_early_stopping_is_exact(tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping
     from harness import noisy_digits, quiet_trainer, small_module
-    from reglab.checkpoints import RunCheckpoint
+    from reglab.resume import RunCheckpoint
 
     def run(folder, max_steps, *callbacks, ckpt_path=None):
         module = small_module()
@@ -315,7 +315,7 @@ def test_resume_after_mid_epoch_early_stopping_is_exact(tmp_path):
 def test_a_checkpoint_that_skips_the_rest_of_a_stopped_epoch_is_refused(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from harness import noisy_digits, quiet_trainer, small_module
-    from reglab.checkpoints import InexactResumeError, RunCheckpoint
+    from reglab.resume import InexactResumeError, RunCheckpoint
 
     # Lightning's own ModelCheckpoint saves a max_steps stop after marking the cut epoch as done
     quiet_trainer(max_steps=STEPS_PER_EPOCH + 2, enable_checkpointing=True,

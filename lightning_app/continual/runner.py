@@ -19,7 +19,7 @@ the fit of task t exactly (see docs/architecture.md) and the sequence continues 
 :func:`latest_checkpoint` finds the newest of a run's checkpoints (``--ckpt_path last``).
 
 Each task logs to ``<run_dir>/tasks/task_<t>/``: ``metrics.csv`` and TensorBoard events side by
-side; a resumed task continues its logs. Checkpoints are :class:`~reglab.checkpoints.RunCheckpoint`
+side; a resumed task continues its logs. Checkpoints are :class:`~reglab.resume.RunCheckpoint`
 (exact resume after any stop) and :class:`~reglab.nonfinite.NonFiniteGuard` stops a task whose
 loss diverges. Callbacks that start a run from pretrained weights (:class:`PretrainedWeights`) act on the
 first task only; later tasks continue from the previous task's weights.
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from reglab.callbacks.fine_tuning.pretrained_weights import PretrainedWeights
 from reglab.datamodules.tasks import TaskSequenceDataModule
-from reglab.checkpoints import RunCheckpoint
+from reglab.resume import RunCheckpoint
 from reglab.continual.metrics import accuracy_matrix, markdown_table, plot_heatmap, summary
 from reglab.nonfinite import NonFiniteGuard
 from reglab.run_folder import run_loggers

@@ -149,6 +149,6 @@ def check_exact_resume(checkpoint: dict[str, Any], path: Any = None) -> None:
             f"{epochs['completed']} (after {batches['current']['completed']} of its batches, step "
             f"{checkpoint.get('global_step')}), by a checkpoint callback that marks that epoch as done: "
             "resuming would skip the rest of the epoch and not match an uninterrupted run. Fix: resume "
-            "from a checkpoint saved by reglab.checkpoints.RunCheckpoint (last.ckpt of a reglab run), or "
+            "from a checkpoint saved by reglab.resume.RunCheckpoint (last.ckpt of a reglab run), or "
             "from one saved at an epoch end, or start the run anew."
         )
