@@ -23,6 +23,7 @@ their own inside it (``test_0``, ...). See :mod:`reglab.run_folder` for the fold
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -133,7 +134,7 @@ def fill_model_shape_from_data(config: Namespace) -> None:
     model_cfg, data_cfg = config.get("model"), config.get("data")
     if model_cfg is None or data_cfg is None or not isinstance(model_cfg, Namespace):
         return
-    model_class = _import(model_cfg.class_path)
+    model_class = import_class(model_cfg.class_path)
     wanted = [
         key
         for key in ("num_classes", "input_shape")
@@ -154,7 +155,8 @@ def _instantiate_datamodule(data_cfg: Namespace) -> LightningDataModule:
     return parser.instantiate_classes(Namespace(data=data_cfg)).data
 
 
-def _import(class_path: str) -> type:
+def import_class(class_path: str) -> type:
+    """The class (or function) a dotted path such as ``reglab.tasks.ClassificationModule`` names."""
     module_name, _, name = class_path.rpartition(".")
     return getattr(__import__(module_name, fromlist=[name]), name)
 
@@ -223,7 +225,7 @@ def merge_technique_configs(argv: list[str]) -> list[str]:
         techniques = (yaml.safe_load(Path(path).read_text()) or {}).get("techniques")
         if isinstance(techniques, dict):
             found = True
-            merged = _deep_merge(merged, techniques)
+            merged = deep_merge(merged, techniques)
     if not found:
         return argv
     last = config_positions[-1] + (1 if "=" in argv[config_positions[-1]] else 2)
@@ -231,12 +233,13 @@ def merge_technique_configs(argv: list[str]) -> list[str]:
     return argv[:last] + [f"--techniques={json.dumps(merged)}"] + argv[last:]
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged into ``base`` key by key (nested mappings too), as config files compose."""
     out = dict(base)
     for key, value in update.items():
         # another class under the same name is a new technique: the old one's init_args don't apply
         if isinstance(value, dict) and isinstance(out.get(key), dict) and not _replaces_class(out[key], value):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -246,23 +249,21 @@ def _replaces_class(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return "class_path" in new and new["class_path"] != old.get("class_path")
 
 
+#: reglab's own commands beside LightningCLI's, by the function that runs each. Named by path so
+#: that the core CLI imports no family (fit-tasks belongs to continual learning, soup to averaging).
+COMMANDS = {
+    "bench": "reglab.bench.cli:main",
+    "fit-tasks": "reglab.continual.cli:main",
+    "soup": "reglab.soups:main",
+}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``reglab`` console script and ``python -m reglab``."""
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "bench":
-        from reglab.bench.cli import main as bench_main
-
-        bench_main(argv[1:])
-        return
-    if argv and argv[0] == "fit-tasks":
-        from reglab.continual.cli import main as fit_tasks_main
-
-        fit_tasks_main(argv[1:])
-        return
-    if argv and argv[0] == "soup":
-        from reglab.soups import main as soup_main
-
-        soup_main(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        module_name, _, function = COMMANDS[argv[0]].partition(":")
+        getattr(importlib.import_module(module_name), function)(argv[1:])
         return
     try:
         ReglabCLI(args=merge_technique_configs(argv))

@@ -39,79 +39,18 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import random
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from reglab.kernels import soft_cross_entropy
-from reglab.peft_surgery import restore_surgery
+from reglab.checkpoints import run_restore_hooks
+from reglab.step import StepOutput, cross_entropy_per_sample
+from reglab.technique import Technique, run_stages
 
-if TYPE_CHECKING:
-    from reglab.technique import Technique
-
-
-@dataclass
-class StepOutput:
-    """What one forward pass produced, handed to every technique stage.
-
-    Attributes:
-        logits: ``(N, C)`` class scores.
-        target: what the task loss is computed against: ``(N,)`` class indices, or ``(N, C)``
-            probabilities once a target transform ran.
-        labels: ``(N,)`` class indices as the data gave them; never transformed (defaults to
-            ``target`` when that holds indices).
-        features: ``(N, D)`` penultimate features, when the module has them.
-        index: ``(N,)`` positions of the samples in the training set, when the data has them.
-        batch: the batch the step ran on (after batch transforms).
-        task_loss: ``(N,)`` per-sample task loss, filled by the step before loss terms run.
-        extras: anything else a module or technique wants to pass along.
-    """
-
-    logits: Tensor
-    target: Tensor
-    labels: Tensor | None = None
-    features: Tensor | None = None
-    index: Tensor | None = None
-    batch: dict[str, Any] = field(default_factory=dict)
-    task_loss: Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.labels is None and self.target.dim() == 1:
-            self.labels = self.target
-
-    def detached(self) -> StepOutput:
-        """A copy whose tensors are cut from the autograd graph (safe to keep after the step)."""
-
-        def cut(value: Any) -> Any:
-            if isinstance(value, Tensor):
-                return value.detach()
-            if isinstance(value, dict):
-                return {k: cut(v) for k, v in value.items()}
-            return value
-
-        return dataclasses.replace(
-            self, **{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        )
-
-
-def cross_entropy_per_sample(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy per sample for hard (``(N,)``) or soft (``(N, C)``) targets, in fp32.
-
-    Soft targets (PS-KD, mixup, label smoothing) go through
-    :func:`reglab.kernels.soft_cross_entropy`: the fused Triton kernel on GPU, the torch
-    reference elsewhere; both count zero-target terms on masked (-inf) logits as 0.
-    """
-    if target.dim() == logits.dim():
-        rows = soft_cross_entropy(logits.flatten(0, -2), target.flatten(0, -2), reduction="none")
-        return rows.view(logits.shape[:-1])
-    return F.cross_entropy(logits.float(), target, reduction="none")
+__all__ = ["RegularizedMixin", "StepOutput", "cross_entropy_per_sample"]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -164,8 +103,6 @@ class RegularizedMixin:
     @property
     def techniques(self) -> list[Technique]:
         """The techniques attached to the trainer, in config order."""
-        from reglab.technique import Technique
-
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return []
@@ -173,8 +110,6 @@ class RegularizedMixin:
 
     def regularized_step(self, batch: dict[str, Any]) -> tuple[Tensor, StepOutput, dict[str, Tensor]]:
         """Run the contract on one batch: returns (total loss, step output, named terms)."""
-        from reglab.technique import run_stages
-
         return run_stages(self, self.techniques, batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -213,9 +148,9 @@ class RegularizedMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "reglab_rng_state" in checkpoint:
             _set_rng_state(checkpoint["reglab_rng_state"])
-        # a parameter-efficient fine-tuning checkpoint holds only the trained weights: redo the
-        # surgery it records before Lightning loads them (load_from_checkpoint)
-        restore_surgery(self, checkpoint)
+        # e.g. a parameter-efficient fine-tuning checkpoint holds only the trained weights: the
+        # hook it names redoes the surgery before Lightning loads them (load_from_checkpoint)
+        run_restore_hooks(self, checkpoint)
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)

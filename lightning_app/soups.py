@@ -69,28 +69,12 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 from torch import Tensor
 
-from reglab.cli import _deep_merge, _import
-
-StateDict = Mapping[str, Tensor]
+from reglab.checkpoints import StateDict, first_mismatch
+from reglab.cli import deep_merge, import_class
 
 
 class SoupIngredientError(ValueError):
     """Ingredients that cannot be averaged (different entries, shapes or dtypes)."""
-
-
-def first_mismatch(expected: StateDict, found: StateDict, names: tuple[str, str] = ("first", "second")) -> str | None:
-    """A sentence naming the first entry in which two state dicts differ in presence, shape or dtype."""
-    for key in list(expected) + [k for k in found if k not in expected]:
-        if key not in found:
-            return f"`{key}` is in {names[0]} but not in {names[1]}"
-        if key not in expected:
-            return f"`{key}` is in {names[1]} but not in {names[0]}"
-        a, b = expected[key], found[key]
-        if a.shape != b.shape:
-            return f"`{key}` has shape {tuple(a.shape)} in {names[0]} but {tuple(b.shape)} in {names[1]}"
-        if a.dtype != b.dtype:
-            return f"`{key}` has dtype {a.dtype} in {names[0]} but {b.dtype} in {names[1]}"
-    return None
 
 
 def ingredient_names(state_dicts: Sequence[StateDict], names: Sequence[str] | None) -> list[str]:
@@ -276,7 +260,7 @@ def datamodule_from_configs(paths: Sequence[str]) -> L.LightningDataModule:
     for path in paths:
         section = (yaml.safe_load(Path(path).read_text()) or {}).get("data")
         if isinstance(section, dict):
-            data = _deep_merge(data, section)
+            data = deep_merge(data, section)
     if not data:
         raise SystemExit(f"reglab soup: none of {list(paths)} has a `data:` section; pass the config the "
                          "ingredients were trained with")
@@ -333,7 +317,7 @@ def main(argv: list[str]) -> None:
 
     evaluate = None
     if args.config:
-        module = _import(args.model_class).load_from_checkpoint(args.checkpoints[0], map_location="cpu")
+        module = import_class(args.model_class).load_from_checkpoint(args.checkpoints[0], map_location="cpu")
         evaluate = held_out_evaluator(module, datamodule_from_configs(args.config), args.metric)
     if args.method == "greedy":
         soup = greedy_soup(state_dicts, evaluate, names, higher_is_better=args.mode == "max")

@@ -35,7 +35,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from reglab.mixins import RegularizedMixin, StepOutput
+from reglab.step import StepOutput
 
 STAGES = ("transform_batch", "transform_outputs", "transform_targets", "task_loss", "loss_terms")
 STEP_FIELDS = frozenset({"features", "index"})
@@ -54,18 +54,22 @@ class Technique(L.Callback):
     stateful: ClassVar[bool] = False
     stages: ClassVar[frozenset[str]] = frozenset()
 
+    #: The technique's one id: its module file, config file, log prefix (``train/<name>/...``),
+    #: checkpoint state key, card and claim all use it. reglab's techniques set it; a class that
+    #: does not gets its snake-cased class name.
+    name: ClassVar[str] = "technique"
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.stages = frozenset(s for s in STAGES if getattr(cls, s) is not getattr(Technique, s))
-
-    @property
-    def name(self) -> str:
-        """Snake-case class name; the prefix of every logged term."""
-        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(self).__name__).lower()
+        if "name" not in cls.__dict__:
+            cls.name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls.__name__).lower()
+        if isinstance(cls.name, str) and not re.fullmatch(r"[a-z][a-z0-9_]*", cls.name):
+            raise TypeError(f"{cls.__name__}.name must be a snake-case id such as 'elr', got {cls.name!r}")
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        return self.name
 
     # -- stages (identity / nothing by default) -------------------------------------------------
     def transform_batch(self, batch: dict[str, Any], module: L.LightningModule) -> dict[str, Any]:
@@ -104,7 +108,8 @@ class Technique(L.Callback):
 
 def check_technique(technique: Technique, trainer: L.Trainer, module: L.LightningModule) -> None:
     """Validate a technique against the module, the data and the other techniques."""
-    if technique.stages and not isinstance(module, RegularizedMixin):
+    # RegularizedMixin, or any module that implements the contract's entry point itself
+    if technique.stages and not callable(getattr(module, "regularized_step", None)):
         raise technique.fail(
             f"it changes the training loss (stages: {', '.join(sorted(technique.stages))}) but "
             f"{type(module).__name__} does not use the step contract",
@@ -155,7 +160,7 @@ def check_step_output(technique: Technique, out: StepOutput) -> None:
 
 
 def run_stages(
-    module: RegularizedMixin, techniques: list[Technique], batch: dict[str, Any]
+    module: L.LightningModule, techniques: list[Technique], batch: dict[str, Any]
 ) -> tuple[Tensor, StepOutput, dict[str, Tensor]]:
     """One training step of the contract; returns (total loss, step output, named terms)."""
     for technique in techniques:

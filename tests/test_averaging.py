@@ -18,7 +18,7 @@ from torch.optim.swa_utils import update_bn
 
 from reglab.callbacks import EMA, SWA, MeanTeacher, OGENSelfDistillation
 from reglab.callbacks.averaging.mean_teacher import distillation_kl
-from reglab.callbacks.averaging.ogen import adaptive_window
+from reglab.callbacks.averaging.ogen_self_distillation import adaptive_window
 from reglab.averaging import (
     TRAINING_WEIGHTS_KEY,
     WeightAverage,

@@ -83,7 +83,7 @@ def test_run_folder_has_logs_config_checkpoint_and_resumes_with_last(tmp_path, c
     assert not (tmp_path / "quickstart" / "version_1").exists(), "resume must continue in the same folder"
     import torch
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert state["epoch"] == 1 and "ELR{'name': 'elr'}" in state["callbacks"]
+    assert state["epoch"] == 1 and "elr" in state["callbacks"]
 
 
 def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from reglab.callbacks import EWC, SI, ExperienceReplay, FeatureDistillation, L2ToPreviousTask, LwF
 from reglab.callbacks.continual.ewc import diagonal_fisher
 from reglab.callbacks.continual.lwf import prediction_distillation
-from reglab.callbacks.continual.replay import reservoir_slots
+from reglab.callbacks.continual.experience_replay import reservoir_slots
 from reglab.datamodules import DigitsDataModule, TaskSequenceDataModule, split_classes
 from reglab.continual.cli import main as fit_tasks
 from reglab.continual.metrics import accuracy_matrix, average_accuracy, backward_transfer, forgetting

@@ -167,7 +167,7 @@ def test_cutmix_on_flat_inputs_cuts_the_images_they_flatten_and_mixes_targets_by
     torch.manual_seed(0)
     batch = {"input": torch.rand(6, 64), "target": torch.tensor([0, 1, 2, 0, 1, 2])}
     mixed, targets = _step_through(CutMix(probability=1.0, image_shape=(1, 8, 8)), batch)
-    plan = mixed["cut_mix_plan"]
+    plan = mixed["cutmix_plan"]
     from_partner = (mixed["input"] == batch["input"][plan.permutation]) & (mixed["input"] != batch["input"])
     pasted_share = from_partner.float().mean().item()
     unmoved = plan.permutation == torch.arange(6)

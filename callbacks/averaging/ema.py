@@ -42,6 +42,8 @@ class EMA(WeightAveraging):
             first steps are not dominated by the initial weights.
     """
 
+    name = "ema"
+
     def __init__(self, decay: float = 0.999, warmup: bool = True) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:

@@ -60,6 +60,8 @@ class MeanTeacher(EMA):
         decay, warmup: of the teacher's EMA, as in :class:`EMA`.
     """
 
+    name = "mean_teacher"
+
     evaluates_average = False
 
     def __init__(self, lam: float = 1.0, temperature: float = 1.0, decay: float = 0.99, warmup: bool = True) -> None:

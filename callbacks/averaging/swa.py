@@ -59,6 +59,8 @@ class SWA(WeightAveraging):
         every_n_steps: average every n optimizer steps instead of once per epoch (the paper).
     """
 
+    name = "swa"
+
     def __init__(self, start_epoch: int | float = 0.75, every_n_steps: int | None = None) -> None:
         super().__init__()
         if isinstance(start_epoch, float) and not 0.0 < start_epoch < 1.0:

@@ -28,7 +28,7 @@ Method card:
 Example:
     >>> from reglab.callbacks import CutMix
     >>> CutMix(alpha=1.0, probability=0.5).name
-    'cut_mix'
+    'cutmix'
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ class CutMix(BatchMixing):
         image_shape: the image shape of flat inputs, e.g. ``(1, 8, 8)``; ``None`` when inputs are
             already images (at least ``(N, H, W)``).
     """
+
+    name = "cutmix"
 
     def __init__(self, alpha: float = 1.0, probability: float = 0.5, image_shape: Sequence[int] | None = None) -> None:
         super().__init__(alpha=alpha, probability=probability)

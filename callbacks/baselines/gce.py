@@ -41,6 +41,8 @@ class GCE(Technique):
         q: the Box-Cox exponent in (0, 1]; 1 gives MAE, small q approaches CE.
     """
 
+    name = "gce"
+
     def __init__(self, q: float = 0.7) -> None:
         if not 0.0 < q <= 1.0:
             raise ValueError(f"GCE: q must be in (0, 1], got {q}")

@@ -39,6 +39,8 @@ class LabelSmoothing(Technique):
         epsilon: the mass moved to the uniform distribution.
     """
 
+    name = "label_smoothing"
+
     def __init__(self, epsilon: float = 0.1) -> None:
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"LabelSmoothing: epsilon must be in [0, 1], got {epsilon}")

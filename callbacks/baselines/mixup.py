@@ -44,5 +44,7 @@ class Mixup(BatchMixing):
         probability: chance that a batch is mixed (the official code mixes every batch).
     """
 
+    name = "mixup"
+
     def blend_inputs(self, inputs: Tensor, permutation: Tensor, lam: float) -> tuple[Tensor, float]:
         return mixup_inputs(inputs, permutation, lam), lam

@@ -8,7 +8,7 @@ from reglab.callbacks.continual.l2_previous import L2ToPreviousTask
 from reglab.callbacks.continual.lwf import LwF
 from reglab.callbacks.continual.mvp import MVP
 from reglab.callbacks.continual.ovor import OVOR
-from reglab.callbacks.continual.replay import ExperienceReplay
+from reglab.callbacks.continual.experience_replay import ExperienceReplay
 from reglab.callbacks.continual.si import SI
 from reglab.callbacks.continual.teen import TEEN
 

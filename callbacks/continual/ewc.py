@@ -100,6 +100,8 @@ class EWC(AnchoredParameterPenalty):
         fisher_samples: training samples used per Fisher estimate (``None``: all of the task).
     """
 
+    name = "ewc"
+
     def __init__(self, lam: float = DEFAULT_LAM, gamma: float = 1.0, fisher_samples: int | None = None) -> None:
         super().__init__(lam)
         if not 0.0 <= gamma <= 1.0:

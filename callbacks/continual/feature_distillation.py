@@ -39,6 +39,8 @@ class FeatureDistillation(PreviousModelDistillation):
         lam: weight of the distillation term.
     """
 
+    name = "feature_distillation"
+
     needs = frozenset({"features"})
 
     def __init__(self, lam: float = 1.0) -> None:

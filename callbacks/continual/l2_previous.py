@@ -34,5 +34,7 @@ class L2ToPreviousTask(AnchoredParameterPenalty):
         lam: weight of the pull.
     """
 
+    name = "l2_previous"
+
     def __init__(self, lam: float = DEFAULT_LAM) -> None:
         super().__init__(lam)

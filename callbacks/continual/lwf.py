@@ -44,6 +44,8 @@ class LwF(PreviousModelDistillation):
         lam: weight of the distillation term.
     """
 
+    name = "lwf"
+
     def __init__(self, temperature: float = 2.0, lam: float = 1.0) -> None:
         super().__init__(lam)
         if temperature <= 0:

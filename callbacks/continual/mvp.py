@@ -114,6 +114,8 @@ class MVP(Technique):
         feature_scaling: divide the features by the compensation score before the head (AFS).
     """
 
+    name = "mvp"
+
     needs = frozenset({"features"})
 
     def __init__(self, alpha: float = 0.5, gamma: float = 2.0, margin: float = 0.5,

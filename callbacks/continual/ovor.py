@@ -165,6 +165,8 @@ class OVOR(Technique):
         seed: seed of the candidate draws (combined with the task and epoch).
     """
 
+    name = "ovor"
+
     needs = frozenset({"features"})
     stateful = True
 

@@ -64,6 +64,8 @@ class SI(AnchoredParameterPenalty):
         task_start: the parameters when the current task's first optimizer step began.
     """
 
+    name = "si"
+
     def __init__(self, c: float = DEFAULT_C, xi: float = DEFAULT_XI) -> None:
         super().__init__(c)
         if xi <= 0:

@@ -84,6 +84,8 @@ class TEEN(Technique):
         tau: temperature of the softmax over prototype similarities (``softmax_t``).
     """
 
+    name = "teen"
+
     def __init__(self, alpha: float = 0.5, tau: float = 16.0) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise self.fail(f"alpha must lie in [0, 1], got {alpha}", "pass 0 <= alpha <= 1 (1: no calibration)")

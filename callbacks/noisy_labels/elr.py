@@ -66,6 +66,8 @@ class ELR(Technique):
             (``num_train_samples``, ``num_classes``) when not given.
     """
 
+    name = "elr"
+
     needs = frozenset({"index"})
     stateful = True
 

@@ -11,14 +11,16 @@ dropout; :class:`PEGO` (#11) and :class:`BALoRA` (#23) are LoRA with orthogonali
 """
 
 from reglab.callbacks.peft.ba_lora import BALoRA
-from reglab.callbacks.peft.base import FullFineTuning, ParameterEfficientFineTuning
+from reglab.callbacks.peft.base import ParameterEfficientFineTuning
+from reglab.callbacks.peft.bitfit import BitFit
+from reglab.callbacks.peft.full_fine_tuning import FullFineTuning
+from reglab.callbacks.peft.linear_probe import LinearProbe
 from reglab.callbacks.peft.gs_lora import GSLoRA
 from reglab.callbacks.peft.loldu import LoLDU
 from reglab.callbacks.peft.lora import LoRA
 from reglab.callbacks.peft.lora_sb import LoRASB
 from reglab.callbacks.peft.mask_tuning import RegularizedMaskTuning
 from reglab.callbacks.peft.pego import PEGO
-from reglab.callbacks.peft.selective import BitFit, LinearProbe
 from reglab.callbacks.peft.soma import SoMA
 from reglab.callbacks.peft.svfit import SVFit
 

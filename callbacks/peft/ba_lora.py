@@ -106,6 +106,8 @@ class BALoRA(LoRA):
         target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
+    name = "ba_lora"
+
     needs = frozenset({"features"})
 
     def __init__(self, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
@@ -116,10 +118,6 @@ class BALoRA(LoRA):
                              f"lam=({lam_consistency}, {lam_diversity}, {lam_svd})")
         super().__init__(r, lora_alpha, lora_dropout, target_modules, pretrained_checkpoint)
         self.lam_consistency, self.lam_diversity, self.lam_svd, self.k = lam_consistency, lam_diversity, lam_svd, k
-
-    @property
-    def name(self) -> str:
-        return "ba_lora"
 
     def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
         if len(out.features) < 2:

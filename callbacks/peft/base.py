@@ -20,13 +20,6 @@ so ``ClassificationModule.load_from_checkpoint(path)`` redoes the surgery and yi
 model (:func:`reglab.peft_surgery.restore_surgery`), and
 :meth:`ParameterEfficientFineTuning.merge` folds the adapters into the weights for inference.
 
-Method card (full fine-tuning, :class:`FullFineTuning`):
-    what it does: starts from the pretrained weights and trains all of them — the reference every
-        PEFT method is compared against (the plain task module when no pretrained weights are
-        loaded);
-    when it helps: plenty of target data and memory; the target task is far from the source;
-    what it costs: optimizer state and gradients for every parameter, a full-size checkpoint, and
-        the most forgetting of the source task.
 """
 
 from __future__ import annotations
@@ -37,6 +30,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from reglab.checkpoints import add_restore_hook
 from reglab.peft_surgery import (
     OPERATED_BY,
     RECIPE_KEY,
@@ -123,17 +117,4 @@ class ParameterEfficientFineTuning(Technique):
         if self.pretrained_checkpoint:
             checkpoint["state_dict"] = trainable_state(pl_module, checkpoint["state_dict"])
         checkpoint[RECIPE_KEY] = technique_recipe(self)
-
-
-class FullFineTuning(ParameterEfficientFineTuning):
-    """Train every parameter, starting from ``pretrained_checkpoint`` (the reference arm).
-
-    A technique only so that it loads the pretrained weights the same way the PEFT methods do;
-    without ``pretrained_checkpoint`` it changes nothing.
-    """
-
-    def __init__(self, pretrained_checkpoint: str | None = None) -> None:
-        super().__init__(target_modules=None, pretrained_checkpoint=pretrained_checkpoint)
-
-    def trains(self, name: str, parameter: nn.Parameter) -> bool:
-        return True
+        add_restore_hook(checkpoint, "reglab.peft_surgery:restore_surgery")

@@ -94,6 +94,8 @@ class GSLoRA(LoRA):
         target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
+    name = "gs_lora"
+
     def __init__(self, forget_classes: list[int], r: int = 8, lora_alpha: float = 1.0, sparsity_weight: float = 1e-4,
                  forget_weight: float = 0.15, forget_bound: float = 10.0, target_modules: list[str] | None = None,
                  pretrained_checkpoint: str | None = None) -> None:

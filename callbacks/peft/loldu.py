@@ -50,6 +50,8 @@ class LoLDU(FrozenFactorsTuning):
         target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
+    name = "loldu"
+
     def __init__(self, rank: int | None = None, alpha: float = 1.0, target_modules: list[str] | None = None,
                  pretrained_checkpoint: str | None = None) -> None:
         if rank is not None and rank < 1:

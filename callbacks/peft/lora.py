@@ -46,6 +46,8 @@ class LoRA(ParameterEfficientFineTuning):
         target_modules, pretrained_checkpoint: see :class:`ParameterEfficientFineTuning`.
     """
 
+    name = "lora"
+
     layer_types = (nn.Linear, nn.Conv2d)
 
     def __init__(self, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,

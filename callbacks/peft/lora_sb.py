@@ -78,6 +78,8 @@ class LoRASB(FrozenFactorsTuning):
         target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
+    name = "lora_sb"
+
     persistent_factors = True
 
     def __init__(self, rank: int = 8, gradient_samples: int = 170, target_modules: list[str] | None = None,

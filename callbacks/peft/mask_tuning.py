@@ -145,6 +145,8 @@ class RegularizedMaskTuning(ParameterEfficientFineTuning):
         target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
+    name = "mask_tuning"
+
     layer_types = (nn.Linear, nn.Conv2d)
 
     def __init__(self, mask_init: float = 1e-2, threshold: float = 5e-3, mask_weight: float = 1e-4,

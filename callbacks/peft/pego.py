@@ -65,6 +65,8 @@ class PEGO(LoRA):
         target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
+    name = "pego"
+
     def __init__(self, num_adapters: int = 4, r: int = 4, lam: float = 1e-3, lora_alpha: float | None = None,
                  target_modules: list[str] | None = None, pretrained_checkpoint: str | None = None) -> None:
         if num_adapters < 1 or lam < 0:

@@ -105,6 +105,8 @@ class SoMA(LoRA):
         target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
+    name = "soma"
+
     def __init__(self, r: int = 16, frozen_block_fraction: float = 1 / 3, weight_decay: float = 0.05,
                  final_weight_decay: float = 1e-5, total_steps: int | None = None,
                  target_modules: list[str] | None = None, pretrained_checkpoint: str | None = None) -> None:

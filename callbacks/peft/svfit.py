@@ -43,6 +43,8 @@ class SVFit(FrozenFactorsTuning):
         target_modules, pretrained_checkpoint: see :class:`~reglab.callbacks.peft.base.ParameterEfficientFineTuning`.
     """
 
+    name = "svfit"
+
     def __init__(self, rank: int | None = None, target_modules: list[str] | None = None,
                  pretrained_checkpoint: str | None = None) -> None:
         if rank is not None and rank < 1:

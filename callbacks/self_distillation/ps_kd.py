@@ -45,7 +45,7 @@ Method card:
 Example:
     >>> from reglab.callbacks import PSKD
     >>> PSKD(alpha_T=0.8).name
-    'pskd'
+    'ps_kd'
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ class PSKD(Technique):
         num_samples, num_classes: size of the prediction table; taken from the DataModule
             (``num_train_samples``, ``num_classes``) when not given.
     """
+
+    name = "ps_kd"
 
     needs = frozenset({"index"})
     stateful = True

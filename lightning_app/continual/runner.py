@@ -37,7 +37,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from reglab.callbacks.fine_tuning.pretrained_weights import PretrainedWeights
 from reglab.datamodules.tasks import TaskSequenceDataModule
 from reglab.resume import RunCheckpoint
 from reglab.continual.metrics import accuracy_matrix, markdown_table, plot_heatmap, summary
@@ -133,7 +132,7 @@ class TaskSequenceRunner:
         return mask
 
     def _trainer_for(self, task: int) -> L.Trainer:
-        others = [cb for cb in self.callbacks if task == 0 or not isinstance(cb, PretrainedWeights)]
+        others = [cb for cb in self.callbacks if task == 0 or not getattr(cb, "starts_a_sequence_only", False)]
         callbacks: list[L.Callback] = [*self.techniques, self.progress, *copy.deepcopy(others), NonFiniteGuard()]
         if self.trainer_kwargs.get("enable_checkpointing") is not False:  # None (from the CLI) means on
             every = self.checkpoint_every_n_steps

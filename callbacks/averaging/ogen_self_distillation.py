@@ -77,6 +77,8 @@ class OGENSelfDistillation(WeightAveraging):
         total_epochs: E of the window schedule; the trainer's ``max_epochs`` when not given.
     """
 
+    name = "ogen_self_distillation"
+
     evaluates_average = False
 
     def __init__(

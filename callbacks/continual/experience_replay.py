@@ -74,6 +74,8 @@ class ExperienceReplay(Technique):
         seed: seed of the reservoir and replay draws.
     """
 
+    name = "experience_replay"
+
     stateful = True
 
     def __init__(self, buffer_size: int = 200, replay_batch_size: int | None = None, seed: int = 0) -> None:
