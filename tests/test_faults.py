@@ -20,7 +20,8 @@ import pytest
 import torch
 import yaml
 
-from reglab.cli import ReglabCLI, main
+from reglab.cli import main
+from reglab.datamodules import ClassificationDataModule
 
 TINY = {
     "seed_everything": 0,
@@ -124,14 +125,12 @@ def test_truncated_last_checkpoint_is_refused_and_the_run_is_untouched(tmp_path)
     assert not run_dir(tmp_path, 1).exists()
 
 
-def test_failed_start_from_a_broken_checkpoint_leaves_no_version_folder(tmp_path):
+def test_a_start_that_fails_before_its_first_step_leaves_no_version_folder(tmp_path):
     fit(tmp_path)
-    broken = tmp_path / "broken.ckpt"
-    broken.write_bytes((run_dir(tmp_path) / "checkpoints" / "last.ckpt").read_bytes()[:1000])
     before = snapshot(run_dir(tmp_path))
-    with pytest.raises(Exception):
-        fit(tmp_path, f"--ckpt_path={broken}")
-    assert not run_dir(tmp_path, 1).exists(), "the failed start left its empty version folder"
+    with pytest.raises(Exception):  # 10 digit classes, a 3-class head: fails in the first step
+        fit(tmp_path, "--model.init_args.num_classes=3")
+    assert not run_dir(tmp_path, 1).exists(), "the failed start left its version folder behind"
     assert snapshot(run_dir(tmp_path)) == before
 
 
@@ -207,28 +206,20 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp
     assert all(torch.isfinite(value).all() for value in weights(last).values() if value.is_floating_point())
 
 
-class _Toy:
-    """A DataModule whose training inputs hold a NaN (built lazily: reglab imports stay in the test)."""
+class NaNInputs(ClassificationDataModule):
+    """Two classes, three features, one NaN in the training inputs."""
 
-    @staticmethod
-    def make():
-        from reglab.datamodules import ClassificationDataModule
+    num_classes, input_shape = 2, (3,)
 
-        class NaNInputs(ClassificationDataModule):
-            num_classes, input_shape = 2, (3,)
-
-            def _load_splits(self):
-                inputs = torch.randn(8, 3)
-                inputs[5, 1] = float("nan")
-                split = (torch.randn(8, 3), torch.tensor([0, 1] * 4))
-                return {"train": (inputs, torch.tensor([0, 1] * 4)), "val": split, "test": split}
-
-        return NaNInputs(batch_size=4)
+    def _load_splits(self):
+        inputs, labels = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+        inputs[5, 1] = float("nan")
+        return {"train": (inputs, labels), "val": (inputs[:4], labels[:4]), "test": (inputs[:4], labels[:4])}
 
 
 def test_non_finite_inputs_are_refused_at_setup():
     with pytest.raises(ValueError, match=r"'train' split has NaN or infinite inputs in 1 samples, e.g. at positions \[5\]"):
-        _Toy.make().setup("fit")
+        NaNInputs(batch_size=4).setup("fit")
 
 
 # --- item 3: exact resume after any stop -----------------------------------------------------
@@ -293,37 +284,38 @@ def test_resume_after_sigterm_loses_no_step_and_is_exact(tmp_path):
 
 
 def test_resume_after_mid_epoch_early_stopping_is_exact(tmp_path):
-    from lightning.pytorch.callbacks import EarlyStopping
-    from harness import noisy_digits, quiet_trainer, small_module
-    from reglab.resume import RunCheckpoint
-
-    def run(folder, max_steps, *callbacks, ckpt_path=None):
-        module = small_module()
-        trainer = quiet_trainer(max_steps=max_steps, enable_checkpointing=True, val_check_interval=2,
-                                limit_val_batches=1, callbacks=[RunCheckpoint(dirpath=folder, save_last=True), *callbacks])
-        trainer.fit(module, datamodule=noisy_digits(), ckpt_path=ckpt_path)
-        return trainer
-
-    # no improvement of 10 in val/loss: stops at the second validation, mid-epoch 0
-    stopper = EarlyStopping(monitor="val/loss", patience=0, min_delta=10.0, check_on_train_epoch_end=False)
-    assert run(tmp_path / "stopped", 100, stopper).global_step == 4
-    run(tmp_path / "stopped", 12, ckpt_path=tmp_path / "stopped" / "last.ckpt")
-    run(tmp_path / "straight", 12)
-    assert_same_weights(tmp_path / "straight" / "last.ckpt", tmp_path / "stopped" / "last.ckpt")
+    budget, every = 2 * STEPS_PER_EPOCH + 2, "--trainer.val_check_interval=2"  # validate every 2 steps
+    stopping = tmp_path / "early_stopping.yaml"  # no improvement of 10 in val/loss: stops at the 2nd validation
+    stopping.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+        "init_args": {"monitor": "val/loss", "patience": 0, "min_delta": 10.0, "check_on_train_epoch_end": False},
+    }]}}))
+    fit(tmp_path, "--config", str(stopping), every, "--trainer.max_epochs=-1", "--trainer.max_steps=100")
+    run = run_dir(tmp_path)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4  # mid-epoch 0
+    before = snapshot(run)
+    fit(tmp_path, every, "--trainer.max_epochs=-1", f"--trainer.max_steps={budget}", "--ckpt_path", "last")
+    assert_kept(before, run, may_change="checkpoints/")
+    straight = tmp_path / "straight"
+    fit(straight, every, "--trainer.max_epochs=-1", f"--trainer.max_steps={budget}")
+    assert_same_weights(run_dir(straight) / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
 
 
-def test_a_checkpoint_that_skips_the_rest_of_a_stopped_epoch_is_refused(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from harness import noisy_digits, quiet_trainer, small_module
-    from reglab.resume import InexactResumeError, RunCheckpoint
-
-    # Lightning's own ModelCheckpoint saves a max_steps stop after marking the cut epoch as done
-    quiet_trainer(max_steps=STEPS_PER_EPOCH + 2, enable_checkpointing=True,
-                  callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(small_module(), datamodule=noisy_digits())
-    trainer = quiet_trainer(max_steps=20, enable_checkpointing=True, callbacks=[RunCheckpoint(dirpath=tmp_path / "new")])
-    with pytest.raises(InexactResumeError, match=r"stopped in the middle of epoch 1 \(after 2 of its batches.*Fix: resume"):
-        trainer.fit(small_module(), datamodule=noisy_digits(), ckpt_path=tmp_path / "last.ckpt")
-    assert not (tmp_path / "new").exists(), "refused before training: nothing was saved"
+def test_a_checkpoint_that_skips_the_rest_of_a_stopped_epoch_is_refused(tmp_path, capsys):
+    # a run checkpointed by Lightning's own ModelCheckpoint, which saves a max_steps stop only
+    # after marking the cut epoch as done (as every reglab run did before)
+    run = run_dir(tmp_path)
+    plain = tmp_path / "plain_checkpoint.yaml"
+    plain.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True},
+    }]}}))
+    fit(tmp_path, "--config", str(plain), "--trainer.max_epochs=-1", f"--trainer.max_steps={STEPS_PER_EPOCH + 2}")
+    before = snapshot(run)
+    with pytest.raises(SystemExit, match=r"stopped in the middle of epoch 1 \(after 2 of its batches.*Fix: resume"):
+        fit(tmp_path, "--trainer.max_epochs=-1", "--trainer.max_steps=20", "--ckpt_path", "last")
+    assert_kept(before, run)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS_PER_EPOCH + 2
 
 
 def test_resume_after_ctrl_c_is_exact_and_keeps_the_logs(tmp_path):
