@@ -339,3 +339,38 @@ def test_resume_after_ctrl_c_is_exact_and_keeps_the_logs(tmp_path):
     straight = tmp_path / "straight"
     fit(straight, "--trainer.max_epochs=-1", f"--trainer.max_steps={budget}")
     assert_same_weights(run_dir(straight) / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+
+
+class CrashAt(L.Callback):
+    """Raises after ``step`` of task ``task`` (a crash in the middle of a task sequence)."""
+
+    def __init__(self, task: int, step: int) -> None:
+        self.task, self.step = task, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.datamodule.task == self.task and trainer.global_step == self.step:
+            raise RuntimeError("crashed")
+
+
+def test_fit_tasks_resumed_after_a_crash_keeps_every_task_log_and_config(tmp_path):
+    from reglab.continual.cli import main as fit_tasks
+
+    split = {**TINY, "run_name": "split", "techniques": None, "data": {
+        "class_path": "reglab.datamodules.TaskSequenceDataModule",
+        "init_args": {"num_tasks": 2, "scenario": "class", "base": {
+            "class_path": "reglab.datamodules.DigitsDataModule", "init_args": {"flatten": True, "batch_size": 64}}},
+    }}
+    config, crash = tmp_path / "split.yaml", tmp_path / "crash.yaml"
+    config.write_text(yaml.safe_dump(split))
+    crash.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": f"{__name__}.CrashAt", "init_args": {"task": 1, "step": 6}}]}}))
+    args = ["--config", str(config), f"--runs_dir={tmp_path / 'runs'}", "--checkpoint_every_n_steps=4"]
+    with pytest.raises(RuntimeError, match="crashed"):
+        fit_tasks([*args, "--config", str(crash)])
+    run = tmp_path / "runs" / "split" / "version_0"
+    assert rows(run / "tasks" / "task_1" / "metrics.csv"), "the crashed task logged rows"
+    before = snapshot(run)
+    fit_tasks([*args, "--ckpt_path", "last"])
+    assert_kept(before, run, may_change="checkpoints/")
+    assert (run / "config.1.yaml").is_file() and (run / "accuracy_matrix.json").is_file()
+    assert not (run / "reglab.lock").exists()
