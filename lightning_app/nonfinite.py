@@ -99,13 +99,21 @@ class NonFiniteGuard(L.Callback):
         self._last_saved_step = trainer.global_step
 
     def check(self, trainer: L.Trainer) -> None:
-        """Raise :class:`NonFiniteLossError` if a non-finite value was recorded (one host sync)."""
-        if self._first_step is None or self._first_epoch is None:
-            return
-        steps, epochs = self._first_step.tolist(), self._first_epoch.tolist()
+        """Raise :class:`NonFiniteLossError` if a non-finite value was recorded (one host sync).
+
+        Under DDP every rank decides together (one all-reduce), so no rank stops while the
+        others wait for it in the next collective.
+        """
+        steps = self._first_step.tolist() if self._first_step is not None else []
+        epochs = self._first_epoch.tolist() if self._first_epoch is not None else []
         bad = {name: (step, epoch) for name, step, epoch in zip(self._names, steps, epochs) if step >= 0}
-        if not bad:
+        if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             return
+        if not bad:
+            raise NonFiniteLossError(
+                f"the training loss became non-finite on another rank (this is rank {trainer.global_rank}); "
+                "that rank's message names the step and the term."
+            )
         step, epoch = min(bad.values())
         first = [name for name, where in bad.items() if where == (step, epoch)]
         terms = [name for name in first if name != "train/loss"] or first  # the total goes bad with its term
