@@ -39,16 +39,19 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from reglab.checkpoints import run_restore_hooks
 from reglab.step import StepOutput, cross_entropy_per_sample
-from reglab.technique import Technique, run_stages
+from reglab.technique import Technique, check_contract_ran, run_stages
 
 __all__ = ["RegularizedMixin", "StepOutput", "cross_entropy_per_sample"]
 
@@ -74,6 +77,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _check_first_step_ran_contract(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's ``training_step``: until a step ran with a loss-changing technique
+    attached, check after each step that it ran the contract (the check reads flags, no sync)."""
+
+    @functools.wraps(step)
+    def training_step(self: RegularizedMixin, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_reglab_contract_checked", False):
+            return step(self, *args, **kwargs)
+        self._reglab_contract_ran = False
+        result = step(self, *args, **kwargs)
+        self._reglab_contract_checked = check_contract_ran(self)
+        return result
+
+    training_step._reglab_checked = True
+    return training_step
+
+
 class RegularizedMixin:
     """Owns ``training_step`` and runs the attached techniques through the step contract.
 
@@ -84,7 +104,26 @@ class RegularizedMixin:
     The mixin also saves the global RNG states (torch, CUDA, numpy, python) in every checkpoint
     and restores them on resume, so that random techniques (mixup, dropout, noise injection)
     continue exactly where an uninterrupted run would be.
+
+    Two mistakes are caught when they happen: the mixin listed after ``LightningModule`` (whose
+    hooks would then hide the mixin's) fails when the class is defined; a subclass's own
+    ``training_step`` is checked after its first step with a loss-changing technique attached, and
+    fails unless it ran the contract (``regularized_step``, or the mixin's ``training_step``).
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if LightningModule in mro and mro.index(LightningModule) < mro.index(RegularizedMixin):
+            bases = ", ".join(["RegularizedMixin"] + [b.__name__ for b in cls.__bases__ if b is not RegularizedMixin])
+            raise TypeError(
+                f"{cls.__name__}: RegularizedMixin comes after LightningModule in its bases, so "
+                "LightningModule's training_step and checkpoint hooks hide the mixin's. Fix: list the "
+                f"mixin first: class {cls.__name__}({bases})"
+            )
+        step = cls.__dict__.get("training_step")
+        if step is not None and not getattr(step, "_reglab_checked", False):
+            cls.training_step = _check_first_step_ran_contract(step)
 
     def forward_step(self, batch: dict[str, Any]) -> StepOutput:
         """Run the model on ``batch`` and describe the result (implemented by the module)."""

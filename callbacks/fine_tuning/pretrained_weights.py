@@ -33,6 +33,7 @@ from typing import ClassVar
 import lightning as L
 
 from reglab.checkpoints import copy_pretrained_weights, fitted_checkpoint, load_state_dict_file
+from reglab.cli import ConfigPath
 
 
 class PretrainedWeights(L.Callback):
@@ -45,6 +46,10 @@ class PretrainedWeights(L.Callback):
         prefixes: the parts of the state dict to copy, e.g. ``["backbone"]`` (new head) or
             ``["backbone", "head"]`` (the whole classifier).
         cache_dir: where checkpoints of ``pretrain_config`` are cached.
+
+    In a config file, the three paths are relative to that file (``reglab`` makes them absolute,
+    :data:`reglab.cli.ConfigPath`), so a run works from any directory; the default ``cache_dir``
+    is relative to the working directory, like ``runs_dir``.
     """
 
     #: a task sequence (``reglab fit-tasks``) starts only its first task from these weights
@@ -52,10 +57,10 @@ class PretrainedWeights(L.Callback):
 
     def __init__(
         self,
-        checkpoint: str | None = None,
-        pretrain_config: str | None = None,
+        checkpoint: ConfigPath | None = None,
+        pretrain_config: ConfigPath | None = None,
         prefixes: Sequence[str] = ("backbone",),
-        cache_dir: str = "runs/pretrained",
+        cache_dir: ConfigPath = "runs/pretrained",
     ) -> None:
         if (checkpoint is None) == (pretrain_config is None):
             raise ValueError("PretrainedWeights: give exactly one of checkpoint and pretrain_config")

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from reglab.checkpoints import fitted_checkpoint
+from reglab.cli import ConfigPath
 from reglab.kernels import soft_cross_entropy
 from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.technique import Technique
@@ -73,18 +74,20 @@ class KnowledgeDistillation(Technique):
         temperature: T, softening both distributions.
         weight: weight of the ``T^2 * KL`` term.
         cache_dir: where teachers fitted from ``teacher_config`` are cached.
+
+    In a config file, the three paths are relative to that file (:data:`reglab.cli.ConfigPath`).
     """
 
     name = "knowledge_distillation"
 
     def __init__(
         self,
-        teacher_checkpoint: str | None = None,
-        teacher_config: str | None = None,
+        teacher_checkpoint: ConfigPath | None = None,
+        teacher_config: ConfigPath | None = None,
         teacher_class: str = "reglab.tasks.ClassificationModule",
         temperature: float = 4.0,
         weight: float = 0.9,
-        cache_dir: str = "runs/pretrained",
+        cache_dir: ConfigPath = "runs/pretrained",
     ) -> None:
         if (teacher_checkpoint is None) == (teacher_config is None):
             raise ValueError("KnowledgeDistillation: give exactly one of teacher_checkpoint and teacher_config")
