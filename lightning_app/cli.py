@@ -16,7 +16,9 @@ so a second file *adds* a technique instead of replacing the first file's list (
 Setting ``techniques: {elr: null}`` in a later file removes one. Every run writes CSV and
 TensorBoard logs, the resolved ``config.yaml`` and ``checkpoints/last.ckpt`` into one folder,
 ``<runs_dir>/<run_name>/version_<k>``; ``--ckpt_path last`` resumes the newest run of that name
-in its own folder.
+in its own folder, appending to its logs and keeping the config of every start
+(``config.<n>.yaml``); ``validate`` / ``test`` / ``predict --ckpt_path last`` log into a folder of
+their own inside it (``test_0``, ...). See :mod:`reglab.run_folder` for the folder's lock.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 import sys
 import typing
+import zipfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,22 +39,39 @@ from jsonargparse import Namespace
 from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from reglab.resume import InexactResumeError, RunCheckpoint
+from reglab.nonfinite import NonFiniteGuard, NonFiniteLossError
+from reglab.run_folder import RUN_DIR_ENV, RunFolder, next_number, numbered, run_loggers
 from reglab.summary import print_run_summary
-
-RUN_DIR_ENV = "REGLAB_RUN_DIR"
 
 
 class ReglabCLI(LightningCLI):
-    """LightningCLI with composable technique configs and one folder per run."""
+    """LightningCLI with composable technique configs and one folder per run.
+
+    The run folder is reserved and locked while the command parses (so a clash fails at once),
+    and released when the command ends; a folder this command created is removed again if it
+    fails before its first training step. With ``run=False`` the caller releases it
+    (``cli.run_folder.close(keep=...)``) or process exit does.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", True)
-        super().__init__(*args, **kwargs)
+        self.run_folder: RunFolder | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._close_run_folder(succeeded=False)
+            raise
+        if kwargs.get("run", True):
+            self._close_run_folder(succeeded=True)
+
+    def _close_run_folder(self, succeeded: bool) -> None:
+        if self.run_folder is not None:
+            trainer = getattr(self, "trainer", None)
+            self.run_folder.close(keep=succeeded or (trainer is not None and trainer.global_step > 0))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -84,7 +104,10 @@ class ReglabCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self._subconfig()
         fill_model_shape_from_data(config)
-        self._run_dir = resolve_run_dir(config, self.subcommand)
+        self.run_folder = open_run_folder(config, self.subcommand)
+        self._run_dir = self.run_folder.path
+        # every start keeps its own config file (a resumed run's earlier ones stay)
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": self.run_folder.config_name()}
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -94,18 +117,16 @@ class ReglabCLI(LightningCLI):
         if config.get("enable_checkpointing", True) is not False and not any(
             isinstance(cb, ModelCheckpoint) for cb in callbacks
         ):
-            callbacks.append(ModelCheckpoint(dirpath=self._run_dir / "checkpoints", save_last=True))
+            callbacks.append(RunCheckpoint(dirpath=self._run_dir / "checkpoints", save_last=True))
+        if not any(isinstance(cb, NonFiniteGuard) for cb in callbacks):
+            callbacks.append(NonFiniteGuard())
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(cb, RichProgressBar) for cb in callbacks
         ):
             callbacks.append(RichProgressBar(leave=True))
         kwargs["callbacks"] = callbacks
         if config.get("logger") in (None, True):
-            name, version = self._run_dir.parent, self._run_dir.name
-            kwargs["logger"] = [
-                CSVLogger(name.parent, name=name.name, version=version),
-                TensorBoardLogger(name.parent, name=name.name, version=version, default_hp_metric=False),
-            ]
+            kwargs["logger"] = run_loggers(self._run_dir)
         kwargs.setdefault("default_root_dir", str(self._run_dir))
         return super().instantiate_trainer(**kwargs)
 
@@ -153,30 +174,48 @@ def import_class(class_path: str) -> type:
     return getattr(__import__(module_name, fromlist=[name]), name)
 
 
-def resolve_run_dir(config: Namespace, subcommand: str | None) -> Path:
-    """``<runs_dir>/<run_name>/version_<k>``: the newest one holding ``last.ckpt`` when the run
-    resumes with ``--ckpt_path last`` (which then points at that file), else a new version."""
+def open_run_folder(config: Namespace, subcommand: str | None) -> RunFolder:
+    """The folder this command writes into, reserved and locked.
+
+    ``fit`` starts ``<runs_dir>/<run_name>/version_<k>`` (a new ``k``), or with ``--ckpt_path
+    last`` continues the newest version holding ``checkpoints/last.ckpt`` (and points
+    ``ckpt_path`` at that file). ``validate`` / ``test`` / ``predict --ckpt_path last`` get a
+    folder of their own inside that run (``<subcommand>_<k>``), beside the training logs. Built
+    without a subcommand (``run=False``), nothing is created: the folder a fit would start.
+    """
     if RUN_DIR_ENV in os.environ and int(os.environ.get("LOCAL_RANK", "0")) > 0:
-        return Path(os.environ[RUN_DIR_ENV])  # a DDP worker started by rank 0: same folder
+        return RunFolder.shared(os.environ[RUN_DIR_ENV])  # a DDP worker started by rank 0
     root = Path(config.get("runs_dir") or "runs") / (config.get("run_name") or "run")
-    versions = sorted(
-        (p for p in root.glob("version_*") if p.name.split("_")[-1].isdigit()),
-        key=lambda p: int(p.name.split("_")[-1]),
-    )
+    if subcommand is None:
+        return RunFolder(root / f"version_{next_number(root)}", lock=False)
     if config.get("ckpt_path") == "last":
-        resumable = [v for v in versions if (v / "checkpoints" / "last.ckpt").is_file()]
-        if not resumable:
-            raise SystemExit(
-                f"--ckpt_path last: no checkpoints/last.ckpt under {root}/version_*; start a new run "
-                "without --ckpt_path, or pass the checkpoint's path"
-            )
-        config.ckpt_path = str(resumable[-1] / "checkpoints" / "last.ckpt")
-        run_dir = resumable[-1]
+        run_dir = last_resumable(root)
+        config.ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
+        folder = RunFolder.existing(run_dir) if subcommand == "fit" else RunFolder.new(run_dir, prefix=subcommand)
     else:
-        next_version = int(versions[-1].name.split("_")[-1]) + 1 if versions else 0
-        run_dir = root / f"version_{next_version}"
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    return run_dir
+        folder = RunFolder.new(root)
+    os.environ[RUN_DIR_ENV] = str(folder.path)
+    return folder
+
+
+def last_resumable(root: Path) -> Path:
+    """The newest ``<root>/version_<k>`` with a ``checkpoints/last.ckpt``; refuses an incomplete one."""
+    resumable = [v for v in numbered(root, "version") if (v / "checkpoints" / "last.ckpt").is_file()]
+    if not resumable:
+        raise SystemExit(
+            f"--ckpt_path last: no checkpoints/last.ckpt under {root}/version_*; start a new run "
+            "without --ckpt_path, or pass the checkpoint's path"
+        )
+    last = resumable[-1] / "checkpoints" / "last.ckpt"
+    if not zipfile.is_zipfile(last):  # torch.save writes a zip archive; a cut-off one has no directory
+        others = sorted(str(p) for p in last.parent.glob("*.ckpt") if p != last and zipfile.is_zipfile(p))
+        raise SystemExit(
+            f"--ckpt_path last: {last} is incomplete (its process was probably killed while saving it); "
+            f"nothing in {resumable[-1]} was changed. Fix: resume from another checkpoint with "
+            f"--ckpt_path <file> ({', '.join(others) if others else 'this run has no other complete one'}), "
+            "or start a new run without --ckpt_path."
+        )
+    return resumable[-1]
 
 
 class RelativeToConfig:
@@ -340,7 +379,10 @@ def main(args: list[str] | None = None) -> None:
         module_name, _, function = COMMANDS[argv[0]].partition(":")
         getattr(importlib.import_module(module_name), function)(argv[1:])
         return
-    ReglabCLI(args=merge_technique_configs(argv))
+    try:
+        ReglabCLI(args=merge_technique_configs(argv))
+    except (NonFiniteLossError, InexactResumeError) as error:
+        raise SystemExit(f"reglab: {error}") from None
 
 
 if __name__ == "__main__":

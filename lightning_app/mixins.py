@@ -158,7 +158,9 @@ class RegularizedMixin:
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.on_step_output(out, "train")
-        return {"loss": total, "step_output": out.detached()}
+        # the terms ride along so that reglab.nonfinite.NonFiniteGuard can name the one that diverged
+        terms = {name: value.detach() for name, value in terms.items()}
+        return {"loss": total, "step_output": out.detached(), "terms": terms}
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         out = self.forward_step(batch)
