@@ -220,6 +220,11 @@ def main(args: list[str] | None = None) -> None:
 
         fit_tasks_main(argv[1:])
         return
+    if argv and argv[0] == "docs":
+        from reglab.docs import main as docs_main
+
+        docs_main(argv[1:])
+        return
     if argv and argv[0] == "soup":
         from reglab.soups import main as soup_main
 

@@ -5,11 +5,8 @@ so it is exported here and not from ``callbacks``. LEVI (paper 53) is a model, n
 :class:`reglab.tasks.levi.LEVIModule`.
 """
 
-from reglab.callbacks.fine_tuning.pretrained_weights import (
-    PretrainedWeights,
-    copy_pretrained_weights,
-    load_state_dict_file,
-    pretrained_checkpoint_for,
-)
+from reglab.registry import lazy_exports
 
-__all__ = ["PretrainedWeights", "copy_pretrained_weights", "load_state_dict_file", "pretrained_checkpoint_for"]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__, extra={name: "pretrained_weights" for name in ("PretrainedWeights", "copy_pretrained_weights", "load_state_dict_file", "pretrained_checkpoint_for")}
+)
