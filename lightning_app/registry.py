@@ -211,15 +211,10 @@ def exports(family: str | None = None) -> dict[str, str]:
     }
 
 
-def lazy_exports(package: str, extra: dict[str, str] | None = None) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
-    """PEP 562 ``__getattr__``, ``__dir__`` and ``__all__`` for a callbacks package.
-
-    ``reglab.callbacks`` exports every built technique, ``reglab.callbacks.<family>`` its own
-    (from the cards); ``extra`` maps further names to modules (relative to ``package``). A name is
-    imported on first access and then cached in the package, so later lookups are plain."""
-    family = package.split(".")[2] if package.count(".") >= 2 else None
-    names = exports(family)
-    names.update({name: f"{package}.{module}" for name, module in (extra or {}).items()})
+def lazy_names(package: str, names: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """PEP 562 ``__getattr__``, ``__dir__`` and ``__all__`` for a package whose public ``names``
+    map to the modules defining them. A name is imported on first access and then cached in the
+    package, so later lookups are plain attribute reads."""
 
     def __getattr__(name: str) -> Any:
         if name not in names:
@@ -232,6 +227,16 @@ def lazy_exports(package: str, extra: dict[str, str] | None = None) -> tuple[Cal
         return sorted(set(vars(sys.modules[package])) | set(names))
 
     return __getattr__, __dir__, sorted(names)
+
+
+def lazy_exports(package: str, extra: dict[str, str] | None = None) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """:func:`lazy_names` for a callbacks package: ``reglab.callbacks`` exports every built
+    technique, ``reglab.callbacks.<family>`` its own (from the cards); ``extra`` maps further
+    names to modules relative to ``package``."""
+    family = package.split(".")[2] if package.count(".") >= 2 else None
+    names = exports(family)
+    names.update({name: f"{package}.{module}" for name, module in (extra or {}).items()})
+    return lazy_names(package, names)
 
 
 # -- small runs built from the cards' harness cases (tests/test_harness.py, reglab bench overhead) --
@@ -251,6 +256,18 @@ def example_data(batch_size: int = 256) -> Any:
     from reglab.datamodules import DigitsDataModule, LabelNoise
 
     return DigitsDataModule(flatten=True, batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
+
+
+def example_trainer(**kwargs: Any) -> Any:
+    """A CPU ``Trainer`` without logger, checkpoints, progress bar, summary or sanity check;
+    ``kwargs`` override these defaults."""
+    import lightning as L
+
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
 
 
 @functools.cache
