@@ -87,10 +87,10 @@ class Card:
         module_name, _, attribute = self.class_path.rpartition(".")
         if self.module and self.class_path.startswith("reglab.callbacks."):
             module_name = self.module
-        try:
-            return getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError):
-            return importlib.import_module(self.class_path)  # the card names a module (e.g. a metrics module)
+        module = importlib.import_module(module_name)
+        if hasattr(module, attribute):
+            return getattr(module, attribute)
+        return importlib.import_module(self.class_path)  # the card names a module (e.g. a metrics module)
 
 
 def _fail(path: Path, problem: str, fix: str) -> None:
