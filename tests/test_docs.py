@@ -76,14 +76,29 @@ def test_every_card_is_in_a_board_section():
 
 
 def test_reglab_docs_check_fails_on_a_stale_page(tmp_path, capsys):
-    from reglab.docs import main
+    from reglab.cli import main
 
     (tmp_path / "callbacks").symlink_to(REPO / "callbacks")
     (tmp_path / "docs").mkdir()
-    main(["--root", str(tmp_path)])  # writes the page
-    main(["--root", str(tmp_path), "--check"])
+    main(["docs", "--root", str(tmp_path)])  # writes the page
+    main(["docs", "--root", str(tmp_path), "--check"])
     page = tmp_path / "docs/techniques.md"
     page.write_text(page.read_text() + "hand edit\n")
     with pytest.raises(SystemExit):
-        main(["--root", str(tmp_path), "--check"])
+        main(["docs", "--root", str(tmp_path), "--check"])
     assert "run `reglab docs`" in capsys.readouterr().err
+
+
+def test_reglab_docs_outside_a_checkout_says_where_to_run_it(tmp_path):
+    from reglab.docs import main
+
+    with pytest.raises(SystemExit, match="no callbacks/ folder.*Fix: run it in the root of a reglab checkout"):
+        main(["--root", str(tmp_path)])
+
+
+def test_differences_are_given_to_the_standard_error_s_precision():
+    from reglab.docs import difference_with_error
+
+    assert difference_with_error(0.2213, 0.0271) == "+0.221 ± 0.027"
+    assert difference_with_error(-0.00151, 0.00072) == "-0.00151 ± 0.00072"
+    assert difference_with_error(0.0, 0.0) == "+0.000 ± 0.000"
