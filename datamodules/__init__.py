@@ -6,7 +6,7 @@ papers' datasets from disk. All share :class:`ClassificationDataModule`'s label 
 (:class:`LabelNoise`), class imbalance (:class:`LongTail`) and mid-epoch resumable training loader.
 """
 
-from reglab.registry import lazy_names
+from reglab.lazy import lazy_names
 
 # imported on first access (PEP 562): one DataModule does not load the others' dependencies
 _MODULES = {

@@ -21,12 +21,15 @@ in its own folder.
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
 import json
 import os
 import sys
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from jsonargparse import Namespace
@@ -62,6 +65,17 @@ class ReglabCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, test and print a summary."
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # reglab's entry points read sys.argv themselves and pass what they rewrote as ``args``;
+        # LightningCLI would warn that both are given, so it sees only the program name meanwhile
+        if args is None:
+            return super().parse_arguments(parser, args)
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
 
     # -- configuration ------------------------------------------------------------------------
     def _subconfig(self) -> Namespace:
@@ -112,7 +126,7 @@ def fill_model_shape_from_data(config: Namespace) -> None:
     model_cfg, data_cfg = config.get("model"), config.get("data")
     if model_cfg is None or data_cfg is None or not isinstance(model_cfg, Namespace):
         return
-    model_class = _import(model_cfg.class_path)
+    model_class = import_class(model_cfg.class_path)
     wanted = [
         key
         for key in ("num_classes", "input_shape")
@@ -133,7 +147,8 @@ def _instantiate_datamodule(data_cfg: Namespace) -> LightningDataModule:
     return parser.instantiate_classes(Namespace(data=data_cfg)).data
 
 
-def _import(class_path: str) -> type:
+def import_class(class_path: str) -> type:
+    """The class (or function) a dotted path such as ``reglab.tasks.ClassificationModule`` names."""
     module_name, _, name = class_path.rpartition(".")
     return getattr(__import__(module_name, fromlist=[name]), name)
 
@@ -164,40 +179,142 @@ def resolve_run_dir(config: Namespace, subcommand: str | None) -> Path:
     return run_dir
 
 
+class RelativeToConfig:
+    """Marks a path-valued argument of a callback or technique as relative to the config file that
+    names it (not to the working directory): annotate it ``ConfigPath``. Python callers pass
+    ordinary paths (relative to the working directory)."""
+
+
+ConfigPath = Annotated[str, RelativeToConfig]
+
+# the sections every command needs from a file or a --<section>... argument, and a file that has each
+SECTION_EXAMPLES = {"data": "configs/data/digits.yaml", "model": "configs/model/cnn.yaml"}
+
+
 def merge_technique_configs(argv: list[str]) -> list[str]:
-    """Make ``techniques`` mappings of successive ``--config`` files add up.
+    """Make ``techniques`` mappings of successive ``--config`` files add up, check what the files
+    name, and resolve their relative paths.
 
     jsonargparse replaces a dict-valued key as a whole when a later config sets it; this reads
     the config files, deep-merges their ``techniques`` (a later ``name: null`` removes ``name``),
     and passes the merged mapping right after the last ``--config``, so explicit
-    ``--techniques...`` arguments after it still override it.
+    ``--techniques...`` arguments after it still override it. On the way, every technique's and
+    ``trainer.callbacks`` entry's ``init_args`` are checked against its class's signature (a
+    misspelled key names the file and the closest valid name), and arguments annotated
+    :data:`ConfigPath` are made absolute against the directory of the file that names them; the
+    rewritten ``trainer.callbacks`` follow their file, which sets the same list.
     """
     config_positions = [
         i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")
     ]
     merged: dict[str, Any] = {}
     found = False
+    inserts: dict[int, list[str]] = {}
+    sections: set[str] = set()
+    paths: list[str] = []
     for i in config_positions:
         path = argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
         if not Path(path).is_file():
             continue
-        techniques = (yaml.safe_load(Path(path).read_text()) or {}).get("techniques")
+        paths.append(path)
+        config = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(config, dict):
+            continue
+        sections.update(config)
+        after = i + (1 if "=" in argv[i] else 2)
+        callbacks = (config.get("trainer") or {}).get("callbacks")
+        if isinstance(callbacks, list):
+            resolved = [_checked_entry(entry, None, path, f"trainer.callbacks[{k}]") for k, entry in enumerate(callbacks)]
+            if resolved != callbacks:
+                inserts[after] = [f"--trainer.callbacks={json.dumps(resolved)}"]
+        techniques = config.get("techniques")
         if isinstance(techniques, dict):
             found = True
-            merged = _deep_merge(merged, techniques)
-    if not found:
-        return argv
-    last = config_positions[-1] + (1 if "=" in argv[config_positions[-1]] else 2)
-    merged = {name: value for name, value in merged.items() if value is not None}
-    return argv[:last] + [f"--techniques={json.dumps(merged)}"] + argv[last:]
+            techniques = {
+                name: _checked_entry(entry, (merged.get(name) or {}).get("class_path"), path, f"techniques.{name}")
+                for name, entry in techniques.items()
+            }
+            merged = deep_merge(merged, techniques)
+    _check_required_sections(argv, sections, paths)
+    if found:
+        last = config_positions[-1] + (1 if "=" in argv[config_positions[-1]] else 2)
+        merged = {name: value for name, value in merged.items() if value is not None}
+        inserts.setdefault(last, []).append(f"--techniques={json.dumps(merged)}")
+    for position in sorted(inserts, reverse=True):
+        argv = argv[:position] + inserts[position] + argv[position:]
+    return argv
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _checked_entry(entry: Any, class_path: str | None, path: str, where: str) -> Any:
+    """One ``{class_path, init_args}`` entry of ``path``: its ``init_args`` checked against the
+    class's signature, its :data:`ConfigPath` arguments made absolute against ``path``'s folder."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("init_args"), dict):
+        return entry
+    class_path = entry.get("class_path") or class_path
+    try:
+        cls = import_class(class_path)
+    except (AttributeError, ImportError, ValueError, TypeError):
+        return entry  # jsonargparse names an unknown class itself
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return entry
+    valid = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in entry["init_args"]:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise SystemExit(
+                f"{path}: `{where}.init_args.{key}` is not an argument of {class_path}. Fix: {hint}"
+                f"{cls.__name__} takes {', '.join(valid)}."
+            )
+    try:
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    except (NameError, TypeError):  # an annotation names a type only imported for type checking
+        hints = {}
+    init_args = {
+        key: _absolute(value, Path(path)) if _is_config_path(hints.get(key)) else value
+        for key, value in entry["init_args"].items()
+    }
+    return {**entry, "init_args": init_args}
+
+
+def _is_config_path(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is Annotated:
+        return RelativeToConfig in annotation.__metadata__
+    return any(_is_config_path(arg) for arg in typing.get_args(annotation))
+
+
+def _absolute(value: Any, config: Path) -> Any:
+    if not isinstance(value, str) or Path(value).expanduser().is_absolute():
+        return value
+    return os.path.normpath(config.parent.absolute() / value)
+
+
+def _check_required_sections(argv: list[str], sections: set[str], paths: list[str]) -> None:
+    """Config files that leave out the data or the model: say which is missing, before
+    LightningCLI's "the following arguments are required: fit.model"."""
+    if not paths or any(arg in ("-h", "--help") or arg.startswith("--print_config") for arg in argv):
+        return
+    given = {arg[2:].split(".", 1)[0].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    missing = [section for section in SECTION_EXAMPLES if section not in sections and section not in given]
+    if missing:
+        files = " ".join(f"--config {SECTION_EXAMPLES[section]}" for section in missing)
+        raise SystemExit(
+            f"reglab: no {' and no '.join(f'`{section}:`' for section in missing)} section in "
+            f"{', '.join(paths)}, so the {' and the '.join(missing)} config "
+            f"{'files are' if len(missing) > 1 else 'file is'} missing. Fix: pass "
+            f"{'them' if len(missing) > 1 else 'it'} before this file (e.g. {files}), or start from an experiment config "
+            "(--config configs/experiment/quickstart.yaml) and add this file after it."
+        )
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged into ``base`` key by key (nested mappings too), as config files compose."""
     out = dict(base)
     for key, value in update.items():
         # another class under the same name is a new technique: the old one's init_args don't apply
         if isinstance(value, dict) and isinstance(out.get(key), dict) and not _replaces_class(out[key], value):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -207,28 +324,22 @@ def _replaces_class(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return "class_path" in new and new["class_path"] != old.get("class_path")
 
 
+#: reglab's own commands beside LightningCLI's, by the function that runs each. Named by path so
+#: that the core CLI imports no family (fit-tasks belongs to continual learning, soup to averaging).
+COMMANDS = {
+    "bench": "reglab.bench.cli:main",
+    "docs": "reglab.docs:main",
+    "fit-tasks": "reglab.continual.cli:main",
+    "soup": "reglab.soups:main",
+}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``reglab`` console script and ``python -m reglab``."""
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "bench":
-        from reglab.bench.cli import main as bench_main
-
-        bench_main(argv[1:])
-        return
-    if argv and argv[0] == "fit-tasks":
-        from reglab.continual.cli import main as fit_tasks_main
-
-        fit_tasks_main(argv[1:])
-        return
-    if argv and argv[0] == "docs":
-        from reglab.docs import main as docs_main
-
-        docs_main(argv[1:])
-        return
-    if argv and argv[0] == "soup":
-        from reglab.soups import main as soup_main
-
-        soup_main(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        module_name, _, function = COMMANDS[argv[0]].partition(":")
+        getattr(importlib.import_module(module_name), function)(argv[1:])
         return
     ReglabCLI(args=merge_technique_configs(argv))
 

@@ -7,7 +7,7 @@ yet) both have one, so the board (``reglab docs``, :mod:`reglab.docs`) always li
 
 This module is core: it reads YAML and imports no family. Classes are imported only when asked
 for (:meth:`Card.load`), which is how the families' lazy exports (:func:`lazy_exports`) and the
-harness builder (:func:`example`) reach them.
+harness builder (:func:`example_technique`) reach them.
 
 Example:
     >>> from reglab import registry
@@ -23,13 +23,14 @@ import functools
 import importlib
 import importlib.util
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from reglab.lazy import lazy_names
 
 ID = re.compile(r"[a-z][a-z0-9_]*")
 STATUSES = ("built", "planned")
@@ -201,6 +202,11 @@ def techniques(directory: Path | None = None) -> list[Card]:
     return sorted((c for c in load(directory).values() if c.built and c.kind == "technique"), key=lambda c: c.id)
 
 
+def built_technique_names(directory: Path | None = None) -> list[str]:
+    """The ids of the built techniques, sorted (what ``reglab bench overhead`` runs)."""
+    return [c.id for c in techniques(directory)]
+
+
 def exports(family: str | None = None) -> dict[str, str]:
     """Exported name -> module of every built technique (of one family, or all): what the lazy
     ``reglab.callbacks`` and ``reglab.callbacks.<family>`` packages import on first access."""
@@ -209,24 +215,6 @@ def exports(family: str | None = None) -> dict[str, str]:
         for c in techniques()
         if family is None or c.family == family
     }
-
-
-def lazy_names(package: str, names: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
-    """PEP 562 ``__getattr__``, ``__dir__`` and ``__all__`` for a package whose public ``names``
-    map to the modules defining them. A name is imported on first access and then cached in the
-    package, so later lookups are plain attribute reads."""
-
-    def __getattr__(name: str) -> Any:
-        if name not in names:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(names[name]), name)
-        setattr(sys.modules[package], name, value)
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted(set(vars(sys.modules[package])) | set(names))
-
-    return __getattr__, __dir__, sorted(names)
 
 
 def lazy_exports(package: str, extra: dict[str, str] | None = None) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
@@ -289,7 +277,7 @@ def example_checkpoint() -> str:
     return path
 
 
-def example(technique_id: str) -> Any:
+def example_technique(technique_id: str) -> Any:
     """Build a technique for a small harness run from its card's ``harness`` case.
 
     ``init_args`` go to the constructor; every name in ``checkpoint_args`` gets

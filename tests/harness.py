@@ -2,7 +2,8 @@
 
 Each built technique's harness case lives in its card (``harness:`` in
 ``callbacks/<family>/<id>.card.yaml``: constructor arguments, a partner technique to stack it
-with, and generic set-up such as ``remember: model``); :func:`reglab.registry.example` builds it.
+with, and generic set-up such as ``remember: model``); :func:`reglab.registry.example_technique`
+builds it.
 The few cases that need set-up the card cannot express name a factory here (``harness.factory``).
 ``tests/test_harness.py`` runs every case through accumulation, crash-and-resume equivalence,
 bf16, stacking and (for techniques that keep state) one 2-process DDP group.
@@ -44,7 +45,7 @@ FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated
 def make(technique_id: str) -> Technique:
     """The technique of this id as its harness case builds it."""
     factory = registry.card(technique_id).harness.get("factory")
-    return FACTORIES[factory]() if factory else registry.example(technique_id)
+    return FACTORIES[factory]() if factory else registry.example_technique(technique_id)
 
 
 def partner(technique_id: str) -> Technique:

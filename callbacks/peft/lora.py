@@ -28,7 +28,7 @@ import lightning as L
 from torch import nn
 
 from reglab.callbacks.peft.base import ParameterEfficientFineTuning
-from reglab.peft_surgery import is_task_head, replace_module
+from reglab.peft_surgery import is_task_head, peft_targets, replace_module
 
 
 class LoRA(ParameterEfficientFineTuning):
@@ -43,7 +43,9 @@ class LoRA(ParameterEfficientFineTuning):
 
     name = "lora"
 
-    layer_types = (nn.Linear, nn.Conv2d)
+    #: nn.MultiheadAttention through peft's own attention layer, which adapts its input and output
+    #: projections together (the attention reads them by weight, so wrapping them cannot work)
+    layer_types = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
     def __init__(self, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
                  target_modules: list[str] | None = None, pretrained_checkpoint: str | None = None) -> None:
@@ -56,7 +58,7 @@ class LoRA(ParameterEfficientFineTuning):
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=layer_names, **extra)
+                          target_modules=peft_targets(layer_names), **extra)
 
     def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
         from peft import inject_adapter_in_model

@@ -37,7 +37,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
-from reglab.callbacks.fine_tuning.pretrained_weights import PretrainedWeights
 from reglab.datamodules.tasks import TaskSequenceDataModule
 from reglab.continual.metrics import accuracy_matrix, markdown_table, plot_heatmap, summary
 from reglab.technique import Technique
@@ -126,7 +125,7 @@ class TaskSequenceRunner:
         return mask
 
     def _trainer_for(self, task: int) -> L.Trainer:
-        others = [cb for cb in self.callbacks if task == 0 or not isinstance(cb, PretrainedWeights)]
+        others = [cb for cb in self.callbacks if task == 0 or not getattr(cb, "starts_a_sequence_only", False)]
         callbacks: list[L.Callback] = [*self.techniques, self.progress, *copy.deepcopy(others)]
         if self.trainer_kwargs.get("enable_checkpointing") is not False:  # None (from the CLI) means on
             every = self.checkpoint_every_n_steps

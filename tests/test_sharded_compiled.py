@@ -1,0 +1,84 @@
+"""Sharded and compiled models (issue 10, item 7).
+
+Every technique either runs on a module with a ``torch.compile``d part (whose parameter names
+gain ``_orig_mod.``) or is refused at setup; under FSDP the techniques that declare
+``fsdp_unsupported`` are refused at setup with their reason. Lightning's FSDP strategy and
+torch's FSDP need a GPU (neither runs on CPU in this torch/Lightning), so the FSDP runs that
+must work are in benchmarks/gpu_checks.sh; here the refusal path runs through a real Trainer.
+The compiled runs use the ``eager`` backend: the same ``_orig_mod.`` names, no C compiler.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+from harness import make, noisy_digits, quiet_trainer, small_module
+from reglab import registry
+from reglab.callbacks import EMA
+from reglab.technique import TechniqueConfigError, check_sharding
+
+TECHNIQUES = [card.id for card in registry.techniques()]
+REFUSED_UNDER_FSDP = [name for name in TECHNIQUES if make(name).fsdp_unsupported]
+
+
+def compiled_module():
+    module = small_module(seed=0)
+    module.backbone = torch.compile(module.backbone, backend="eager")
+    return module
+
+
+class FSDPOnCPU(FSDPStrategy):
+    """Lightning's FSDP strategy without its GPU-only guard, which checks the exact type: far
+    enough for the techniques' setup checks, which run before FSDP wraps the module."""
+
+
+def test_the_averaging_family_and_parameter_anchors_declare_why_they_refuse_fsdp():
+    assert {"ema", "swa", "mean_teacher", "ogen_self_distillation", "ewc", "si", "l2_previous"} <= set(REFUSED_UNDER_FSDP)
+    assert {"elr", "gce", "label_smoothing", "mixup", "cutmix", "ps_kd", "lora"}.isdisjoint(REFUSED_UNDER_FSDP)
+
+
+@pytest.mark.parametrize("name", REFUSED_UNDER_FSDP)
+def test_a_technique_that_cannot_run_sharded_is_refused_naming_its_reason(name):
+    technique = make(name)
+    with pytest.raises(TechniqueConfigError, match=rf"{type(technique).__name__}: it cannot run under FSDPStrategy: "
+                                                   rf".*Fix: train with strategy='ddp'"):
+        check_sharding(technique, SimpleNamespace(strategy=FSDPStrategy()))
+
+
+def test_fsdp_refusal_comes_at_setup_of_a_real_fit():
+    trainer = quiet_trainer(max_steps=1, strategy=FSDPOnCPU(process_group_backend="gloo"), callbacks=[EMA()])
+    try:
+        with pytest.raises(TechniqueConfigError, match="EMA: it cannot run under FSDPOnCPU: it swaps the averaged"):
+            trainer.fit(small_module(), datamodule=noisy_digits())
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_every_technique_trains_a_compiled_module(name):
+    module = compiled_module()
+    assert any("._orig_mod." in n for n, _ in module.named_parameters())
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    quiet_trainer(max_steps=3, limit_val_batches=1, callbacks=[make(name)]).fit(
+        module, datamodule=noisy_digits(batch_size=64))
+    after = dict(module.named_parameters())
+    # surgery renames what it wraps (`.base_layer.`); the task head keeps its name and always trains
+    assert any(not torch.equal(before[n], after[n]) for n in before if n in after), "nothing trained"
+    assert all(torch.isfinite(p).all() for p in after.values())
+
+
+def test_ema_of_a_compiled_module_averages_its_real_parameters():
+    module, ema = compiled_module(), EMA(decay=0.5)
+    quiet_trainer(max_steps=3, limit_val_batches=1, callbacks=[ema]).fit(module, datamodule=noisy_digits(batch_size=64))
+    parameters = dict(module.named_parameters())
+    assert set(parameters) <= set(ema.average.names), "parameters the average skipped"
+    # after fit the module holds the average (like its checkpoints), name by name
+    for name, value in zip(ema.average.names, ema.average.tensors):
+        if name in parameters:
+            torch.testing.assert_close(parameters[name].detach(), value)
