@@ -17,6 +17,8 @@ for name, folder in FOLDERS.items():
 setup(
     packages=packages,
     package_dir=FOLDERS,
-    # technique cards ship beside their modules (the registry reads them at run time)
-    package_data={name: ["**/*.card.yaml", "*.card.yaml"] for name in FOLDERS},
+    # the cards ship beside their modules (reglab.registry reads them at run time); the recursive
+    # glob of reglab.callbacks also takes the planned rows' cards in family folders that are not
+    # packages yet, so an installed registry lists every row of the board
+    package_data={"reglab.callbacks": ["**/*.card.yaml"]},
 )

@@ -6,62 +6,26 @@ papers' datasets from disk. All share :class:`ClassificationDataModule`'s label 
 (:class:`LabelNoise`), class imbalance (:class:`LongTail`) and mid-epoch resumable training loader.
 """
 
-from .base import (
-    ClassificationDataModule,
-    DictDataset,
-    LazyInputs,
-    ResumableDataLoader,
-    ResumableSampler,
-)
-from .cifar import CIFARDataModule
-from .digits import DigitsDataModule
-from .domains import RotatedDigitsDataModule, rotate_images
-from .image_folder import ImageFolderDataModule, ImageFolderInputs
-from .label_noise import (
-    CIFAR10_ASYMMETRIC_MAP,
-    CIFAR100_ASYMMETRIC_MAP,
-    MNIST_ASYMMETRIC_MAP,
-    LabelNoise,
-    apply_label_noise,
-)
-from .long_tail import LongTail, apply_long_tail, long_tail_class_counts
-from .splits import stratified_split
-from .synthetic import SyntheticDataModule
-from .tabular import TabularDataModule
-from .text import TemplatedSentimentDataModule
-from .tasks import TaskSequenceDataModule, TaskSubset, split_classes
-from .class_split import ClassSplitDataModule
-from .si_blurry import SiBlurryDataModule, SiBlurryStream, si_blurry_stream
+from reglab.lazy import lazy_names
 
-__all__ = [
-    "CIFAR10_ASYMMETRIC_MAP",
-    "CIFAR100_ASYMMETRIC_MAP",
-    "CIFARDataModule",
-    "ClassificationDataModule",
-    "DictDataset",
-    "DigitsDataModule",
-    "ImageFolderDataModule",
-    "ImageFolderInputs",
-    "LabelNoise",
-    "LazyInputs",
-    "LongTail",
-    "MNIST_ASYMMETRIC_MAP",
-    "ResumableDataLoader",
-    "ResumableSampler",
-    "RotatedDigitsDataModule",
-    "SyntheticDataModule",
-    "TabularDataModule",
-    "TaskSequenceDataModule",
-    "TemplatedSentimentDataModule",
-    "ClassSplitDataModule",
-    "SiBlurryDataModule",
-    "SiBlurryStream",
-    "TaskSubset",
-    "apply_label_noise",
-    "apply_long_tail",
-    "long_tail_class_counts",
-    "rotate_images",
-    "si_blurry_stream",
-    "split_classes",
-    "stratified_split",
-]
+# imported on first access (PEP 562): one DataModule does not load the others' dependencies
+_MODULES = {
+    "base": ["ClassificationDataModule", "DictDataset", "LazyInputs", "ResumableDataLoader", "ResumableSampler"],
+    "cifar": ["CIFARDataModule"],
+    "class_split": ["ClassSplitDataModule"],
+    "digits": ["DigitsDataModule"],
+    "domains": ["RotatedDigitsDataModule", "rotate_images"],
+    "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
+    "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
+    "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
+    "si_blurry": ["SiBlurryDataModule", "SiBlurryStream", "si_blurry_stream"],
+    "splits": ["stratified_split"],
+    "synthetic": ["SyntheticDataModule"],
+    "tabular": ["TabularDataModule"],
+    "tasks": ["TaskSequenceDataModule", "TaskSubset", "split_classes"],
+    "text": ["TemplatedSentimentDataModule"],
+}
+
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__, {name: f"{__name__}.{module}" for module, names in _MODULES.items() for name in names}
+)

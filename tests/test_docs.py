@@ -1,50 +1,104 @@
-"""docs/techniques.md and configs/technique/ stay in step with what callbacks exports."""
+"""docs/techniques.md is what `reglab docs` renders from the cards and the results JSON."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
-import yaml
+import pytest
 
-import reglab.callbacks
+from reglab import registry
+from reglab.docs import SECTIONS, render, render_repository
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = [line for line in (REPO / "docs/techniques.md").read_text().splitlines() if line.startswith("| ")]
-STATUSES = {"planned", "implemented", "claim shown", "claim not reproduced"}
+CARDS = registry.load((REPO / "callbacks").resolve())
 
 
-def cells(row: str) -> list[str]:
-    return [c.strip() for c in row.strip("|").split("|")]
+def test_committed_board_is_what_the_cards_render():
+    committed = (REPO / "docs/techniques.md").read_text(encoding="utf-8")
+    assert committed == render_repository(REPO), "docs/techniques.md is stale: run `reglab docs` and commit it"
 
 
-def test_one_row_per_paper_with_a_valid_status():
-    papers = [cells(r) for r in ROWS if re.match(r"^\| *\d+ *\|", r)]
-    assert sorted(int(c[0]) for c in papers) == list(range(1, 70))
-    assert all(c[4] in STATUSES for c in papers), [c[:5] for c in papers if c[4] not in STATUSES]
+def test_every_paper_appears_exactly_once_and_every_card_has_a_row():
+    page = render_repository(REPO)
+    numbers = [int(n) for n in re.findall(r"^\| (\d\d) \|", page, re.M)]
+    assert sorted(numbers) == list(range(1, 70))
+    rows = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("| Paper #")]
+    for card in CARDS.values():
+        assert any(f" | {card.title} | " in row for row in rows), f"{card.id} has no row"
 
 
-def test_every_exported_technique_has_a_built_row_and_config():
-    for name in reglab.callbacks.__all__:
-        rows = [c for c in map(cells, ROWS) if re.search(rf"`reglab\.callbacks\.[\w.]*\b{name}`", c[2])]
-        assert rows, f"{name} has no row in docs/techniques.md"
-        for row in rows:
-            assert row[4] != "planned", f"{name} is built but its row says planned"
-            config = REPO / row[3].strip("`")
-            assert config.is_file(), f"{name}: config {row[3]} does not exist"
-            class_paths = [t["class_path"] for t in yaml.safe_load(config.read_text())["techniques"].values()]
-            assert any(path.endswith(f".{name}") for path in class_paths)
+def _result(claim: str, verdict: str, **extra) -> dict:
+    checks = [{"metric": "test/acc", "kind": "superiority", "direction": "higher", "arm": "technique",
+               "against": "baseline", "margin": 0.0, "bound": None, "difference": 0.2213, "stderr": 0.0271,
+               "shown": verdict == "claim shown", "outcome": verdict}]
+    return {"claim": claim, "techniques": ["x"], "statement": "s", "protocol": "fit", "seeds": 3, "arms": {},
+            "checks": checks, "verdict": verdict, "command": f"reglab bench effects --only {claim}", **extra}
 
 
-def test_measured_rows_link_their_results_and_command():
-    for row in ROWS:
-        if "| claim shown |" in row or "| claim not reproduced |" in row:
-            link = re.search(r"\(results/([\w.-]+\.md)\)", row)
-            assert link and (REPO / "docs/results" / link.group(1)).is_file(), row[:80]
-            assert re.search(r"`(reglab bench|python benchmarks/)[^`]*`", row), "a measured row must name its command"
+def _row(page: str, title: str) -> str:
+    return next(line for line in page.splitlines() if f" | {title} | " in line)
 
 
-def test_technique_configs_name_exported_techniques():
-    for path in sorted((REPO / "configs/technique").glob("*.yaml")):
-        for entry in yaml.safe_load(path.read_text())["techniques"].values():
-            assert entry["class_path"].split(".")[-1] in reglab.callbacks.__all__, path.name
+def test_result_comes_from_the_first_claims_json(tmp_path):
+    (tmp_path / "elr.json").write_text(json.dumps(_result("elr", "claim shown")))
+    (tmp_path / "ps_kd_noisy.json").write_text(json.dumps(_result("ps_kd_noisy", "claim not reproduced")))
+    page = render(CARDS, tmp_path)
+    elr = _row(page, CARDS["elr"].title)
+    assert "| claim shown | " in elr
+    assert "claim shown: Δ test/acc +0.221 ± 0.027; 3 seeds ([results](results/elr.md))" in elr
+    # PS-KD's first claim (ps_kd) has no JSON: implemented, even though a later claim has one
+    assert "| implemented | " in _row(page, CARDS["ps_kd"].title)
+    # a claim id with no JSON and a planned card
+    assert _row(page, CARDS["ovor"].title).endswith("| implemented | higher final average accuracy than without | — |")
+    assert "| planned | " in _row(page, CARDS["adele"].title)
+
+
+def test_other_claims_are_listed_after_the_first(tmp_path):
+    for claim, verdict in [("ps_kd", "claim not reproduced"), ("ps_kd_noisy_sgd", "claim shown")]:
+        (tmp_path / f"{claim}.json").write_text(json.dumps(_result(claim, verdict)))
+    row = _row(render(CARDS, tmp_path), CARDS["ps_kd"].title)
+    assert "| claim not reproduced | " in row
+    assert row.endswith("; also [ps_kd_noisy_sgd](results/ps_kd_noisy_sgd.md) claim shown |")
+
+
+def test_a_card_in_an_unknown_section_is_refused(tmp_path):
+    card = CARDS["elr"]
+    stray = {**CARDS, "elr": type(card)(**{**card.__dict__, "sections": ("no_such_section",)})}
+    with pytest.raises(ValueError, match="no_such_section.*Fix"):
+        render(stray, tmp_path)
+
+
+def test_every_card_is_in_a_board_section():
+    known = {section for section, *_ in SECTIONS}
+    assert {s for c in CARDS.values() for s in c.sections} <= known
+
+
+def test_reglab_docs_check_fails_on_a_stale_page(tmp_path, capsys):
+    from reglab.cli import main
+
+    (tmp_path / "callbacks").symlink_to(REPO / "callbacks")
+    (tmp_path / "docs").mkdir()
+    main(["docs", "--root", str(tmp_path)])  # writes the page
+    main(["docs", "--root", str(tmp_path), "--check"])
+    page = tmp_path / "docs/techniques.md"
+    page.write_text(page.read_text() + "hand edit\n")
+    with pytest.raises(SystemExit):
+        main(["docs", "--root", str(tmp_path), "--check"])
+    assert "run `reglab docs`" in capsys.readouterr().err
+
+
+def test_reglab_docs_outside_a_checkout_says_where_to_run_it(tmp_path):
+    from reglab.docs import main
+
+    with pytest.raises(SystemExit, match="no callbacks/ folder.*Fix: run it in the root of a reglab checkout"):
+        main(["--root", str(tmp_path)])
+
+
+def test_differences_are_given_to_the_standard_error_s_precision():
+    from reglab.docs import difference_with_error
+
+    assert difference_with_error(0.2213, 0.0271) == "+0.221 ± 0.027"
+    assert difference_with_error(-0.00151, 0.00072) == "-0.00151 ± 0.00072"
+    assert difference_with_error(0.0, 0.0) == "+0.000 ± 0.000"

@@ -1,26 +1,28 @@
-"""Every technique exported by ``callbacks`` through the shared harness (see tests/harness.py)."""
+"""Every built technique of the registry through the shared harness (see tests/harness.py)."""
 
 from __future__ import annotations
 
 import json
 import math
+import socket
 
-import lightning as L
 import pytest
 import torch
+import torch.multiprocessing
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import reglab.callbacks
-from harness import HARNESS, flat_state, noisy_digits, quiet_trainer, small_module
+from harness import FACTORIES, ddp_worker, flat_state, make, noisy_digits, partner, quiet_trainer, small_module
+from reglab import registry
 
-TECHNIQUES = sorted(reglab.callbacks.__all__)
-STATEFUL = [name for name in TECHNIQUES if getattr(reglab.callbacks, name).stateful]
+TECHNIQUES = [card.id for card in registry.techniques()]
+STATEFUL = [card.id for card in registry.techniques() if card.load().stateful]
 
 
-def test_every_exported_technique_has_a_harness_entry():
-    missing = set(TECHNIQUES) - set(HARNESS)
-    assert not missing, f"techniques without a harness entry in tests/harness.py: {sorted(missing)}"
-    assert not set(HARNESS) - set(TECHNIQUES), "harness entries for techniques callbacks does not export"
+def test_every_harness_case_builds_its_technique():
+    for technique_id in TECHNIQUES:
+        assert type(make(technique_id)) is registry.card(technique_id).load(), technique_id
+    named = {registry.card(t).harness.get("factory") for t in TECHNIQUES} - {None}
+    assert named == set(FACTORIES), f"factories named by cards {sorted(named)} vs defined {sorted(FACTORIES)}"
 
 
 def _weights(module) -> dict[str, torch.Tensor]:
@@ -38,7 +40,7 @@ def _check_trained(trainer, module, before, technique):
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_fit_with_gradient_accumulation(name):
-    technique, module = HARNESS[name].make(), small_module()
+    technique, module = make(name), small_module()
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[technique])
     trainer.fit(module, datamodule=noisy_digits())
@@ -52,7 +54,7 @@ def test_resume_is_exact(name, tmp_path):
     total_steps, stop_at = 12, 7  # 5 steps per epoch: crosses an epoch end, stops mid-epoch
 
     def run(max_steps, ckpt_path=None, checkpoint=None):
-        technique, module = HARNESS[name].make(), small_module()
+        technique, module = make(name), small_module()
         extra = dict(enable_checkpointing=True, callbacks=[technique, checkpoint]) if checkpoint else dict(callbacks=[technique])
         trainer = quiet_trainer(max_steps=max_steps, **extra)
         trainer.fit(module, datamodule=noisy_digits(), ckpt_path=ckpt_path)
@@ -75,7 +77,7 @@ def test_resume_is_exact(name, tmp_path):
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_bf16_mixed(name):
-    technique, module = HARNESS[name].make(), small_module()
+    technique, module = make(name), small_module()
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, precision="bf16-mixed", callbacks=[technique])
     trainer.fit(module, datamodule=noisy_digits())
@@ -84,43 +86,33 @@ def test_bf16_mixed(name):
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_stacks_with_partner(name):
-    technique, partner, module = HARNESS[name].make(), HARNESS[name].partner(), small_module()
-    assert type(partner) is not type(technique)
+    technique, other, module = make(name), partner(name), small_module()
+    assert type(other) is not type(technique)
     before = _weights(module)
-    trainer = quiet_trainer(max_steps=3, callbacks=[technique, partner])
+    trainer = quiet_trainer(max_steps=3, callbacks=[technique, other])
     trainer.fit(module, datamodule=noisy_digits())
     _check_trained(trainer, module, before, technique)
-    _check_trained(trainer, module, before, partner)
+    _check_trained(trainer, module, before, other)
 
 
-class RankStateCheck(L.Callback):
-    """At the end of a DDP fit, compares the technique's state across ranks and writes a report."""
-
-    def __init__(self, technique, report_dir):
-        self.technique, self.report_dir = technique, report_dir
-
-    def on_train_end(self, trainer, pl_module):
-        report = {}
-        for key, value in flat_state(self.technique).items():
-            gathered = pl_module.all_gather(value.to(pl_module.device))
-            report[key] = {
-                "same_on_all_ranks": bool(all(torch.equal(gathered[0], g) for g in gathered)),
-                "nonzero": bool(value.abs().sum() > 0),
-            }
-        (self.report_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", STATEFUL)
-def test_ddp_two_processes_keep_identical_state(name, tmp_path):
-    technique = HARNESS[name].make()
-    trainer = quiet_trainer(
-        max_steps=4, devices=2, strategy="ddp_spawn", callbacks=[technique, RankStateCheck(technique, tmp_path)]
+def test_ddp_two_processes_keep_identical_state(tmp_path):
+    """One 2-process DDP group fits every stateful technique in turn: each tensor of its state
+    must be identical on both ranks and have been updated."""
+    torch.multiprocessing.start_processes(
+        ddp_worker, args=(STATEFUL, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
     )
-    trainer.fit(small_module(), datamodule=noisy_digits(batch_size=128))
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert reports[0], f"{name} has no tensor state to compare"
-    for report in reports:
-        for key, checks in report.items():
-            assert checks["same_on_all_ranks"], f"{name}.{key} differs across ranks"
-            assert checks["nonzero"], f"{name}.{key} was never updated"
+    assert len(STATEFUL) > 5
+    for name in STATEFUL:
+        reports = [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in range(2)]
+        assert reports[0], f"{name} has no tensor state to compare"
+        for report in reports:
+            for key, checks in report.items():
+                assert checks["same_on_all_ranks"], f"{name}.{key} differs across ranks"
+                assert checks["nonzero"], f"{name}.{key} was never updated"

@@ -21,12 +21,14 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from torch.distributed.fsdp import fully_shard
 
-from harness import HARNESS, noisy_digits, quiet_trainer, small_module
+from harness import make, noisy_digits, quiet_trainer, small_module
+from reglab import registry
 from reglab.callbacks import ELR, EMA, LoRA
 from reglab.tasks import ClassificationModule
 from reglab.technique import TechniqueConfigError, check_sharding
 
-REFUSED_UNDER_FSDP = sorted(name for name, case in HARNESS.items() if case.make().fsdp_unsupported)
+TECHNIQUES = [card.id for card in registry.techniques()]
+REFUSED_UNDER_FSDP = [name for name in TECHNIQUES if make(name).fsdp_unsupported]
 
 
 def compiled_module():
@@ -41,13 +43,13 @@ class FSDPOnCPU(FSDPStrategy):
 
 
 def test_the_averaging_family_and_parameter_anchors_declare_why_they_refuse_fsdp():
-    assert {"EMA", "SWA", "MeanTeacher", "OGENSelfDistillation", "EWC", "SI", "L2ToPreviousTask"} <= set(REFUSED_UNDER_FSDP)
-    assert {"ELR", "GCE", "LabelSmoothing", "Mixup", "CutMix", "PSKD", "LoRA"}.isdisjoint(REFUSED_UNDER_FSDP)
+    assert {"ema", "swa", "mean_teacher", "ogen_self_distillation", "ewc", "si", "l2_previous"} <= set(REFUSED_UNDER_FSDP)
+    assert {"elr", "gce", "label_smoothing", "mixup", "cutmix", "ps_kd", "lora"}.isdisjoint(REFUSED_UNDER_FSDP)
 
 
 @pytest.mark.parametrize("name", REFUSED_UNDER_FSDP)
 def test_a_technique_that_cannot_run_sharded_is_refused_naming_its_reason(name):
-    technique = HARNESS[name].make()
+    technique = make(name)
     with pytest.raises(TechniqueConfigError, match=rf"{type(technique).__name__}: it cannot run under FSDPStrategy: "
                                                    rf".*Fix: train with strategy='ddp'"):
         check_sharding(technique, SimpleNamespace(strategy=FSDPStrategy()))
@@ -63,12 +65,12 @@ def test_fsdp_refusal_comes_at_setup_of_a_real_fit():
             torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", sorted(HARNESS))
+@pytest.mark.parametrize("name", TECHNIQUES)
 def test_every_technique_trains_a_compiled_module(name):
     module = compiled_module()
     assert any("._orig_mod." in n for n, _ in module.named_parameters())
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    quiet_trainer(max_steps=3, limit_val_batches=1, callbacks=[HARNESS[name].make()]).fit(
+    quiet_trainer(max_steps=3, limit_val_batches=1, callbacks=[make(name)]).fit(
         module, datamodule=noisy_digits(batch_size=64))
     after = dict(module.named_parameters())
     # surgery renames what it wraps (`.base_layer.`); the task head keeps its name and always trains

@@ -1,8 +1,5 @@
 """Weight averaging and self-distillation between model states, on :mod:`reglab.averaging`."""
 
-from reglab.callbacks.averaging.ema import EMA
-from reglab.callbacks.averaging.mean_teacher import MeanTeacher
-from reglab.callbacks.averaging.ogen_self_distillation import OGENSelfDistillation
-from reglab.callbacks.averaging.swa import SWA
+from reglab.registry import lazy_exports
 
-__all__ = ["EMA", "MeanTeacher", "OGENSelfDistillation", "SWA"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__)  # the family's techniques, from their cards

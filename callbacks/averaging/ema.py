@@ -12,12 +12,7 @@ the average, the module holds it after fit, and checkpoints store it as the mode
 
 Works with any LightningModule: it needs nothing from the training step.
 
-Method card:
-    what it does: evaluates a temporal ensemble (in weight space) of the last ~1 / (1 - d) steps;
-    when it helps: noisy or high-learning-rate training, where the iterates oscillate around a
-        good solution; a cheap, strong reference for weight-averaging and self-distillation papers;
-    what it costs: one fp32 copy of the model (memory), one fused lerp per optimizer step, an
-        O(1) pointer swap per validation (no copy), and a model-sized entry in the checkpoint.
+Method card (what it does, when it helps, what it costs): ``ema.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import EMA

@@ -20,12 +20,7 @@ warm-up already makes the teacher equal to the student at the start, so the term
 zero), on one view of the batch. Validation uses the student's weights; stack :class:`EMA` to
 evaluate an average as well.
 
-Method card:
-    what it does: pulls the student towards a temporal ensemble of itself, a consistency
-        regulariser that damps the fitting of individual (e.g. mislabelled) samples;
-    when it helps: label noise, few labels, long training that starts to overfit;
-    what it costs: one fp32 copy of the model, one extra forward pass (no backward) per step, a
-        lerp per optimizer step.
+Method card (what it does, when it helps, what it costs): ``mean_teacher.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import MeanTeacher

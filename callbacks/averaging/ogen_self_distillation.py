@@ -33,13 +33,7 @@ assumptions, each the plainest reading of the sources above:
 4. the distillation loss, its weight and temperature are those of :class:`MeanTeacher`
    (lambda = 1, T = 1); no value here comes from the paper.
 
-Method card:
-    what it does: regularises the student towards the average of its own recent states, looking
-        further back as training goes on;
-    when it helps (paper's claim): long finetuning that overfits the known classes at the expense
-        of unknown ones;
-    what it costs: ``max_window + 1`` fp32 copies of the model (the states and the teacher), one extra forward pass (no
-        backward) per step, a few fused copies per epoch.
+Method card (what it does, when it helps, what it costs): ``ogen_self_distillation.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import OGENSelfDistillation

@@ -19,14 +19,7 @@ module has one (the step contract), else ``module(batch[0])`` for tuple batches 
 ``module(batch)``; batches come from ``datamodule.train_dataloader()`` (a fresh loader), else the
 trainer's training loader.
 
-Method card:
-    what it does: evaluates the equal-weight mean of late iterates, which lies in a flatter,
-        wider region of the loss than any single iterate;
-    when it helps: the last part of training with a high constant or cyclical learning rate;
-        generalisation and calibration at no inference cost;
-    what it costs: one fp32 copy of the model, one fused lerp per average update, and for models
-        with BatchNorm one forward pass over the training set per evaluation that follows an
-        update.
+Method card (what it does, when it helps, what it costs): ``swa.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import SWA

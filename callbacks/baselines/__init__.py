@@ -1,8 +1,5 @@
 """The standard methods the papers compare against, in the same step contract."""
 
-from reglab.callbacks.baselines.cutmix import CutMix
-from reglab.callbacks.baselines.gce import GCE
-from reglab.callbacks.baselines.label_smoothing import LabelSmoothing
-from reglab.callbacks.baselines.mixup import Mixup
+from reglab.registry import lazy_exports
 
-__all__ = ["CutMix", "GCE", "LabelSmoothing", "Mixup"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__)  # the family's techniques, from their cards

@@ -19,11 +19,7 @@ The box spans the last two dimensions of the input. Flat inputs (an MLP's ``(N, 
 name the image they flatten with ``image_shape`` (e.g. ``(1, 8, 8)``); they are cut as images
 and flattened back.
 
-Method card:
-    what it does: pastes patches between images and mixes the targets by patch area;
-    when it helps: image classification (accuracy, localization, robustness to occlusion);
-        less sensible for inputs without spatial layout;
-    what it costs: one extra gather of the batch per step; nothing stored.
+Method card (what it does, when it helps, what it costs): ``cutmix.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import CutMix

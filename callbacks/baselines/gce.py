@@ -7,9 +7,7 @@ cross-entropy (q -> 0) and mean absolute error (q = 1), which is robust to label
 
 With soft targets t (after a target transform) the loss is sum_c t_c (1 - p_c^q) / q.
 
-Method card:
-    what it does: replaces cross-entropy; when it helps: noisy labels; what it costs: nothing
-    measurable (it can train slower than CE on clean data).
+Method card (what it does, when it helps, what it costs): ``gce.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import GCE

@@ -6,9 +6,7 @@ The one-hot target is mixed with the uniform distribution over the C classes:
 
 If an earlier technique already produced soft targets, those are smoothed instead.
 
-Method card:
-    what it does: softens the training targets; when it helps: over-confident models,
-    calibration, mild label noise; what it costs: nothing measurable (one C-wide mix per sample).
+Method card (what it does, when it helps, what it costs): ``label_smoothing.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import LabelSmoothing

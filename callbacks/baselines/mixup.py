@@ -12,11 +12,7 @@ alpha = 1.0 (lam uniform on [0, 1]) is the default of the official code
 The shared mechanics (drawing, target mixing, composition with other target transforms) are in
 :mod:`reglab.callbacks.baselines.mixing`.
 
-Method card:
-    what it does: trains on convex combinations of input pairs and of their targets;
-    when it helps: small or noisy training sets, over-confident models (calibration), adversarial
-        robustness; it mostly needs longer training to pay off;
-    what it costs: one extra gather of the batch per step; nothing stored.
+Method card (what it does, when it helps, what it costs): ``mixup.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import Mixup

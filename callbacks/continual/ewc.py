@@ -16,13 +16,7 @@ Under DDP every rank sums the squared gradients over its own shard and counts it
 sums and counts are all-reduced before dividing, so every rank holds the Fisher of the union of
 the shards, exactly as one process would compute it on all of them (also for unequal shards).
 
-Method card:
-    what it does: a quadratic pull to the previous parameters, weighted by how much each
-        parameter mattered to the previous tasks' predictions;
-    when it helps: task sequences without replay; from scratch more than from a pretrained
-        backbone (where paper 40 finds plain L2 as good or better);
-    what it costs: two fp32 copies of the parameters; at each task end one backward pass per
-        training sample of the task (cap with ``fisher_samples``).
+Method card (what it does, when it helps, what it costs): ``ewc.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import EWC

@@ -22,12 +22,7 @@ right for every rank), while each rank draws its own replay batch (the generator
 by the rank). Gathering needs the same batch size on every rank, which the sharded sampler's
 padding gives.
 
-Method card:
-    what it does: rehearses a small uniform sample of past data alongside every new batch;
-    when it helps: class-incremental sequences, where regularizers without data forget the old
-        classes' head; the usual strong baseline when storing samples is allowed;
-    what it costs: memory for ``buffer_size`` samples; each step trains on a batch about twice
-        as large; one all-gather of the batch per step under DDP.
+Method card (what it does, when it helps, what it costs): ``experience_replay.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import ExperienceReplay

@@ -9,10 +9,7 @@ Unlike prediction distillation it constrains the representation, not the old hea
 can move freely. ``lam`` is a per-benchmark choice in the paper; the default is the one tuned on
 split digits (``benchmarks/continual_claims.py``). In a plain single fit the term is 0.
 
-Method card:
-    what it does: an L2 pull of the features to the previous model's features on new data;
-    when it helps: task sequences without replay where the representation drifts;
-    what it costs: a frozen copy of the model and its forward pass on every training step.
+Method card (what it does, when it helps, what it costs): ``feature_distillation.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import FeatureDistillation

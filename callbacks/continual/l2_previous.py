@@ -10,10 +10,7 @@ Fisher-weighted one. Only the latest anchor is kept (as the "online" regularizer
 GT-RIPL Continual-Learning-Benchmark code the paper builds on). ``lam`` is a per-benchmark choice
 in the paper; the default here is the one tuned on split digits (``benchmarks/continual_claims.py``).
 
-Method card:
-    what it does: a quadratic pull of all parameters to their values after the previous task;
-    when it helps: sequences of tasks without replay, especially from a pretrained backbone;
-    what it costs: one fp32 copy of the parameters; one pass over them per step.
+Method card (what it does, when it helps, what it costs): ``l2_previous.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import L2ToPreviousTask

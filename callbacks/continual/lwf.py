@@ -9,10 +9,7 @@ student's predictions over the *old* classes are kept close to the teacher's, wi
 Defaults from the LwF paper: T = 2, lam = 1 (its lambda_o). The T^2 factor keeps the gradient
 scale independent of T (Hinton et al.). In a plain single fit (no task has ended) the term is 0.
 
-Method card:
-    what it does: distils the previous model's old-class predictions on new data;
-    when it helps: task sequences without replay, when new inputs resemble old ones;
-    what it costs: a frozen copy of the model and its forward pass on every training step.
+Method card (what it does, when it helps, what it costs): ``lwf.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import LwF

@@ -34,12 +34,7 @@ Where this departs from the paper or its code, and why:
       training only. The contrastive visual prompt tuning loss is not built (no prompts).
     * Soft targets (a label-smoothing partner) are renormalised over the classes left unmasked.
 
-Method card:
-    what it does: trains online on the present classes only, up-weights the samples the batch
-        gradient ignores and rescales features by how far they are from their class weight;
-    when it helps: online class-incremental streams with blurry boundaries and class imbalance
-        (Si-Blurry), without replay;
-    what it costs: a few (B, C) and (C, D) products per step; no state.
+Method card (what it does, when it helps, what it costs): ``mvp.card.yaml`` beside this module.
 
 Example:
     >>> import torch

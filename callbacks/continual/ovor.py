@@ -45,14 +45,7 @@ Where this departs from the official code (the paper's intent is followed):
   the ID term uses the step's own batch, so the backbone also trains in regularized epochs (the
   official OOD epochs train the head on features stored at the epoch start).
 
-Method card:
-    what it does: pushes the head's energy up on synthetic outliers around the current task's
-        features and down on the task's samples, so each task claims less of feature space;
-    when it helps: rehearsal-free class-incremental learning with a strong (pretrained, frozen or
-        prompted) backbone whose past-task logits are masked while a task trains;
-    what it costs: one pass over the task's training set and a chunked k-NN search
-        (``boundary_points * candidates_per_point`` candidates) per regularized epoch, and the
-        head on the outliers at every step.
+Method card (what it does, when it helps, what it costs): ``ovor.card.yaml`` beside this module.
 
 Example:
     >>> import torch

@@ -19,13 +19,7 @@ pass; terms of other stacked techniques stay in g (they shape the path too). xi 
 damping of the GT-RIPL Continual-Learning-Benchmark code that paper 40 builds on; c is a
 per-benchmark strength. Only the latest anchor is kept; Omega accumulates over tasks.
 
-Method card:
-    what it does: an EWC-like quadratic pull whose importance is measured online, for free, from
-        how much each parameter's movement lowered the loss during training;
-    when it helps: task sequences without replay, where a Fisher pass at every task end is too
-        costly; like EWC it helps more from scratch than from a pretrained backbone;
-    what it costs: four fp32 copies of the parameters (omega, Omega, theta*, start of task) and one
-        more transient copy per optimizer step.
+Method card (what it does, when it helps, what it costs): ``si.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import SI

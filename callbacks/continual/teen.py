@@ -34,10 +34,7 @@ The recipe, in a task sequence of ``reglab fit-tasks`` (``TaskSequenceDataModule
 
 In a plain fit (no task hooks) TEEN changes nothing.
 
-Method card:
-    what it does: prototype classifier for new classes, calibrated towards similar base classes;
-    when it helps: few-shot class-incremental sessions after a well-trained base session;
-    what it costs: one forward pass over the base training set and over each session's shots.
+Method card (what it does, when it helps, what it costs): ``teen.card.yaml`` beside this module.
 
 Example:
     >>> import torch

@@ -6,6 +6,6 @@ so it is exported here and not from ``callbacks``. The state-dict helpers it use
 :class:`reglab.tasks.levi.LEVIModule`.
 """
 
-from reglab.callbacks.fine_tuning.pretrained_weights import PretrainedWeights
+from reglab.registry import lazy_exports
 
-__all__ = ["PretrainedWeights"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, extra={"PretrainedWeights": "pretrained_weights"})

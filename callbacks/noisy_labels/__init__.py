@@ -1,5 +1,5 @@
 """Techniques for learning with noisy labels and long-tailed data."""
 
-from reglab.callbacks.noisy_labels.elr import ELR
+from reglab.registry import lazy_exports
 
-__all__ = ["ELR"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__)  # the family's techniques, from their cards

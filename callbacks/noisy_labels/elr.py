@@ -15,11 +15,7 @@ settings: asymmetric noise on CIFAR-10 beta = 0.9, lambda = 1; CIFAR-100 beta = 
 As in the official code the targets are updated *before* the regularizer of the same step is
 computed, and with the rows of the current batch only.
 
-Method card:
-    what it does: adds a per-sample temporal-ensembling regularizer to cross-entropy;
-    when it helps: noisy labels (symmetric or class-dependent), especially at high noise;
-    what it costs: an N x C fp32 table (N training samples), one gather/scatter per step, and
-        under DDP one all-gather of the batch's rows per step.
+Method card (what it does, when it helps, what it costs): ``elr.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import ELR

@@ -10,18 +10,7 @@ the first gradients. All three use :class:`reglab.nn.core_adapter.CoreAdapter`.
 dropout; :class:`PEGO` (#11) and :class:`BALoRA` (#23) are LoRA with orthogonality / output regularizers.
 """
 
-from reglab.callbacks.peft.ba_lora import BALoRA
-from reglab.callbacks.peft.base import ParameterEfficientFineTuning
-from reglab.callbacks.peft.bitfit import BitFit
-from reglab.callbacks.peft.full_fine_tuning import FullFineTuning
-from reglab.callbacks.peft.linear_probe import LinearProbe
-from reglab.callbacks.peft.gs_lora import GSLoRA
-from reglab.callbacks.peft.loldu import LoLDU
-from reglab.callbacks.peft.lora import LoRA
-from reglab.callbacks.peft.lora_sb import LoRASB
-from reglab.callbacks.peft.mask_tuning import RegularizedMaskTuning
-from reglab.callbacks.peft.pego import PEGO
-from reglab.callbacks.peft.soma import SoMA
-from reglab.callbacks.peft.svfit import SVFit
+from reglab.registry import lazy_exports
 
-__all__ = ["BALoRA", "BitFit", "FullFineTuning", "GSLoRA", "LinearProbe", "LoLDU", "LoRA", "LoRASB", "PEGO", "ParameterEfficientFineTuning", "RegularizedMaskTuning", "SVFit", "SoMA"]
+# the family's techniques from their cards, and the base class a new PEFT method derives from
+__getattr__, __dir__, __all__ = lazy_exports(__name__, extra={"ParameterEfficientFineTuning": "base"})

@@ -25,13 +25,7 @@ so the frozen base model's outputs are exactly those with the adapters off. The 
 forward runs in training mode (dropout and batch statistics as in the training forward) under
 ``no_grad``, without updating BatchNorm running statistics; the terms are computed in fp32.
 
-Method card:
-    what it does: keeps LoRA's features close to the pretrained ones, decorrelated, and dominated
-        by a few directions;
-    when it helps: fine-tuning on noisy or biased data where plain LoRA inherits or amplifies the
-        noise (paper: better than LoRA when the fine-tuning data is noisy);
-    what it costs: LoRA's parameters, one extra forward of the base model per step, a d x d
-        covariance and an SVD of the n x d batch features.
+Method card (what it does, when it helps, what it costs): ``ba_lora.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks.peft import BALoRA

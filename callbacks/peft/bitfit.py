@@ -2,11 +2,7 @@
 whose name ends in ``bias``, ``in_proj_bias`` of ``nn.MultiheadAttention`` included),
 ``y = W x + b`` with ``W`` frozen and ``b`` trainable, in every layer.
 
-Method card:
-    what it does: shifts every layer's pre-activations by trained biases;
-    when it helps: small target sets close to the source task; a standard PEFT baseline;
-    what it costs: one vector per layer (< 0.1-1 % of the parameters); full backward pass
-        through the network; layers without bias (the built-in CNN's convolutions) get nothing.
+Method card (what it does, when it helps, what it costs): ``bitfit.card.yaml`` beside this module.
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
 """Full fine-tuning: every parameter trains, from the pretrained checkpoint (the reference arm).
 
-Method card:
-    what it does: starts from the pretrained weights and trains all of them — the reference every
-        PEFT method is compared against (the plain task module when no pretrained weights are
-        loaded);
-    when it helps: plenty of target data and memory; the target task is far from the source;
-    what it costs: optimizer state and gradients for every parameter, a full-size checkpoint, and
-        the most forgetting of the source task.
+Method card (what it does, when it helps, what it costs): ``full_fine_tuning.card.yaml`` beside this module.
 """
 
 from __future__ import annotations

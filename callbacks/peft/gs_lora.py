@@ -31,12 +31,7 @@ Here forget and kept samples come in the same batches (the official code draws a
 beside each kept batch); the per-sample task loss is the cross-entropy of the kept samples
 rescaled so that its batch mean is their mean, and zero for the forgotten ones.
 
-Method card:
-    what it does: erases chosen classes from a trained model with a sparse low-rank edit;
-    when it helps: deletion requests (privacy, safety) on a pretrained model, possibly several in
-        a row (one GS-LoRA per request, merged after each);
-    what it costs: LoRA's parameters and step cost, one extra norm per group per step; the data of
-        the classes to forget and (some of) the classes to keep.
+Method card (what it does, when it helps, what it costs): ``gs_lora.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks.peft import GSLoRA

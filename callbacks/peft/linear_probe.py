@@ -1,10 +1,6 @@
 """Linear probe: only the task head trains, ``logits = head(frozen_backbone(x))``.
 
-Method card:
-    what it does: fits a linear classifier on the frozen pretrained features;
-    when it helps: the features already separate the target classes; the least forgetting
-        (none, apart from the head); the reference for #36 and #37;
-    what it costs: only the head's parameters and gradients; the backbone's forward pass.
+Method card (what it does, when it helps, what it costs): ``linear_probe.card.yaml`` beside this module.
 """
 
 from __future__ import annotations

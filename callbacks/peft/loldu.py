@@ -12,12 +12,7 @@ upper-triangular). The first r columns of ``P L`` and rows of ``U`` are frozen; 
 ``LoLDUParametrization``: ``alpha = 1`` and a rank as large as the layers (768 for ViT-B), here
 ``rank=None`` = ``min(out, in)``.
 
-Method card:
-    what it does: rescales the rank-one terms of an LDU factorisation of each weight;
-    when it helps: the fewest trainable parameters of the PEFT family (r + 1 per layer) at about
-        LoRA's accuracy;
-    what it costs: one LU factorisation per layer at setup (recomputed on resume, not stored in
-        checkpoints); the factors in memory; a dense weight rebuilt per step until :meth:`merge`.
+Method card (what it does, when it helps, what it costs): ``loldu.card.yaml`` beside this module.
 """
 
 from __future__ import annotations

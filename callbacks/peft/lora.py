@@ -11,12 +11,7 @@ checkpoints. Defaults are peft's ``LoraConfig`` (r = 8, alpha = 8, no dropout).
 :meth:`LoRA.save_pretrained` exports the trained adapters (and the task head) with peft's own
 ``PeftModel.save_pretrained``, so peft alone reloads them: ``PeftModel.from_pretrained(base, path)``.
 
-Method card:
-    what it does: learns a rank-r update of each adapted weight;
-    when it helps: fine-tuning with little memory; the reference PEFT baseline (#05, #11, #18,
-        #23, #28, #33, #41, #46, #55, #60, #69 compare against it);
-    what it costs: r * (in + out) parameters per layer, one extra low-rank product per layer in
-        training, nothing after :meth:`merge`.
+Method card (what it does, when it helps, what it costs): ``lora.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks.peft import LoRA

@@ -15,12 +15,7 @@ written as ``B (R - R0) A`` with ``R0 = 0``, which gives the same outputs and gr
 stays untouched. The gradients are taken in eval mode (no dropout draws, no BatchNorm statistic
 updates) and before the other techniques' stages.
 
-Method card:
-    what it does: trains r^2 numbers per layer inside the subspace of the first gradients;
-    when it helps: about LoRA's accuracy with far fewer parameters (r^2 vs r * (in + out));
-    what it costs: forward/backward passes over ``gradient_samples`` samples and one SVD per
-        layer at setup (on the device the model is on at setup: the CPU under Lightning); the
-        factors are stored in checkpoints (they depend on the data, not only on the weights).
+Method card (what it does, when it helps, what it costs): ``lora_sb.card.yaml`` beside this module.
 """
 
 from __future__ import annotations

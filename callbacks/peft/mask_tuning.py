@@ -32,13 +32,7 @@ each mask (before accumulation and before DDP averages gradients), so no ``requi
 The pretrained model's forward runs in the same mode as the training forward (so dropout and
 batch statistics match), under ``no_grad``, without updating the BatchNorm running statistics.
 
-Method card:
-    what it does: selects, per task, which pretrained weights to switch off (binary masks),
-        steered away from updates that move the model from its pretrained predictions;
-    when it helps: adapting a strong pretrained model with little data while keeping what it knew
-        (paper: beats a linear probe and forgets less than full fine-tuning);
-    what it costs: one mask per weight (stored as bits after training: ``merge`` folds them in),
-        one extra forward (pretrained model) and one extra backward (KL gradient) per step.
+Method card (what it does, when it helps, what it costs): ``mask_tuning.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks.peft import RegularizedMaskTuning

@@ -21,12 +21,7 @@ query / value rows of the fused ``qkv`` weight, here the whole weight of each ad
 The adapters are peft's LoRA layers (``N`` named adapters per layer, all active at once), so
 merging folds all of them into ``W``; the penalty is computed in fp32 with autocast off.
 
-Method card:
-    what it does: LoRA with several adapters per layer kept orthogonal to each other and to the
-        pretrained weights;
-    when it helps: domain generalization — better accuracy on unseen domains than one LoRA (paper);
-    what it costs: N times LoRA's parameters, and per layer N + N(N-1)/2 products of ``out x in``
-        matrices for the penalty (no inference cost after :meth:`merge`).
+Method card (what it does, when it helps, what it costs): ``pego.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks.peft import PEGO

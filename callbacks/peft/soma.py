@@ -33,13 +33,7 @@ Official defaults: ``r = 16``, ``lora_alpha = r`` (scale 1), full SVD ("sora" in
 ``lora_B = B``, base weight ``W_res``), so merging is peft's. Unlike the official code (``nn.Linear``
 only), convolutions are adapted too, so the technique also runs on CNNs.
 
-Method card:
-    what it does: re-learns the smallest singular directions of the later blocks' weights, keeps
-        the principal ones and the early blocks as they were pretrained, and anneals weight decay;
-    when it helps: fine-tuning a pretrained model on one domain and testing on unseen ones
-        (domain generalization); about LoRA's cost;
-    what it costs: r * (in + out) trainable numbers per adapted layer, one SVD per layer at setup
-        (recomputed on resume, not stored), nothing extra after :meth:`merge`.
+Method card (what it does, when it helps, what it costs): ``soma.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks.peft import SoMA

@@ -10,13 +10,7 @@ directions of the pretrained weight:
 ``W_res = W - U_r diag(sigma_r) V_r^T``, as in the paper). ``rank=None`` trains all
 ``min(out, in)`` singular values.
 
-Method card:
-    what it does: rescales the pretrained weights' principal directions;
-    when it helps: the target task needs the pretrained features re-weighted, not new directions;
-        about LoRA's accuracy with r parameters per layer instead of r * (in + out);
-    what it costs: one SVD per layer at setup (recomputed on resume, not stored in checkpoints);
-        the factors (r * (in + out) floats per layer) in memory; a dense weight rebuilt per step
-        until :meth:`merge`.
+Method card (what it does, when it helps, what it costs): ``svfit.card.yaml`` beside this module.
 """
 
 from __future__ import annotations

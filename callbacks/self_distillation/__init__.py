@@ -1,6 +1,5 @@
 """Self-distillation and distillation techniques: the model, or a fixed teacher, supplies soft targets."""
 
-from reglab.callbacks.self_distillation.knowledge_distillation import KnowledgeDistillation
-from reglab.callbacks.self_distillation.ps_kd import PSKD
+from reglab.registry import lazy_exports
 
-__all__ = ["KnowledgeDistillation", "PSKD"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__)  # the family's techniques, from their cards

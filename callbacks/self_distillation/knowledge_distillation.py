@@ -19,11 +19,7 @@ student (after batch transforms such as Mixup). Its logits come from ``forward_s
 uses the step contract (any reglab module), else from ``teacher(batch["input"])``. The KL goes
 through :func:`reglab.kernels.soft_cross_entropy`, the fused Triton kernel on GPU.
 
-Method card:
-    what it does: adds a temperature-scaled KL term towards a fixed teacher's predictions;
-    when it helps: training a small or fast student when a stronger model exists; calibration;
-    what it costs: one teacher forward pass per step (no backward), the teacher's weights on
-        the device; nothing saved in checkpoints (the teacher is reloaded from its file).
+Method card (what it does, when it helps, what it costs): ``knowledge_distillation.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import KnowledgeDistillation

@@ -33,14 +33,7 @@ T is the trainer's ``max_epochs`` unless ``total_epochs`` is given (needed when 
 limits, so it is never guessed from the step budget). With Mixup / CutMix, list PS-KD first so
 that its per-sample targets are mixed with the inputs; P then holds predictions on mixed inputs.
 
-Method card:
-    what it does: distils the model's previous-epoch predictions into its targets, with a
-        weight that grows linearly over training;
-    when it helps: accuracy and calibration (ECE) of image classifiers, alone or on top of
-        CutMix; over-confident models;
-    what it costs: an N x C fp32 table (N training samples) on the model's device, saved in
-        every checkpoint; one gather and one scatter per step; under DDP one all-gather of the
-        batch's predictions per step.
+Method card (what it does, when it helps, what it costs): ``ps_kd.card.yaml`` beside this module.
 
 Example:
     >>> from reglab.callbacks import PSKD

@@ -29,8 +29,16 @@ def main(argv: list[str]) -> None:
     overhead.add_argument("--realistic_steps", type=int, default=10, help="timed steps per fit on the realistic model")
     overhead.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     overhead.add_argument("--out", type=Path, default=Path("docs/results/overhead.md"))
+    startup = commands.add_parser("startup", help="`reglab --help` against `import lightning.pytorch`: reglab's share")
+    startup.add_argument("--repeats", type=int, default=7, help="alternated fresh processes per command")
+    startup.add_argument("--out", type=Path, default=Path("docs/results/startup.md"))
     args = parser.parse_args(argv)
     command = "reglab bench " + " ".join(shlex.quote(a) for a in argv)
+    if args.command == "startup":
+        from reglab.bench.startup import run_startup
+
+        run_startup(args.repeats, args.out, command)
+        return
     if args.command == "overhead":
         run_overhead(args.only, args.repeats, args.steps, args.warmup, args.calls, args.accelerator, args.out, command,
                      args.realistic_repeats, args.realistic_steps)
