@@ -289,10 +289,6 @@ class Provenance:
     machine: str
     date: str
 
-    @classmethod
-    def now(cls, command: str) -> "Provenance":
-        return cls(command, git_commit(), machine(), datetime.now(timezone.utc).strftime("%Y-%m-%d"))
-
 
 def result_record(claim: Claim, values: dict[str, dict[str, list[float]]], judged: list[tuple[Check, Verdict]],
                   provenance: Provenance, wall_s: float) -> dict[str, Any]:
@@ -379,11 +375,14 @@ def claim_command(name: str, seeds: int | None, smoke: bool) -> str:
 def run_claims(claims: list[Claim], seeds: int | None, out_dir: Path, smoke: bool = False) -> dict[str, str]:
     """Run every claim (arms shared between claims run once) and write its results; claim -> verdict."""
     protocols = {claim.name: claim.make_protocol() for claim in claims}  # every file checked before any run
+    # the tree as it was when the command started: the code that runs is imported from it
+    commit, host = git_commit(), machine()
     verdicts = {}
     with tempfile.TemporaryDirectory(prefix="reglab-bench-") as workdir:
         runner = ArmRunner(Path(workdir))
         for claim in claims:
-            provenance = Provenance.now(claim_command(claim.name, seeds, smoke))
+            provenance = Provenance(claim_command(claim.name, seeds, smoke), commit, host,
+                                    datetime.now(timezone.utc).strftime("%Y-%m-%d"))
             protocol, start = protocols[claim.name], time.perf_counter()
             runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in claim.arms}
             for seed in range(1 if smoke else seeds or claim.seeds):
