@@ -261,8 +261,10 @@ def per_arm_values(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
 
 
 def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
+    mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    if abs(mean) >= 100:  # counts (parameters): no decimals
+        return f"{mean:,.0f} ± {std:,.0f}"
+    return f"{mean:.4f} ± {std:.4f}"
 
 
 def git_commit() -> str:
