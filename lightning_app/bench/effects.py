@@ -281,7 +281,7 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.platform()}, {os.cpu_count()} CPUs, {gpu}"
+    return f"{platform.platform()}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), {gpu}"
 
 
 @dataclass
