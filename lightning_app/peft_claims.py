@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ from reglab.datamodules.domains import rotate_images
 from reglab.tasks import ClassificationModule
 
 SOURCE, TARGET = 0, 1
+#: the settings a pretrained model depends on: claims that agree on these share it
+PRETRAIN_KEYS = ("backbone", "backbone_kwargs", "pretrain_epochs", "pretrain_lr", "batch_size", "trainer")
 
 
 def trainer(epochs: int, callbacks: list, extra: dict[str, Any]) -> L.Trainer:
@@ -103,7 +106,8 @@ class PretrainedStart(Protocol):
         raise NotImplementedError
 
     def pretrained(self, seed: int, workdir: Path) -> tuple[str, ClassificationModule]:
-        return _pretrained(self, json.dumps(self.settings, sort_keys=True), seed, str(workdir))
+        pretraining = {key: self.settings[key] for key in PRETRAIN_KEYS}
+        return _pretrained(type(self), json.dumps(pretraining, sort_keys=True), seed, str(workdir))
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         checkpoint, model = self.pretrained(seed, workdir)
@@ -128,13 +132,14 @@ class PretrainedStart(Protocol):
 
 
 @functools.cache
-def _pretrained(protocol: PretrainedStart, settings_json: str, seed: int, workdir: str) -> tuple[str, ClassificationModule]:
-    """The pretrained checkpoint of one seed, shared by every arm (cached per settings and seed)."""
+def _pretrained(cls: type[PretrainedStart], settings_json: str, seed: int, workdir: str) -> tuple[str, ClassificationModule]:
+    """The pretrained checkpoint of one seed, shared by every arm and claim with these pretraining settings."""
+    protocol = cls("pretraining", json.loads(settings_json))
     L.seed_everything(seed, verbose=False)
     model = protocol.module(protocol.settings["pretrain_lr"])
     pretrainer = trainer(protocol.settings["pretrain_epochs"], [], protocol.settings["trainer"])
     pretrainer.fit(model, datamodule=protocol.source_data(seed))
-    checkpoint = str(Path(workdir) / f"{protocol.name}_{abs(hash(settings_json))}_{seed}.ckpt")
+    checkpoint = str(Path(tempfile.mkdtemp(dir=workdir)) / f"{protocol.name}_{seed}.ckpt")
     pretrainer.save_checkpoint(checkpoint)
     return checkpoint, model
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class SoupProtocol(Protocol):
                              f"got {spec}")
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        return _seed_results(self, json.dumps(self.settings, sort_keys=True), seed, str(workdir))[spec["select"]]
+        return _seed_results(type(self), json.dumps(self.settings, sort_keys=True), seed, str(workdir))[spec["select"]]
 
     def describe(self) -> list[str]:
         s = self.settings
@@ -88,9 +89,10 @@ class SoupProtocol(Protocol):
 
 
 @functools.cache
-def _seed_results(protocol: SoupProtocol, settings_json: str, seed: int, workdir_name: str) -> dict[str, dict[str, float]]:
+def _seed_results(cls: type[SoupProtocol], settings_json: str, seed: int, workdir_name: str) -> dict[str, dict[str, float]]:
     """Every selection's scores for one seed (the ingredients and soups are shared by the arms)."""
-    s, workdir = protocol.settings, Path(workdir_name)
+    protocol = cls("soup", json.loads(settings_json))
+    s, workdir = protocol.settings, Path(tempfile.mkdtemp(dir=workdir_name))
     sweep = [(lr, smoothing) for smoothing in s["label_smoothing"] for lr in s["learning_rates"]]
     ingredients = [protocol.fit_ingredient(seed, k, lr, smoothing, workdir) for k, (lr, smoothing) in enumerate(sweep)]
     made = {}

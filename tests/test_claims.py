@@ -9,17 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from reglab.bench.effects import load_claims, run_claims
+from reglab.bench.effects import ArmRunner, load_claims, run_claims
 
 REPO = Path(__file__).resolve().parents[1]
 CLAIMS = sorted(path.stem for path in (REPO / "benchmarks/effects").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    """One arm runner for every smoke run, so arms shared between claims (the fine-tuning
+    baseline, LoRA) run once, as in one `reglab bench effects` command."""
+    return ArmRunner(tmp_path_factory.mktemp("arms"))
+
+
 @pytest.mark.parametrize("name", CLAIMS)
-def test_claim_smoke_run(name, tmp_path, monkeypatch):
+def test_claim_smoke_run(name, runner, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # claim files name configs relative to the repository root
     (claim,) = load_claims(REPO / "benchmarks/effects", [name], smoke=True)
-    verdicts = run_claims([claim], None, tmp_path, smoke=True)
+    verdicts = run_claims([claim], None, tmp_path, smoke=True, runner=runner)
     record = json.loads((tmp_path / f"{name}.json").read_text())
     assert verdicts == {name: record["verdict"]}
     assert record["seeds"] == 1 and record["command"] == f"reglab bench effects --only {name} --smoke"

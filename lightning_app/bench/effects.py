@@ -148,10 +148,16 @@ def verdict(check: Check, values: list[float], against: list[float] | None = Non
 
 
 def deep_merge(base: dict, override: dict) -> dict:
-    """``base`` with ``override`` merged in: mappings merge key by key, anything else replaces."""
+    """``base`` with ``override`` merged in: mappings merge key by key, ``null`` removes the key
+    (e.g. a reference arm a smoke run can skip), anything else replaces."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
     return merged
 
 
@@ -374,14 +380,16 @@ def claim_command(name: str, seeds: int | None, smoke: bool) -> str:
     return f"reglab bench effects --only {name}" + (f" --seeds {seeds}" if seeds else "") + (" --smoke" if smoke else "")
 
 
-def run_claims(claims: list[Claim], seeds: int | None, out_dir: Path, smoke: bool = False) -> dict[str, str]:
-    """Run every claim (arms shared between claims run once) and write its results; claim -> verdict."""
+def run_claims(claims: list[Claim], seeds: int | None, out_dir: Path, smoke: bool = False,
+               runner: ArmRunner | None = None) -> dict[str, str]:
+    """Run every claim (arms shared between claims run once) and write its results; claim -> verdict.
+    ``runner``: reuse another call's arm runs (the smoke tests share one)."""
     protocols = {claim.name: claim.make_protocol() for claim in claims}  # every file checked before any run
     # the tree as it was when the command started: the code that runs is imported from it
     commit, host = git_commit(), machine()
     verdicts = {}
     with tempfile.TemporaryDirectory(prefix="reglab-bench-") as workdir:
-        runner = ArmRunner(Path(workdir))
+        runner = runner or ArmRunner(Path(workdir))
         for claim in claims:
             provenance = Provenance(claim_command(claim.name, seeds, smoke), commit, host,
                                     datetime.now(timezone.utc).strftime("%Y-%m-%d"))
