@@ -273,11 +273,13 @@ def mean_std(values: list[float]) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def git_commit() -> str:
-    """``git rev-parse HEAD`` of the working directory, plus ``-dirty`` if the tree has changes."""
+def git_commit(out_dir: Path) -> str:
+    """``git rev-parse HEAD`` of the working directory, plus ``-dirty`` if the tree has changes
+    other than results in ``out_dir`` (earlier claims' pages do not change what runs)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", f":(exclude){out_dir}"],
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head + ("-dirty" if dirty else "")
@@ -386,7 +388,7 @@ def run_claims(claims: list[Claim], seeds: int | None, out_dir: Path, smoke: boo
     ``runner``: reuse another call's arm runs (the smoke tests share one)."""
     protocols = {claim.name: claim.make_protocol() for claim in claims}  # every file checked before any run
     # the tree as it was when the command started: the code that runs is imported from it
-    commit, host = git_commit(), machine()
+    commit, host = git_commit(out_dir), machine()
     verdicts = {}
     with tempfile.TemporaryDirectory(prefix="reglab-bench-") as workdir:
         runner = runner or ArmRunner(Path(workdir))
