@@ -277,9 +277,12 @@ def git_commit(out_dir: Path) -> str:
     """``git rev-parse HEAD`` of the working directory, plus ``-dirty`` if the tree has changes
     other than results in ``out_dir`` (earlier claims' pages do not change what runs)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", f":(exclude){out_dir}"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+        head, top = git("rev-parse", "HEAD"), Path(git("rev-parse", "--show-toplevel"))
+        inside = out_dir.resolve().is_relative_to(top.resolve())
+        dirty = git("status", "--porcelain", "--", str(top), *([f":(exclude){out_dir.resolve()}"] if inside else []))
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head + ("-dirty" if dirty else "")
