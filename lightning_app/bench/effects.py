@@ -9,7 +9,7 @@ A claim is a YAML file ``benchmarks/effects/<name>.yaml``::
     module: null                      # the module that registers the protocol, unless built in
     seeds: 3
     settings: {configs: [configs/experiment/noisy_digits.yaml]}   # the protocol's shared settings
-    arms:                             # two or more; each spec is the protocol's
+    arms:                             # one or more; each spec is the protocol's
       ce: {label: CE}
       elr: {label: ELR, configs: [configs/technique/elr.yaml]}
     checks:
