@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from reglab.bench.effects import ArmRunner, load_claims, run_claims
 
@@ -18,8 +19,13 @@ CLAIMS = sorted(path.stem for path in (REPO / "benchmarks/effects").glob("*.yaml
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     """One arm runner for every smoke run, so arms shared between claims (the fine-tuning
-    baseline, LoRA) run once, as in one `reglab bench effects` command."""
-    return ArmRunner(tmp_path_factory.mktemp("arms"))
+    baseline, LoRA) run once, as in one `reglab bench effects` command. One torch thread: on
+    busy cores the intra-op threads of these tiny models spin-wait on each other (the smoke set
+    takes several times longer with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ArmRunner(tmp_path_factory.mktemp("arms"))
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", CLAIMS)
