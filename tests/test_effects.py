@@ -205,3 +205,16 @@ def test_a_check_on_an_unmeasured_metric_fails_loudly(tmp_path):
     provenance = Provenance("cmd", "sha", "machine", "date")
     with pytest.raises(RuntimeError, match="measured no 'missing'"):
         write_results(claim, claim.make_protocol(), runs, tmp_path, provenance, 1.0)
+
+
+def test_cli_stops_on_a_bad_claim_file_before_any_run(tmp_path):
+    from reglab.bench.cli import main
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({
+        "name": "bad", "claim": "t", "protocol": "nowhere", "arms": {"a": {}},
+        "checks": [{"metric": "m", "direction": "at_most", "bound": 0.1, "arm": "a"}]}))
+    with pytest.raises(SystemExit, match="unknown protocol 'nowhere'"):
+        main(["effects", "--claims-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"unknown claim\(s\) \['nope'\]"):
+        main(["effects", "--only", "nope", "--claims-dir", str(tmp_path)])
+    assert not (tmp_path / "out").exists()
