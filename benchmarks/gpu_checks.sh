@@ -7,7 +7,10 @@
 #      and in fp32 -> docs/results/kernel_soft_cross_entropy_gpu.md; it fails if the two
 #      implementations disagree beyond the tolerances below;
 #   3. `reglab bench overhead --accelerator gpu` -> docs/results/overhead_gpu.md (every technique's
-#      step time and peak memory against no technique; our EMA against timm's and Lightning's).
+#      step time and peak memory against no technique; our EMA against timm's and Lightning's);
+#   0. (run first, about 1-2 minutes, never stops the script) sharded and compiled models, issue 10
+#      item 7: ELR and LoRA under Lightning's FSDP on 1 GPU (NCCL), EMA refused there at setup, EMA
+#      over an inductor-compiled backbone in bf16-mixed; one line per case.
 #
 # Usage, from anywhere in the repository (PYTHON defaults to .venv/bin/python, else python):
 #
@@ -39,6 +42,70 @@ import triton  # noqa: F401 - the kernel needs it
 assert torch.cuda.is_available(), "no CUDA GPU visible to torch"
 print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
 EOF
+
+step="sharded and compiled models"
+# Runs before the other steps and never stops the script: a failing case is reported at the end.
+sharded_status=0
+timeout 300 "$PYTHON" - <<'EOF' || sharded_status=$?
+import sys
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from reglab.callbacks import ELR, EMA, LoRA
+from reglab.datamodules import DigitsDataModule
+from reglab.tasks import ClassificationModule
+from reglab.technique import TechniqueConfigError
+
+def module():
+    L.seed_everything(0, verbose=False)
+    return ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (256, 256)})
+
+def fit(model, technique, **trainer):
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                        callbacks=[technique], **trainer)
+    trainer.fit(model, datamodule=DigitsDataModule(flatten=True, batch_size=64))
+    return trainer
+
+failures = []
+def case(name, run):
+    try:
+        print(f"{name}: {run()}", flush=True)
+    except Exception as error:  # report and go on: each case is independent
+        failures.append(name)
+        print(f"{name}: FAILED {type(error).__name__}: {error}", flush=True)
+
+def fsdp(technique):
+    trainer = fit(module(), technique, strategy=FSDPStrategy())
+    return f"ok, {trainer.global_step} steps, loss {float(trainer.callback_metrics['train/loss']):.4f}"
+
+def ema_refused_under_fsdp():
+    try:
+        fit(module(), EMA(), strategy=FSDPStrategy())
+    except TechniqueConfigError as error:
+        return f"refused as declared: {error}"
+    raise AssertionError("EMA ran under FSDP although it declares fsdp_unsupported")
+
+def ema_over_inductor():
+    model = module()
+    model.backbone = torch.compile(model.backbone)
+    ema = EMA(decay=0.5)
+    fit(model, ema, precision="bf16-mixed")
+    names = dict(model.named_parameters())
+    skipped = sorted(set(names) - set(ema.average.names))
+    assert not skipped, f"average skipped {skipped}"
+    worst = max((names[n].detach().float() - t).abs().max().item()
+                for n, t in zip(ema.average.names, ema.average.tensors) if n in names)
+    assert worst == 0.0, f"module after fit differs from the average by {worst}"
+    return f"ok, {len(ema.average)} tensors averaged under _orig_mod. names"
+
+case("ELR under FSDP (1 GPU, NCCL)", lambda: fsdp(ELR()))
+case("LoRA under FSDP (1 GPU, NCCL)", lambda: fsdp(LoRA(r=4)))
+case("EMA under FSDP", ema_refused_under_fsdp)
+case("EMA over an inductor-compiled backbone, bf16-mixed", ema_over_inductor)
+sys.exit(1 if failures else 0)
+EOF
+[[ $sharded_status -eq 0 ]] || echo "gpu_checks.sh: step '${step}' failed (status $sharded_status; the lines above name the case)" >&2
 
 step="CUDA kernel tests"
 timeout 300 "$PYTHON" -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider | tee "$LOG_DIR/tests.log"
@@ -77,4 +144,5 @@ step="overhead benchmark"
 timeout 360 "$PYTHON" -m reglab.cli bench overhead --accelerator gpu --out "$RESULTS/overhead_gpu.md"
 test -s "$RESULTS/overhead_gpu.md"
 
+[[ $sharded_status -eq 0 ]] || { echo "gpu_checks.sh: the sharded and compiled models step failed (see above)" >&2; exit 1; }
 echo "gpu_checks.sh: all checks passed; wrote $kernel_md and $RESULTS/overhead_gpu.md"

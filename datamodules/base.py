@@ -394,6 +394,13 @@ class ClassificationDataModule(lightning.LightningDataModule):
                 f"{where} has labels outside [0, {self.num_classes}), e.g. {bad_labels[:5].tolist()};"
                 f" map labels to 0..{self.num_classes - 1} or fix num_classes."
             )
+        if isinstance(inputs, Tensor) and inputs.is_floating_point():
+            bad_samples = (~torch.isfinite(inputs.reshape(len(inputs), -1))).any(1).nonzero()
+            if len(bad_samples):
+                raise ValueError(
+                    f"{where} has NaN or infinite inputs in {len(bad_samples)} samples, e.g. at positions"
+                    f" {bad_samples[:5, 0].tolist()}; drop or impute those samples before training."
+                )
         if sample_shape(inputs) != tuple(self.input_shape):
             raise ValueError(
                 f"{where} has inputs of per-sample shape {sample_shape(inputs)}, but input_shape is"

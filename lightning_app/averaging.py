@@ -29,7 +29,12 @@ and out takes 0.7 ms with pointers, 20 ms with the copying swap below and 53 ms 
 Python loop over the tensors, independent of their size. Otherwise (a module trained in bf16/fp16
 weights) the average is copied into the live tensors through a preallocated backup buffer, three
 ``_foreach_copy_`` calls in all. The pointer swap assumes nothing cached the parameters' data
-pointers (CUDA graphs, some compiled graphs); such modules are not supported.
+pointers: ``torch.compile`` is fine (its graphs take the parameters as inputs; tested with the
+tensors located by owner and attribute, so ``_orig_mod.`` names are covered), CUDA graphs
+(``mode="reduce-overhead"``) are not. The copying swap is no way out for the teachers (mean
+teacher, OGEN): they swap in inside the training step, and an in-place copy would invalidate the
+student's autograd graph. Under FSDP the techniques refuse at setup (``fsdp_unsupported``): FSDP
+re-points the parameters at its sharded flat buffers at every forward pass.
 
 Buffers. Float buffers are averaged like parameters (so BatchNorm running statistics of an EMA
 describe the same stretch of training as its weights, as in timm's ``ModelEmaV3`` and Lightning's
@@ -314,6 +319,8 @@ class WeightAveraging(Technique):
 
     stateful = True
     evaluates_average: ClassVar[bool] = True
+    fsdp_unsupported = ("it swaps the averaged weights in by reassigning each parameter's storage, and FSDP "
+                        "re-points the parameters at its own sharded buffers at every forward pass")
 
     def __init__(self) -> None:
         self.average: WeightAverage | None = None

@@ -39,79 +39,21 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import random
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from reglab.kernels import soft_cross_entropy
-from reglab.peft_surgery import restore_surgery
+from reglab.checkpoints import run_restore_hooks
+from reglab.step import StepOutput, cross_entropy_per_sample
+from reglab.technique import Technique, check_contract_ran, run_stages
 
-if TYPE_CHECKING:
-    from reglab.technique import Technique
-
-
-@dataclass
-class StepOutput:
-    """What one forward pass produced, handed to every technique stage.
-
-    Attributes:
-        logits: ``(N, C)`` class scores.
-        target: what the task loss is computed against: ``(N,)`` class indices, or ``(N, C)``
-            probabilities once a target transform ran.
-        labels: ``(N,)`` class indices as the data gave them; never transformed (defaults to
-            ``target`` when that holds indices).
-        features: ``(N, D)`` penultimate features, when the module has them.
-        index: ``(N,)`` positions of the samples in the training set, when the data has them.
-        batch: the batch the step ran on (after batch transforms).
-        task_loss: ``(N,)`` per-sample task loss, filled by the step before loss terms run.
-        extras: anything else a module or technique wants to pass along.
-    """
-
-    logits: Tensor
-    target: Tensor
-    labels: Tensor | None = None
-    features: Tensor | None = None
-    index: Tensor | None = None
-    batch: dict[str, Any] = field(default_factory=dict)
-    task_loss: Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.labels is None and self.target.dim() == 1:
-            self.labels = self.target
-
-    def detached(self) -> StepOutput:
-        """A copy whose tensors are cut from the autograd graph (safe to keep after the step)."""
-
-        def cut(value: Any) -> Any:
-            if isinstance(value, Tensor):
-                return value.detach()
-            if isinstance(value, dict):
-                return {k: cut(v) for k, v in value.items()}
-            return value
-
-        return dataclasses.replace(
-            self, **{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        )
-
-
-def cross_entropy_per_sample(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy per sample for hard (``(N,)``) or soft (``(N, C)``) targets, in fp32.
-
-    Soft targets (PS-KD, mixup, label smoothing) go through
-    :func:`reglab.kernels.soft_cross_entropy`: the fused Triton kernel on GPU, the torch
-    reference elsewhere; both count zero-target terms on masked (-inf) logits as 0.
-    """
-    if target.dim() == logits.dim():
-        rows = soft_cross_entropy(logits.flatten(0, -2), target.flatten(0, -2), reduction="none")
-        return rows.view(logits.shape[:-1])
-    return F.cross_entropy(logits.float(), target, reduction="none")
+__all__ = ["RegularizedMixin", "StepOutput", "cross_entropy_per_sample"]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -135,6 +77,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _check_first_step_ran_contract(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's ``training_step``: until a step ran with a loss-changing technique
+    attached, check after each step that it ran the contract (the check reads flags, no sync)."""
+
+    @functools.wraps(step)
+    def training_step(self: RegularizedMixin, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_reglab_contract_checked", False):
+            return step(self, *args, **kwargs)
+        self._reglab_contract_ran = False
+        result = step(self, *args, **kwargs)
+        self._reglab_contract_checked = check_contract_ran(self)
+        return result
+
+    training_step._reglab_checked = True
+    return training_step
+
+
 class RegularizedMixin:
     """Owns ``training_step`` and runs the attached techniques through the step contract.
 
@@ -145,7 +104,26 @@ class RegularizedMixin:
     The mixin also saves the global RNG states (torch, CUDA, numpy, python) in every checkpoint
     and restores them on resume, so that random techniques (mixup, dropout, noise injection)
     continue exactly where an uninterrupted run would be.
+
+    Two mistakes are caught when they happen: the mixin listed after ``LightningModule`` (whose
+    hooks would then hide the mixin's) fails when the class is defined; a subclass's own
+    ``training_step`` is checked after its first step with a loss-changing technique attached, and
+    fails unless it ran the contract (``regularized_step``, or the mixin's ``training_step``).
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if LightningModule in mro and mro.index(LightningModule) < mro.index(RegularizedMixin):
+            bases = ", ".join(["RegularizedMixin"] + [b.__name__ for b in cls.__bases__ if b is not RegularizedMixin])
+            raise TypeError(
+                f"{cls.__name__}: RegularizedMixin comes after LightningModule in its bases, so "
+                "LightningModule's training_step and checkpoint hooks hide the mixin's. Fix: list the "
+                f"mixin first: class {cls.__name__}({bases})"
+            )
+        step = cls.__dict__.get("training_step")
+        if step is not None and not getattr(step, "_reglab_checked", False):
+            cls.training_step = _check_first_step_ran_contract(step)
 
     def forward_step(self, batch: dict[str, Any]) -> StepOutput:
         """Run the model on ``batch`` and describe the result (implemented by the module)."""
@@ -164,8 +142,6 @@ class RegularizedMixin:
     @property
     def techniques(self) -> list[Technique]:
         """The techniques attached to the trainer, in config order."""
-        from reglab.technique import Technique
-
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return []
@@ -173,8 +149,6 @@ class RegularizedMixin:
 
     def regularized_step(self, batch: dict[str, Any]) -> tuple[Tensor, StepOutput, dict[str, Tensor]]:
         """Run the contract on one batch: returns (total loss, step output, named terms)."""
-        from reglab.technique import run_stages
-
         return run_stages(self, self.techniques, batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -184,7 +158,9 @@ class RegularizedMixin:
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.on_step_output(out, "train")
-        return {"loss": total, "step_output": out.detached()}
+        # the terms ride along so that reglab.nonfinite.NonFiniteGuard can name the one that diverged
+        terms = {name: value.detach() for name, value in terms.items()}
+        return {"loss": total, "step_output": out.detached(), "terms": terms}
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         out = self.forward_step(batch)
@@ -211,9 +187,9 @@ class RegularizedMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "reglab_rng_state" in checkpoint:
             _set_rng_state(checkpoint["reglab_rng_state"])
-        # a parameter-efficient fine-tuning checkpoint holds only the trained weights: redo the
-        # surgery it records before Lightning loads them (load_from_checkpoint)
-        restore_surgery(self, checkpoint)
+        # e.g. a parameter-efficient fine-tuning checkpoint holds only the trained weights: the
+        # hook it names redoes the surgery before Lightning loads them (load_from_checkpoint)
+        run_restore_hooks(self, checkpoint)
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)

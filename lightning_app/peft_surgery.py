@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 #: A module named like this (any part of its dotted name) is the task head: it always trains and
@@ -43,6 +44,18 @@ def is_task_head(name: str) -> bool:
     return any(part in TASK_HEAD_NAMES for part in name.split("."))
 
 
+def attention_output_projections(model: nn.Module) -> set[str]:
+    """Names of the ``out_proj`` layers of every ``nn.MultiheadAttention`` in ``model``.
+
+    The attention reads ``out_proj.weight`` and ``out_proj.bias`` directly and never calls
+    ``out_proj.forward``, so an adapter that wraps the layer is never used and never trains.
+    """
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
+    }
+
+
 def select_layers(model: nn.Module, patterns: Sequence[str] | None, layer_types: tuple[type, ...]) -> list[str]:
     """Names of the modules of ``layer_types`` to adapt.
 
@@ -52,21 +65,94 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | None, layer_types:
             ``r"blocks\\.\\d+\\.mlp"``, ``"^backbone\\."``); ``None`` = every layer of those types.
         layer_types: the layer classes the technique can adapt.
 
-    The task head is never selected. Raises ``ValueError`` when nothing matches, listing what
-    could have.
+    Never selected: the task head, and the ``out_proj`` of an ``nn.MultiheadAttention``
+    (:func:`attention_output_projections`); where ``layer_types`` has ``nn.MultiheadAttention``
+    (peft adapts its input and output projections together), a pattern that matches its
+    ``out_proj`` selects the attention itself. Raises ``ValueError`` naming every pattern that
+    matches no layer, and the layers it could have matched.
     """
+    skipped = attention_output_projections(model)
     candidates = [
         name for name, module in model.named_modules()
-        if isinstance(module, layer_types) and name and not is_task_head(name)
+        if isinstance(module, layer_types) and name and not is_task_head(name) and name not in skipped
     ]
-    chosen = [name for name in candidates if patterns is None or any(re.search(p, name) for p in patterns)]
+
+    def matches(pattern: str, name: str) -> bool:
+        names = (name, f"{name}.out_proj") if isinstance(model.get_submodule(name), nn.MultiheadAttention) else (name,)
+        return any(re.search(pattern, n) for n in names)
+
+    if patterns is None:
+        chosen = candidates
+    else:
+        unmatched = [p for p in patterns if not any(matches(p, name) for name in candidates)]
+        if unmatched:
+            kinds = ", ".join(t.__name__ for t in layer_types)
+            unusable = sorted(n for n in skipped if any(re.search(p, n) for p in unmatched))
+            raise ValueError(
+                f"the target_modules patterns {unmatched} match no {kinds} layer of {type(model).__name__}"
+                + (f" (they match only {unusable}, the output projections nn.MultiheadAttention reads by "
+                   "weight, which an adapter cannot wrap)" if unusable else "")
+                + f"; the layers they could match are {name_listing(candidates)}"
+            )
+        chosen = [name for name in candidates if any(matches(p, name) for p in patterns)]
     if not chosen:
         kinds = ", ".join(t.__name__ for t in layer_types)
         raise ValueError(
-            f"no {kinds} layer matches the target patterns {list(patterns or [])}; candidates are "
-            f"{candidates[:20]}{' ...' if len(candidates) > 20 else ''}"
+            f"{type(model).__name__} has no {kinds} layer outside the task head; its modules are "
+            f"{name_listing([name for name, _ in model.named_modules() if name])}"
+        )
+    left_out = sorted(
+        name for name in skipped
+        if isinstance(model.get_submodule(name), layer_types) and not is_task_head(name)
+        and nn.MultiheadAttention not in layer_types and (patterns is None or any(re.search(p, name) for p in patterns))
+    )
+    if left_out:
+        rank_zero_info(
+            f"Not adapted: {name_listing(left_out)} — nn.MultiheadAttention reads these output projections "
+            "by weight, so an adapter there would never train"
         )
     return chosen
+
+
+def name_listing(names: Sequence[str], limit: int = 30) -> str:
+    """``names`` as a list for a message, cut after ``limit``."""
+    return f"{list(names[:limit])}{f' and {len(names) - limit} more' if len(names) > limit else ''}"
+
+
+def peft_targets(layer_names: Sequence[str]) -> str:
+    """peft's ``target_modules`` for exactly ``layer_names``: a regex peft full-matches against
+    module names (a list would also match every module whose name merely ends in one of them)."""
+    return "|".join(re.escape(name) for name in layer_names)
+
+
+def trainable_without_gradient(model: nn.Module) -> list[str]:
+    """Names of the parameters that train (``requires_grad``) but hold no gradient: after a
+    backward pass, the ones the forward pass never used."""
+    return [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def _no_fast_path(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that does nothing; its presence turns PyTorch's fast path off."""
+
+
+def keep_adapters_in_eval(model: nn.Module, adapted: Callable[[nn.Parameter], bool]) -> int:
+    """Turn off the inference fast path of every ``nn.TransformerEncoderLayer`` that holds an
+    adapter (``adapted(parameter)``); returns how many.
+
+    In eval mode without gradients that layer calls one fused kernel with ``linear1.weight``,
+    ``self_attn.in_proj_weight``, ... read directly, which skips every adapter inside it: the
+    model would train with its adapters and predict without them. A forward hook is one of the
+    conditions under which PyTorch keeps the ordinary path; the encoder around such layers must
+    then not hand them nested tensors (its padding-mask fast path), which only the fused kernel takes.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)
+              and any(adapted(p) for p in m.parameters())]
+    for layer in layers:
+        layer.register_forward_pre_hook(_no_fast_path)
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and any(layer in layers for layer in encoder.layers):
+            encoder.use_nested_tensor = False
+    return len(layers)
 
 
 def freeze_all_except(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> None:
@@ -97,12 +183,19 @@ def merge_adapters(model: nn.Module) -> int:
         name for name, module in model.named_modules()
         if callable(getattr(module, "merge", None)) and callable(getattr(module, "get_base_layer", None))
     ]
+    # peft's attention adapter merges and unloads its inner out_proj adapter itself
+    attention = [name for name in adapters
+                 if callable(getattr(model.get_submodule(name), "unload_and_optionally_merge_module", None))]
+    for name in attention:
+        replace_module(model, name, model.get_submodule(name).unload_and_optionally_merge_module(
+            merge=True, safe_merge=False, adapter_names=None))
+    rest = [name for name in adapters if not any(name.startswith(f"{outer}.") or name == outer for outer in attention)]
     # innermost first, so that a name stays valid while its parents are still wrappers
-    for name in sorted(adapters, key=lambda n: n.count("."), reverse=True):
+    for name in sorted(rest, key=lambda n: n.count("."), reverse=True):
         adapter = model.get_submodule(name)
         adapter.merge()
         replace_module(model, name, adapter.get_base_layer())
-    return len(adapters)
+    return len(attention) + len(rest)
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> None:

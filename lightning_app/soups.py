@@ -39,6 +39,8 @@ a markdown table next to it::
     reglab soup --checkpoints a.ckpt b.ckpt c.ckpt --method greedy \
         --config configs/experiment/rotated_digits_soup_ingredient.yaml --out soup.ckpt
 
+``--out`` and the report (``--report``, default ``--out`` with ``.md``) must be new files: the
+command never overwrites a file, least of all an ingredient, and says so before loading anything.
 ``--config`` takes the configs the ingredients were trained with (their ``data:`` section gives
 the validation split); ``--metric`` / ``--mode`` choose what greedy ranks by (``val/acc``, max).
 :func:`average_state_dicts`, :func:`uniform_soup` and :func:`greedy_soup` are the pure functions
@@ -57,6 +59,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -69,28 +72,12 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 from torch import Tensor
 
-from reglab.cli import _deep_merge, _import
-
-StateDict = Mapping[str, Tensor]
+from reglab.checkpoints import StateDict, first_mismatch
+from reglab.cli import deep_merge, import_class
 
 
 class SoupIngredientError(ValueError):
     """Ingredients that cannot be averaged (different entries, shapes or dtypes)."""
-
-
-def first_mismatch(expected: StateDict, found: StateDict, names: tuple[str, str] = ("first", "second")) -> str | None:
-    """A sentence naming the first entry in which two state dicts differ in presence, shape or dtype."""
-    for key in list(expected) + [k for k in found if k not in expected]:
-        if key not in found:
-            return f"`{key}` is in {names[0]} but not in {names[1]}"
-        if key not in expected:
-            return f"`{key}` is in {names[1]} but not in {names[0]}"
-        a, b = expected[key], found[key]
-        if a.shape != b.shape:
-            return f"`{key}` has shape {tuple(a.shape)} in {names[0]} but {tuple(b.shape)} in {names[1]}"
-        if a.dtype != b.dtype:
-            return f"`{key}` has dtype {a.dtype} in {names[0]} but {b.dtype} in {names[1]}"
-    return None
 
 
 def ingredient_names(state_dicts: Sequence[StateDict], names: Sequence[str] | None) -> list[str]:
@@ -257,6 +244,45 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_ingredient(path: Path) -> dict[str, Any]:
+    """An ingredient's checkpoint, or a message naming the file and what is wrong with it."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as error:  # torch raises several types for a truncated or foreign file
+        raise SystemExit(f"reglab soup: cannot read the checkpoint {path} ({type(error).__name__}: {error}). "
+                         "Fix: pass Lightning checkpoints written by `reglab fit` (<run>/checkpoints/*.ckpt)") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise SystemExit(f"reglab soup: {path} holds no `state_dict`, so it is not a Lightning checkpoint. "
+                         "Fix: pass checkpoints written by `reglab fit` (<run>/checkpoints/*.ckpt)")
+    return checkpoint
+
+
+def refuse_unsafe_paths(checkpoints: Sequence[Path], outputs: Sequence[Path]) -> None:
+    """Exit with a message unless there are two or more distinct, existing ingredients and no output
+    file exists yet: a soup never overwrites a file, least of all one of its ingredients (also when
+    it is named by another spelling of its path or through a symbolic link)."""
+    missing = [str(path) for path in checkpoints if not path.is_file()]
+    if missing:
+        raise SystemExit(f"reglab soup: no checkpoint at {', '.join(missing)}. Fix: check the path(s); "
+                         "`reglab fit` writes <runs_dir>/<run_name>/version_<k>/checkpoints/last.ckpt")
+    for i, path in enumerate(checkpoints):
+        for earlier in checkpoints[:i]:
+            if os.path.samefile(path, earlier):
+                raise SystemExit(f"reglab soup: {path} and {earlier} are the same checkpoint. "
+                                 "Fix: pass each ingredient once")
+    if len(checkpoints) < 2:
+        raise SystemExit(f"reglab soup: one checkpoint ({checkpoints[0]}) is no soup: its average is itself. "
+                         "Fix: pass two or more checkpoints fine-tuned from the same pretrained weights")
+    for out in outputs:
+        ingredient = next((path for path in checkpoints if out.exists() and os.path.samefile(out, path)), None)
+        if ingredient is not None:
+            raise SystemExit(f"reglab soup: the output {out} is the ingredient {ingredient}; writing it would "
+                             "destroy that checkpoint. Fix: choose another --out / --report")
+        if out.exists():
+            raise SystemExit(f"reglab soup: {out} already exists and a soup never overwrites a file. "
+                             "Fix: choose another --out / --report, or move the old file away yourself")
+
+
 def soup_checkpoint(template: Mapping[str, Any], soup: Soup, metric_name: str | None) -> dict[str, Any]:
     """A Lightning checkpoint of the soup: the template's model description, the soup's weights,
     and the record of how it was made (under ``"soup"``)."""
@@ -276,7 +302,7 @@ def datamodule_from_configs(paths: Sequence[str]) -> L.LightningDataModule:
     for path in paths:
         section = (yaml.safe_load(Path(path).read_text()) or {}).get("data")
         if isinstance(section, dict):
-            data = _deep_merge(data, section)
+            data = deep_merge(data, section)
     if not data:
         raise SystemExit(f"reglab soup: none of {list(paths)} has a `data:` section; pass the config the "
                          "ingredients were trained with")
@@ -308,7 +334,7 @@ def main(argv: list[str]) -> None:
         description="Average checkpoints fine-tuned from one initialization (model soups, paper 52). "
         "Writes a checkpoint loadable with <module class>.load_from_checkpoint and a markdown table.",
     )
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="the ingredients' checkpoints")
+    parser.add_argument("--checkpoints", nargs="+", type=Path, required=True, help="the ingredients' checkpoints")
     parser.add_argument("--method", choices=("uniform", "greedy"), default="greedy")
     parser.add_argument("--config", action="append", default=[],
                         help="config file(s) whose `data:` section gives the held-out (validation) split; "
@@ -317,14 +343,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--mode", choices=("max", "min"), default="max", help="whether higher or lower is better")
     parser.add_argument("--model_class", default="reglab.tasks.ClassificationModule",
                         help="LightningModule class of the ingredients")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the soup's checkpoint")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where to write the soup's checkpoint (a new file: an existing one is never overwritten)")
     parser.add_argument("--report", type=Path, help="markdown table of the ingredients (default: --out with .md)")
     args = parser.parse_args(argv)
     if args.method == "greedy" and not args.config:
         parser.error("--method greedy needs --config (the data whose validation split ranks the ingredients)")
 
+    report = args.report or args.out.with_suffix(".md")
+    refuse_unsafe_paths(args.checkpoints, [args.out, report])
+
     names = [str(path) for path in args.checkpoints]
-    checkpoints = [load_checkpoint(path) for path in args.checkpoints]
+    checkpoints = [load_ingredient(path) for path in args.checkpoints]
     state_dicts = [checkpoint["state_dict"] for checkpoint in checkpoints]
     try:
         check_ingredients(state_dicts, names)
@@ -333,7 +363,7 @@ def main(argv: list[str]) -> None:
 
     evaluate = None
     if args.config:
-        module = _import(args.model_class).load_from_checkpoint(args.checkpoints[0], map_location="cpu")
+        module = import_class(args.model_class).load_from_checkpoint(args.checkpoints[0], map_location="cpu")
         evaluate = held_out_evaluator(module, datamodule_from_configs(args.config), args.metric)
     if args.method == "greedy":
         soup = greedy_soup(state_dicts, evaluate, names, higher_is_better=args.mode == "max")
@@ -342,12 +372,15 @@ def main(argv: list[str]) -> None:
 
     template = checkpoints[names.index(soup.kept[0])]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(soup_checkpoint(template, soup, args.metric if evaluate else None), args.out)
-    report = args.report or args.out.with_suffix(".md")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    # "x": a file that appeared since the check above is not overwritten either
+    with open(args.out, "xb") as file:
+        torch.save(soup_checkpoint(template, soup, args.metric if evaluate else None), file)
     command = "reglab soup " + " ".join(shlex.quote(a) for a in argv)
     summary = f"{args.method} soup of {len(names)} checkpoints, {len(soup.kept)} kept"
     if soup.metric is not None:
         summary += f"; soup {args.metric} = {soup.metric:.4f}"
-    report.write_text(f"# Soup: {args.out}\n\nProduced by: `{command}`\n\n{summary}.\n\n"
-                      f"{soup_table(soup, args.metric)}\n")
+    with open(report, "x") as file:
+        file.write(f"# Soup: {args.out}\n\nProduced by: `{command}`\n\n{summary}.\n\n"
+                   f"{soup_table(soup, args.metric)}\n")
     print(f"{summary}\n{soup_table(soup, args.metric)}\nwrote {args.out} and {report}")

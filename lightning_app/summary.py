@@ -25,7 +25,7 @@ def print_run_summary(trainer: Trainer, values: dict[str, float], run_dir: Path)
     for key, label in SUMMARY_METRICS.items():
         if key in values:
             console.print(f"  {label} [dim]({key})[/dim]: [bold]{values[key]:.4f}[/bold]")
-    console.print(f"  logs (metrics.csv, TensorBoard) and config.yaml: {run_dir}")
+    console.print(f"  logs (metrics.csv, TensorBoard) and the config of every start (config*.yaml): {run_dir}")
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.last_model_path:
         console.print(f"  checkpoints: {Path(checkpoint.last_model_path).parent}")

@@ -11,7 +11,10 @@ Declarations (class attributes):
         ``"clean_target"``, ``"domain"``, ``"task"``.
     conflicts_with: names of technique classes it cannot be stacked with.
     requires_closure: it re-evaluates the loss inside ``optimizer.step(closure)`` (SAM-style).
-    stateful: it keeps state that must be identical on every DDP rank and survive resume.
+    stateful: it keeps state that must be identical on every DDP rank and survive resume; such
+        an object belongs to one model (a fit of another model is refused: build a new one).
+    fsdp_unsupported: why it cannot run on a model sharded by FSDP (Lightning's ``FSDPStrategy``
+        or ``ModelParallelStrategy``), or ``None`` when it can; refused at setup with the reason.
 
 Example:
     >>> import torch
@@ -29,13 +32,14 @@ Example:
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from reglab.mixins import RegularizedMixin, StepOutput
+from reglab.step import StepOutput
 
 STAGES = ("transform_batch", "transform_outputs", "transform_targets", "task_loss", "loss_terms")
 STEP_FIELDS = frozenset({"features", "index"})
@@ -53,6 +57,7 @@ class Technique(L.Callback):
     requires_closure: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     stages: ClassVar[frozenset[str]] = frozenset()
+    fsdp_unsupported: ClassVar[str | None] = None
 
     #: The technique's one id: its module file, config file, log prefix (``train/<name>/...``),
     #: checkpoint state key, card and claim all use it. reglab's techniques set it; a class that
@@ -100,6 +105,7 @@ class Technique(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_technique(self, trainer, pl_module)
+            check_sharding(self, trainer)
 
     def fail(self, problem: str, fix: str) -> TechniqueConfigError:
         """An error naming this technique, the problem and the fix (raise it)."""
@@ -108,7 +114,8 @@ class Technique(L.Callback):
 
 def check_technique(technique: Technique, trainer: L.Trainer, module: L.LightningModule) -> None:
     """Validate a technique against the module, the data and the other techniques."""
-    if technique.stages and not isinstance(module, RegularizedMixin):
+    # RegularizedMixin, or any module that implements the contract's entry point itself
+    if technique.stages and not callable(getattr(module, "regularized_step", None)):
         raise technique.fail(
             f"it changes the training loss (stages: {', '.join(sorted(technique.stages))}) but "
             f"{type(module).__name__} does not use the step contract",
@@ -145,9 +152,46 @@ def check_technique(technique: Technique, trainer: L.Trainer, module: L.Lightnin
                 f"use a DataModule whose batches carry `{need}` (every reglab DataModule has `index`; "
                 "`clean_target` comes with label_noise)",
             )
+    check_not_reused(technique, module)
 
 
-def check_step_output(technique: Technique, out: StepOutput) -> None:
+def is_sharded(trainer: L.Trainer) -> bool:
+    """Whether the trainer's strategy shards the module's parameters across ranks (FSDP)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), (FSDPStrategy, ModelParallelStrategy))
+
+
+def check_sharding(technique: Technique, trainer: L.Trainer) -> None:
+    """Refuse a technique that declares it cannot run on a sharded model (``fsdp_unsupported``)."""
+    if technique.fsdp_unsupported and is_sharded(trainer):
+        raise technique.fail(
+            f"it cannot run under {type(trainer.strategy).__name__}: {technique.fsdp_unsupported}",
+            "train with strategy='ddp' (every rank holds the whole model), or leave this technique out",
+        )
+
+
+def check_not_reused(technique: Technique, module: L.LightningModule) -> None:
+    """Refuse a stateful technique that already trained another model: its state (a per-sample
+    table, an average, a buffer) belongs to that fit, and a second fit would silently start from
+    it. A later fit of the *same* model continues it (the task sequences of ``reglab fit-tasks``)."""
+    if not technique.stateful:
+        return
+    # an id string, not a reference: techniques are pickled (ddp_spawn) and deep-copied
+    model = module.__dict__.setdefault("_reglab_model_id", uuid.uuid4().hex)
+    fitted = technique.__dict__.get("_reglab_fitted_model_id")
+    if fitted is not None and fitted != model:
+        name = type(technique).__name__
+        raise technique.fail(
+            f"this {name} object already trained another model in an earlier fit and carries that "
+            f"fit's state, which this fit would start from",
+            f"build a new {name}(...) for every fit; to continue a run, resume it with "
+            "fit(..., ckpt_path=<its checkpoint>)",
+        )
+    technique._reglab_fitted_model_id = model
+
+
+def check_step_output(technique: Technique, out: StepOutput, module: L.LightningModule) -> None:
     """First-step check for modules and data that could not be checked at setup."""
     for need in technique.needs:
         present = getattr(out, need, None) if need in STEP_FIELDS else out.batch.get(need)
@@ -156,10 +200,81 @@ def check_step_output(technique: Technique, out: StepOutput) -> None:
                 f"it needs `{need}` but the first training step has none",
                 f"return `{need}` from forward_step / put it in every batch",
             )
+    for table in (value for value in vars(technique).values() if isinstance(value, PerSampleTable)):
+        check_table_fits(technique, table, out, module)
+
+
+def check_table_fits(technique: Technique, table: PerSampleTable, out: StepOutput, module: L.LightningModule) -> None:
+    """A per-sample table has a row for every training sample and a column for every class.
+
+    ``index`` holds positions in the training set (see :class:`StepOutput`), so the table needs
+    the DataModule's ``num_train_samples`` rows (checked at setup) or else as many as the loader's
+    dataset has, and more than the first batch's largest index. A short table would fail later
+    with a bare indexing error, or a device assert on GPU."""
+    trainer = getattr(module, "_trainer", None)
+    if table.table is None or out.index is None or trainer is None:
+        return
+    rows, columns = table.table.shape
+    samples = int(out.index.max()) + 1
+    if getattr(trainer.datamodule, "num_train_samples", None) is None:
+        try:
+            samples = max(samples, len(trainer.train_dataloader.dataset))
+        except (AttributeError, TypeError):  # no single loader, or an iterable dataset without a length
+            pass
+    if rows < samples:
+        raise technique.fail(
+            f"its per-sample table has {rows} rows (num_samples), but the training set has at least "
+            f"{samples} samples",
+            f"pass num_samples >= {samples} (the training-set size), or leave num_samples unset to take "
+            "it from a reglab DataModule",
+        )
+    if columns != out.logits.shape[-1]:
+        raise technique.fail(
+            f"its per-sample table has {columns} columns (num_classes), but the model has "
+            f"{out.logits.shape[-1]} classes",
+            "pass the model's num_classes, or leave num_classes unset to take it from a reglab DataModule",
+        )
+
+
+def check_labels(out: StepOutput, module: L.LightningModule) -> None:
+    """Class labels of the first training batch lie in ``[0, C)`` for the model's ``C`` classes.
+
+    reglab DataModules check every split at setup; other DataModules are checked here, before the
+    loss fails with a bare indexing error (or a device assert on GPU)."""
+    if out.labels is None or out.labels.is_floating_point() or out.labels.numel() == 0:
+        return
+    classes = out.logits.shape[-1]
+    low, high = int(out.labels.min()), int(out.labels.max())
+    if low < 0 or high >= classes:
+        datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
+        data = "the training data" if datamodule is None else type(datamodule).__name__
+        raise TechniqueConfigError(
+            f"{data}: the first training batch has label {high if high >= classes else low}, but "
+            f"{type(module).__name__} has {classes} classes (labels must lie in [0, {classes})). Fix: "
+            f"map the labels to 0..{classes - 1}, or build the model with num_classes > {high}."
+        )
+
+
+def check_contract_ran(module: L.LightningModule) -> bool:
+    """After a training step of a module that overrides ``training_step``: refuse when a technique
+    changes the loss and the step did not run the contract (the technique would do nothing: ELR's
+    table stays zero). Returns whether the check had anything to check."""
+    changing = [technique for technique in module.techniques if technique.stages]
+    if not changing:
+        return False
+    if not getattr(module, "_reglab_contract_ran", False):
+        name = type(module).__name__
+        raise changing[0].fail(
+            f"it changes the training loss (stages: {', '.join(sorted(changing[0].stages))}) but "
+            f"{name}.training_step does not run the step contract, so the technique does nothing",
+            f"delete {name}.training_step (RegularizedMixin's runs every technique), or compute the loss in "
+            "it with `loss, out, terms = self.regularized_step(batch)`",
+        )
+    return True
 
 
 def run_stages(
-    module: RegularizedMixin, techniques: list[Technique], batch: dict[str, Any]
+    module: L.LightningModule, techniques: list[Technique], batch: dict[str, Any]
 ) -> tuple[Tensor, StepOutput, dict[str, Tensor]]:
     """One training step of the contract; returns (total loss, step output, named terms)."""
     for technique in techniques:
@@ -170,9 +285,11 @@ def run_stages(
         out.batch = batch
     if out.index is None:
         out.index = batch.get("index")
+    module._reglab_contract_ran = True
     if not getattr(module, "_reglab_step_checked", False):
+        check_labels(out, module)
         for technique in techniques:
-            check_step_output(technique, out)
+            check_step_output(technique, out, module)
         module._reglab_step_checked = True
     for technique in techniques:
         if "transform_outputs" in technique.stages:
@@ -198,8 +315,21 @@ def training_set_shape(
     """(number of training samples, number of classes) for per-sample state, from the
     technique's own arguments or else the DataModule."""
     datamodule = trainer.datamodule
-    num_samples = num_samples or getattr(datamodule, "num_train_samples", None)
-    num_classes = num_classes or getattr(datamodule, "num_classes", None)
+    data_samples = getattr(datamodule, "num_train_samples", None)
+    data_classes = getattr(datamodule, "num_classes", None)
+    if num_samples and data_samples and num_samples < data_samples:
+        raise technique.fail(
+            f"num_samples={num_samples} is smaller than the {data_samples} training samples of "
+            f"{type(datamodule).__name__}, so its per-sample table has no row for some of them",
+            f"leave num_samples unset (it is taken from the DataModule) or pass num_samples >= {data_samples}",
+        )
+    if num_classes and data_classes and num_classes != data_classes:
+        raise technique.fail(
+            f"num_classes={num_classes} differs from the {data_classes} classes of {type(datamodule).__name__}",
+            "leave num_classes unset (it is taken from the DataModule) or pass the DataModule's num_classes",
+        )
+    num_samples = num_samples or data_samples
+    num_classes = num_classes or data_classes
     if not num_samples or not num_classes:
         raise technique.fail(
             "it keeps per-sample state but cannot tell the training-set size and class count",

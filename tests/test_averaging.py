@@ -278,7 +278,7 @@ def test_mean_teacher_term_is_logged_and_two_evaluated_averages_are_refused():
         quiet_trainer(max_steps=1, callbacks=[EMA(), SWA()]).fit(small_module(), datamodule=noisy_digits())
 
 
-MODULES = ["reglab.averaging", *(f"reglab.callbacks.averaging.{m}" for m in ("ema", "swa", "mean_teacher", "ogen"))]
+MODULES = ["reglab.averaging", *(f"reglab.callbacks.averaging.{m}" for m in ("ema", "swa", "mean_teacher", "ogen_self_distillation"))]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -10,10 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import reglab.callbacks.fine_tuning.pretrained_weights as pretrained_weights
+import reglab.checkpoints as checkpoints
 import reglab.tasks.levi
 from reglab.callbacks import ELR
-from reglab.callbacks.fine_tuning import PretrainedWeights, copy_pretrained_weights
+from reglab.callbacks.fine_tuning import PretrainedWeights
+from reglab.checkpoints import copy_pretrained_weights
 from reglab.datamodules import RotatedDigitsDataModule
 from reglab.tasks import ClassificationModule
 from reglab.tasks.levi import LEVIModule
@@ -144,11 +145,11 @@ def test_a_pretraining_config_is_fitted_once_and_cached_by_its_content(tmp_path,
     monkeypatch.setattr(subprocess, "run", fake_fit)
     config = tmp_path / "pretrain.yaml"
     config.write_text("seed_everything: 0\n")
-    first = pretrained_weights.pretrained_checkpoint_for(config, tmp_path / "cache")
-    again = pretrained_weights.pretrained_checkpoint_for(config, tmp_path / "cache")
+    first = checkpoints.pretrained_checkpoint_for(config, tmp_path / "cache")
+    again = checkpoints.pretrained_checkpoint_for(config, tmp_path / "cache")
     assert first == again and len(fits) == 1 and "--config" in fits[0]
     config.write_text("seed_everything: 1\n")
-    changed = pretrained_weights.pretrained_checkpoint_for(config, tmp_path / "cache")
+    changed = checkpoints.pretrained_checkpoint_for(config, tmp_path / "cache")
     assert changed != first and len(fits) == 2 and not list((tmp_path / "cache").glob("*.partial"))
 
 

@@ -54,7 +54,7 @@ def test_targets_default_to_every_layer_but_the_head_and_fail_loudly():
     linears = select_layers(vit, None, (nn.Linear,))
     assert "head" not in linears and "backbone.blocks.0.attn.qkv" in linears
     assert select_layers(vit, ["qkv"], (nn.Linear,)) == ["backbone.blocks.0.attn.qkv"]
-    with pytest.raises(ValueError, match="candidates"):
+    with pytest.raises(ValueError, match="could match are"):
         select_layers(vit, ["no_such_layer"], (nn.Linear,))
 
 

@@ -115,7 +115,7 @@ def test_soma_decoupled_weight_decay_step():
     optimizer = torch.optim.SGD([parameter, frozen], lr=0.1)
     soma = SoMA(weight_decay=0.05, final_weight_decay=0.0)
     trainer = SimpleNamespace(global_step=50, estimated_stepping_batches=100)
-    soma.on_before_optimizer_step(trainer, None, optimizer)
+    soma.on_before_optimizer_step(trainer, torch.nn.Module(), optimizer)
     torch.testing.assert_close(parameter.data, torch.full((3,), 2.0 * (1 - 0.1 * 0.025)))
     torch.testing.assert_close(frozen.data, torch.full((3,), 2.0))
 

@@ -125,9 +125,10 @@ def test_reglab_soup_uniform_needs_no_data_and_refuses_mismatched_ingredients(in
     torch.testing.assert_close(soup["head.weight"], (states[0]["head.weight"] + states[1]["head.weight"]) / 2)
     with pytest.raises(SystemExit, match=r"narrow.ckpt.*`backbone.layers.1.weight` has shape \(16, 64\).*\(8, 64\)"):
         main(["soup", "--checkpoints", str(ingredients / "a.ckpt"), str(ingredients / "narrow.ckpt"),
-              "--method", "uniform", "--out", str(out)])
+              "--method", "uniform", "--out", str(ingredients / "mismatched.ckpt")])
     with pytest.raises(SystemExit):
-        main(["soup", "--checkpoints", str(ingredients / "a.ckpt"), "--method", "greedy", "--out", str(out)])
+        main(["soup", "--checkpoints", str(ingredients / "a.ckpt"), str(ingredients / "b.ckpt"), "--method", "greedy",
+              "--out", str(ingredients / "no_data.ckpt")])
 
 
 def test_docstring_examples_run():

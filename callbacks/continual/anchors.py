@@ -20,7 +20,8 @@ from reglab.technique import Technique
 
 
 def trainable_parameters(module: torch.nn.Module) -> dict[str, Tensor]:
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+    # named as in the uncompiled module, so a compiled one matches an anchor taken without compile
+    return {name.replace("_orig_mod.", ""): p for name, p in module.named_parameters() if p.requires_grad}
 
 
 def quadratic_penalty(
@@ -53,6 +54,8 @@ class AnchoredParameterPenalty(Technique):
     """
 
     stateful = True
+    fsdp_unsupported = ("it compares every full parameter with its anchor, and FSDP may hold only this "
+                        "rank's shard of a parameter when the loss is computed")
 
     def __init__(self, lam: float) -> None:
         if lam < 0:

@@ -115,6 +115,7 @@ class MVP(Technique):
     """
 
     name = "mvp"
+    fsdp_unsupported = "it reads the head's weight directly (not through its forward), and FSDP may hold only this rank's shard of it"
 
     needs = frozenset({"features"})
 

@@ -39,6 +39,7 @@ class PreviousModelDistillation(Technique):
     """
 
     stateful = True
+    fsdp_unsupported = "it deep-copies the module at a task's end, and under FSDP that copies this rank's shards"
 
     def __init__(self, lam: float) -> None:
         if lam < 0:

@@ -85,6 +85,7 @@ class TEEN(Technique):
     """
 
     name = "teen"
+    fsdp_unsupported = "it writes class prototypes into the head's weight at a task's end, where FSDP holds only this rank's shard"
 
     def __init__(self, alpha: float = 0.5, tau: float = 16.0) -> None:
         if not 0.0 <= alpha <= 1.0:

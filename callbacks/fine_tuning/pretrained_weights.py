@@ -26,71 +26,14 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import subprocess
-import sys
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
-import torch
-from torch import Tensor
 
-from reglab.soups import first_mismatch
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """The ``state_dict`` of a Lightning checkpoint, or the file itself if it is a plain state dict."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return checkpoint.get("state_dict", checkpoint)
-
-
-def copy_pretrained_weights(
-    module: torch.nn.Module, pretrained: Mapping[str, Tensor], prefixes: Sequence[str]
-) -> list[str]:
-    """Copy the entries of ``pretrained`` under ``prefixes`` into ``module``; returns their names.
-
-    Every module entry under a prefix must be in ``pretrained`` with the same shape and dtype,
-    and vice versa; otherwise a ``ValueError`` names the first entry that differs.
-    """
-
-    def under_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v for k, v in state.items() if any(k == p or k.startswith(p + ".") for p in prefixes)}
-
-    wanted, own = under_prefixes(pretrained), under_prefixes(module.state_dict())
-    if not wanted:
-        raise ValueError(f"the pretrained weights have no entries under {list(prefixes)}; its keys start with "
-                         f"{sorted({k.split('.')[0] for k in pretrained})}")
-    mismatch = first_mismatch(own, wanted, names=("the module", "the pretrained checkpoint"))
-    if mismatch:
-        raise ValueError(
-            f"cannot start from the pretrained weights: {mismatch}. Pretrain the same architecture, "
-            "and load the pretrained weights before anything that changes the architecture"
-        )
-    module.load_state_dict(wanted, strict=False)
-    return sorted(wanted)
-
-
-def pretrained_checkpoint_for(config: str | Path, cache_dir: str | Path) -> Path:
-    """The checkpoint a fit of ``config`` produces: cached by the config's content, fitted on a miss."""
-    config = Path(config)
-    digest = hashlib.sha256(config.read_bytes()).hexdigest()[:12]
-    cached = Path(cache_dir) / f"{config.stem}-{digest}.ckpt"
-    if cached.is_file():
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="reglab-pretrain-") as runs_dir:
-        command = [sys.executable, "-m", "reglab", "fit", "--config", str(config), f"--runs_dir={runs_dir}",
-                   "--run_name=pretrain", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
-        print(f"pretraining once with {config} -> {cached}", flush=True)
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        produced = Path(runs_dir) / "pretrain" / "version_0" / "checkpoints" / "last.ckpt"
-        partial = cached.with_suffix(".partial")
-        shutil.copyfile(produced, partial)
-        partial.replace(cached)  # atomic: a crash never leaves a truncated cache entry
-    return cached
+from reglab.checkpoints import copy_pretrained_weights, fitted_checkpoint, load_state_dict_file
+from reglab.cli import ConfigPath
 
 
 class PretrainedWeights(L.Callback):
@@ -103,14 +46,21 @@ class PretrainedWeights(L.Callback):
         prefixes: the parts of the state dict to copy, e.g. ``["backbone"]`` (new head) or
             ``["backbone", "head"]`` (the whole classifier).
         cache_dir: where checkpoints of ``pretrain_config`` are cached.
+
+    In a config file, the three paths are relative to that file (``reglab`` makes them absolute,
+    :data:`reglab.cli.ConfigPath`), so a run works from any directory; the default ``cache_dir``
+    is relative to the working directory, like ``runs_dir``.
     """
+
+    #: a task sequence (``reglab fit-tasks``) starts only its first task from these weights
+    starts_a_sequence_only: ClassVar[bool] = True
 
     def __init__(
         self,
-        checkpoint: str | None = None,
-        pretrain_config: str | None = None,
+        checkpoint: ConfigPath | None = None,
+        pretrain_config: ConfigPath | None = None,
         prefixes: Sequence[str] = ("backbone",),
-        cache_dir: str = "runs/pretrained",
+        cache_dir: ConfigPath = "runs/pretrained",
     ) -> None:
         if (checkpoint is None) == (pretrain_config is None):
             raise ValueError("PretrainedWeights: give exactly one of checkpoint and pretrain_config")
@@ -122,10 +72,7 @@ class PretrainedWeights(L.Callback):
     def resolve_checkpoint(self, trainer: L.Trainer) -> Path:
         if self.checkpoint is not None:
             return Path(self.checkpoint)
-        if trainer.is_global_zero:
-            pretrained_checkpoint_for(self.pretrain_config, self.cache_dir)
-        trainer.strategy.barrier("reglab-pretrain")  # other ranks wait for rank 0's pretraining
-        return pretrained_checkpoint_for(self.pretrain_config, self.cache_dir)
+        return fitted_checkpoint(trainer, self.pretrain_config, self.cache_dir)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":

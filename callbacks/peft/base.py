@@ -12,6 +12,10 @@ optimizers and before it restores a checkpoint:
    (:meth:`ParameterEfficientFineTuning.trains`) and the task head's;
 4. report trainable / total parameters (``technique.parameter_counts``, also printed).
 
+A target pattern that matches no layer, or a surgery that would train nothing (no task head),
+fails here naming what it looked for and the module's names; after the first backward pass a
+warning names every trainable parameter that received no gradient (one the forward never uses).
+
 Because the adapters exist before Lightning restores a checkpoint, ``trainer.fit(ckpt_path=...)``
 resumes exactly. With a ``pretrained_checkpoint``, checkpoints hold only the trainable parameters
 and the buffers (the frozen ones are rebuilt from the pretrained weights at setup), so the
@@ -27,22 +31,27 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from reglab.checkpoints import add_restore_hook
 from reglab.peft_surgery import (
     OPERATED_BY,
     RECIPE_KEY,
+    TASK_HEAD_NAMES,
     count_parameters,
     freeze_all_except,
     is_task_head,
+    keep_adapters_in_eval,
     load_pretrained,
     merge_adapters,
+    name_listing,
     select_layers,
     technique_recipe,
     trainable_state,
+    trainable_without_gradient,
 )
-from reglab.technique import Technique
+from reglab.technique import Technique, is_sharded
 
 class ParameterEfficientFineTuning(Technique):
     """Base of the PEFT techniques (see the module docstring for what ``setup`` does).
@@ -65,6 +74,7 @@ class ParameterEfficientFineTuning(Technique):
         self.target_modules = target_modules
         self.pretrained_checkpoint = pretrained_checkpoint
         self.parameter_counts: dict[str, int] = {}
+        self._gradients_checked = False
 
     # -- what subclasses change -----------------------------------------------------------------
     def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
@@ -88,12 +98,26 @@ class ParameterEfficientFineTuning(Technique):
             )
         if self.pretrained_checkpoint:
             load_pretrained(module, self.pretrained_checkpoint)
-        existing = {id(p) for p in module.parameters()}
+        # by storage, not identity: peft's attention layer re-registers the frozen weights it wraps
+        existing = {p.data_ptr() for p in module.parameters()}
         if self.layer_types:
-            self.inject(module, select_layers(module, self.target_modules, self.layer_types), trainer)
+            try:
+                layer_names = select_layers(module, self.target_modules, self.layer_types)
+            except ValueError as error:
+                raise self.fail(str(error), "give target_modules regexes that match the names of layers "
+                                "listed above, or leave target_modules unset to adapt all of them") from None
+            self.inject(module, layer_names, trainer)
+            keep_adapters_in_eval(module, lambda p: p.data_ptr() not in existing)
         freeze_all_except(
-            module, lambda name, p: id(p) not in existing or is_task_head(name) or self.trains(name, p)
+            module, lambda name, p: p.data_ptr() not in existing or is_task_head(name) or self.trains(name, p)
         )
+        if not any(p.requires_grad for p in module.parameters()):
+            raise self.fail(
+                f"it would train no parameter of {type(module).__name__}: it found no task head (a module "
+                f"named one of {sorted(TASK_HEAD_NAMES)}, or inside one) among its modules "
+                f"{name_listing([name for name, _ in module.named_modules() if name])}",
+                "name the module's output layer `head` (or `classifier` / `score`)",
+            )
         # checkpoints hold only what trains; the frozen rest comes from the pretrained weights
         module.strict_loading = False
         setattr(module, OPERATED_BY, self)
@@ -107,6 +131,22 @@ class ParameterEfficientFineTuning(Technique):
         super().setup(trainer, pl_module, stage)
         self.prepare(pl_module, trainer)
 
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        # once, at the first step: a trainable parameter without a gradient is one the forward
+        # pass never used (an adapter on a layer whose forward is bypassed)
+        if self._gradients_checked:
+            return
+        self._gradients_checked = True
+        if is_sharded(trainer):  # FSDP gives a rank's empty shard of a parameter no gradient
+            return
+        unused = trainable_without_gradient(pl_module)
+        if unused:
+            rank_zero_warn(
+                f"{type(self).__name__}: {len(unused)} trainable parameters received no gradient in the first "
+                f"step, so they do not train: {name_listing(unused)}. The forward "
+                "pass does not use them; leave their layers out of target_modules"
+            )
+
     def merge(self, module: nn.Module) -> int:
         """Fold the adapters into the base weights (inference); returns how many were merged."""
         return merge_adapters(module)
@@ -116,3 +156,4 @@ class ParameterEfficientFineTuning(Technique):
         if self.pretrained_checkpoint:
             checkpoint["state_dict"] = trainable_state(pl_module, checkpoint["state_dict"])
         checkpoint[RECIPE_KEY] = technique_recipe(self)
+        add_restore_hook(checkpoint, "reglab.peft_surgery:restore_surgery")

@@ -1,4 +1,5 @@
-"""BitFit (Ben Zaken et al., ACL 2022): the task head and every bias term train,
+"""BitFit (Ben Zaken et al., ACL 2022): the task head and every bias term train (every parameter
+whose name ends in ``bias``, ``in_proj_bias`` of ``nn.MultiheadAttention`` included),
 ``y = W x + b`` with ``W`` frozen and ``b`` trainable, in every layer.
 
 Method card:
@@ -28,4 +29,5 @@ class BitFit(ParameterEfficientFineTuning):
         super().__init__(target_modules=None, pretrained_checkpoint=pretrained_checkpoint)
 
     def trains(self, name: str, parameter: nn.Parameter) -> bool:
-        return name.rpartition(".")[2] == "bias"
+        # by name, not by module: nn.MultiheadAttention's is `in_proj_bias`
+        return name.endswith("bias")

@@ -95,6 +95,11 @@ class GSLoRA(LoRA):
     """
 
     name = "gs_lora"
+    fsdp_unsupported = "its loss term reads the adapters' weights directly (not through their forward), and FSDP may hold only this rank's shard of them"
+
+    #: it reads each adapted layer's own weight and factors, which peft's attention layer
+    #: (in and out projections together) does not have as one matrix
+    layer_types = (nn.Linear, nn.Conv2d)
 
     def __init__(self, forget_classes: list[int], r: int = 8, lora_alpha: float = 1.0, sparsity_weight: float = 1e-4,
                  forget_weight: float = 0.15, forget_bound: float = 10.0, target_modules: list[str] | None = None,

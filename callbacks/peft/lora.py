@@ -33,7 +33,7 @@ import lightning as L
 from torch import nn
 
 from reglab.callbacks.peft.base import ParameterEfficientFineTuning
-from reglab.peft_surgery import is_task_head, replace_module
+from reglab.peft_surgery import is_task_head, peft_targets, replace_module
 
 
 class LoRA(ParameterEfficientFineTuning):
@@ -48,7 +48,9 @@ class LoRA(ParameterEfficientFineTuning):
 
     name = "lora"
 
-    layer_types = (nn.Linear, nn.Conv2d)
+    #: nn.MultiheadAttention through peft's own attention layer, which adapts its input and output
+    #: projections together (the attention reads them by weight, so wrapping them cannot work)
+    layer_types = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
     def __init__(self, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
                  target_modules: list[str] | None = None, pretrained_checkpoint: str | None = None) -> None:
@@ -61,12 +63,21 @@ class LoRA(ParameterEfficientFineTuning):
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=layer_names, **extra)
+                          target_modules=peft_targets(layer_names), **extra)
 
     def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(self.peft_config(layer_names), module)
+        # peft takes a `_device_mesh` attribute for a transformers tensor-parallel model and reads its
+        # `config`; Lightning's ModelParallelStrategy sets one (a data-parallel mesh) on the module
+        mesh = getattr(module, "_device_mesh", None)
+        if mesh is not None:
+            module._device_mesh = None
+        try:
+            inject_adapter_in_model(self.peft_config(layer_names), module)
+        finally:
+            if mesh is not None:
+                module._device_mesh = mesh
 
     def save_pretrained(self, module: nn.Module, directory: str | Path, root: str = "") -> None:
         """Export the trained adapters and task head of ``module`` as a peft adapter directory.
@@ -86,12 +97,17 @@ class LoRA(ParameterEfficientFineTuning):
         from peft.tuners.lora import LoraLayer
 
         base = copy.deepcopy(module.get_submodule(root))
-        adapted = [name for name, layer in base.named_modules() if isinstance(layer, LoraLayer)]
+        layers = [name for name, layer in base.named_modules() if isinstance(layer, LoraLayer)]
+        # the out_proj adapter inside peft's attention layer belongs to it: peft recreates both
+        adapted = [name for name in layers if not any(name.startswith(f"{outer}.") for outer in layers)]
         if not adapted:
             raise self.fail(f"the module {root or 'given'} holds no LoRA layer", "pass the module this LoRA fine-tuned")
         adapter_weights = {name: value for name, value in base.state_dict().items() if ".lora_" in name}
         for name in adapted:
-            replace_module(base, name, base.get_submodule(name).get_base_layer())
+            layer = base.get_submodule(name)
+            unload = getattr(layer, "unload_and_optionally_merge_module", None)
+            replace_module(base, name, unload(merge=False, safe_merge=False, adapter_names=None) if unload
+                           else layer.get_base_layer())
         base.__dict__.pop("peft_config", None)  # left by the injection; the copy is a plain model again
         heads = [name for name, _ in base.named_modules()
                  if name and is_task_head(name) and not is_task_head(name.rpartition(".")[0])]

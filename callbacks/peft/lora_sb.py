@@ -79,6 +79,7 @@ class LoRASB(FrozenFactorsTuning):
     """
 
     name = "lora_sb"
+    fsdp_unsupported = "it initialises its cores from full weight gradients it computes itself, which FSDP shards"
 
     persistent_factors = True
 

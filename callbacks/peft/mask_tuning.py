@@ -146,6 +146,7 @@ class RegularizedMaskTuning(ParameterEfficientFineTuning):
     """
 
     name = "mask_tuning"
+    fsdp_unsupported = "its gradient hooks pair each mask with a gradient of the full layer, which FSDP shards"
 
     layer_types = (nn.Linear, nn.Conv2d)
 

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from reglab.callbacks.peft.lora import LoRA
 from reglab.mixins import StepOutput
+from reglab.peft_surgery import peft_targets
 
 
 def orthogonality_penalty(weight: Tensor, updates: list[Tensor]) -> Tensor:
@@ -66,6 +67,11 @@ class PEGO(LoRA):
     """
 
     name = "pego"
+    fsdp_unsupported = "its loss term reads the adapters' weights directly (not through their forward), and FSDP may hold only this rank's shard of them"
+
+    #: it reads each adapted layer's own weight and factors, which peft's attention layer
+    #: (in and out projections together) does not have as one matrix
+    layer_types = (nn.Linear, nn.Conv2d)
 
     def __init__(self, num_adapters: int = 4, r: int = 4, lam: float = 1e-3, lora_alpha: float | None = None,
                  target_modules: list[str] | None = None, pretrained_checkpoint: str | None = None) -> None:
@@ -80,7 +86,7 @@ class PEGO(LoRA):
     def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        config = LoraConfig(r=self.r, lora_alpha=self.lora_alpha, target_modules=layer_names)
+        config = LoraConfig(r=self.r, lora_alpha=self.lora_alpha, target_modules=peft_targets(layer_names))
         with warnings.catch_warnings():
             # peft warns that a second adapter is being added to the model: that is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")

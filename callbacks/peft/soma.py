@@ -107,6 +107,10 @@ class SoMA(LoRA):
 
     name = "soma"
 
+    #: it reads each adapted layer's own weight and factors, which peft's attention layer
+    #: (in and out projections together) does not have as one matrix
+    layer_types = (nn.Linear, nn.Conv2d)
+
     def __init__(self, r: int = 16, frozen_block_fraction: float = 1 / 3, weight_decay: float = 0.05,
                  final_weight_decay: float = 1e-5, total_steps: int | None = None,
                  target_modules: list[str] | None = None, pretrained_checkpoint: str | None = None) -> None:
@@ -174,6 +178,7 @@ class SoMA(LoRA):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
         decay = self.current_weight_decay(trainer)
         for group in optimizer.param_groups:
             parameters = [p for p in group["params"] if p.requires_grad and p.grad is not None]

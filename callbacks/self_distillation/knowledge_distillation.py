@@ -13,7 +13,7 @@ same weight makes the KL term 10x lighter relative to CE than there (weight 9 re
 ratio, at a 10x larger loss scale).
 
 The teacher is loaded at setup from a checkpoint -- a file, or the product of a ``reglab fit``
-config, fitted once and cached as :class:`reglab.callbacks.fine_tuning.PretrainedWeights` does --
+config, fitted once and cached as pretrained backbones are (:func:`reglab.checkpoints.fitted_checkpoint`) --
 frozen, kept in eval mode and moved to the student's device. It sees the same batch as the
 student (after batch transforms such as Mixup). Its logits come from ``forward_step`` when it
 uses the step contract (any reglab module), else from ``teacher(batch["input"])``. The KL goes
@@ -41,7 +41,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from reglab.callbacks.fine_tuning.pretrained_weights import PretrainedWeights
+from reglab.checkpoints import fitted_checkpoint
+from reglab.cli import ConfigPath
 from reglab.kernels import soft_cross_entropy
 from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.technique import Technique
@@ -73,18 +74,20 @@ class KnowledgeDistillation(Technique):
         temperature: T, softening both distributions.
         weight: weight of the ``T^2 * KL`` term.
         cache_dir: where teachers fitted from ``teacher_config`` are cached.
+
+    In a config file, the three paths are relative to that file (:data:`reglab.cli.ConfigPath`).
     """
 
     name = "knowledge_distillation"
 
     def __init__(
         self,
-        teacher_checkpoint: str | None = None,
-        teacher_config: str | None = None,
+        teacher_checkpoint: ConfigPath | None = None,
+        teacher_config: ConfigPath | None = None,
         teacher_class: str = "reglab.tasks.ClassificationModule",
         temperature: float = 4.0,
         weight: float = 0.9,
-        cache_dir: str = "runs/pretrained",
+        cache_dir: ConfigPath = "runs/pretrained",
     ) -> None:
         if (teacher_checkpoint is None) == (teacher_config is None):
             raise ValueError("KnowledgeDistillation: give exactly one of teacher_checkpoint and teacher_config")
@@ -105,8 +108,7 @@ class KnowledgeDistillation(Technique):
         if stage != "fit" or self.teacher is not None:
             return
         if self.teacher_config is not None:
-            fitted_once = PretrainedWeights(pretrain_config=self.teacher_config, cache_dir=self.cache_dir)
-            checkpoint = fitted_once.resolve_checkpoint(trainer)
+            checkpoint = fitted_checkpoint(trainer, self.teacher_config, self.cache_dir)
         else:
             checkpoint = Path(self.teacher_checkpoint)
         if not checkpoint.is_file():

@@ -21,17 +21,21 @@ def main(argv: list[str]) -> None:
     effects.add_argument("--claims-dir", type=Path, default=Path("benchmarks/effects"))
     effects.add_argument("--out", type=Path, default=Path("docs/results"))
     overhead = commands.add_parser("overhead", help="step time and memory of every technique; EMA implementations compared")
-    overhead.add_argument("--only", nargs="+", help="technique names (default: all of reglab.callbacks.__all__)")
+    overhead.add_argument("--only", nargs="+", help="technique ids (default: every built technique of the registry)")
     overhead.add_argument("--repeats", type=int, default=5, help="interleaved fits per technique")
     overhead.add_argument("--steps", type=int, default=30, help="timed training steps per fit")
     overhead.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each fit")
     overhead.add_argument("--calls", type=int, default=20, help="timed calls per EMA operation")
+    overhead.add_argument("--realistic_repeats", type=int, default=3,
+                          help="interleaved fits per technique on the realistic model (0: skip that table)")
+    overhead.add_argument("--realistic_steps", type=int, default=10, help="timed steps per fit on the realistic model")
     overhead.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     overhead.add_argument("--out", type=Path, default=Path("docs/results/overhead.md"))
     args = parser.parse_args(argv)
     command = "reglab bench " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "overhead":
-        run_overhead(args.only, args.repeats, args.steps, args.warmup, args.calls, args.accelerator, args.out, command)
+        run_overhead(args.only, args.repeats, args.steps, args.warmup, args.calls, args.accelerator, args.out, command,
+                     args.realistic_repeats, args.realistic_steps)
         return
     try:
         run_claims(load_claims(args.claims_dir, args.only, args.smoke), args.seeds, args.out, args.smoke)

@@ -2,12 +2,13 @@
 
 ``reglab bench overhead`` measures, in one process:
 
-1. **Every technique exported by** ``callbacks`` (discovered from ``reglab.callbacks.__all__``, each
-   built by its entry in ``tests/harness.py``'s ``HARNESS``, the registry of small-run settings
-   every technique already has): the median time of a training step (``on_train_batch_start`` to
+1. **The step contract's own cost**: a plain LightningModule ``training_step`` against
+   ``RegularizedMixin`` with no technique, on the same network, data, loss and logging.
+2. **Every technique** (each built technique of the registry, built from its card's harness
+   example): the median time of a training step (``on_train_batch_start`` to
    ``on_train_batch_end``: forward, the technique's stages, backward, optimizer step and the
-   technique's post-step hooks), with the harness's model and data, against the same run without
-   a technique. On CPU the time is this process's CPU time, with one torch thread: the cores are
+   technique's post-step hooks) against the same run without a technique, on a realistic model
+   (timm resnet18 on 3x32x32 images, batch 64) and on the harness's tiny model. On CPU the time is this process's CPU time, with one torch thread: the cores are
    shared with other jobs, and wall time then measures the scheduler more than the technique.
    On CUDA it is wall time between device synchronisations. The runs of all techniques are interleaved, repeat after repeat, so that a change
    in machine load hits every technique alike; a technique's figure is the median over repeats of
@@ -15,7 +16,7 @@
    (``torch.cuda.max_memory_allocated``); on CPU there is no allocator statistic for torch
    tensors (``tracemalloc`` does not see them), so the table reports the memory the technique
    keeps between steps instead: the bytes of the tensors in its ``state_dict()``.
-2. **EMA update and swap cost on the same model**, per call: ``reglab.averaging``'s
+3. **EMA update and swap cost on the same model**, per call: ``reglab.averaging``'s
    ``WeightAverage`` (foreach lerp; pointer swap, or copying swap for bf16 weights), timm's
    ``ModelEmaV3`` (foreach lerp over the state dict) and Lightning's ``EMAWeightAveraging``
    (``torch.optim.swa_utils.AveragedModel`` with ``get_ema_avg_fn``, a per-tensor loop, and a
@@ -31,25 +32,30 @@ import gc
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-import reglab.callbacks
 from reglab.averaging import WeightAverage, ema_decay
+from reglab.datamodules import DigitsDataModule, LabelNoise
+from reglab.mixins import RegularizedMixin, StepOutput
+from reglab.registry import built_technique_names, example_technique
+from reglab.tasks import ClassificationModule
+from reglab.technique import Technique
 
 BASELINE = "(no technique)"
 
 
 class StepTimer(L.Callback):
-    """Wall time of every training step after the first ``skip`` (put it last in the callbacks,
-    so that the techniques' ``on_train_batch_end`` work is inside the measured interval)."""
+    """Time of every training step after the first ``skip`` (put it last in the callbacks, so
+    that the techniques' ``on_train_batch_end`` work is inside the measured interval)."""
 
     def __init__(self, skip: int) -> None:
         self.skip = skip
@@ -76,71 +82,150 @@ def _now(device: torch.device) -> float:
     return time.process_time()
 
 
-def load_harness() -> Any:
-    """``tests/harness.py`` of this checkout (the bench builds techniques the way the tests do)."""
-    tests_dir = Path(__file__).resolve().parents[2] / "tests"
-    if not (tests_dir / "harness.py").is_file():
-        raise SystemExit(
-            "reglab bench overhead builds every technique from tests/harness.py (HARNESS); "
-            "run it from a source checkout of reglab"
-        )
-    sys.path.insert(0, str(tests_dir))
-    import harness
+class DigitsImages(DigitsDataModule):
+    """The digits, upsampled to ``size`` x ``size`` and repeated to 3 channels: real images at the
+    shape a CIFAR-sized network takes, without a download."""
 
-    return harness
+    def __init__(self, size: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.size = size
+        self.input_shape = (3, size, size)
+
+    def _load_splits(self) -> dict[str, Any]:
+        splits = super()._load_splits()
+        resize = lambda x: F.interpolate(x, size=(self.size, self.size), mode="bilinear").repeat(1, 3, 1, 1)
+        return {name: (resize(inputs), targets, *rest) for name, (inputs, targets, *rest) in splits.items()}
 
 
-def time_step(harness: Any, name: str, steps: int, warmup: int, accelerator: str) -> dict[str, float]:
-    """One fit of ``warmup + steps`` steps with technique ``name`` (or none): median step seconds,
-    the technique's state bytes and, on CUDA, the peak allocated bytes."""
-    techniques = [] if name == BASELINE else [harness.HARNESS[name].make()]
+@dataclass(frozen=True)
+class Setting:
+    """A model and the data its steps are timed on."""
+
+    label: str
+    backbone: str
+    backbone_kwargs: dict[str, Any]
+    data: Callable[[], L.LightningDataModule]
+
+    def task_module(self) -> L.LightningModule:
+        torch.manual_seed(0)
+        data = self.data()
+        return ClassificationModule(self.backbone, num_classes=data.num_classes, input_shape=data.input_shape,
+                                    backbone_kwargs=self.backbone_kwargs, lr=1e-2)
+
+
+SETTINGS = {
+    # the harness's model and data: tiny, so ratios show each technique's fixed per-step cost
+    "harness": Setting("harness MLP 64-32-10 on flat digits with 40% label noise, batch 256", "mlp",
+                       {"hidden_sizes": (32,)},
+                       lambda: DigitsDataModule(flatten=True, batch_size=256, label_noise=LabelNoise(rate=0.4))),
+    # a realistic reference: the arithmetic of a real network dominates, as in a user's run
+    "realistic": Setting("timm resnet18 (11.2M params) on digits upsampled to 3x32x32 with 40% label noise, batch 64",
+                         "timm:resnet18", {},
+                         lambda: DigitsImages(size=32, batch_size=64, label_noise=LabelNoise(rate=0.4))),
+}
+
+
+class PlainClassifier(L.LightningModule):
+    """The same network and loss as the task module, with a hand-written ``training_step``: what a
+    user's own LightningModule costs, without reglab's step contract."""
+
+    def __init__(self, network: ClassificationModule) -> None:
+        super().__init__()
+        self.backbone, self.head = network.backbone, network.head
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self.head(self.backbone(batch["input"])), batch["target"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class ContractClassifier(RegularizedMixin, PlainClassifier):
+    """:class:`PlainClassifier` under reglab's step contract (``RegularizedMixin``, no technique)."""
+
+    def forward_step(self, batch: dict[str, Any]) -> StepOutput:
+        features = self.backbone(batch["input"])
+        return StepOutput(logits=self.head(features), target=batch["target"], features=features,
+                          index=batch.get("index"), batch=batch)
+
+
+def timed_fit(module: L.LightningModule, data: L.LightningDataModule, techniques: list[Technique],
+              steps: int, warmup: int, accelerator: str) -> dict[str, float]:
+    """One fit of ``warmup + steps`` steps: median step seconds, the techniques' state bytes and, on
+    CUDA, the peak allocated bytes."""
     timer = StepTimer(skip=warmup)
-    trainer = harness.quiet_trainer(
-        max_steps=warmup + steps, limit_val_batches=0, accelerator=accelerator, callbacks=[*techniques, timer]
+    trainer = L.Trainer(
+        max_steps=warmup + steps, limit_val_batches=0, accelerator=accelerator, devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[*techniques, timer],
     )
     if accelerator == "gpu":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(harness.small_module(), datamodule=harness.noisy_digits())
-    state = techniques[0].state_dict() if techniques else {}
+    trainer.fit(module, datamodule=data)
+    state = [v for t in techniques for v in t.state_dict().values() if isinstance(v, Tensor)]
     return {
         "seconds": statistics.median(timer.seconds),
-        "state_bytes": sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor)),
+        "state_bytes": sum(v.numel() * v.element_size() for v in state),
         "peak_bytes": torch.cuda.max_memory_allocated() if accelerator == "gpu" else float("nan"),
     }
 
 
-def technique_overheads(
-    names: list[str], repeats: int, steps: int, warmup: int, accelerator: str
-) -> dict[str, dict[str, Any]]:
-    harness = load_harness()
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in [BASELINE, *names]}
+def interleaved(arms: dict[str, Callable[[], dict[str, float]]], repeats: int, tag: str) -> dict[str, dict[str, Any]]:
+    """Run every arm ``repeats`` times, interleaved, and keep the median of each measure; an arm
+    that fails is reported with its error instead of hiding the others' figures."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
     failures: dict[str, str] = {}
-    order = list(runs)
+    order = list(arms)
     for repeat in range(repeats):
-        # rotated so that no technique always runs first after the previous repeat's fits, and
+        # rotated so that no arm always runs first after the previous repeat's fits, and
         # collected so that garbage left by earlier trainers is not paid inside a timed step
         for name in order[repeat % len(order):] + order[:repeat % len(order)]:
             if name in failures:
                 continue
             gc.collect()
             try:
-                runs[name].append(time_step(harness, name, steps, warmup, accelerator))
-                print(f"[overhead] repeat {repeat} {name}: {runs[name][-1]['seconds'] * 1e3:.2f} ms", flush=True)
-            except Exception as error:  # one broken technique must not hide the others' figures
+                runs[name].append(arms[name]())
+                print(f"[overhead:{tag}] repeat {repeat} {name}: {runs[name][-1]['seconds'] * 1e3:.2f} ms", flush=True)
+            except Exception as error:  # noqa: BLE001 — reported in the table
                 failures[name] = f"{type(error).__name__}: {error}"
-                print(f"[overhead] {name} failed: {failures[name]}", flush=True)
-    results = {}
+                print(f"[overhead:{tag}] {name} failed: {failures[name]}", flush=True)
+    results: dict[str, dict[str, Any]] = {}
     for name, measured in runs.items():
         if name in failures:
             results[name] = {"failed": failures[name]}
             continue
+        seconds = [m["seconds"] for m in measured]
         results[name] = {
-            "seconds": statistics.median(m["seconds"] for m in measured),
-            "spread": (min(m["seconds"] for m in measured), max(m["seconds"] for m in measured)),
+            "seconds": statistics.median(seconds), "spread": (min(seconds), max(seconds)),
             "state_bytes": measured[-1]["state_bytes"],
             "peak_bytes": statistics.median(m["peak_bytes"] for m in measured),
         }
     return results
+
+
+def technique_overheads(setting: Setting, names: list[str], repeats: int, steps: int, warmup: int,
+                        accelerator: str) -> dict[str, dict[str, Any]]:
+    """The task module with each technique (built from its card's harness example) and without."""
+
+    def arm(name: str | None) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            techniques = [] if name is None else [example_technique(name)]
+            return timed_fit(setting.task_module(), setting.data(), techniques, steps, warmup, accelerator)
+        return run
+
+    return interleaved({BASELINE: arm(None), **{name: arm(name) for name in names}}, repeats, setting.backbone)
+
+
+def contract_cost(setting: Setting, repeats: int, steps: int, warmup: int, accelerator: str) -> dict[str, dict[str, Any]]:
+    """A plain LightningModule ``training_step`` against ``RegularizedMixin`` without a technique."""
+
+    def arm(kind: type[L.LightningModule]) -> Callable[[], dict[str, float]]:
+        return lambda: timed_fit(kind(setting.task_module()), setting.data(), [], steps, warmup, accelerator)
+
+    return interleaved({"plain training_step": arm(PlainClassifier), "RegularizedMixin, no technique": arm(ContractClassifier)},
+                       repeats, f"contract {setting.backbone}")
 
 
 class _Wrapped(L.LightningModule):
@@ -210,45 +295,87 @@ def comparison_models() -> dict[str, nn.Module]:
     }
 
 
-def write_report(
-    overheads: dict[str, dict[str, Any]], comparisons: dict[str, list[tuple[str, str, float]]],
-    settings: dict[str, Any], out: Path, command: str,
-) -> None:
-    baseline = overheads[BASELINE]["seconds"]
+CONTRACT_TARGET, TECHNIQUE_TARGET = 1.02, 1.05
+
+
+def _ratio(result: dict[str, Any], reference: dict[str, Any]) -> float:
+    return result["seconds"] / reference["seconds"]
+
+
+def technique_table(overheads: dict[str, dict[str, Any]], on_gpu: bool, target: float | None) -> list[str]:
+    """One row per technique: median step time, spread, ratio to no technique, memory[, target]."""
+    baseline = overheads[BASELINE]
+    header = "| technique | step ms (median) | min–max over repeats | ratio | " + (
+        "peak CUDA MB | ratio |" if on_gpu else "state kept between steps |")
+    rule = "|---|---|---|---|" + ("---|---|" if on_gpu else "---|")
+    if target is not None:
+        header, rule = header + f" loss-changing: ≤ {target:.2f}x? |", rule + "---|"
+    lines = [header, rule]
+    for name, result in overheads.items():
+        if "failed" in result:
+            lines.append(f"| {name} | failed: {result['failed'][:100]} |" + " |" * (rule.count("|") - 3))
+            continue
+        low, high = result["spread"]
+        memory = (f"{result['peak_bytes'] / 2**20:.1f} | {result['peak_bytes'] / baseline['peak_bytes']:.2f}x |"
+                  if on_gpu else f"{result['state_bytes'] / 2**10:.1f} KiB |")
+        row = (f"| {name} | {result['seconds'] * 1e3:.2f} | {low * 1e3:.2f}–{high * 1e3:.2f} | "
+               f"{_ratio(result, baseline):.2f}x | {memory}")
+        if target is not None:
+            changes_loss = name != BASELINE and bool(technique_stages(name))
+            row += (" " + ("yes" if _ratio(result, baseline) <= target else "**no**") + " |") if changes_loss else " — |"
+        lines.append(row)
+    return lines
+
+
+def technique_stages(name: str) -> frozenset[str]:
+    return type(example_technique(name)).stages
+
+
+def write_report(results: dict[str, Any], settings: dict[str, Any], out: Path, command: str) -> None:
     on_gpu = settings["accelerator"] == "gpu"
     lines = [
-        "# Overhead of every technique",
+        "# Overhead of the step contract and of every technique",
         "",
         f"Produced by: `{command}`",
         "",
         f"Machine: {settings['machine']}. {settings['note']}",
         "",
-        "## Training step, with and without each technique",
+        "A step is forward, the techniques' stages, backward, optimizer step and post-step hooks; "
+        f"{settings['steps']} timed steps after {settings['warmup']} warm-up steps per fit, the fits of "
+        "one table interleaved repeat after repeat (rotated order, garbage collected before each), and "
+        "each figure the median over repeats of a fit's median step. Ratios divide by the reference "
+        "arm measured in the same run.",
         "",
-        f"Harness model and data (`tests/harness.py`: MLP 64-32-10 on flat digits, batch 256), "
-        f"{settings['steps']} timed steps after {settings['warmup']} warm-up steps per run, "
-        f"{settings['repeats']} interleaved repeats; a step is forward, the technique's stages, "
-        "backward, optimizer step and post-step hooks. The ratio divides the median step time by "
-        "the median without a technique. This model is tiny, so the ratios show each technique's "
-        "fixed per-step cost (Python, extra passes, copies) more than its arithmetic.",
+        "## The step contract's own cost",
         "",
-        "| technique | step ms (median) | min–max over repeats | ratio | "
-        + ("peak CUDA MB | ratio |" if on_gpu else "state kept between steps |"),
-        "|---|---|---|---|" + ("---|---|" if on_gpu else "---|"),
+        f"The same network, loss, optimizer and logging, once as a plain LightningModule `training_step` "
+        f"and once under `RegularizedMixin` with no technique attached (target ≤ {CONTRACT_TARGET:.2f}x).",
+        "",
+        "| setting | plain training_step ms | RegularizedMixin ms | ratio | within target? |",
+        "|---|---|---|---|---|",
     ]
-    for name, result in overheads.items():
-        if "failed" in result:
-            lines.append(f"| {name} | failed: {result['failed'][:80]} | | | |")
+    for key, contract in results["contract"].items():
+        plain, mixin = contract["plain training_step"], contract["RegularizedMixin, no technique"]
+        if "failed" in plain or "failed" in mixin:
+            lines.append(f"| {SETTINGS[key].label} | {plain.get('failed', '')} | {mixin.get('failed', '')} | | |")
             continue
-        low, high = result["spread"]
-        memory = (
-            f"{result['peak_bytes'] / 2**20:.1f} | {result['peak_bytes'] / overheads[BASELINE]['peak_bytes']:.2f}x |"
-            if on_gpu else f"{result['state_bytes'] / 2**10:.1f} KiB |"
-        )
-        lines.append(
-            f"| {name} | {result['seconds'] * 1e3:.2f} | {low * 1e3:.2f}–{high * 1e3:.2f} | "
-            f"{result['seconds'] / baseline:.2f}x | {memory}"
-        )
+        ratio = _ratio(mixin, plain)
+        lines.append(f"| {SETTINGS[key].label} | {plain['seconds'] * 1e3:.2f} | {mixin['seconds'] * 1e3:.2f} | "
+                     f"{ratio:.3f}x | {'yes' if ratio <= CONTRACT_TARGET else '**no**'} |")
+    for key, heading, target, repeats in (
+        ("realistic", "Every technique on the realistic model", TECHNIQUE_TARGET, settings["realistic_repeats"]),
+        ("harness", "Every technique on the harness model", None, settings["repeats"]),
+    ):
+        if key not in results["techniques"]:
+            continue
+        lines += ["", f"## {heading}", "", f"{SETTINGS[key].label}; {repeats} repeats. The reference is the "
+                  "task module (`ClassificationModule`) without a technique."
+                  + (" Loss-changing techniques (those with step-contract stages) have the target "
+                     f"≤ {target:.2f}x; what a technique adds by design (a teacher's forward pass, a second "
+                     "model, extra passes) is its method card's cost, in `docs/techniques.md`."
+                     if target else " This model is tiny, so these ratios show each technique's fixed "
+                     "per-step cost (Python, extra passes, copies) more than its arithmetic."),
+                  "", *technique_table(results["techniques"][key], on_gpu, target)]
     lines += [
         "",
         "## EMA: update and swap cost per call, same model",
@@ -261,7 +388,7 @@ def write_report(
         "| model | operation | implementation | ms per call |",
         "|---|---|---|---|",
     ]
-    for model_name, rows in comparisons.items():
+    for model_name, rows in results["ema"].items():
         for operation, implementation, seconds in rows:
             lines.append(f"| {model_name} | {operation} | {implementation} | {seconds * 1e3:.3f} |")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,17 +396,27 @@ def write_report(
 
 
 def run_overhead(
-    only: list[str] | None, repeats: int, steps: int, warmup: int, calls: int, accelerator: str, out: Path, command: str
+    only: list[str] | None, repeats: int, steps: int, warmup: int, calls: int, accelerator: str, out: Path,
+    command: str, realistic_repeats: int = 3, realistic_steps: int = 10,
 ) -> None:
-    names = only or sorted(reglab.callbacks.__all__)
-    unknown = set(names) - set(reglab.callbacks.__all__)
+    known = built_technique_names()
+    names = only or known
+    unknown = set(names) - set(known)
     if unknown:
-        raise SystemExit(f"unknown technique(s) {sorted(unknown)}; callbacks exports {sorted(reglab.callbacks.__all__)}")
+        raise SystemExit(f"unknown technique(s) {sorted(unknown)}; known: {known}")
     if accelerator == "cpu":
         torch.set_num_threads(1)  # CPU time then counts work, not threads spinning on a busy machine
-    overheads = technique_overheads(names, repeats, steps, warmup, accelerator)
+    results: dict[str, Any] = {
+        "contract": {key: contract_cost(SETTINGS[key], n, s, warmup, accelerator)
+                     for key, n, s in (("harness", repeats, steps), ("realistic", realistic_repeats, realistic_steps))},
+        "techniques": {},
+    }
+    if realistic_repeats:
+        results["techniques"]["realistic"] = technique_overheads(
+            SETTINGS["realistic"], names, realistic_repeats, realistic_steps, warmup, accelerator)
+    results["techniques"]["harness"] = technique_overheads(SETTINGS["harness"], names, repeats, steps, warmup, accelerator)
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
-    comparisons = {name: ema_comparison(net, calls, device) for name, net in comparison_models().items()}
+    results["ema"] = {name: ema_comparison(net, calls, device) for name, net in comparison_models().items()}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     machine = (
         torch.cuda.get_device_name() if accelerator == "gpu"
@@ -292,8 +429,7 @@ def run_overhead(
         "when the run ended); read ratios rather than absolute times."
         if accelerator != "gpu" else "Times are wall time between CUDA synchronisations."
     )
-    settings = dict(
-        repeats=repeats, steps=steps, warmup=warmup, calls=calls, accelerator=accelerator, machine=machine, note=note
-    )
-    write_report(overheads, comparisons, settings, out, command)
+    settings = dict(repeats=repeats, realistic_repeats=realistic_repeats, steps=steps, warmup=warmup, calls=calls,
+                    accelerator=accelerator, machine=machine, note=note)
+    write_report(results, settings, out, command)
     print(f"[overhead] -> {out}", flush=True)

@@ -20,8 +20,10 @@ from pathlib import Path
 from lightning import Callback
 
 from reglab.datamodules.tasks import TaskSequenceDataModule
-from reglab.cli import RUN_DIR_ENV, ReglabCLI, merge_technique_configs
+from reglab.cli import ReglabCLI, merge_technique_configs
 from reglab.continual.runner import TaskSequenceRunner, latest_checkpoint
+from reglab.nonfinite import NonFiniteLossError
+from reglab.run_folder import RUN_DIR_ENV, RunFolder, numbered
 from reglab.technique import Technique
 
 RUNNER_OPTIONS = ("--ckpt_path", "--checkpoint_every_n_steps")
@@ -43,17 +45,15 @@ def split_runner_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return rest, options
 
 
-def resume_last(new_run_dir: Path) -> tuple[Path, Path]:
+def resume_last(root: Path) -> tuple[Path, Path]:
     """``(run folder, checkpoint)`` for ``--ckpt_path last``: the newest version of the run whose
     folder holds a checkpoint, and its newest checkpoint."""
-    versions = sorted((p for p in new_run_dir.parent.glob("version_*") if p.name.split("_")[-1].isdigit()),
-                      key=lambda p: int(p.name.split("_")[-1]), reverse=True)
-    for version in versions:
+    for version in reversed(numbered(root, "version")):
         checkpoint = latest_checkpoint(version)
         if checkpoint is not None:
             return version, checkpoint
     raise SystemExit(
-        f"reglab fit-tasks --ckpt_path last: no checkpoint under {new_run_dir.parent}/version_*/checkpoints; "
+        f"reglab fit-tasks --ckpt_path last: no checkpoint under {root}/version_*/checkpoints; "
         "start a new run without --ckpt_path, or pass a checkpoint's path"
     )
 
@@ -71,16 +71,27 @@ def main(argv: list[str]) -> TaskSequenceRunner:
     others = [cb for cb in trainer_config.pop("callbacks", None) or [] if not isinstance(cb, Technique)]
     trainer_config.pop("logger", None)
     every = options.get("checkpoint_every_n_steps")
-    run_dir, ckpt_path = cli._run_dir, options.get("ckpt_path")
+    ckpt_path = options.get("ckpt_path")
     if ckpt_path == "last":
-        run_dir, ckpt_path = resume_last(run_dir)
-        os.environ[RUN_DIR_ENV] = str(run_dir)
+        run_dir, ckpt_path = resume_last(cli._run_dir.parent)
+        folder = RunFolder.existing(run_dir)
         print(f"resuming {run_dir} from {ckpt_path}")
+    else:
+        folder = RunFolder.new(cli._run_dir.parent)
+    os.environ[RUN_DIR_ENV] = str(folder.path)
     runner = TaskSequenceRunner(
         cli.model, cli.datamodule, techniques, trainer_config, callbacks=[cb for cb in others if isinstance(cb, Callback)],
-        run_dir=run_dir, checkpoint_every_n_steps=int(every) if every else None,
+        run_dir=folder.path, checkpoint_every_n_steps=int(every) if every else None,
     )
-    runner.run(ckpt_path=ckpt_path)
-    print((run_dir / "accuracy_matrix.md").read_text())
-    print(f"accuracy matrix, scores and heat map: {run_dir}")
+    try:
+        cli.parser.save(cli.config, folder.path / folder.config_name(), skip_none=False, multifile=False)
+        runner.run(ckpt_path=ckpt_path)
+    except BaseException as error:
+        folder.close(keep=runner.trained_any)
+        if isinstance(error, NonFiniteLossError):
+            raise SystemExit(f"reglab fit-tasks: {error}") from None
+        raise
+    folder.close(keep=True)
+    print((folder.path / "accuracy_matrix.md").read_text())
+    print(f"accuracy matrix, scores and heat map: {folder.path}")
     return runner

@@ -19,7 +19,9 @@ the fit of task t exactly (see docs/architecture.md) and the sequence continues 
 :func:`latest_checkpoint` finds the newest of a run's checkpoints (``--ckpt_path last``).
 
 Each task logs to ``<run_dir>/tasks/task_<t>/``: ``metrics.csv`` and TensorBoard events side by
-side. Callbacks that start a run from pretrained weights (:class:`PretrainedWeights`) act on the
+side; a resumed task continues its logs. Checkpoints are :class:`~reglab.resume.RunCheckpoint`
+(exact resume after any stop) and :class:`~reglab.nonfinite.NonFiniteGuard` stops a task whose
+loss diverges. Callbacks that start a run from pretrained weights (:class:`PretrainedWeights`) act on the
 first task only; later tasks continue from the previous task's weights.
 """
 
@@ -33,13 +35,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
-from reglab.callbacks.fine_tuning.pretrained_weights import PretrainedWeights
 from reglab.datamodules.tasks import TaskSequenceDataModule
+from reglab.resume import RunCheckpoint
 from reglab.continual.metrics import accuracy_matrix, markdown_table, plot_heatmap, summary
+from reglab.nonfinite import NonFiniteGuard
+from reglab.run_folder import run_loggers
 from reglab.technique import Technique
 
 
@@ -92,6 +94,7 @@ class TaskSequenceRunner:
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.log = log
         self.progress = TaskProgress()
+        self.trained_any = False  # whether any optimizer step ran (a failed start left nothing)
 
     # -- the sequence ----------------------------------------------------------------------------
     def run(self, ckpt_path: str | Path | None = None) -> Tensor:
@@ -105,7 +108,10 @@ class TaskSequenceRunner:
             trainer = self._trainer_for(task)
             for technique in self.techniques:
                 technique.on_task_start(trainer, self.module, task)
-            trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=resume_fit_from if task == start else None)
+            try:
+                trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=resume_fit_from if task == start else None)
+            finally:
+                self.trained_any = self.trained_any or trainer.global_step > 0
             for technique in self.techniques:
                 technique.on_task_end(trainer, self.module, task)
             self.progress.rows.append(self.evaluate(task))
@@ -126,18 +132,17 @@ class TaskSequenceRunner:
         return mask
 
     def _trainer_for(self, task: int) -> L.Trainer:
-        others = [cb for cb in self.callbacks if task == 0 or not isinstance(cb, PretrainedWeights)]
-        callbacks: list[L.Callback] = [*self.techniques, self.progress, *copy.deepcopy(others)]
+        others = [cb for cb in self.callbacks if task == 0 or not getattr(cb, "starts_a_sequence_only", False)]
+        callbacks: list[L.Callback] = [*self.techniques, self.progress, *copy.deepcopy(others), NonFiniteGuard()]
         if self.trainer_kwargs.get("enable_checkpointing") is not False:  # None (from the CLI) means on
             every = self.checkpoint_every_n_steps
-            callbacks.append(ModelCheckpoint(
+            callbacks.append(RunCheckpoint(
                 dirpath=self.run_dir / "checkpoints" / f"task_{task}", save_last=True,
                 every_n_train_steps=every, save_top_k=-1 if every else 1,
             ))
         logger: Any = False
         if self.log:
-            logger = [CSVLogger(self.run_dir, name="tasks", version=f"task_{task}"),
-                      TensorBoardLogger(self.run_dir, name="tasks", version=f"task_{task}", default_hp_metric=False)]
+            logger = run_loggers(self.run_dir / "tasks" / f"task_{task}")
         return L.Trainer(**{**self.trainer_kwargs, "default_root_dir": self.trainer_kwargs.get("default_root_dir") or str(self.run_dir)},
                          callbacks=callbacks, logger=logger)
 

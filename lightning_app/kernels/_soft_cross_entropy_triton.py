@@ -18,7 +18,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from triton.runtime.interpreter import InterpretedFunction
 
-from reglab.kernels.soft_cross_entropy import reduce_row_losses
+from reglab.kernels.reductions import reduce_row_losses
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -55,20 +55,12 @@ from typing import Literal
 
 import torch
 
-Reduction = Literal["mean", "sum", "none"]
+from reglab.kernels.reductions import Reduction, reduce_row_losses
+
 Implementation = Literal["auto", "triton", "torch"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _IMPLEMENTATIONS = ("auto", "triton", "torch")
-
-
-def reduce_row_losses(row_losses: torch.Tensor, reduction: Reduction) -> torch.Tensor:
-    """Reduce per-row losses of shape ``(N,)`` the way ``reduction`` asks."""
-    if reduction == "mean":
-        return row_losses.mean()
-    if reduction == "sum":
-        return row_losses.sum()
-    return row_losses
 
 
 def _validate_inputs(

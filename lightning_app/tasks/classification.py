@@ -97,6 +97,20 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         self.test_metrics = classification_metrics(num_classes, prefix="test/")
         self.memorization = NoisyLabelMemorization()
 
+    def setup(self, stage: str) -> None:
+        """Refuse a DataModule whose ``num_classes`` / ``input_shape`` differ from the module's
+        (they would fail in the first step with a bare shape error, or train a wrong-sized head)."""
+        datamodule = self.trainer.datamodule
+        built = {"num_classes": self.num_classes, "input_shape": tuple(self.hparams.input_shape)}
+        for key, value in built.items():
+            expected = getattr(datamodule, key, None)
+            if expected is not None and (tuple(expected) if key == "input_shape" else expected) != value:
+                raise ValueError(
+                    f"{type(self).__name__} was built with {key}={value}, but {type(datamodule).__name__} "
+                    f"has {key}={expected}. Fix: build the module with {key}=datamodule.{key}, or leave "
+                    f"{key} unset in the config (`reglab` fills it in from the DataModule)."
+                )
+
     def features_and_logits(self, x: Any) -> tuple[Tensor, Tensor]:
         if self.head is None:
             return self.backbone(x)
