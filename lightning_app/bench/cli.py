@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 from reglab.bench.effects import load_claims, run_claims
+from reglab.bench.protocols import ClaimError
 from reglab.bench.overhead import run_overhead
 
 
@@ -16,6 +17,7 @@ def main(argv: list[str]) -> None:
     effects = commands.add_parser("effects", help="run registered claims over seeds")
     effects.add_argument("--only", nargs="+", help="claim names (default: all)")
     effects.add_argument("--seeds", type=int, help="seeds per arm (default: the claim's)")
+    effects.add_argument("--smoke", action="store_true", help="one seed, each claim's `smoke:` overrides (CI)")
     effects.add_argument("--claims-dir", type=Path, default=Path("benchmarks/effects"))
     effects.add_argument("--out", type=Path, default=Path("docs/results"))
     overhead = commands.add_parser("overhead", help="step time and memory of every technique; EMA implementations compared")
@@ -43,4 +45,7 @@ def main(argv: list[str]) -> None:
         run_overhead(args.only, args.repeats, args.steps, args.warmup, args.calls, args.accelerator, args.out, command,
                      args.realistic_repeats, args.realistic_steps)
         return
-    run_claims(load_claims(args.claims_dir, args.only), args.seeds, args.out, command)
+    try:
+        run_claims(load_claims(args.claims_dir, args.only, args.smoke), args.seeds, args.out, args.smoke)
+    except ClaimError as error:
+        raise SystemExit(f"reglab bench effects: {error}")

@@ -1,0 +1,115 @@
+"""The ``fit`` protocol: one ``reglab`` fit then test per arm and seed.
+
+Settings: ``configs`` (shared by every arm), ``overrides`` (extra CLI arguments for every arm,
+e.g. ``--trainer.max_epochs=1`` in a smoke run), ``extra_seed_keys`` (CLI keys also set to the
+seed, e.g. the label-noise seed), ``curves`` (per-epoch series to plot). An arm's spec is
+``configs`` (added to the shared ones). Each run sets ``seed_everything`` and the data seed to the
+seed and measures what ``trainer.test`` logs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from reglab.bench.protocols import ClaimError, Protocol, register_protocol
+
+
+class EpochHistory(L.Callback):
+    """Keeps the value of chosen metrics at the end of every training epoch.
+
+    Callbacks' ``on_train_epoch_end`` runs before the module's, where epoch metrics are logged,
+    so an epoch's values are read when the next epoch starts (and when training ends).
+    """
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.values: dict[str, list[float]] = defaultdict(list)
+
+    def _record(self, trainer: L.Trainer) -> None:
+        for key in self.keys:
+            if key in trainer.callback_metrics:
+                self.values[key].append(float(trainer.callback_metrics[key]))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self._record(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer)
+
+
+@register_protocol("fit")
+class FitProtocol(Protocol):
+    defaults = {"configs": [], "overrides": [], "extra_seed_keys": [], "curves": []}
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        if set(spec) - {"configs"}:
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: a fit arm takes `configs` (and `label`), "
+                             f"got {sorted(spec)}")
+        for path in self.settings["configs"] + spec.get("configs", []):
+            if not Path(path).is_file():
+                raise ClaimError(f"claim {self.claim_name}, arm {arm}: config {path} not found. Fix: run from the "
+                                 "repository root or correct the path.")
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        from reglab.cli import ReglabCLI, merge_technique_configs
+
+        args: list[str] = []
+        for path in self.settings["configs"] + spec.get("configs", []):
+            args += ["--config", path]
+        args += [
+            f"--seed_everything={seed}",
+            f"--data.init_args.seed={seed}",
+            *[f"--{key}={seed}" for key in self.settings["extra_seed_keys"]],
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            f"--runs_dir={workdir}",
+            *self.settings["overrides"],
+        ]
+        cli = ReglabCLI(args=merge_technique_configs(args), run=False)
+        history = EpochHistory(self.settings["curves"])
+        cli.trainer.callbacks.append(history)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        metrics: dict[str, Any] = {k: float(v) for k, v in (tested[0] if tested else {}).items()
+                                   if not k.split("/")[-1].startswith("acc_class_")}
+        last = {f"{key} (last epoch)": series[-1] for key, series in history.values.items() if series}
+        return {**metrics, **last, **{f"curve:{key}": series for key, series in history.values.items()}}
+
+    def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
+        if not self.settings["curves"]:
+            return []
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        keys = self.settings["curves"]
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for arm, seeds in runs.items():
+                series = [run.get(f"curve:{key}", []) for run in seeds]
+                length = min((len(s) for s in series), default=0)
+                if not length:
+                    continue
+                values = np.array([s[:length] for s in series])
+                epochs = np.arange(1, length + 1)
+                ax.plot(epochs, values.mean(0), label=arm)
+                ax.fill_between(epochs, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.2)
+            ax.set_title(key)
+            ax.set_xlabel("epoch")
+            ax.set_ylim(0, 1)
+            ax.legend()
+        seeds = len(next(iter(runs.values())))
+        fig.suptitle(f"{claim_name}: mean ± std over {seeds} seeds")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{claim_name}_curves.png", dpi=110)
+        plt.close(fig)
+        return ["## Per-epoch curves", "", f"![per-epoch curves]({claim_name}_curves.png)", ""]

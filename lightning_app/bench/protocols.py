@@ -1,0 +1,112 @@
+"""How a claim's arms are run: the protocol registry.
+
+A *protocol* turns one arm of a claim and one seed into a mapping ``metric -> value``. The core
+knows only the plain ``fit`` protocol (:mod:`reglab.bench.fit`); every other protocol lives with
+the family that owns it and registers itself when its module is imported::
+
+    from reglab.bench.protocols import Protocol, register_protocol
+
+    @register_protocol("task_sequence")
+    class TaskSequenceProtocol(Protocol):
+        defaults = {"epochs": 3}
+
+        def run_arm(self, arm, spec, seed, workdir):
+            ...
+            return {"forgetting": 0.2, "average_accuracy": 0.8}
+
+A claim file names the protocol and, unless it is built in, the module that registers it
+(``protocol: task_sequence`` and ``module: reglab.continual.claims``), so the core never imports
+a family and a new family adds a protocol without touching the core.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+#: protocols that ship with the core bench, by the module that registers them
+BUILT_IN = {"fit": "reglab.bench.fit"}
+
+PROTOCOLS: dict[str, type["Protocol"]] = {}
+
+
+class ClaimError(ValueError):
+    """A claim file that cannot run: raised while loading it, before any training."""
+
+
+def register_protocol(name: str):
+    """Class decorator: make a :class:`Protocol` subclass available under ``name``."""
+
+    def register(cls: type[Protocol]) -> type[Protocol]:
+        if name in PROTOCOLS and PROTOCOLS[name] is not cls:
+            raise ClaimError(f"protocol {name!r} is registered twice ({PROTOCOLS[name].__module__} and {cls.__module__})")
+        cls.name = name
+        PROTOCOLS[name] = cls
+        return cls
+
+    return register
+
+
+def get_protocol(name: str, module: str | None = None) -> type["Protocol"]:
+    """The protocol class ``name``, importing ``module`` (or the built-in module) to register it."""
+    module = module or BUILT_IN.get(name)
+    if module is not None and name not in PROTOCOLS:
+        importlib.import_module(module)
+    if name not in PROTOCOLS:
+        where = f"module {module!r} registers no such protocol" if module else "no module named in the claim file"
+        raise ClaimError(
+            f"unknown protocol {name!r} ({where}; registered: {sorted(PROTOCOLS)}). Fix: add `module: <the module "
+            "that defines it with @register_protocol>` to the claim file."
+        )
+    return PROTOCOLS[name]
+
+
+def instantiate(spec: dict[str, Any]) -> Any:
+    """Build an object from ``{class_path: a.b.C, init_args: {...}}`` (the configs' spelling)."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ClaimError(f"expected a mapping with class_path (and init_args), got {spec!r}")
+    module_name, _, attr = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), attr)
+    return cls(**spec.get("init_args", {}))
+
+
+class Protocol:
+    """Runs one arm of a claim for one seed.
+
+    Subclasses set ``defaults`` (every setting they read, with its default; a claim file's
+    ``settings`` may only override these) and implement :meth:`run_arm`. The harness memoizes
+    :meth:`run_arm` on (protocol, settings, arm spec, seed), so claims that share an arm (the same
+    fine-tuning baseline, the same LoRA) run it once per process; a protocol memoizes the work
+    its arms share within a seed (a pretrained model) itself.
+    """
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, claim_name: str, settings: dict[str, Any]) -> None:
+        unknown = set(settings) - set(self.defaults)
+        if unknown:
+            raise ClaimError(
+                f"claim {claim_name}: protocol {self.name!r} has no setting(s) {sorted(unknown)}. "
+                f"Fix: use one of {sorted(self.defaults)}."
+            )
+        self.claim_name = claim_name
+        self.settings = {**copy.deepcopy(self.defaults), **settings}
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        """Raise :class:`ClaimError` for an arm this protocol cannot run (called at load time)."""
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        """Run arm ``arm`` (its ``spec`` from the claim file) with ``seed``: ``{metric: float}``;
+        a list value is a per-epoch series (drawn by :meth:`figures`, never judged)."""
+        raise NotImplementedError
+
+    def describe(self) -> list[str]:
+        """Markdown lines on the setting, for the results page (default: none beyond the settings)."""
+        return []
+
+    def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
+        """Write any figures next to the results page; return their markdown lines."""
+        return []
