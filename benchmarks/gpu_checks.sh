@@ -6,7 +6,7 @@
 #   2. benchmarks/kernel_soft_cross_entropy.py, fused Triton kernel vs the torch reference, in bf16
 #      and in fp32 -> docs/results/kernel_soft_cross_entropy_gpu.md; it fails if the two
 #      implementations disagree beyond the tolerances below;
-#   3. `reglab bench overhead --accelerator gpu` -> docs/results/overhead_gpu.md (every technique's
+#   3. `reglab bench overhead --accelerator gpu` -> docs/results/overhead_gpu.md (the step contract vs a plain training_step, every technique on resnet18 and on the harness model:
 #      step time and peak memory against no technique; our EMA against timm's and Lightning's);
 #   0. (run first, about 1-2 minutes, never stops the script) sharded and compiled models, issue 10
 #      item 7: ELR and LoRA under Lightning's FSDP on 1 GPU (NCCL), EMA refused there at setup, EMA
@@ -141,7 +141,7 @@ for dtype in bf16 fp32; do
 done
 
 step="overhead benchmark"
-timeout 360 "$PYTHON" -m reglab.cli bench overhead --accelerator gpu --out "$RESULTS/overhead_gpu.md"
+timeout 300 "$PYTHON" -m reglab bench overhead --accelerator gpu --repeats 3 --realistic_repeats 3 --steps 20 --out "$RESULTS/overhead_gpu.md"
 test -s "$RESULTS/overhead_gpu.md"
 
 [[ $sharded_status -eq 0 ]] || { echo "gpu_checks.sh: the sharded and compiled models step failed (see above)" >&2; exit 1; }

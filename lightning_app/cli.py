@@ -43,6 +43,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from reglab.resume import InexactResumeError, RunCheckpoint
 from reglab.nonfinite import NonFiniteGuard, NonFiniteLossError
 from reglab.run_folder import RUN_DIR_ENV, RunFolder, next_number, numbered, run_loggers
+from reglab.paths import RelativeToConfig
 from reglab.summary import print_run_summary
 
 
@@ -218,13 +219,6 @@ def last_resumable(root: Path) -> Path:
     return resumable[-1]
 
 
-class RelativeToConfig:
-    """Marks a path-valued argument of a callback or technique as relative to the config file that
-    names it (not to the working directory): annotate it ``ConfigPath``. Python callers pass
-    ordinary paths (relative to the working directory)."""
-
-
-ConfigPath = Annotated[str, RelativeToConfig]
 
 # the sections every command needs from a file or a --<section>... argument, and a file that has each
 SECTION_EXAMPLES = {"data": "configs/data/digits.yaml", "model": "configs/model/cnn.yaml"}

@@ -24,13 +24,7 @@ boolean entries (BatchNorm's ``num_batches_tracked``) are counters, not weights:
 from the soup's first ingredient, unchanged. Ingredients must have the same entries with the
 same shapes and dtypes; otherwise the error names the first entry that differs.
 
-Method card:
-    what it does: averages fine-tuned checkpoints into one (uniform), or adds them best-first
-        while the held-out metric does not drop (greedy);
-    when it helps: several models fine-tuned from the same pretrained weights (a hyper-parameter
-        sweep); not for models trained from different random initializations;
-    what it costs: nothing at training or inference; building a greedy soup evaluates K + K - 1
-        models on the held-out split and holds the K ingredients in memory.
+Method card: ``callbacks/fine_tuning/soup.card.yaml``.
 
 The command writes the soup as a Lightning checkpoint (the best ingredient's hyper-parameters,
 the soup's weights, no optimizer or loop state, the record under ``"soup"``) and the record as

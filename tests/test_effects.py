@@ -218,3 +218,18 @@ def test_cli_stops_on_a_bad_claim_file_before_any_run(tmp_path):
     with pytest.raises(SystemExit, match=r"unknown claim\(s\) \['nope'\]"):
         main(["effects", "--only", "nope", "--claims-dir", str(tmp_path)])
     assert not (tmp_path / "out").exists()
+
+
+def test_overhead_bench_writes_the_contract_realistic_and_harness_tables(tmp_path):
+    """`reglab bench overhead` end to end on a tiny budget: every table it promises is there."""
+    from reglab.cli import main
+
+    out = tmp_path / "overhead.md"
+    main(["bench", "overhead", "--only", "elr", "--repeats", "1", "--steps", "1", "--warmup", "1", "--calls", "1",
+          "--realistic_repeats", "1", "--realistic_steps", "1", "--out", str(out)])
+    page = out.read_text()
+    for heading in ("## The step contract's own cost", "## Every technique on the realistic model",
+                    "## Every technique on the harness model", "## EMA: update and swap cost per call"):
+        assert heading in page
+    assert "failed" not in page
+    assert page.count("| elr |") == 2

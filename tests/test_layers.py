@@ -25,8 +25,10 @@ FOLDERS = {"callbacks": REPO / "callbacks", "datamodules": REPO / "datamodules"}
 # family code that lives in the core folder, by the family it belongs to
 FAMILY_APP_MODULES = {
     "reglab.continual": "reglab.callbacks.continual",
+    "reglab.peft_claims": "reglab.callbacks.peft",
     "reglab.peft_surgery": "reglab.callbacks.peft",
-    "reglab.soups": "reglab.callbacks.averaging",
+    "reglab.soup_claims": "reglab.callbacks.fine_tuning",
+    "reglab.soups": "reglab.callbacks.fine_tuning",
 }
 GRAPH_SCRIPT = """
 import json, sys, grimp

@@ -7,7 +7,7 @@ student's penultimate features are kept close to the teacher's:
 
 Unlike prediction distillation it constrains the representation, not the old head, so the head
 can move freely. ``lam`` is a per-benchmark choice in the paper; the default is the one tuned on
-split digits (``benchmarks/continual_claims.py``). In a plain single fit the term is 0.
+split digits (``benchmarks/effects/lwf.yaml``, ``reglab bench effects``). In a plain single fit the term is 0.
 
 Method card (what it does, when it helps, what it costs): ``feature_distillation.card.yaml`` beside this module.
 

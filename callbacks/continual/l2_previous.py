@@ -8,7 +8,7 @@ trainable parameter is pulled back towards them with equal weight:
 The paper's finding: with a pretrained backbone this plain pull does at least as well as EWC's
 Fisher-weighted one. Only the latest anchor is kept (as the "online" regularizers of the
 GT-RIPL Continual-Learning-Benchmark code the paper builds on). ``lam`` is a per-benchmark choice
-in the paper; the default here is the one tuned on split digits (``benchmarks/continual_claims.py``).
+in the paper; the default here is the one tuned on split digits (the claim ``benchmarks/effects/l2_previous.yaml``).
 
 Method card (what it does, when it helps, what it costs): ``l2_previous.card.yaml`` beside this module.
 

@@ -33,7 +33,7 @@ from typing import ClassVar
 import lightning as L
 
 from reglab.checkpoints import copy_pretrained_weights, fitted_checkpoint, load_state_dict_file
-from reglab.cli import ConfigPath
+from reglab.paths import ConfigPath
 
 
 class PretrainedWeights(L.Callback):
@@ -48,7 +48,7 @@ class PretrainedWeights(L.Callback):
         cache_dir: where checkpoints of ``pretrain_config`` are cached.
 
     In a config file, the three paths are relative to that file (``reglab`` makes them absolute,
-    :data:`reglab.cli.ConfigPath`), so a run works from any directory; the default ``cache_dir``
+    :data:`reglab.paths.ConfigPath`), so a run works from any directory; the default ``cache_dir``
     is relative to the working directory, like ``runs_dir``.
     """
 

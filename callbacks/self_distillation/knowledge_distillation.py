@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from reglab.checkpoints import fitted_checkpoint
-from reglab.cli import ConfigPath
+from reglab.paths import ConfigPath
 from reglab.kernels import soft_cross_entropy
 from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.technique import Technique
@@ -71,7 +71,7 @@ class KnowledgeDistillation(Technique):
         weight: weight of the ``T^2 * KL`` term.
         cache_dir: where teachers fitted from ``teacher_config`` are cached.
 
-    In a config file, the three paths are relative to that file (:data:`reglab.cli.ConfigPath`).
+    In a config file, the three paths are relative to that file (:data:`reglab.paths.ConfigPath`).
     """
 
     name = "knowledge_distillation"

@@ -92,7 +92,9 @@ class DigitsImages(DigitsDataModule):
         self.input_shape = (3, size, size)
 
     def _load_splits(self) -> dict[str, Any]:
+        self.input_shape = (1, 8, 8)  # the digits as the base class loads them
         splits = super()._load_splits()
+        self.input_shape = (3, self.size, self.size)
         resize = lambda x: F.interpolate(x, size=(self.size, self.size), mode="bilinear").repeat(1, 3, 1, 1)
         return {name: (resize(inputs), targets, *rest) for name, (inputs, targets, *rest) in splits.items()}
 

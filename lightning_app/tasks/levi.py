@@ -34,13 +34,7 @@ which shows the paper's Figure 3 "LEVI architecture of using a layer-wise ensemb
   normalised before concatenation; which layers to tap is the user's choice (``layers``,
   default: the backbone's output only); the pretrained model's own head is not used.
 
-Method card:
-    what it does: trains a small from-scratch model plus adapting layers on top of frozen
-        intermediate features of a pretrained model;
-    when it helps: fine-tuning data or test data from a (sub)domain the pretrained model knows
-        only partly, where full fine-tuning overfits spurious features (OOD generalization);
-    what it costs: the small model's forward and backward pass; the pretrained model runs
-        forward only (no gradients, no optimizer state), so a step is cheaper than fine-tuning.
+Method card: ``callbacks/fine_tuning/levi.card.yaml``.
 
 It is a task module, not a technique callback: it *is* a different model (new trainable parts,
 a frozen part, a different prediction path at evaluation too), so its checkpoints describe and
