@@ -40,7 +40,7 @@ STATUSES = ("built", "planned")
 KINDS = ("technique", "module", "data", "command", "metric", "layer", "reference")
 REQUIRED = ("id", "paper", "family", "sections", "title", "class", "config", "status", "claim", "claims", "baselines")
 OPTIONAL = ("kind", "note", "build", "method_card", "harness")
-HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory")
+HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args")
 METHOD_CARD_KEYS = ("what", "helps_when", "costs")
 SUFFIX = ".card.yaml"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -259,9 +259,10 @@ def example_trainer(**kwargs: Any) -> Any:
 
 
 @functools.cache
-def example_checkpoint() -> str:
-    """A Lightning checkpoint of an untrained ``example_module(seed=1)``, written once per process
-    (a teacher for the harness: its quality does not matter, only that it loads)."""
+def example_checkpoint(model: Callable[[int], Any] = example_module) -> str:
+    """A Lightning checkpoint of an untrained ``model(seed=1)`` (``example_module`` by default),
+    written once per process and model (a teacher for the harness: its quality does not matter,
+    only that it loads)."""
     import atexit
     import shutil
     import tempfile
@@ -271,33 +272,43 @@ def example_checkpoint() -> str:
 
     directory = tempfile.mkdtemp(prefix="reglab-example-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    teacher, path = example_module(seed=1), f"{directory}/teacher.ckpt"
+    teacher, path = model(1), f"{directory}/teacher.ckpt"
     torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams),
                 "pytorch-lightning_version": L.__version__}, path)
     return path
 
 
-def example_technique(technique_id: str) -> Any:
-    """Build a technique for a small harness run from its card's ``harness`` case.
+def example_technique(technique_id: str, model: Callable[[int], Any] = example_module) -> Any:
+    """Build a technique for a small run from its card's ``harness`` case, for the model that
+    ``model(seed)`` builds (the harness's ``example_module`` by default; the overhead bench passes
+    a realistic one).
 
-    ``init_args`` go to the constructor; every name in ``checkpoint_args`` gets
-    :func:`example_checkpoint`'s path; ``remember: model`` calls ``technique.remember(m)`` with
-    ``m = example_module(seed=1)`` (a continual technique as after a finished task), ``remember:
-    model_and_batch`` adds one random batch. (``factory`` names a set-up in tests/harness.py that
-    the test harness uses instead; built here, such a technique gets the steps above only.)"""
+    ``init_args`` go to the constructor, except those listed in ``flat_input_args`` when the
+    model's inputs are not flat (e.g. CutMix's ``image_shape``, which only says how flat inputs
+    unflatten); every name in ``checkpoint_args`` gets :func:`example_checkpoint`'s path for that
+    model; ``remember: model`` calls ``technique.remember(model(seed=1))`` (a continual technique
+    as after a finished task), ``remember: model_and_batch`` adds one random batch of the model's
+    input shape. (``factory`` names a set-up in tests/harness.py that the test harness uses
+    instead; built here, such a technique gets the steps above only.)"""
     spec = card(technique_id).harness
+    previous = model(1)
+    input_shape = tuple(previous.hparams.input_shape)
     kwargs = dict(spec.get("init_args") or {})
-    kwargs.update({name: example_checkpoint() for name in spec.get("checkpoint_args") or ()})
+    if len(input_shape) > 1:
+        for name in spec.get("flat_input_args") or ():
+            kwargs.pop(name, None)
+    kwargs.update({name: example_checkpoint(model) for name in spec.get("checkpoint_args") or ()})
     technique = card(technique_id).load()(**kwargs)
     remember = spec.get("remember")
     if remember == "model":
-        technique.remember(example_module(seed=1))
+        technique.remember(previous)
     elif remember == "model_and_batch":
         import torch
 
         generator = torch.Generator().manual_seed(1)
-        batch = {"input": torch.rand(16, 64, generator=generator), "target": torch.randint(0, 10, (16,), generator=generator)}
-        technique.remember(example_module(seed=1), [batch])
+        batch = {"input": torch.rand(16, *input_shape, generator=generator),
+                 "target": torch.randint(0, previous.num_classes, (16,), generator=generator)}
+        technique.remember(previous, [batch])
     elif remember is not None:
         raise CardError(f"{card(technique_id).path}: harness remember {remember!r}. Fix: use 'model' or 'model_and_batch'.")
     return technique

@@ -99,7 +99,7 @@ class DigitsImages(DigitsDataModule):
         return {name: (resize(inputs), targets, *rest) for name, (inputs, targets, *rest) in splits.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Setting:
     """A model and the data its steps are timed on."""
 
@@ -108,8 +108,8 @@ class Setting:
     backbone_kwargs: dict[str, Any]
     data: Callable[[], L.LightningDataModule]
 
-    def task_module(self) -> L.LightningModule:
-        torch.manual_seed(0)
+    def task_module(self, seed: int = 0) -> L.LightningModule:
+        torch.manual_seed(seed)
         data = self.data()
         return ClassificationModule(self.backbone, num_classes=data.num_classes, input_shape=data.input_shape,
                                     backbone_kwargs=self.backbone_kwargs, lr=1e-2)
@@ -213,7 +213,8 @@ def technique_overheads(setting: Setting, names: list[str], repeats: int, steps:
 
     def arm(name: str | None) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:
-            techniques = [] if name is None else [example_technique(name)]
+            # a previous model / teacher of the same architecture where the technique needs one
+            techniques = [] if name is None else [example_technique(name, setting.task_module)]
             return timed_fit(setting.task_module(), setting.data(), techniques, steps, warmup, accelerator)
         return run
 
