@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from reglab.averaging import WeightAverage, ema_decay
 from reglab.datamodules import DigitsDataModule, LabelNoise
 from reglab.mixins import RegularizedMixin, StepOutput
-from reglab.registry import built_technique_names, card, example_technique
+from reglab.registry import built_technique_names, card, example_data, example_module, example_technique, example_trainer
 from reglab.tasks import ClassificationModule
 from reglab.technique import Technique
 
@@ -99,30 +99,29 @@ class DigitsImages(DigitsDataModule):
         return {name: (resize(inputs), targets, *rest) for name, (inputs, targets, *rest) in splits.items()}
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class Setting:
-    """A model and the data its steps are timed on."""
+    """A model (built by ``task_module(seed)``) and the data its steps are timed on."""
 
     label: str
-    backbone: str
-    backbone_kwargs: dict[str, Any]
+    tag: str
+    task_module: Callable[[int], L.LightningModule]
     data: Callable[[], L.LightningDataModule]
 
-    def task_module(self, seed: int = 0) -> L.LightningModule:
-        torch.manual_seed(seed)
-        data = self.data()
-        return ClassificationModule(self.backbone, num_classes=data.num_classes, input_shape=data.input_shape,
-                                    backbone_kwargs=self.backbone_kwargs, lr=1e-2)
+
+def realistic_module(seed: int = 0) -> ClassificationModule:
+    """timm's resnet18 as a ``ClassificationModule`` for 3x32x32 digits, seeded like the harness's."""
+    L.seed_everything(seed, verbose=False)
+    return ClassificationModule("timm:resnet18", num_classes=10, input_shape=(3, 32, 32), lr=1e-2)
 
 
 SETTINGS = {
     # the harness's model and data: tiny, so ratios show each technique's fixed per-step cost
     "harness": Setting("harness MLP 64-32-10 on flat digits with 40% label noise, batch 256", "mlp",
-                       {"hidden_sizes": (32,)},
-                       lambda: DigitsDataModule(flatten=True, batch_size=256, label_noise=LabelNoise(rate=0.4))),
+                       example_module, example_data),
     # a realistic reference: the arithmetic of a real network dominates, as in a user's run
     "realistic": Setting("timm resnet18 (11.2M params) on digits upsampled to 3x32x32 with 40% label noise, batch 64",
-                         "timm:resnet18", {},
+                         "resnet18", realistic_module,
                          lambda: DigitsImages(size=32, batch_size=64, label_noise=LabelNoise(rate=0.4))),
 }
 
@@ -158,11 +157,8 @@ def timed_fit(module: L.LightningModule, data: L.LightningDataModule, techniques
     """One fit of ``warmup + steps`` steps: median step seconds, the techniques' state bytes and, on
     CUDA, the peak allocated bytes."""
     timer = StepTimer(skip=warmup)
-    trainer = L.Trainer(
-        max_steps=warmup + steps, limit_val_batches=0, accelerator=accelerator, devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[*techniques, timer],
-    )
+    trainer = example_trainer(max_steps=warmup + steps, limit_val_batches=0, accelerator=accelerator,
+                              callbacks=[*techniques, timer])
     if accelerator == "gpu":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=data)
@@ -215,20 +211,20 @@ def technique_overheads(setting: Setting, names: list[str], repeats: int, steps:
         def run() -> dict[str, float]:
             # a previous model / teacher of the same architecture where the technique needs one
             techniques = [] if name is None else [example_technique(name, setting.task_module)]
-            return timed_fit(setting.task_module(), setting.data(), techniques, steps, warmup, accelerator)
+            return timed_fit(setting.task_module(0), setting.data(), techniques, steps, warmup, accelerator)
         return run
 
-    return interleaved({BASELINE: arm(None), **{name: arm(name) for name in names}}, repeats, setting.backbone)
+    return interleaved({BASELINE: arm(None), **{name: arm(name) for name in names}}, repeats, setting.tag)
 
 
 def contract_cost(setting: Setting, repeats: int, steps: int, warmup: int, accelerator: str) -> dict[str, dict[str, Any]]:
     """A plain LightningModule ``training_step`` against ``RegularizedMixin`` without a technique."""
 
     def arm(kind: type[L.LightningModule]) -> Callable[[], dict[str, float]]:
-        return lambda: timed_fit(kind(setting.task_module()), setting.data(), [], steps, warmup, accelerator)
+        return lambda: timed_fit(kind(setting.task_module(0)), setting.data(), [], steps, warmup, accelerator)
 
     return interleaved({"plain training_step": arm(PlainClassifier), "RegularizedMixin, no technique": arm(ContractClassifier)},
-                       repeats, f"contract {setting.backbone}")
+                       repeats, f"contract {setting.tag}")
 
 
 class _Wrapped(L.LightningModule):
