@@ -69,13 +69,16 @@ Columns:
     (no `docs/results/<claim>.json`);
   - `claim shown` — every check of the row's first claim holds (paired difference − 2 s.e. over
     seeds clears zero, or the margin / bound fixed in the claim file);
-  - `claim not reproduced` — the claim ran and did not hold.
+  - `claim not reproduced` — the claim ran and did not hold;
+  - `measured` — a baseline without a claim of its own that ran as an arm of other claims.
 - **Claim**: the effect the claim must show. For baselines, the papers of the family that compare
   against them.
 - **Result**: the verdict of the row's first claim, each check's paired difference (technique −
   baseline, or mean − bound) ± its standard error, the number of seeds, and a link to the claim's
   page in [`docs/results/`](results/) (tables, per-seed values, plots, the command); then the
-  verdicts of the row's other claims. `—` until measured.
+  verdicts of the row's other claims. A baseline row without a claim of its own shows its
+  measured value (mean ± std over seeds) in every claim where it is an arm (the arm named by its
+  id), on the metric that claim judges. `—` until measured.
 """
 
 HEADER = "| Paper # | Technique | Class | Config | Status | Claim | Result |\n|---|---|---|---|---|---|---|"
@@ -94,13 +97,43 @@ def read_result(results_dir: Path, claim: str) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def result_line(card: Card, results: dict[str, dict[str, Any] | None]) -> tuple[str, str]:
-    """(Status, Result) of a row."""
+def arm_value(result: dict[str, Any], arm: str) -> str | None:
+    """``test/acc 0.715 ± 0.040`` — the arm's mean ± std over seeds on the metric the claim judges
+    against it (else on its first check's metric), or None when that arm has no such values."""
+    checks = result.get("checks") or []
+    check = next((c for c in checks if c.get("against") == arm), checks[0] if checks else None)
+    values = result["arms"].get(arm, {}).get("values", {}).get(check["metric"]) if check else None
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{check['metric']} {mean:.3f} ± {std:.3f}"
+
+
+def as_arm_line(card: Card, all_results: dict[str, dict[str, Any]]) -> str | None:
+    """Where a baseline ran as an arm (named by its id) of other claims, with its values there."""
+    measured = {
+        claim: value
+        for claim, result in sorted(all_results.items())
+        if card.id in result.get("arms", {}) and (value := arm_value(result, card.id)) is not None
+    }
+    if not measured:
+        return None
+    seeds = "/".join(str(s) for s in sorted({all_results[claim]["seeds"] for claim in measured}))
+    return f"as an arm ({seeds} seeds): " + "; ".join(f"[{c}](results/{c}.md) {v}" for c, v in measured.items())
+
+
+def result_line(
+    card: Card, results: dict[str, dict[str, Any] | None], all_results: dict[str, dict[str, Any]] | None = None
+) -> tuple[str, str]:
+    """(Status, Result) of a row; ``all_results`` (every claim's JSON) gives a baseline without a
+    claim of its own the values it measured as an arm."""
     if not card.built:
         return "planned", "—"
     first = results.get(card.claims[0]) if card.claims else None
     if first is None:
-        return "implemented", "—"
+        measured = as_arm_line(card, all_results or {}) if card.paper is None and not card.claims else None
+        return ("measured", measured) if measured else ("implemented", "—")
     checks = "; ".join(
         f"Δ {check['metric']} {difference_with_error(check['difference'], check['stderr'])}"
         + (f" vs bound {check['bound']}" if check.get("kind") == "bound" else "")
@@ -121,12 +154,13 @@ def _cell(text: str | None) -> str:
     return "—" if not text else " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _row(card: Card, claim: str | None, results: dict[str, dict[str, Any] | None]) -> str:
+def _row(card: Card, claim: str | None, results: dict[str, dict[str, Any] | None],
+         all_results: dict[str, dict[str, Any]]) -> str:
     klass = f"`{card.class_path}`" if card.class_path else "—"
     if card.note:
         klass += f" ({card.note})"
     config = f"`{card.config}`" if card.config else "—"
-    status, result = result_line(card, results)
+    status, result = result_line(card, results, all_results)
     paper = f"{card.paper:02d}" if card.paper is not None else "B"
     return "| " + " | ".join([paper, _cell(card.title), klass, config, status, _cell(claim), result]) + " |"
 
@@ -134,6 +168,7 @@ def _row(card: Card, claim: str | None, results: dict[str, dict[str, Any] | None
 def render(cards: dict[str, Card], results_dir: Path) -> str:
     """docs/techniques.md for these cards and results (a pure function of the files it reads)."""
     results = {claim: read_result(results_dir, claim) for card in cards.values() for claim in card.claims}
+    all_results = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in sorted(results_dir.glob("*.json"))}
     known = {section for section, *_ in SECTIONS}
     stray = sorted(f"{c.id}: {s}" for c in cards.values() for s in c.sections if s not in known)
     if stray:
@@ -147,13 +182,13 @@ def render(cards: dict[str, Card], results_dir: Path) -> str:
         parts.append(f"## {title}\n")
         if note:
             parts.append(note + "\n")
-        parts.append(HEADER + "\n" + "\n".join(_row(c, c.claim, results) for c in papers) + "\n")
+        parts.append(HEADER + "\n" + "\n".join(_row(c, c.claim, results, all_results) for c in papers) + "\n")
         if order:
             rows = []
             for baseline_id in order:
                 users = [f"#{p.paper:02d}" for p in papers if baseline_id in p.baselines]
                 claim = "; ".join(filter(None, [f"reference for {', '.join(users)}" if users else "", members[baseline_id].claim]))
-                rows.append(_row(members[baseline_id], claim, results))
+                rows.append(_row(members[baseline_id], claim, results, all_results))
             parts.append(baselines_heading + "\n\n" + HEADER + "\n" + "\n".join(rows) + "\n")
     return "\n".join(parts)
 

@@ -63,6 +63,21 @@ def test_other_claims_are_listed_after_the_first(tmp_path):
     assert row.endswith("; also [ps_kd_noisy_sgd](results/ps_kd_noisy_sgd.md) claim shown |")
 
 
+def test_a_baseline_without_its_own_claim_shows_its_values_as_an_arm(tmp_path):
+    elr = _result("elr", "claim shown")
+    elr["checks"][0].update(arm="elr", against="ce")
+    elr["arms"] = {"ce": {"label": "CE", "values": {"test/acc": [0.7, 0.8, 0.9]}},
+                   "elr": {"label": "ELR", "values": {"test/acc": [0.9, 0.9, 1.0]}}}
+    (tmp_path / "elr.json").write_text(json.dumps(elr))
+    page = render(CARDS, tmp_path)
+    ce = _row(page, CARDS["ce"].title)
+    assert ce.endswith("| measured | reference for " + ce.split("| reference for ")[1].split(" |")[0]
+                       + " | as an arm (3 seeds): [elr](results/elr.md) test/acc 0.800 ± 0.100 |")
+    # a built baseline that is nobody's arm stays implemented; a paper row never lists arm values
+    assert "| implemented | " in _row(page, CARDS["gce"].title)
+    assert "as an arm" not in _row(page, CARDS["elr"].title)
+
+
 def test_a_card_in_an_unknown_section_is_refused(tmp_path):
     card = CARDS["elr"]
     stray = {**CARDS, "elr": type(card)(**{**card.__dict__, "sections": ("no_such_section",)})}
