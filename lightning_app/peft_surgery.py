@@ -125,6 +125,29 @@ def peft_targets(layer_names: Sequence[str]) -> str:
     return "|".join(re.escape(name) for name in layer_names)
 
 
+def inject_peft(config: Any, model: nn.Module) -> None:
+    """Apply peft's tuner for ``config`` (any non-prompt peft config with ``target_modules``) to
+    ``model`` in place: the layers peft builds replace the targeted ones.
+
+    This is what ``peft.inject_adapter_in_model`` does, through the tuner class directly, which
+    also serves the methods whose state is shared across layers (VeRA's random projections,
+    VB-LoRA's vector bank) that ``inject_adapter_in_model`` refuses: their layers hold the shared
+    tensors as registered submodules, so the model's ``state_dict``, ``.to()`` and DDP see them.
+    """
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    # peft takes a `_device_mesh` attribute for a transformers tensor-parallel model and reads its
+    # `config`; Lightning's ModelParallelStrategy sets one (a data-parallel mesh) on the module
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is not None:
+        model._device_mesh = None
+    try:
+        PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](model, config, adapter_name="default")
+    finally:
+        if mesh is not None:
+            model._device_mesh = mesh
+
+
 def trainable_without_gradient(model: nn.Module) -> list[str]:
     """Names of the parameters that train (``requires_grad``) but hold no gradient: after a
     backward pass, the ones the forward pass never used."""

@@ -85,6 +85,12 @@ class ParameterEfficientFineTuning(Technique):
         """Whether an existing (not injected) parameter keeps training."""
         return False
 
+    def injected(self, module: nn.Module, existing: set[int]) -> set[str]:
+        """Names of the parameters :meth:`inject` created (they train): by default every parameter
+        whose storage (``data_ptr``) did not exist before the injection — by storage, not identity,
+        because peft's attention layer re-registers the frozen weights it wraps."""
+        return {name for name, p in module.named_parameters() if p.data_ptr() not in existing}
+
     # -- surgery --------------------------------------------------------------------------------
     def prepare(self, module: nn.Module, trainer: L.Trainer | None = None) -> None:
         """Load the pretrained weights, inject, freeze and count (once per module)."""
@@ -98,8 +104,8 @@ class ParameterEfficientFineTuning(Technique):
             )
         if self.pretrained_checkpoint:
             load_pretrained(module, self.pretrained_checkpoint)
-        # by storage, not identity: peft's attention layer re-registers the frozen weights it wraps
         existing = {p.data_ptr() for p in module.parameters()}
+        injected: set[str] = set()
         if self.layer_types:
             try:
                 layer_names = select_layers(module, self.target_modules, self.layer_types)
@@ -107,10 +113,10 @@ class ParameterEfficientFineTuning(Technique):
                 raise self.fail(str(error), "give target_modules regexes that match the names of layers "
                                 "listed above, or leave target_modules unset to adapt all of them") from None
             self.inject(module, layer_names, trainer)
-            keep_adapters_in_eval(module, lambda p: p.data_ptr() not in existing)
-        freeze_all_except(
-            module, lambda name, p: p.data_ptr() not in existing or is_task_head(name) or self.trains(name, p)
-        )
+            injected = self.injected(module, existing)
+            injected_storage = {p.data_ptr() for name, p in module.named_parameters() if name in injected}
+            keep_adapters_in_eval(module, lambda p: p.data_ptr() in injected_storage)
+        freeze_all_except(module, lambda name, p: name in injected or is_task_head(name) or self.trains(name, p))
         if not any(p.requires_grad for p in module.parameters()):
             raise self.fail(
                 f"it would train no parameter of {type(module).__name__}: it found no task head (a module "

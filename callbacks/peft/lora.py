@@ -6,7 +6,7 @@ Every adapted layer with weight ``W`` (``out x in``) computes
 
 so ``W' = W`` at the start; ``A``, ``B`` (and the task head) train, ``W`` stays frozen. The
 injection, the layers (``nn.Linear``, ``nn.Conv2d``, ...) and merging are peft's
-(``peft.inject_adapter_in_model``); reglab picks the layers, freezes the rest and handles
+(:func:`reglab.peft_surgery.inject_peft`); reglab picks the layers, freezes the rest and handles
 checkpoints. Defaults are peft's ``LoraConfig`` (r = 8, alpha = 8, no dropout).
 :meth:`LoRA.save_pretrained` exports the trained adapters (and the task head) with peft's own
 ``PeftModel.save_pretrained``, so peft alone reloads them: ``PeftModel.from_pretrained(base, path)``.
@@ -28,7 +28,7 @@ import lightning as L
 from torch import nn
 
 from reglab.callbacks.peft.base import ParameterEfficientFineTuning
-from reglab.peft_surgery import is_task_head, peft_targets, replace_module
+from reglab.peft_surgery import inject_peft, is_task_head, peft_targets, replace_module
 
 
 class LoRA(ParameterEfficientFineTuning):
@@ -61,18 +61,7 @@ class LoRA(ParameterEfficientFineTuning):
                           target_modules=peft_targets(layer_names), **extra)
 
     def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
-        from peft import inject_adapter_in_model
-
-        # peft takes a `_device_mesh` attribute for a transformers tensor-parallel model and reads its
-        # `config`; Lightning's ModelParallelStrategy sets one (a data-parallel mesh) on the module
-        mesh = getattr(module, "_device_mesh", None)
-        if mesh is not None:
-            module._device_mesh = None
-        try:
-            inject_adapter_in_model(self.peft_config(layer_names), module)
-        finally:
-            if mesh is not None:
-                module._device_mesh = mesh
+        inject_peft(self.peft_config(layer_names), module)
 
     def save_pretrained(self, module: nn.Module, directory: str | Path, root: str = "") -> None:
         """Export the trained adapters and task head of ``module`` as a peft adapter directory.
