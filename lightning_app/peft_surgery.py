@@ -125,9 +125,10 @@ def peft_targets(layer_names: Sequence[str]) -> str:
     return "|".join(re.escape(name) for name in layer_names)
 
 
-def inject_peft(config: Any, model: nn.Module) -> None:
+def inject_peft(config: Any, model: nn.Module) -> Any:
     """Apply peft's tuner for ``config`` (any non-prompt peft config with ``target_modules``) to
-    ``model`` in place: the layers peft builds replace the targeted ones.
+    ``model`` in place: the layers peft builds replace the targeted ones. Returns the tuner (for
+    methods with per-step work, such as AdaLoRA's ``update_and_allocate``).
 
     This is what ``peft.inject_adapter_in_model`` does, through the tuner class directly, which
     also serves the methods whose state is shared across layers (VeRA's random projections,
@@ -142,7 +143,7 @@ def inject_peft(config: Any, model: nn.Module) -> None:
     if mesh is not None:
         model._device_mesh = None
     try:
-        PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](model, config, adapter_name="default")
+        return PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](model, config, adapter_name="default")
     finally:
         if mesh is not None:
             model._device_mesh = mesh

@@ -63,7 +63,7 @@ def test_pissa_rewrites_the_frozen_weight_and_keeps_it_frozen():
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "lorra"}, r"peft has no method 'lorra' \(close: \['LORA'"),
     ({"method": "prompt_tuning"}, "prompt-learning method"),
-    ({"method": "adalora"}, "ADALORA is not supported yet: its rank budget"),
+    ({"method": "adalora"}, "ADALORA needs more than an injection. Fix: use reglab.callbacks.AdaLoRA"),
     ({"config": {"rr": 4}}, r"LoraConfig has no field\(s\) \['rr'\] \(close: \{'rr': \['r'\]\}\)"),
     ({"config": {"target_modules": ["x"]}}, "pass target_modules to PeftAdapter itself"),
 ])
@@ -76,3 +76,26 @@ def test_a_layer_the_method_cannot_adapt_fails_at_setup_naming_the_fix():
     cnn = ClassificationModule("cnn", num_classes=10, input_shape=(1, 8, 8))
     with pytest.raises(TechniqueConfigError, match="VERA cannot adapt the chosen layers.*Fix: set target_modules"):
         PeftAdapter("vera", {"r": 8}).prepare(cnn)
+
+
+def test_adalora_orthogonality_is_the_frobenius_distance_from_orthonormal_factors():
+    from reglab.callbacks.peft.adalora import adalora_orthogonality
+
+    layer = torch.nn.Module()
+    layer.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.eye(2, 3))})        # rows orthonormal
+    layer.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(2.0 * torch.eye(3, 2))})  # BᵀB = 4 I
+    # (‖0‖ + ‖4I − I‖_F) / 2 = (0 + 3·√2) / 2
+    torch.testing.assert_close(adalora_orthogonality(layer), torch.tensor(3.0 * 2**0.5 / 2))
+
+
+def test_adalora_prunes_to_its_target_budget_by_the_end_of_the_schedule():
+    from reglab.callbacks.peft import AdaLoRA
+
+    technique = AdaLoRA({"init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 2, "total_step": 10})
+    module = small_module()
+    quiet_trainer(max_steps=10, callbacks=[technique]).fit(module, datamodule=noisy_digits())
+    singular_values = [p for n, p in module.named_parameters() if "lora_E" in n]
+    assert singular_values and technique.allocated_at == 10
+    kept = sum(int((e != 0).sum()) for e in singular_values)
+    assert kept <= 2 * len(singular_values) < 6 * len(singular_values)
+    assert technique.state_dict()["rank_pattern"] and technique.state_dict()["exp_avg_ipt"] == {}  # reset at the final allocation

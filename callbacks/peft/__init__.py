@@ -1,7 +1,8 @@
 """Parameter-efficient fine-tuning: model surgery at setup (see :mod:`reglab.callbacks.peft.base`).
 
 Baselines: :class:`FullFineTuning`, :class:`LinearProbe`, :class:`BitFit`, :class:`LoRA` (peft), and
-:class:`PeftAdapter`, any peft method from YAML (DoRA, PiSSA, VeRA, IA3, LoHa, LoKr, OFT, BOFT, ...).
+:class:`PeftAdapter`, any peft method from YAML (DoRA, PiSSA, VeRA, IA3, LoHa, LoKr, OFT, BOFT, ...),
+and :class:`AdaLoRA` (peft's, with its per-step rank reallocation).
 Papers: :class:`SVFit` (#60) and :class:`LoLDU` (#69) train the diagonal between frozen factors
 of the pretrained weights; :class:`LoRASB` (#55) trains an r x r core between frozen factors of
 the first gradients. All three use :class:`reglab.nn.core_adapter.CoreAdapter`.

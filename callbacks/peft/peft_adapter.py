@@ -15,10 +15,8 @@ contract.
 Refused when built, with the reason: unknown methods or config keys (with the close names),
 ``target_modules`` inside ``config`` (use the technique's own argument, which speaks reglab's
 module names), peft's prompt-learning methods (prompt / prefix / p-tuning, X-LoRA, Poly, ...: they
-wrap a transformers model instead of replacing layers), and AdaLoRA (its rank budget is
-reallocated by ``AdaLoraModel.update_and_allocate`` after every optimizer step, from
-importance statistics that would have to be checkpointed: not wired yet; use LoRA, or DoRA with
-``use_dora``). A method that cannot adapt a chosen layer (most take ``nn.Linear`` only; BOFT needs
+wrap a transformers model instead of replacing layers), and AdaLoRA, which has per-step work
+(its rank reallocation) and a loss term: that is :class:`~reglab.callbacks.peft.AdaLoRA`. A method that cannot adapt a chosen layer (most take ``nn.Linear`` only; BOFT needs
 block sizes that divide the layer) fails at setup with peft's reason and the fix.
 
 Method card (what it does, when it helps, what it costs): ``peft_adapter.card.yaml`` beside this module.
@@ -42,9 +40,9 @@ from torch import nn
 from reglab.callbacks.peft.base import ParameterEfficientFineTuning
 from reglab.peft_surgery import inject_peft, peft_targets
 
-#: wired to peft's per-step hooks that this technique does not call yet (see the module docstring)
-NOT_WIRED = {"ADALORA": "its rank budget is reallocated by AdaLoraModel.update_and_allocate after every "
-                        "optimizer step, from importance statistics a checkpoint would have to hold"}
+#: methods with work beyond the injection, and the technique that does it
+OWN_TECHNIQUE = {"ADALORA": "reglab.callbacks.AdaLoRA (its rank reallocation after every optimizer step and "
+                            "its orthogonality term)"}
 
 
 def peft_config_class(method: str) -> tuple[Any, type]:
@@ -75,6 +73,8 @@ class PeftAdapter(ParameterEfficientFineTuning):
     """
 
     name = "peft_adapter"
+    #: the one method a subclass is for (its peft type name); None = any method
+    method_name: str | None = None
 
     def __init__(self, method: str = "lora", config: dict[str, Any] | None = None,
                  target_modules: list[str] | None = None, pretrained_checkpoint: str | None = None) -> None:
@@ -88,9 +88,9 @@ class PeftAdapter(ParameterEfficientFineTuning):
         if "target_modules" not in fields:
             raise self.fail(f"peft's {peft_type.value} is a prompt-learning method (it wraps a transformers "
                             "model instead of replacing layers)", "pick a method that adapts layers (lora, vera, ...)")
-        if peft_type.value in NOT_WIRED:
-            raise self.fail(f"peft's {peft_type.value} is not supported yet: {NOT_WIRED[peft_type.value]}",
-                            "use method 'lora' (optionally with use_dora / use_rslora), or another method")
+        if peft_type.value in OWN_TECHNIQUE and type(self).method_name != peft_type.value:
+            raise self.fail(f"peft's {peft_type.value} needs more than an injection",
+                            f"use {OWN_TECHNIQUE[peft_type.value]}")
         if "target_modules" in self.config:
             raise self.fail("config sets target_modules, which peft would match against its own module names",
                             "pass target_modules to PeftAdapter itself (regexes over reglab's module names)")
@@ -112,8 +112,12 @@ class PeftAdapter(ParameterEfficientFineTuning):
                             "change the config as peft's message says") from None
 
     def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
+        self.inject_with_peft(module, layer_names)
+
+    def inject_with_peft(self, module: nn.Module, layer_names: list[str]) -> Any:
+        """Let peft adapt ``layer_names`` of ``module``; returns peft's tuner."""
         try:
-            inject_peft(self.peft_config(peft_targets(layer_names)), module)
+            return inject_peft(self.peft_config(peft_targets(layer_names)), module)
         except (TypeError, ValueError, NotImplementedError) as error:
             raise self.fail(f"peft's {self.peft_type.value} cannot adapt the chosen layers {layer_names}: {error}",
                             "set target_modules to layers the method supports (most take nn.Linear only), or "

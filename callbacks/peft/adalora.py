@@ -1,0 +1,120 @@
+"""AdaLoRA — adaptive budget allocation for LoRA (Zhang et al., ICLR 2023), through peft.
+
+Each adapted weight gets an SVD-shaped update ``W + B · diag(E) · A`` (peft's ``AdaLoraLayer``).
+After every optimizer step peft's ``RankAllocator`` scores each singular triplet by the
+sensitivity ``|p · ∇p|`` (smoothed by two EMAs, ``beta1`` / ``beta2``) and, on a cubic schedule
+from ``init_r`` down to ``target_r`` per layer between ``tinit`` and ``total_step − tfinal``,
+zeroes the least important entries of ``E`` every ``deltaT`` steps (peft's
+``AdaLoraModel.update_and_allocate``, called here in ``on_train_batch_end`` once per optimizer
+step, while the step's gradients are still there). The orthogonality regularizer
+``orth_reg_weight · mean ‖PᵀP − I‖_F`` over the ``A`` and ``B`` factors is added as a loss term
+of the step contract: peft adds it only inside ``AdaLoraModel.forward`` to a transformers output's
+``loss``, which the contract does not produce, so these few lines are written here
+(:func:`adalora_orthogonality`, the same formula).
+
+Defaults are peft's ``AdaLoraConfig`` (init_r 12, target_r 8, beta1 = beta2 = 0.85, orth_reg_weight
+0.5, deltaT 1); ``total_step`` is the run's number of optimizer steps
+(``trainer.estimated_stepping_batches``) unless the config sets it. The importance statistics and
+the rank pattern are this technique's state: checkpoints hold them, so a resumed run reallocates
+exactly as an uninterrupted one, and every DDP rank computes the same ones (they come from the
+all-reduced gradients).
+
+Method card (what it does, when it helps, what it costs): ``adalora.card.yaml`` beside this module.
+
+Example:
+    >>> from reglab.callbacks.peft import AdaLoRA
+    >>> adalora = AdaLoRA({"init_r": 8, "target_r": 4, "tinit": 10, "tfinal": 10})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from reglab.callbacks.peft.peft_adapter import PeftAdapter
+from reglab.mixins import StepOutput
+
+#: the importance statistics of peft's RankAllocator (per parameter name)
+STATISTICS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def adalora_orthogonality(module: nn.Module, adapter: str = "default") -> Tensor:
+    """``mean ‖P Pᵀ − I‖_F`` over the ``lora_A`` factors (r x in, rows orthonormal) and
+    ``‖Pᵀ P − I‖_F`` over the ``lora_B`` factors (out x r, columns orthonormal) of ``adapter``."""
+    covariances = [p @ p.T if "lora_A" in name else p.T @ p for name, p in module.named_parameters()
+                   if ("lora_A" in name or "lora_B" in name) and adapter in name]
+    terms = [torch.linalg.matrix_norm(c - torch.eye(len(c), device=c.device, dtype=c.dtype)) for c in covariances]
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+class AdaLoRA(PeftAdapter):
+    """peft's AdaLoRA with its per-step rank reallocation and orthogonality term.
+
+    Args:
+        config: fields of peft's ``AdaLoraConfig`` (``init_r``, ``target_r``, ``tinit``,
+            ``tfinal``, ``deltaT``, ``beta1``, ``beta2``, ``orth_reg_weight``, ``lora_alpha``,
+            ``total_step``, ...).
+        target_modules, pretrained_checkpoint: see :class:`PeftAdapter`.
+    """
+
+    name = "adalora"
+    method_name = "ADALORA"
+    stateful = True
+
+    def __init__(self, config: dict[str, Any] | None = None, target_modules: list[str] | None = None,
+                 pretrained_checkpoint: str | None = None) -> None:
+        super().__init__("adalora", config, target_modules, pretrained_checkpoint)
+        self.tuner: Any = None
+        self.allocated_at = 0
+        self._pending: dict[str, Any] | None = None
+
+    def peft_config(self, targets: str) -> Any:
+        # before setup knows the run's length, a placeholder total_step lets peft check the rest
+        if "total_step" not in self.config:
+            return self.config_class(**self.config, total_step=1, target_modules=targets)
+        return super().peft_config(targets)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and "total_step" not in self.config:
+            self.config["total_step"] = int(trainer.estimated_stepping_batches)
+        super().setup(trainer, pl_module, stage)
+
+    def inject(self, module: nn.Module, layer_names: list[str], trainer: L.Trainer | None) -> None:
+        self.tuner = self.inject_with_peft(module, layer_names)
+        if self._pending is not None:
+            self.load_state_dict(self._pending)
+
+    def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
+        weight = self.tuner.peft_config["default"].orth_reg_weight
+        return {"orthogonality": weight * adalora_orthogonality(module)} if weight else {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # once per optimizer step (not per accumulated micro-batch), before the next zero_grad
+        if trainer.global_step != self.allocated_at:
+            self.allocated_at = trainer.global_step
+            self.tuner.update_and_allocate(trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.tuner is None:
+            return {}
+        allocator = self.tuner.rankallocator
+        state = {key: {n: t.detach().cpu().clone() for n, t in getattr(allocator, key).items()} for key in STATISTICS}
+        rank_pattern = self.tuner.peft_config["default"].rank_pattern
+        return {**state, "allocated_at": self.allocated_at, "rank_pattern": dict(rank_pattern) if rank_pattern else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.tuner is None:  # restored before setup injected the layers
+            self._pending = state_dict
+            return
+        allocator, self._pending = self.tuner.rankallocator, None
+        device = next(self.tuner.model.parameters()).device
+        for key in STATISTICS:
+            setattr(allocator, key, {n: t.to(device) for n, t in state_dict[key].items()})
+        self.allocated_at = state_dict["allocated_at"]
+        self.tuner.peft_config["default"].rank_pattern = state_dict["rank_pattern"]
