@@ -10,8 +10,10 @@ copy with its technique (``{class_path, init_args}``; the pretrained checkpoint 
   the claims of PEGO and SoMA are about it);
 * ``retention``: source test accuracy (0-4) with the prediction restricted to the source classes'
   logits (the task known at test time, as in task-incremental evaluation);
-* ``trainable`` / ``total`` parameters, ``step_ms`` (median training step, CPU time on CPU) and
-  ``lr`` (the learning rate used).
+* ``trainable`` / ``total`` parameters, ``step_ms`` (median training step, CPU time on CPU),
+  ``lr`` (the learning rate used) and the peak memory of the second training step
+  (:class:`reglab.bench.memory.PeakTrainingMemory`: ``memory/peak_mb``, and on the CPU what held
+  it at the peak, ``memory/optimizer_state_mb``, ``memory/gradient_mb``, ``memory/activation_mb``, ...).
 
 With ``lr_grid`` every arm is fitted at each rate of that shared grid and keeps, per seed, the
 rate with the best accuracy on the target *validation* split (the test split is never used to
@@ -38,6 +40,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from reglab.bench.memory import PeakTrainingMemory
 from reglab.bench.overhead import StepTimer
 from reglab.bench.protocols import ClaimError, Protocol, instantiate, register_protocol
 from reglab.datamodules import ClassSplitDataModule, DigitsDataModule, LabelNoise
@@ -120,15 +123,17 @@ class PretrainedStart(Protocol):
             module = self.module(lr)
             technique = instantiate({**spec["technique"], "init_args": {
                 **spec["technique"].get("init_args", {}), "pretrained_checkpoint": checkpoint}})
-            timer = StepTimer(skip=0)
-            trainer(self.settings["finetune_epochs"], [technique, timer], self.settings["trainer"]).fit(module, datamodule=target)
-            fits.append((accuracy(module, target.val_dataloader()), lr, module, technique, timer))
+            timer, memory = StepTimer(skip=0), PeakTrainingMemory()
+            trainer(self.settings["finetune_epochs"], [technique, timer, memory], self.settings["trainer"]).fit(
+                module, datamodule=target)
+            fits.append((accuracy(module, target.val_dataloader()), lr, module, technique, timer, memory))
         # with a grid, the rate is chosen on the target validation split, never on the test split
-        val, lr, module, technique, timer = max(fits, key=lambda fit: fit[0])
+        val, lr, module, technique, timer, memory = max(fits, key=lambda fit: fit[0])
         counts = technique.parameter_counts
         extra = {f"group_norm/{k}": v for k, v in technique.group_norms().items()} if hasattr(technique, "group_norms") else {}
         return {**self.measure(module, seed), "lr": lr, "val": val, "trainable": counts["trainable"],
-                "total": counts["total"], "step_ms": 1000 * statistics.median(timer.seconds), **extra}
+                "total": counts["total"], "step_ms": 1000 * statistics.median(timer.seconds),
+                **{f"memory/{key}": value for key, value in memory.result.items()}, **extra}
 
 
 @functools.cache
