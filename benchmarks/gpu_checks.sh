@@ -8,6 +8,8 @@
 #      implementations disagree beyond the tolerances below;
 #   3. `reglab bench overhead --accelerator gpu` -> docs/results/overhead_gpu.md (the step contract vs a plain training_step, every technique on resnet18 and on the harness model:
 #      step time and peak memory against no technique; our EMA against timm's and Lightning's);
+#   4. the PEFT claims' arms on a smoke budget, peak training memory per arm on the GPU ->
+#      docs/results/peft_memory_gpu.md (issue 14: memory as a measured quantity);
 #   0. (run first, about 1-2 minutes, never stops the script) sharded and compiled models, issue 10
 #      item 7: ELR and LoRA under Lightning's FSDP on 1 GPU (NCCL), EMA refused there at setup, EMA
 #      over an inductor-compiled backbone in bf16-mixed; one line per case.
@@ -144,5 +146,30 @@ step="overhead benchmark"
 timeout 300 "$PYTHON" -m reglab bench overhead --accelerator gpu --repeats 3 --realistic_repeats 3 --steps 20 --out "$RESULTS/overhead_gpu.md"
 test -s "$RESULTS/overhead_gpu.md"
 
+step="PEFT peak memory"
+# One smoke-budget run of the PEFT claims (one seed, two training batches: the peak is measured at
+# the second step) with torch.cuda.max_memory_allocated per arm -> docs/results/peft_memory_gpu.md.
+timeout 240 "$PYTHON" -m reglab bench effects --only peft_adapter peft_adapter_vit svfit_vit mask_tuning_vit --smoke \
+    --out "$LOG_DIR/peft_memory" > "$LOG_DIR/peft_memory.log" 2>&1
+"$PYTHON" - "$LOG_DIR/peft_memory" "$RESULTS/peft_memory_gpu.md" <<'EOF'
+import json, sys
+from pathlib import Path
+import torch
+rows = []
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
+    result = json.loads(path.read_text())
+    for arm, spec in result["arms"].items():
+        values = spec["values"]
+        if "memory/peak_mb" in values:
+            rows.append(f"| {result['claim']} | {spec['label']} | {values['trainable'][0]:,.0f} | {values['memory/peak_mb'][0]:.2f} |")
+assert rows, "no arm reported memory/peak_mb"
+Path(sys.argv[2]).write_text(
+    f"# Peak training memory of the PEFT arms on {torch.cuda.get_device_name()}\n\n"
+    "Produced by `bash benchmarks/gpu_checks.sh`: `reglab bench effects --smoke` of the claims below (one seed, "
+    "the second training step), `torch.cuda.max_memory_allocated` over that step (reglab.bench.memory).\n\n"
+    "| claim | arm | trainable parameters | peak MB |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+print("\n".join(rows))
+EOF
+
 [[ $sharded_status -eq 0 ]] || { echo "gpu_checks.sh: the sharded and compiled models step failed (see above)" >&2; exit 1; }
-echo "gpu_checks.sh: all checks passed; wrote $kernel_md and $RESULTS/overhead_gpu.md"
+echo "gpu_checks.sh: all checks passed; wrote $kernel_md, $RESULTS/overhead_gpu.md and $RESULTS/peft_memory_gpu.md"
