@@ -99,3 +99,14 @@ def test_adalora_prunes_to_its_target_budget_by_the_end_of_the_schedule():
     kept = sum(int((e != 0).sum()) for e in singular_values)
     assert kept <= 2 * len(singular_values) < 6 * len(singular_values)
     assert technique.state_dict()["rank_pattern"] and technique.state_dict()["exp_avg_ipt"] == {}  # reset at the final allocation
+
+
+def test_adalora_takes_the_run_length_at_setup_and_refuses_a_run_too_short_for_its_schedule():
+    from reglab.callbacks.peft import AdaLoRA
+
+    technique = AdaLoRA({"init_r": 4, "target_r": 2, "tinit": 3, "tfinal": 3})  # total_step comes at setup
+    module = small_module()
+    quiet_trainer(max_steps=8, callbacks=[technique]).fit(module, datamodule=noisy_digits())
+    assert technique.config["total_step"] == 8 and technique.allocated_at == 8
+    with pytest.raises(TechniqueConfigError, match="AdaLoraConfig refuses the config.*budgeting phase"):
+        quiet_trainer(max_steps=5, callbacks=[AdaLoRA({"tinit": 3, "tfinal": 3})]).fit(small_module(), datamodule=noisy_digits())

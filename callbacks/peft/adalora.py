@@ -72,10 +72,10 @@ class AdaLoRA(PeftAdapter):
         self._pending: dict[str, Any] | None = None
 
     def peft_config(self, targets: str) -> Any:
-        # before setup knows the run's length, a placeholder total_step lets peft check the rest
-        if "total_step" not in self.config:
-            return self.config_class(**self.config, total_step=1, target_modules=targets)
-        return super().peft_config(targets)
+        # before setup knows the run's length, the shortest total_step peft accepts for this
+        # schedule (a budgeting phase of one step) lets peft check the rest of the config
+        shortest = self.config.get("tinit", 0) + self.config.get("tfinal", 0) + 1
+        return super().peft_config(targets, total_step=shortest)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and "total_step" not in self.config:

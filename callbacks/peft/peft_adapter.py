@@ -104,9 +104,10 @@ class PeftAdapter(ParameterEfficientFineTuning):
         self.layer_types = ((nn.Linear, nn.Conv2d, nn.MultiheadAttention) if peft_type.value == "LORA"
                             else (nn.Linear, nn.Conv2d))
 
-    def peft_config(self, targets: str) -> Any:
+    def peft_config(self, targets: str, **defaults: Any) -> Any:
+        """peft's config object for the layers ``targets`` (``defaults`` fill fields the config omits)."""
         try:
-            return self.config_class(**self.config, target_modules=targets)
+            return self.config_class(**{**defaults, **self.config}, target_modules=targets)
         except (TypeError, ValueError) as error:
             raise self.fail(f"peft's {self.config_class.__name__} refuses the config {self.config}: {error}",
                             "change the config as peft's message says") from None
