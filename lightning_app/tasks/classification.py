@@ -9,11 +9,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
 
-from reglab.metrics import NoisyLabelMemorization, classification_metrics, per_class_accuracy_dict
+from reglab.metrics import NoisyLabelMemorization, classification_metrics
+from reglab.metrics.classification import PER_CLASS_ACCURACY
 from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.models import create_backbone
+from reglab.tasks.metric_hooks import TaskMetricsMixin
 
 
 def check_module_fits_data(module: L.LightningModule, num_classes: int, input_shape: Sequence[int]) -> None:
@@ -44,7 +45,7 @@ class CosineClassifier(nn.Module):
         return self.temperature * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
 
 
-class ClassificationModule(RegularizedMixin, L.LightningModule):
+class ClassificationModule(TaskMetricsMixin, RegularizedMixin, L.LightningModule):
     """Image, tabular or text classification with any backbone, ready for every technique.
 
     Logs ``val/acc``, ``val/ece``, ``test/acc``, ``test/ece`` and per-class test accuracy; when
@@ -76,6 +77,7 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
     """
 
     provides = frozenset({"logits", "features", "index"})
+    per_class_metric, per_class_name = PER_CLASS_ACCURACY, "acc_class"
 
     def __init__(
         self,
@@ -129,35 +131,6 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         if not self.active_classes.all():
             logits = logits.masked_fill(~self.active_classes, float("-inf"))
         return StepOutput(logits=logits, target=batch["target"], features=features, index=batch.get("index"), batch=batch)
-
-    def on_step_output(self, out: StepOutput, stage: str) -> None:
-        if stage == "train":
-            if "clean_target" in out.batch:
-                self.memorization.update(out.logits.detach(), out.labels, out.batch["clean_target"])
-            return
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        metrics.update(out.logits.detach().float(), out.labels)
-
-    def on_train_epoch_end(self) -> None:
-        if self.memorization.update_count:
-            shares = self.memorization.compute()
-            self.log("train/memorized", shares["memorized"])
-            self.log("train/corrected", shares["corrected"])
-            self.memorization.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val/", per_class=False)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test/", per_class=True)
-
-    def _log_metrics(self, metrics: MetricCollection, prefix: str, per_class: bool) -> None:
-        values = metrics.compute()
-        metrics.reset()
-        per_class_values = values.pop(f"{prefix}acc_per_class")
-        self.log_dict(values)
-        if per_class:
-            self.log_dict(per_class_accuracy_dict(per_class_values, prefix=prefix))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -17,6 +17,7 @@ from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.models import create_backbone
 from reglab.step import cross_entropy_per_sample
 from reglab.tasks.classification import check_module_fits_data
+from reglab.tasks.metric_hooks import TaskMetricsMixin
 
 #: the label of pixels that count in no loss and no metric (the PASCAL VOC convention)
 IGNORE_INDEX = 255
@@ -73,7 +74,7 @@ def segmentation_metrics(num_classes: int, prefix: str, ignore_index: int = IGNO
     )
 
 
-class SegmentationModule(RegularizedMixin, L.LightningModule):
+class SegmentationModule(TaskMetricsMixin, RegularizedMixin, L.LightningModule):
     """Semantic segmentation with a dense backbone, ready for every technique.
 
     The contract for dense prediction: ``forward(x)`` gives ``(N, C, H, W)`` logits;
@@ -104,6 +105,7 @@ class SegmentationModule(RegularizedMixin, L.LightningModule):
     """
 
     provides = frozenset({"logits", "features", "index"})
+    per_class_metric, per_class_name = PER_CLASS_IOU, "iou_class"
 
     def __init__(
         self,
@@ -165,36 +167,6 @@ class SegmentationModule(RegularizedMixin, L.LightningModule):
 
     def task_loss(self, out: StepOutput) -> Tensor:
         return dense_cross_entropy_per_sample(out.logits, out.target, self.ignore_index)
-
-    def on_step_output(self, out: StepOutput, stage: str) -> None:
-        if stage == "train":
-            if "clean_target" in out.batch:
-                predicted = out.logits.detach().argmax(1)
-                self.memorization.update(predicted.flatten(), out.labels.flatten(), out.batch["clean_target"].flatten())
-            return
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        metrics.update(out.logits.detach().float(), out.labels)
-
-    def on_train_epoch_end(self) -> None:
-        if self.memorization.update_count:
-            shares = self.memorization.compute()
-            self.log("train/memorized", shares["memorized"])
-            self.log("train/corrected", shares["corrected"])
-            self.memorization.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val/", per_class=False)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test/", per_class=True)
-
-    def _log_metrics(self, metrics: MetricCollection, prefix: str, per_class: bool) -> None:
-        values = metrics.compute()
-        metrics.reset()
-        per_class_values = values.pop(prefix + PER_CLASS_IOU)
-        self.log_dict(values)
-        if per_class:
-            self.log_dict({f"{prefix}iou_class_{c}": iou for c, iou in enumerate(per_class_values)})
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Per-pixel class probabilities ``(N, C, H, W)``."""
