@@ -298,7 +298,7 @@ def fit_scenes(checkpoint_dir: Path, ckpt_path: Path | None = None) -> PixelClas
     return model
 
 
-def test_run_resumed_mid_epoch_matches_the_uninterrupted_run(tmp_path: Path):
+def test_run_resumed_mid_epoch_matches_the_uninterrupted_run(tmp_path: Path, one_thread):
     reference = fit_scenes(tmp_path / "uninterrupted")
     [checkpoint] = (tmp_path / "uninterrupted").glob("*step=10.ckpt")
     state = torch.load(checkpoint, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]

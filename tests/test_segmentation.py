@@ -25,15 +25,6 @@ from reglab.technique import TechniqueConfigError, check_labels
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions on a busy 2-core machine: two intra-op threads spin-wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def module() -> SegmentationModule:
     torch.manual_seed(0)
