@@ -11,6 +11,8 @@ SUMMARY_METRICS = {
     "test/acc": "clean-test accuracy",
     "test/ece": "test calibration error (ECE)",
     "val/acc": "validation accuracy",
+    "test/miou": "clean-test mean IoU",
+    "val/miou": "validation mean IoU",
     "train/memorized": "noisy training samples memorized (predicted as their wrong label), last epoch",
     "train/corrected": "noisy training samples corrected (predicted as their true label), last epoch",
 }

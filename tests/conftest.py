@@ -2,6 +2,18 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 # tests import their shared helpers (harness.py) by module name, also in spawned DDP workers
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions on a busy 2-core machine: two intra-op threads spin-wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,11 +9,27 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
 
-from reglab.metrics import NoisyLabelMemorization, classification_metrics, per_class_accuracy_dict
+from reglab.metrics import NoisyLabelMemorization, classification_metrics
+from reglab.metrics.classification import PER_CLASS_ACCURACY
 from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.models import create_backbone
+from reglab.tasks.metric_hooks import TaskMetricsMixin
+
+
+def check_module_fits_data(module: L.LightningModule, num_classes: int, input_shape: Sequence[int]) -> None:
+    """Refuse a DataModule whose ``num_classes`` / ``input_shape`` differ from the module's
+    (they would fail in the first step with a bare shape error, or train a wrong-sized head)."""
+    datamodule = module.trainer.datamodule
+    built = {"num_classes": num_classes, "input_shape": tuple(input_shape)}
+    for key, value in built.items():
+        expected = getattr(datamodule, key, None)
+        if expected is not None and (tuple(expected) if key == "input_shape" else expected) != value:
+            raise ValueError(
+                f"{type(module).__name__} was built with {key}={value}, but {type(datamodule).__name__} "
+                f"has {key}={expected}. Fix: build the module with {key}=datamodule.{key}, or leave "
+                f"{key} unset in the config (`reglab` fills it in from the DataModule)."
+            )
 
 
 class CosineClassifier(nn.Module):
@@ -29,7 +45,7 @@ class CosineClassifier(nn.Module):
         return self.temperature * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
 
 
-class ClassificationModule(RegularizedMixin, L.LightningModule):
+class ClassificationModule(TaskMetricsMixin, RegularizedMixin, L.LightningModule):
     """Image, tabular or text classification with any backbone, ready for every technique.
 
     Logs ``val/acc``, ``val/ece``, ``test/acc``, ``test/ece`` and per-class test accuracy; when
@@ -61,6 +77,7 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
     """
 
     provides = frozenset({"logits", "features", "index"})
+    per_class_metric, per_class_name = PER_CLASS_ACCURACY, "acc_class"
 
     def __init__(
         self,
@@ -98,18 +115,7 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         self.memorization = NoisyLabelMemorization()
 
     def setup(self, stage: str) -> None:
-        """Refuse a DataModule whose ``num_classes`` / ``input_shape`` differ from the module's
-        (they would fail in the first step with a bare shape error, or train a wrong-sized head)."""
-        datamodule = self.trainer.datamodule
-        built = {"num_classes": self.num_classes, "input_shape": tuple(self.hparams.input_shape)}
-        for key, value in built.items():
-            expected = getattr(datamodule, key, None)
-            if expected is not None and (tuple(expected) if key == "input_shape" else expected) != value:
-                raise ValueError(
-                    f"{type(self).__name__} was built with {key}={value}, but {type(datamodule).__name__} "
-                    f"has {key}={expected}. Fix: build the module with {key}=datamodule.{key}, or leave "
-                    f"{key} unset in the config (`reglab` fills it in from the DataModule)."
-                )
+        check_module_fits_data(self, self.num_classes, self.hparams.input_shape)
 
     def features_and_logits(self, x: Any) -> tuple[Tensor, Tensor]:
         if self.head is None:
@@ -125,35 +131,6 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         if not self.active_classes.all():
             logits = logits.masked_fill(~self.active_classes, float("-inf"))
         return StepOutput(logits=logits, target=batch["target"], features=features, index=batch.get("index"), batch=batch)
-
-    def on_step_output(self, out: StepOutput, stage: str) -> None:
-        if stage == "train":
-            if "clean_target" in out.batch:
-                self.memorization.update(out.logits.detach(), out.labels, out.batch["clean_target"])
-            return
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        metrics.update(out.logits.detach().float(), out.labels)
-
-    def on_train_epoch_end(self) -> None:
-        if self.memorization.update_count:
-            shares = self.memorization.compute()
-            self.log("train/memorized", shares["memorized"])
-            self.log("train/corrected", shares["corrected"])
-            self.memorization.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val/", per_class=False)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test/", per_class=True)
-
-    def _log_metrics(self, metrics: MetricCollection, prefix: str, per_class: bool) -> None:
-        values = metrics.compute()
-        metrics.reset()
-        per_class_values = values.pop(f"{prefix}acc_per_class")
-        self.log_dict(values)
-        if per_class:
-            self.log_dict(per_class_accuracy_dict(per_class_values, prefix=prefix))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
