@@ -32,7 +32,8 @@ class CosineClassifier(nn.Module):
 class ClassificationModule(RegularizedMixin, L.LightningModule):
     """Image, tabular or text classification with any backbone, ready for every technique.
 
-    Logs ``val/acc``, ``val/ece``, ``test/acc``, ``test/ece`` and per-class test accuracy; when
+    Logs ``val/acc``, ``val/ece``, ``test/acc``, ``test/ece`` and per-class test accuracy (and the
+    mean per-class test accuracy of each of ``class_groups``, e.g. ``test/acc_tail``); when
     training batches carry ``clean_target`` (label noise), also the share of noisy training
     samples predicted as their noisy label (``train/memorized``) and as their clean label
     (``train/corrected``), over each epoch's training steps.
@@ -49,6 +50,9 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         cosine_head_temperature: a number makes the head a :class:`CosineClassifier` with that
             temperature (the prototype classifier of few-shot class-incremental learning, e.g.
             TEEN); ``None`` keeps the linear head.
+        class_groups: named groups of class indices whose mean per-class test accuracy is logged
+            as ``test/acc_<name>`` (``{"tail": [7, 8, 9]}``: the tail classes of a long-tailed
+            training set, for claims about them).
 
     A checkpoint written under a parameter-efficient fine-tuning technique (which may hold only the
     trained weights) loads with ``ClassificationModule.load_from_checkpoint(path)``: the technique
@@ -72,6 +76,7 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         cosine_head_temperature: float | None = None,
+        class_groups: dict[str, list[int]] | None = None,
     ) -> None:
         super().__init__()
         if num_classes is None or input_shape is None:
@@ -80,6 +85,12 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
                 "datamodule.num_classes / datamodule.input_shape), or run through `reglab`, which "
                 "fills them from a reglab DataModule"
             )
+        for group, classes in (class_groups or {}).items():
+            if not classes or any(not 0 <= c < num_classes for c in classes):
+                raise ValueError(
+                    f"ClassificationModule: class_groups[{group!r}] = {classes} must be a non-empty list of class "
+                    f"indices in [0, {num_classes}). Fix: list the group's classes by index."
+                )
         self.save_hyperparameters()
         kwargs = dict(backbone_kwargs or {})
         if backbone.startswith("hf:"):
@@ -154,6 +165,8 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         self.log_dict(values)
         if per_class:
             self.log_dict(per_class_accuracy_dict(per_class_values, prefix=prefix))
+            for group, classes in (self.hparams.get("class_groups") or {}).items():
+                self.log(f"{prefix}acc_{group}", per_class_values[list(classes)].mean())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
