@@ -30,18 +30,27 @@ Here, in one fit:
    weight decay ``head_weight_decay``) and written back into the module, so the checkpoint holds
    the retrained head.
 
-Sources and departures. No copy of the official code (the issue names github.com/xiaoboxia/RCAL;
-no snapshot of it, nor of the paper's method section, could be had here) was readable, so this
-follows the paper's abstract and the distribution-calibration recipe it builds on (Yang et al.,
-ICLR 2021: a new class's covariance is the mean of its nearest base classes' plus a constant);
-where the paper differs, the paper wins and this should be corrected. Known departures:
+Sources and departures. No copy of the official code could be had here (the issue names
+github.com/xiaoboxia/RCAL; no snapshot of it exists in the store, and the paper's listings in
+public reading lists give no code link), nor the paper's equations (a public reading note quotes
+its method text, not its formulas). What the text says and this follows: MoCo contrastive
+learning (two augmented views, a 2-layer projection head, a queue and a momentum key encoder);
+robust per-class Gaussians after removing Local Outlier Factor outliers; for a tail class, the
+statistics of the ``q`` head classes whose means are nearest in Euclidean distance; sampling from
+the recovered Gaussians to balance the training data; during classifier training an "individual
+representation calibration" that keeps the representations close to the contrastive ones, and
+mixup. Departures:
 
 * one fit instead of the paper's stages (contrastive pre-training, then classifier training):
-  the contrastive term is added to cross-entropy from the first step, and the encoder keeps the
-  robustness it brings while the task loss trains it — the paper's reason for its representation
-  regulariser during classifier training;
-* the tail mean is kept (the few-shot recipe averages it with the neighbours' means, which pulls
-  a tail class towards other classes); only its covariance borrows from head classes;
+  the contrastive term (SimCLR's in-batch NT-Xent, no queue or momentum encoder) is added to the
+  task loss from the first step and stays on, which is what keeps the representations close to
+  contrastive ones here — there is no separately pre-trained encoder to measure a distance to;
+* mixup is not part of this class: stack :class:`~reglab.callbacks.baselines.Mixup` (the claim's
+  RCAL arm does);
+* the tail *covariance* is the mean of its own and its ``k_nearest`` head classes' covariances
+  (the few-shot distribution-calibration recipe the paper builds on, Yang et al., ICLR 2021), plus
+  a relative ridge; the tail *mean* is kept, although the paper's assumption that the chosen head
+  classes' means lie within ``delta_q`` of the tail mean suggests it calibrates the mean as well;
 * the contrastive features are the penultimate features without a projection MLP, and the first
   view is the unaugmented step (one extra forward pass per step), as in
   :class:`~reglab.callbacks.noisy_labels.SBCL`.
