@@ -226,3 +226,9 @@ def test_class_groups_log_the_mean_accuracy_of_their_classes():
     metrics = trainer.test(module, datamodule=DigitsDataModule(flatten=True), verbose=False)[0]
     expected = sum(metrics[f"test/acc_class_{c}"] for c in (7, 8, 9)) / 3
     assert metrics["test/acc_tail"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_rcal_without_max_epochs_or_calibrate_from_epoch_fails_at_setup_with_the_fix():
+    trainer = registry.example_trainer(max_steps=2, callbacks=[RCAL()])
+    with pytest.raises(TechniqueConfigError, match="RCAL: it retrains the head at the end of the last epoch.*Fix: set"):
+        trainer.fit(registry.example_module(), datamodule=registry.example_data())

@@ -78,7 +78,7 @@ from torch import Tensor, nn
 
 from reglab.callbacks.noisy_labels._contrastive import nt_xent, second_view_features, training_set_features
 from reglab.mixins import StepOutput
-from reglab.technique import Technique, schedule_epochs
+from reglab.technique import Technique
 
 
 def lof_inliers(features: Tensor, neighbors: int) -> Tensor:
@@ -222,8 +222,15 @@ class RCAL(Technique):
                 "use a module whose `head` maps forward_step's features to the logits (ClassificationModule "
                 "with a linear or cosine head)",
             )
-        last = self.calibrate_from_epoch
-        self.first_calibration = schedule_epochs(self, trainer, None) - 1 if last is None else last
+        if self.calibrate_from_epoch is not None:
+            self.first_calibration = self.calibrate_from_epoch
+        elif trainer.max_epochs is not None and trainer.max_epochs > 0:
+            self.first_calibration = trainer.max_epochs - 1
+        else:
+            raise self.fail(
+                "it retrains the head at the end of the last epoch, and the trainer has no max_epochs",
+                "set trainer.max_epochs, or pass calibrate_from_epoch (the first epoch whose end retrains the head)",
+            )
 
     def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
         view2 = second_view_features(self, out, module, self.seed)

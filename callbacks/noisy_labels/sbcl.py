@@ -150,7 +150,8 @@ def class_temperatures(
             distance = (members - members.mean(0)).norm(dim=1).mean() / np.log(len(members) + 10)
             density[cls] = float(distance)
     density = density.clip(np.percentile(density, 20), np.percentile(density, 80))
-    temperatures = torch.tensor(temperature * density / density.mean(), dtype=torch.float32)
+    # features that all coincide (an untrained network) have no spread: every class gets tau
+    temperatures = torch.tensor(temperature * density / max(density.mean(), 1e-12), dtype=torch.float32)
     return torch.where(counts.cpu() > 1, temperatures, torch.full_like(temperatures, temperature))
 
 
@@ -228,8 +229,8 @@ class SBCL(Technique):
         if self.subclasses is None:
             loss = supcon_loss(out.features, view2, out.labels, self.temperature, self.temperature)
         else:
-            subclasses = self.subclasses.to(out.index.device)[out.index]
-            loss = sbcl_loss(out.features, view2, out.labels, subclasses, self.class_temperatures,
+            self.subclasses = self.subclasses.to(out.index.device)  # once after a load, then a no-op
+            loss = sbcl_loss(out.features, view2, out.labels, self.subclasses[out.index], self.class_temperatures,
                              self.temperature, self.base_temperature, self.gamma)
         return {"contrastive": self.lam * loss}
 
