@@ -346,6 +346,39 @@ def training_set_shape(
     return int(num_samples), int(num_classes)
 
 
+def training_class_counts(
+    technique: Technique, trainer: L.Trainer, class_counts: list[int] | None = None
+) -> Tensor:
+    """``(C,)`` long: how many training samples carry each label (the labels as trained on, so
+    noisy ones under label noise), from the technique's own ``class_counts`` or else the
+    DataModule's training split (``train_dataset.targets`` and ``num_classes`` of a reglab
+    DataModule, after its long tail). Every DDP rank holds the whole training split, so every
+    rank gets the same counts."""
+    datamodule = trainer.datamodule
+    num_classes = getattr(datamodule, "num_classes", None)
+    if class_counts is not None:
+        counts = torch.as_tensor(class_counts, dtype=torch.long)
+        if counts.dim() != 1 or (counts < 0).any() or counts.sum() == 0:
+            raise technique.fail(
+                f"class_counts must be a list of non-negative sample counts, one per class, got {class_counts}",
+                "pass the training split's count of every class",
+            )
+        if num_classes is not None and len(counts) != num_classes:
+            raise technique.fail(
+                f"class_counts has {len(counts)} entries but {type(datamodule).__name__} has {num_classes} classes",
+                "pass one count per class, or leave class_counts unset to count the DataModule's training split",
+            )
+        return counts
+    targets = getattr(getattr(datamodule, "train_dataset", None), "targets", None)
+    if targets is None or num_classes is None:
+        raise technique.fail(
+            "it needs the number of training samples of every class, and the DataModule does not show them "
+            "(no train_dataset.targets and num_classes)",
+            "use a reglab DataModule, or pass class_counts=[n_0, n_1, ...] to the technique",
+        )
+    return torch.bincount(torch.as_tensor(targets).long(), minlength=int(num_classes))
+
+
 def schedule_epochs(technique: Technique, trainer: L.Trainer, total_epochs: int | None) -> int:
     """The number of epochs a technique's schedule spans: ``total_epochs`` if given, else the
     trainer's ``max_epochs``. Not estimated from ``max_steps``: a run resumed with another step
