@@ -67,9 +67,19 @@ def truncation_probabilities(features: int, mu: float, std: float) -> Tensor:
     return (weights / weights.sum()).float()
 
 
-def truncation_masks(features: int, device: torch.device | None = None) -> Tensor:
-    """``(D, D)``: row ``k - 1`` keeps the first ``k`` channels."""
-    return torch.ones(features, features, device=device).tril()
+def truncation_correct(features: Tensor, head: nn.Module, target: Tensor) -> Tensor:
+    """``(D,)``: entry ``k - 1`` counts the samples ``head`` classifies right from the first ``k``
+    channels of ``features`` (``(N, D)``)."""
+    masks = torch.ones(features.shape[-1], features.shape[-1], device=features.device).tril()
+    predictions = head(features.unsqueeze(0) * masks.unsqueeze(1)).argmax(-1)  # (D, N)
+    return (predictions == target.unsqueeze(0)).sum(-1).float()
+
+
+def best_channels(correct: Tensor, seen: Tensor | float) -> int:
+    """The code's rule for the evaluation ``K``: the best accuracy less 1e-5 per channel, so
+    ties go to fewer channels."""
+    penalty = 1e-5 * torch.arange(correct.shape[0], device=correct.device)
+    return int((correct / max(float(seen), 1.0) - penalty).argmax()) + 1
 
 
 class NestedDropout(nn.Module):
@@ -175,10 +185,8 @@ class FeatureCompression(Technique):
         if self._correct is None:
             return
         # the features again (the step does not hand them to callbacks): one more backbone pass
-        features, head = pl_module.backbone(batch["input"]), pl_module.head[1]
-        masked = features.unsqueeze(0) * truncation_masks(features.shape[-1], features.device).unsqueeze(1)
-        predictions = head(masked).argmax(-1)  # (D, N): the prediction with the first k channels
-        self._correct += (predictions == batch["target"].unsqueeze(0)).sum(-1).float()
+        features = pl_module.backbone(batch["input"])
+        self._correct += truncation_correct(features, pl_module.head[1], batch["target"])
         self._seen += features.shape[0]
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -187,10 +195,8 @@ class FeatureCompression(Technique):
         correct = pl_module.all_gather(self._correct).reshape(-1, self._correct.shape[0]).sum(0)
         seen = pl_module.all_gather(self._seen).sum()
         self._correct = self._seen = None
-        # the code's rule: the best accuracy, less 1e-5 per channel (ties go to fewer channels)
-        score = correct / seen.clamp_min(1) - 1e-5 * torch.arange(correct.shape[0], device=correct.device)
         layer = pl_module.head[0]
-        layer.channels.fill_(int(score.argmax()) + 1)
+        layer.channels.fill_(best_channels(correct, seen))
         pl_module.log("val/compressing_features/channels", layer.channels.float())
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
