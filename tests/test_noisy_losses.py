@@ -216,3 +216,55 @@ def test_compression_refuses_a_module_without_a_separate_head():
     trainer = quiet_trainer(max_steps=1, callbacks=[FeatureCompression()])
     with pytest.raises(TechniqueConfigError, match="no `head` module"):
         trainer.fit(module, datamodule=noisy_digits())
+
+
+# -- DDP ---------------------------------------------------------------------------------------
+
+class PeerAcrossRanks(L.Callback):
+    """After a DDP fit: whether the peer's weights are the same on both ranks and were trained."""
+
+    def __init__(self, report: str) -> None:
+        self.report = report
+
+    def on_fit_start(self, trainer, pl_module):
+        self.initial = _peer(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        result = {}
+        for key, value in getattr(pl_module, PEER).state_dict().items():
+            gathered = pl_module.all_gather(value)
+            result[key] = [bool(torch.equal(gathered[0], gathered[1])), not torch.equal(self.initial[key], value)]
+        if trainer.global_rank == 0:
+            torch.save(result, self.report)
+
+
+def _ddp_worker(rank: int, port: int, report: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    torch.manual_seed(rank)  # different RNG per rank: DDP's broadcast must still give one peer
+    callbacks = [FeatureCompression(std=5.0), CoTeaching(forget_rate=0.4), PeerAcrossRanks(report)]
+    trainer = quiet_trainer(max_steps=4, devices=2, strategy="ddp", callbacks=callbacks)
+    module = small_module()
+    torch.manual_seed(rank)
+    trainer.fit(module, datamodule=noisy_digits(batch_size=128))
+
+
+@pytest.mark.slow
+def test_ddp_peer_is_one_network_on_both_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    report = str(tmp_path / "peer.pt")
+    torch.multiprocessing.start_processes(_ddp_worker, args=(port, report), nprocs=2, start_method="spawn")
+    result = torch.load(report)
+    assert result, "no peer state"
+    for key, (same, trained) in result.items():
+        assert same, f"{key} differs across ranks"
+        if key.endswith("weight"):
+            assert trained, f"{key} was never updated"

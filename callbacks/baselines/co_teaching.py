@@ -154,6 +154,7 @@ class CoTeaching(Technique):
         if exponent <= 0:
             raise ValueError(f"CoTeaching: exponent must be > 0, got {exponent}")
         self.forget_rate, self.num_gradual, self.exponent = forget_rate, num_gradual, exponent
+        self._final_rate = forget_rate or 0.0  # forget_rate, or the data's noise rate (setup)
         self._stand_ins: dict[int, Tensor] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -168,7 +169,7 @@ class CoTeaching(Technique):
                     "forget_rate is unset and the DataModule declares no label_noise rate to take it from",
                     "pass forget_rate (the expected share of wrong labels, e.g. 0.2)",
                 )
-            self.forget_rate = float(noise.rate)
+            self._final_rate = float(noise.rate)
 
     def _pair_parameters(self, module: nn.Module, peer: nn.ModuleDict) -> dict[int, Tensor]:
         """id(module parameter) -> the peer's parameter in its place (paired in order per child,
@@ -213,7 +214,7 @@ class CoTeaching(Technique):
 
     def task_loss(self, out: StepOutput, module: L.LightningModule) -> Tensor:
         peer_out = StepOutput(logits=self.peer_logits(out, module), target=out.target, batch=out.batch)
-        rate = forget_rate_at(module.current_epoch, self.forget_rate or 0.0, self.num_gradual, self.exponent)
+        rate = forget_rate_at(module.current_epoch, self._final_rate, self.num_gradual, self.exponent)
         per_sample, by_net, _ = co_teaching_loss(module.task_loss(out), module.task_loss(peer_out), rate)
         if getattr(module, "_trainer", None) is not None:
             size = out.logits.shape[0]
