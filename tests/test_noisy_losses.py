@@ -97,6 +97,30 @@ def test_small_loss_selection_and_exchange_on_a_hand_made_batch():
     assert small_loss_mask(torch.tensor([1.0, 1.0, 0.0]), 2).tolist() == [1.0, 0.0, 1.0]  # ties: lower position
 
 
+def test_a_given_ranking_decides_the_selection_and_the_training_losses_the_gradient():
+    net = torch.tensor([0.1, 2.0, 0.5, 3.0], requires_grad=True)
+    peer = torch.tensor([1.0, 0.2, 0.3, 4.0], requires_grad=True)
+    ranking = (torch.tensor([9.0, 0.0, 9.0, 1.0]), torch.tensor([0.0, 9.0, 9.0, 1.0]))
+    per_sample, by_net, by_peer = co_teaching_loss(net, peer, 0.5, ranking)
+    assert by_net.tolist() == [0.0, 1.0, 0.0, 1.0] and by_peer.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert per_sample.mean().item() == pytest.approx((0.1 + 3.0) / 2 + (0.2 + 4.0) / 2)
+
+
+def test_evaluation_mode_selection_trains_and_leaves_the_modes_as_they_were():
+    module, technique = small_module(), CoTeaching(forget_rate=0.4, selection="eval")
+    compression = FeatureCompression(std=5.0)
+    seen = []
+
+    class Modes(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(all(layer.training for layer in pl_module.modules()))
+
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=1, callbacks=[compression, technique, Modes()])
+    trainer.fit(module, datamodule=noisy_digits())
+    assert seen == [True, True, True]
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
 def _peer(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in getattr(module, PEER).state_dict().items()}
 

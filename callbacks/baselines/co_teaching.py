@@ -25,6 +25,9 @@ read from the trainer's epoch, so a resumed run follows the same schedule. Where
   gradient (the module's optimizer settings apply to both).
 * Ties in the loss ranking are broken by position (a stable sort), the code's ``np.argsort`` by
   whatever order its quicksort leaves.
+* ``selection="eval"`` ranks the samples by a no-gradient pass of both networks in evaluation
+  mode instead, as the Nested-Co-teaching code (``co_teaching_resnet/train.py``) does for the
+  compressed networks; the default ``"train"`` is the official Co-teaching code's ranking.
 
 Design (the step contract): the peer network is part of the LightningModule, so the optimizer,
 checkpoints, DDP and devices see it. In ``setup`` (before optimizers exist and before a
@@ -64,6 +67,7 @@ from reglab.mixins import StepOutput
 from reglab.technique import Technique
 
 PEER = "co_teaching_peer"  # the peer's attribute on the module: its checkpoint keys start with it
+SELECTIONS = ("train", "eval")
 
 
 def forget_rate_at(epoch: int, forget_rate: float, num_gradual: int, exponent: float) -> float:
@@ -81,13 +85,16 @@ def small_loss_mask(losses: Tensor, keep: int) -> Tensor:
     return mask.index_fill_(0, order[:keep], 1.0)
 
 
-def co_teaching_loss(net_losses: Tensor, peer_losses: Tensor, forget_rate: float) -> tuple[Tensor, Tensor, Tensor]:
+def co_teaching_loss(net_losses: Tensor, peer_losses: Tensor, forget_rate: float,
+                     ranking: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample losses whose mean is ``mean_{S_peer} net + mean_{S_net} peer``; also both masks.
 
-    ``keep = int((1 - forget_rate) * N)`` as the official code, at least 1."""
+    ``keep = int((1 - forget_rate) * N)`` as the official code, at least 1. Each network picks by
+    its own losses, or by ``ranking`` (net's, peer's) when given (e.g. from an evaluation-mode pass)."""
     size = net_losses.shape[0]
     keep = max(1, int((1.0 - forget_rate) * size))
-    by_net, by_peer = small_loss_mask(net_losses, keep), small_loss_mask(peer_losses, keep)
+    rank_net, rank_peer = ranking if ranking is not None else (net_losses, peer_losses)
+    by_net, by_peer = small_loss_mask(rank_net, keep), small_loss_mask(rank_peer, keep)
     per_sample = (net_losses.float() * by_peer + peer_losses.float() * by_net) * (size / keep)
     return per_sample, by_net, by_peer
 
@@ -136,6 +143,10 @@ class CoTeaching(Technique):
             DataModule's ``label_noise.rate`` (the official code's default: the noise rate).
         num_gradual: epochs of the linear ramp of the forget rate (the paper's T_k).
         exponent: the code's exponent of the ramp's end rate (the paper's c).
+        selection: which losses rank the samples: ``"train"``, those of the training forward pass
+            (the official Co-teaching code); ``"eval"``, those of one more pass of both networks in
+            evaluation mode without gradients (the Nested-Co-teaching code, where that pass uses
+            the compression's validation-chosen truncation instead of a random one).
 
     Logs ``train/co_teaching/forget_rate`` and, when batches carry ``clean_target``,
     ``train/co_teaching/label_precision`` (the share of clean labels among the samples net 1
@@ -146,13 +157,17 @@ class CoTeaching(Technique):
     fsdp_unsupported = ("the peer network runs the module's layers with its own whole weights "
                         "(torch.func.functional_call), which FSDP's sharded parameters cannot stand in for")
 
-    def __init__(self, forget_rate: float | None = None, num_gradual: int = 10, exponent: float = 1.0) -> None:
+    def __init__(self, forget_rate: float | None = None, num_gradual: int = 10, exponent: float = 1.0,
+                 selection: str = "train") -> None:
         if forget_rate is not None and not 0.0 <= forget_rate < 1.0:
             raise ValueError(f"CoTeaching: forget_rate must be in [0, 1), got {forget_rate}")
         if num_gradual < 1:
             raise ValueError(f"CoTeaching: num_gradual must be >= 1, got {num_gradual}")
         if exponent <= 0:
             raise ValueError(f"CoTeaching: exponent must be > 0, got {exponent}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"CoTeaching: selection must be one of {SELECTIONS}, got {selection!r}")
+        self.selection = selection
         self.forget_rate, self.num_gradual, self.exponent = forget_rate, num_gradual, exponent
         self._final_rate = forget_rate or 0.0  # forget_rate, or the data's noise rate (setup)
         self._stand_ins: dict[int, Tensor] = {}
@@ -212,10 +227,25 @@ class CoTeaching(Technique):
         step = _ForwardStep(module)
         return torch.func.functional_call(step, self.peer_tensors(module), (out.batch,)).logits
 
+    def evaluation_losses(self, out: StepOutput, module: L.LightningModule) -> tuple[Tensor, Tensor]:
+        """Both networks' losses on the step's batch in evaluation mode, without gradients (every
+        submodule's train/eval flag is put back afterwards)."""
+        modes = [(layer, layer.training) for layer in module.modules()]
+        module.eval()
+        try:
+            with torch.no_grad():
+                net = StepOutput(logits=module.forward_step(out.batch).logits, target=out.target, batch=out.batch)
+                peer = StepOutput(logits=self.peer_logits(out, module), target=out.target, batch=out.batch)
+                return module.task_loss(net), module.task_loss(peer)
+        finally:
+            for layer, training in modes:
+                layer.training = training
+
     def task_loss(self, out: StepOutput, module: L.LightningModule) -> Tensor:
         peer_out = StepOutput(logits=self.peer_logits(out, module), target=out.target, batch=out.batch)
         rate = forget_rate_at(module.current_epoch, self._final_rate, self.num_gradual, self.exponent)
-        per_sample, by_net, _ = co_teaching_loss(module.task_loss(out), module.task_loss(peer_out), rate)
+        ranking = self.evaluation_losses(out, module) if self.selection == "eval" else None
+        per_sample, by_net, _ = co_teaching_loss(module.task_loss(out), module.task_loss(peer_out), rate, ranking)
         if getattr(module, "_trainer", None) is not None:
             size = out.logits.shape[0]
             module.log("train/co_teaching/forget_rate", rate, on_step=False, on_epoch=True, batch_size=size)

@@ -21,10 +21,15 @@ Defaults follow the official code (github.com/yingyichen-cyy/Nested-Co-teaching,
 0.3`` for CIFAR-10 (0.7 for CIFAR-100); the code uses one or the other, never both. The paper's
 combination with Co-teaching is *stacking*: list ``co_teaching`` (the baselines family) with this
 technique in the config; the peer network then runs the same compression, since Co-teaching runs
-its peer through the module's own layers. Where we differ: the code trains the two compressed
-networks alone first and then fine-tunes them with Co-teaching (two stages, with a ``forget
-rate`` ramp of 0 epochs); stacked here, both train from the start in one fit. The code selects
-``K`` on a clean validation set, so do we (reglab's label noise touches the training split only).
+its peer through the module's own layers. The code's Co-teaching stage ranks the samples by a
+no-gradient pass in evaluation mode (at the validation-chosen ``K``), which is ``co_teaching``'s
+``selection: eval``: ``configs/technique/compressing_features_co_teaching.yaml`` is that recipe.
+Where we differ: the code trains the two compressed networks alone first and then fine-tunes them
+with Co-teaching (two stages, forget-rate ramp of 0 epochs); stacked here, both train from the
+start in one fit. The code draws one truncation per step for both networks and runs each network
+on its selected samples only (batch-norm statistics of that subset); here each network draws its
+own and runs on the whole batch, its loss masked to the selection. The code selects ``K`` on a
+clean validation set, so do we (reglab's label noise touches the training split only).
 
 Design: model surgery at ``setup`` (before optimizers and checkpoint restore): the module's
 ``head`` becomes ``CompressedHead(compression, head)``, an ``nn.Sequential``, so the checkpoint
