@@ -367,17 +367,33 @@ COMMANDS = {
 }
 
 
+#: exit status of a command stopped by SIGTERM (128 + 15, as a shell reports a process the signal
+#: ended): Lightning ends the fit gracefully with a ``SystemExit`` of status 0, which would make a
+#: preempted run look finished to a scheduler or a script
+SIGTERM_STATUS = 143
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``reglab`` console script and ``python -m reglab``."""
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in COMMANDS:
-        module_name, _, function = COMMANDS[argv[0]].partition(":")
-        getattr(importlib.import_module(module_name), function)(argv[1:])
-        return
     try:
+        if argv and argv[0] in COMMANDS:
+            module_name, _, function = COMMANDS[argv[0]].partition(":")
+            getattr(importlib.import_module(module_name), function)(argv[1:])
+            return
         ReglabCLI(args=merge_technique_configs(argv))
     except (NonFiniteLossError, InexactResumeError) as error:
         raise SystemExit(f"reglab: {error}") from None
+    except SystemExit as stop:
+        # Lightning's SIGTERMException; only a command that imported Lightning can raise it, and
+        # light commands (`reglab docs`) should not import Lightning to find out
+        lightning_exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+        if lightning_exceptions is None or not isinstance(stop, lightning_exceptions.SIGTERMException):
+            raise
+        print("reglab: stopped by SIGTERM. Fix: a `reglab fit` run continues from its last checkpoint with "
+              "`--ckpt_path last`; a benchmark wrote nothing for the claim it was running: run it again.",
+              file=sys.stderr)
+        raise SystemExit(SIGTERM_STATUS) from None
 
 
 if __name__ == "__main__":

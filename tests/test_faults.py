@@ -283,8 +283,9 @@ def test_resume_after_sigterm_loses_no_step_and_is_exact(tmp_path):
     terminate = tmp_path / "sigterm.yaml"
     terminate.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": f"{__name__}.SigtermAt", "init_args": {"step": stop}}]}}))
-    with pytest.raises(BaseException):
+    with pytest.raises(SystemExit) as stopped:  # not status 0: a preempted run must not look finished
         fit(tmp_path, "--config", str(terminate), "--trainer.max_epochs=-1", f"--trainer.max_steps={budget}")
+    assert stopped.value.code == 143
     run = run_dir(tmp_path)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stop
     before = snapshot(run)
