@@ -225,6 +225,12 @@ def correct_labels(
     return corrected
 
 
+def scaled_size(size: Sequence[int], scale: float, multiple: int = 1) -> tuple[int, int]:
+    """``(H, W)`` times ``scale``, floored as ``F.interpolate(scale_factor=...)`` does, then rounded
+    to the nearest positive multiple of ``multiple``."""
+    return tuple(max(multiple, round(math.floor(side * scale) / multiple) * multiple) for side in size)
+
+
 def multiscale_consistency(logits: Sequence[Tensor], rho: float) -> Tensor:
     """``mean_s mean_n [max p̄_n >= rho] KL(p_s,n || p̄_n)`` over the views' logits (``(N, C)`` or
     ``(N, C, H, W)``, all the same shape), with ``p̄`` the clamped mean of their softmaxes; the
@@ -254,7 +260,10 @@ class ADELE(Technique):
         points_per_epoch: points of each class's training-fit curve recorded per epoch.
         background_class: the background class of dense labels: always corrected alongside the
             others and never decided on its own; ``None`` for classification or no background.
-        ignore_index: a label value (dense) that is neither counted nor corrected, if the data has one.
+        ignore_index: a label value (dense) that is neither counted nor corrected; by default the
+            module's ``ignore_index`` attribute when it has one (``SegmentationModule``: 255).
+        size_multiple: rescaled heights and widths are rounded to a multiple of this, for
+            backbones that need divisible sizes (a U-Net with k pooling levels: 2^k).
     """
 
     name = "adele"
@@ -271,6 +280,7 @@ class ADELE(Technique):
         points_per_epoch: int = 10,
         background_class: int | None = None,
         ignore_index: int | None = None,
+        size_multiple: int = 1,
     ) -> None:
         scales = tuple(float(s) for s in scales)
         if not 0.0 < r < 1.0:
@@ -281,19 +291,25 @@ class ADELE(Technique):
             raise ValueError(f"ADELE: lam must be >= 0, got {lam}")
         if 1.0 not in scales or any(s <= 0 for s in scales):
             raise ValueError(f"ADELE: scales must be positive and hold 1.0 (the step's own pass), got {scales}")
-        if points_per_epoch < 1:
-            raise ValueError(f"ADELE: points_per_epoch must be >= 1, got {points_per_epoch}")
+        if points_per_epoch < 1 or size_multiple < 1:
+            raise ValueError(f"ADELE: points_per_epoch and size_multiple must be >= 1, got {points_per_epoch}, {size_multiple}")
         self.r, self.tau, self.lam, self.rho = r, tau, lam, rho
         self.scales = scales
         self.points_per_epoch = points_per_epoch
         self.background_class = background_class
         self.ignore_index = ignore_index
+        self.size_multiple = size_multiple
         self.totals: Tensor | None = None  # (3, C) counts over all training steps so far, all ranks
         self.snapshots: Tensor | None = None  # (P, 3, C) the totals at each curve point
         self.points: Tensor | None = None  # (P,) epochs elapsed at each point
         self.corrected_since: Tensor | None = None  # (C,) epoch after which a class is corrected; -1: not
         self._said_flat = False
         self._dense = False  # set from the logits' shape at every step
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.ignore_index is None:
+            self.ignore_index = getattr(pl_module, "ignore_index", None)
 
     # -- state --------------------------------------------------------------------------------
     def _allocate(self, num_classes: int) -> None:
@@ -340,8 +356,8 @@ class ADELE(Technique):
             if scale == 1.0:
                 views.append(out.logits)
                 continue
-            scaled = F.interpolate(inputs, scale_factor=scale, mode="bilinear", align_corners=True,
-                                   recompute_scale_factor=True)
+            scaled = F.interpolate(inputs, size=scaled_size(inputs.shape[-2:], scale, self.size_multiple),
+                                   mode="bilinear", align_corners=True)
             logits = module(scaled)
             if logits.dim() == 4:
                 logits = F.interpolate(logits, size=out.logits.shape[-2:], mode="bilinear", align_corners=True)
