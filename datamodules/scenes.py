@@ -52,8 +52,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor
 
 from .base import DictDataModule, DictDataset
@@ -135,41 +137,42 @@ def make_digit_scenes(
         raise ValueError(f"make_digit_scenes: no digit image of classes {missing}; give images of every class drawn.")
 
     patches = F.interpolate(digit_images[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
-    patches = patches.clamp(0.0, 1.0)[:, 0]
+    patches = patches.clamp(0.0, 1.0)[:, 0].numpy()
     patch_masks = patches > threshold
     # a digit's mask grown by one pixel (in a one-pixel frame): the area no other digit may touch
-    grown = F.max_pool2d(F.pad(patch_masks.float(), (1, 1, 1, 1))[:, None], 3, stride=1, padding=1)[:, 0]
+    grown = np.stack([ndimage.binary_dilation(np.pad(m, 1), np.ones((3, 3))) for m in patch_masks]).astype(np.int32)
 
+    # numpy for the per-digit work: these tiny ops run single-threaded, where torch's intra-op
+    # threads spin-wait on each other on a busy machine (70x slower with two threads under load)
     generator = torch.Generator().manual_seed(seed)
-    images = torch.zeros(num_scenes, 1, canvas, canvas)
-    masks = torch.zeros(num_scenes, canvas, canvas, dtype=torch.long)
-    instances = torch.zeros_like(masks)
+    images = np.zeros((num_scenes, canvas, canvas), np.float32)
+    masks = np.zeros((num_scenes, canvas, canvas), np.int64)
+    instances = np.zeros_like(masks)
     counts = torch.zeros(num_scenes, NUM_SCENE_CLASSES, dtype=torch.long)
     sources = torch.full((num_scenes, max_digits), -1, dtype=torch.long)
-    places = canvas - size + 1
     for n in range(num_scenes):
         wanted = int(torch.randint(min_digits, max_digits + 1, (1,), generator=generator))
         classes = torch.multinomial(weights, wanted, replacement=True, generator=generator).tolist()
-        occupied = torch.zeros(1, 1, canvas + 2, canvas + 2)
+        occupied = np.zeros((canvas + 2, canvas + 2), np.int32)
         placed = 0
         for digit in classes:
             source = int(members[digit][torch.randint(len(members[digit]), (1,), generator=generator)])
             # how many occupied pixels the grown mask would cover at each top-left corner
-            clashes = F.conv2d(occupied, grown[source][None, None])[0, 0]
-            free = (clashes == 0).flatten().nonzero().flatten()
+            windows = np.lib.stride_tricks.sliding_window_view(occupied, grown[source].shape)
+            free = np.flatnonzero(np.einsum("ijkl,kl->ij", windows, grown[source]) == 0)
             if len(free) == 0:
                 continue
-            where = int(free[torch.randint(len(free), (1,), generator=generator)])
-            y, x = divmod(where, places)
-            window = (slice(y, y + size), slice(x, x + size))
+            y, x = divmod(int(free[int(torch.randint(len(free), (1,), generator=generator))]), windows.shape[1])
+            window = (n, slice(y, y + size), slice(x, x + size))
             mask = patch_masks[source]
-            images[n, 0][window] = torch.maximum(images[n, 0][window], patches[source])
-            masks[n][window][mask] = digit + 1
+            images[window] = np.maximum(images[window], patches[source])
+            masks[window][mask] = digit + 1
             placed += 1
-            instances[n][window][mask] = placed
-            occupied[0, 0, y + 1 : y + 1 + size, x + 1 : x + 1 + size] += mask
+            instances[window][mask] = placed
+            occupied[y + 1 : y + 1 + size, x + 1 : x + 1 + size] += mask
             counts[n, digit + 1] += 1
             sources[n, placed - 1] = source
+    images, masks, instances = torch.from_numpy(images)[:, None], torch.from_numpy(masks), torch.from_numpy(instances)
     return DigitScenes(images, masks, instances, counts, sources)
 
 
@@ -234,19 +237,19 @@ class MaskNoise:
                 raise ValueError(f"MaskNoise: {name} must be at least 1 pixel, got {getattr(self, name)}.")
 
 
-def _dilate(region: Tensor, radius: int) -> Tensor:
-    return F.max_pool2d(region[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+def _dilate(region: np.ndarray, radius: int) -> np.ndarray:
+    return ndimage.binary_dilation(region, np.ones((2 * radius + 1,) * 2))
 
 
-def _erode(region: Tensor, radius: int) -> Tensor:
-    # Beyond the canvas counts as object (max_pool's padding), so an object is eroded from its own
-    # boundary only, not from the image border that cuts it.
-    return ~_dilate(~region, radius)
+def _erode(region: np.ndarray, radius: int) -> np.ndarray:
+    # Beyond the canvas counts as object, so an object is eroded from its own boundary only, not
+    # from the image border that cuts it.
+    return ndimage.binary_erosion(region, np.ones((2 * radius + 1,) * 2), border_value=1)
 
 
-def _shifted(region: Tensor, dy: int, dx: int) -> Tensor:
+def _shifted(region: np.ndarray, dy: int, dx: int) -> np.ndarray:
     height, width = region.shape
-    moved = torch.zeros_like(region)
+    moved = np.zeros_like(region)
     moved[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = region[
         max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
     ]
@@ -273,16 +276,19 @@ def apply_mask_noise(
         )
     generator = torch.Generator().manual_seed(noise.seed)
     side = 2 * noise.max_shift + 1
-    noisy = torch.zeros_like(masks)
-    for n in range(len(masks)):
-        for k in range(1, int(instances[n].max()) + 1):
-            region = instances[n] == k
+    clean, objects = masks.numpy(), instances.numpy()
+    noisy = np.zeros_like(clean)
+    for n in range(len(clean)):
+        for k in range(1, int(objects[n].max()) + 1):
+            region = objects[n] == k
             if not region.any():
                 continue
             # one draw per decision: (drop, boundary, shift, flip), a shift offset, a flip class
             fates = torch.rand(4, generator=generator).tolist()
             offset = int(torch.randint(side * side - 1, (1,), generator=generator))
             other = int(torch.randint(1, num_classes - 1, (1,), generator=generator))
+            label = int(clean[n][region][0])
+            allowed = (clean[n] == 0) | region
             if fates[0] < noise.drop:
                 continue
             if fates[1] < noise.dilate:
@@ -292,13 +298,11 @@ def apply_mask_noise(
             if fates[2] < noise.shift:
                 offset += offset >= side * side // 2  # skip (0, 0), the centre of the offset grid
                 region = _shifted(region, offset // side - noise.max_shift, offset % side - noise.max_shift)
-            label = int(masks[n][instances[n] == k][0])
             if fates[3] < noise.flip:
                 # a uniform class among the other digits: 1..C-1 without ``label``
                 label = other + (other >= label)
-            allowed = ((masks[n] == 0) | (instances[n] == k)) & (noisy[n] == 0)
-            noisy[n][region & allowed] = label
-    return noisy
+            noisy[n][region & allowed & (noisy[n] == 0)] = label
+    return torch.from_numpy(noisy)
 
 
 class DigitScenesDataModule(DictDataModule):
@@ -310,7 +314,9 @@ class DigitScenesDataModule(DictDataModule):
     ``(N, H, W)`` long (the noisy mask with ``mask_noise``), ``index``, ``instances`` ``(N, H, W)``
     long, ``instance_counts`` ``(N, 11)`` long and, with ``mask_noise``, ``clean_target`` (the mask
     before noise, for measuring only). Validation and test scenes are clean and their classes
-    uniform; ``imbalance_ratio`` and ``mask_noise`` apply to the training scenes only.
+    uniform; ``imbalance_ratio`` and ``mask_noise`` apply to the training scenes only. After
+    ``setup``, ``scenes[split]`` is the split's :class:`DigitScenes` (clean masks, and ``sources``:
+    the positions of its digits in that split's pool).
 
     Args:
         canvas: side of the square scenes in pixels (32; 48 gives room for more digits).
@@ -379,6 +385,7 @@ class DigitScenesDataModule(DictDataModule):
         self.split_seed = seed if split_seed is None else split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.input_shape = (1, canvas, canvas)
+        self.scenes: dict[str, DigitScenes] = {}
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Generates all three splits once; later calls do nothing."""
@@ -402,4 +409,5 @@ class DigitScenesDataModule(DictDataModule):
                 extras["clean_target"] = target
                 target = apply_mask_noise(target, scenes.instances, self.mask_noise, self.num_classes)
             datasets[split] = DictDataset(scenes.images, target, extras)
+            self.scenes[split] = scenes
         self.train_dataset, self.val_dataset, self.test_dataset = datasets["train"], datasets["val"], datasets["test"]

@@ -169,7 +169,8 @@ class SegmentationModule(RegularizedMixin, L.LightningModule):
     def on_step_output(self, out: StepOutput, stage: str) -> None:
         if stage == "train":
             if "clean_target" in out.batch:
-                self.memorization.update(out.logits.detach().argmax(1), out.labels, out.batch["clean_target"])
+                predicted = out.logits.detach().argmax(1)
+                self.memorization.update(predicted.flatten(), out.labels.flatten(), out.batch["clean_target"].flatten())
             return
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(out.logits.detach().float(), out.labels)
