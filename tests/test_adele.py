@@ -22,10 +22,13 @@ from reglab.callbacks.noisy_labels.adele import (
     onset_curve,
     per_class_fit,
     relative_slope_drop,
+    scaled_size,
 )
 from reglab.datamodules import DigitsDataModule, LabelNoise
 from reglab.mixins import StepOutput
+from reglab.datamodules.scenes import DigitScenesDataModule, MaskNoise
 from reglab.tasks import ClassificationModule
+from reglab.tasks.segmentation import SegmentationModule
 from reglab.technique import TechniqueConfigError
 
 
@@ -251,3 +254,36 @@ def test_flat_inputs_skip_the_consistency_term():
     trainer.fit(small_module(), datamodule=noisy_digits())
     assert not any(key.startswith("train/adele/consistency") for key in trainer.callback_metrics)
     assert len(adele.points) == 3  # 5 batches per epoch < 10 points per epoch: one point per batch
+
+
+def test_scaled_size_floors_then_rounds_to_the_multiple():
+    assert scaled_size((32, 32), 0.7) == (22, 22)  # as F.interpolate(scale_factor=0.7) gives
+    assert scaled_size((32, 32), 0.7, multiple=4) == (24, 24)
+    assert scaled_size((32, 20), 1.5, multiple=4) == (48, 32)
+    assert scaled_size((8, 8), 0.1, multiple=4) == (4, 4)  # never below one multiple
+
+
+def test_segmentation_scenes_end_to_end():
+    """Dense logits (N, C, H, W): the rescaled views fit the U-Net, the curve counts every
+    labelled pixel, the ignore index comes from the module, and a class put under correction
+    changes the targets."""
+    data = DigitScenesDataModule(num_train=32, num_val=8, num_test=8, batch_size=16, mask_noise=MaskNoise(flip=0.5, seed=0))
+    module = SegmentationModule(num_classes=11, input_shape=(1, 32, 32), backbone_kwargs={"channels": (4, 8)}, lr=1e-2)
+    adele = ADELE(rho=0.0, background_class=0, size_multiple=2)
+    trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[adele])
+    trainer.fit(module, datamodule=data)
+    assert adele.ignore_index == 255
+    assert trainer.callback_metrics["train/adele/consistency"] > 0
+    assert float(adele.totals[2].sum()) == 2 * 32 * 32 * 32  # every pixel's label, both epochs
+    assert adele.correcting() is None or adele.correcting()[0]
+    batch = next(iter(data.train_dataloader()))
+    module.trainer = None  # outside a fit: the technique's step log only warns
+    out = module.forward_step(batch)
+    adele.corrected_since.fill_(2.0)  # every class under correction
+    adele.tau = 0.0
+    corrected = adele.transform_targets(out, module)
+    assert corrected.shape == batch["target"].shape and not torch.equal(corrected, batch["target"])
+    # with tau 0 and every class under correction, a changed pixel takes the averaged prediction's class
+    probs = torch.stack([view.float().softmax(1) for view in out.extras["adele"]]).mean(0)
+    changed = corrected != batch["target"]
+    assert torch.equal(corrected[changed], probs.argmax(1)[changed])
