@@ -391,7 +391,14 @@ class ADELE(Technique):
     # -- the training-fit curve and the onsets ------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        out = outputs["step_output"]
+        out = outputs.get("step_output") if isinstance(outputs, dict) else None
+        if out is None:
+            raise self.fail(
+                "it reads every step's output from what training_step returns, and this one returned "
+                f"{type(outputs).__name__} without `step_output`",
+                "return RegularizedMixin.training_step's dict (call super().training_step), or add "
+                "`step_output=out.detached()` to your training_step's returned dict",
+            )
         labels = out.labels if out.labels is not None else out.target
         num_classes, self._dense = out.logits.shape[1], out.logits.dim() > 2
         if self.totals is None:
