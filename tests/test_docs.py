@@ -52,7 +52,7 @@ def test_result_comes_from_the_first_claims_json(tmp_path):
     assert "| implemented | " in _row(page, CARDS["ps_kd"].title)
     # a claim id with no JSON and a planned card
     assert _row(page, CARDS["ovor"].title).endswith("| implemented | higher final average accuracy than without | — |")
-    assert "| planned | " in _row(page, CARDS["adele"].title)
+    assert "| planned | " in _row(page, CARDS["dictas"].title)
 
 
 def test_other_claims_are_listed_after_the_first(tmp_path):
