@@ -10,7 +10,7 @@ from reglab.lazy import lazy_names
 
 # imported on first access (PEP 562): one DataModule does not load the others' dependencies
 _MODULES = {
-    "base": ["ClassificationDataModule", "DictDataset", "LazyInputs", "ResumableDataLoader", "ResumableSampler"],
+    "base": ["ClassificationDataModule", "DictDataset", "LazyInputs", "ResumableDataLoader"],
     "cifar": ["CIFARDataModule"],
     "class_split": ["ClassSplitDataModule"],
     "digits": ["DigitsDataModule"],
@@ -18,6 +18,7 @@ _MODULES = {
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
+    "sampling": ["RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],
     "si_blurry": ["SiBlurryDataModule", "SiBlurryStream", "si_blurry_stream"],
     "splits": ["stratified_split"],
     "synthetic": ["SyntheticDataModule"],
