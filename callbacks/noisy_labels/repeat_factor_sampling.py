@@ -74,9 +74,9 @@ class RepeatFactorSampling(Technique):
             )
         factors = self.repeat_factors(datamodule.train_instance_counts)
         if trainer.world_size > 1:
-            # every rank must deal its share of one and the same epoch list
-            reference = trainer.strategy.broadcast(factors, src=0)
-            if not torch.equal(reference, factors):
+            # every rank must deal its share of one and the same epoch list; all ranks decide together
+            same = torch.equal(trainer.strategy.broadcast(factors, src=0), factors)
+            if not trainer.strategy.reduce_boolean_decision(same, all=True):
                 raise self.fail(
                     "the DataModule's training set differs between DDP ranks (its repeat factors do), so the ranks'"
                     " shards would overlap and miss samples",
