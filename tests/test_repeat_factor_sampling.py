@@ -17,6 +17,8 @@ import torch.multiprocessing
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from reglab import registry
+from reglab.bench.fit import FitProtocol
+from reglab.bench.protocols import ClaimError
 from reglab.callbacks import IRFS, RepeatFactorSampling
 from reglab.datamodules import (
     DictDataset,
@@ -237,6 +239,25 @@ def test_datamodule_hook_checks_the_number_of_factors():
     assert data.train_instance_counts.shape == (data.num_train_samples, 10)
     with pytest.raises(ValueError, match="one factor per training sample"):
         data.set_train_repeat_factors(torch.ones(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# the claim's rare-class metric: a mean of logged test metrics (fit protocol setting `means`)
+
+
+def test_fit_protocol_means_average_logged_test_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    smoke = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+             "--trainer.limit_test_batches=1"]
+    settings = {"configs": ["configs/experiment/clean_digits.yaml"], "overrides": smoke,
+                "means": {"test/acc_and_ece": ["test/acc", "test/ece"]}}
+    metrics = FitProtocol("means", settings).run_arm("ce", {}, seed=0, workdir=tmp_path)
+    assert metrics["test/acc_and_ece"] == pytest.approx((metrics["test/acc"] + metrics["test/ece"]) / 2)
+    settings["means"] = {"test/rare": ["test/acc", "test/iou_class_9"]}
+    with pytest.raises(ClaimError, match=r"needs \['test/iou_class_9'\], which the test did not log"):
+        FitProtocol("means", settings).run_arm("ce", {}, seed=0, workdir=tmp_path)
+    with pytest.raises(ClaimError, match="non-empty list of logged test metrics"):
+        FitProtocol("means", {"means": {"test/rare": []}})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Settings: ``configs`` (shared by every arm), ``overrides`` (extra CLI arguments for every arm,
 e.g. ``--trainer.max_epochs=1`` in a smoke run), ``extra_seed_keys`` (CLI keys also set to the
-seed, e.g. the label-noise seed), ``curves`` (per-epoch series to plot). An arm's spec is
-``configs`` (added to the shared ones). Each run sets ``seed_everything`` and the data seed to the
-seed and measures what ``trainer.test`` logs.
+seed, e.g. the label-noise seed), ``curves`` (per-epoch series to plot), ``means`` (derived
+metrics, each the mean of logged test metrics: ``{test/rare_miou: [test/iou_class_8, ...]}``, e.g.
+a group of classes chosen in advance). An arm's spec is ``configs`` (added to the shared ones).
+Each run sets ``seed_everything`` and the data seed to the seed and measures what ``trainer.test``
+logs.
 """
 
 from __future__ import annotations
@@ -44,7 +46,19 @@ class EpochHistory(L.Callback):
 
 @register_protocol("fit")
 class FitProtocol(Protocol):
-    defaults = {"configs": [], "overrides": [], "extra_seed_keys": [], "curves": []}
+    defaults = {"configs": [], "overrides": [], "extra_seed_keys": [], "curves": [], "means": {}}
+
+    def __init__(self, claim_name: str, settings: dict[str, Any]) -> None:
+        super().__init__(claim_name, settings)
+        means = self.settings["means"]
+        if not isinstance(means, dict) or not all(
+            isinstance(keys, list) and keys and all(isinstance(key, str) for key in keys) for keys in means.values()
+        ):
+            raise ClaimError(
+                f"claim {claim_name}: the fit setting `means` maps a new metric to a non-empty list of logged test"
+                f" metrics, got {means!r}. Fix: write e.g. `means: {{test/rare_miou: [test/iou_class_9,"
+                " test/iou_class_10]}`."
+            )
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         if set(spec) - {"configs"}:
@@ -77,8 +91,14 @@ class FitProtocol(Protocol):
         cli.trainer.callbacks.append(history)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-        metrics: dict[str, Any] = {k: float(v) for k, v in (tested[0] if tested else {}).items()
-                                   if not k.split("/")[-1].startswith("acc_class_")}
+        logged = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
+        metrics: dict[str, Any] = {k: v for k, v in logged.items() if not k.split("/")[-1].startswith("acc_class_")}
+        for name, keys in self.settings["means"].items():
+            missing = sorted(set(keys) - set(logged))
+            if missing:
+                raise ClaimError(f"claim {self.claim_name}: `means` {name} needs {missing}, which the test did not log"
+                                 f" (logged: {sorted(logged)}). Fix: name logged test metrics.")
+            metrics[name] = sum(logged[key] for key in keys) / len(keys)
         last = {f"{key} (last epoch)": series[-1] for key, series in history.values.items() if series}
         return {**metrics, **last, **{f"curve:{key}": series for key, series in history.values.items()}}
 
