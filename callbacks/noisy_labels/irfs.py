@@ -30,11 +30,8 @@ from reglab.datamodules import repeat_factors_irfs
 
 
 class IRFS(RepeatFactorSampling):
-    """Instance-aware repeat factor sampling (see the module docstring for the formula).
-
-    Args:
-        threshold: the frequency ``t`` below which a class's images are repeated.
-    """
+    """Instance-aware repeat factor sampling (see the module docstring for the formula); its
+    ``threshold`` and its setup are :class:`RepeatFactorSampling`'s, only the class frequency differs."""
 
     name = "irfs"
 
