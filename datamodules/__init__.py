@@ -3,7 +3,8 @@
 Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataModule`,
 :class:`SyntheticDataModule`); :class:`CIFARDataModule` and :class:`ImageFolderDataModule` read the
 papers' datasets from disk. All share :class:`ClassificationDataModule`'s label noise
-(:class:`LabelNoise`), class imbalance (:class:`LongTail`) and mid-epoch resumable training loader.
+(:class:`LabelNoise`), class imbalance (:class:`LongTail`) and mid-epoch resumable training loader;
+its samplers (the resumable shuffle, repeat factor sampling) are in :mod:`reglab.datamodules.sampling`.
 """
 
 from reglab.lazy import lazy_names
