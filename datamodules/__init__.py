@@ -1,17 +1,20 @@
 """reglab's DataModules: every batch is a dict with ``input``, ``target``, ``index`` (and extras).
 
 Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataModule`,
-:class:`SyntheticDataModule`); :class:`CIFARDataModule` and :class:`ImageFolderDataModule` read the
-papers' datasets from disk. All share :class:`ClassificationDataModule`'s label noise
-(:class:`LabelNoise`), class imbalance (:class:`LongTail`) and mid-epoch resumable training loader;
-its samplers (the resumable shuffle, repeat factor sampling) are in :mod:`reglab.datamodules.sampling`.
+:class:`SyntheticDataModule`, segmentation scenes of digits with noisy masks:
+:class:`DigitScenesDataModule`, :class:`MaskNoise`); :class:`CIFARDataModule` and
+:class:`ImageFolderDataModule` read the papers' datasets from disk. All share
+:class:`DictDataModule`'s mid-epoch resumable training loader; the classification ones also
+:class:`ClassificationDataModule`'s label noise (:class:`LabelNoise`) and class imbalance (:class:`LongTail`).
+The training samplers (the resumable shuffle, repeat factor sampling) are in
+:mod:`reglab.datamodules.sampling`.
 """
 
 from reglab.lazy import lazy_names
 
 # imported on first access (PEP 562): one DataModule does not load the others' dependencies
 _MODULES = {
-    "base": ["ClassificationDataModule", "DictDataset", "LazyInputs", "ResumableDataLoader"],
+    "base": ["ClassificationDataModule", "DictDataModule", "DictDataset", "LazyInputs", "ResumableDataLoader"],
     "cifar": ["CIFARDataModule"],
     "class_split": ["ClassSplitDataModule"],
     "digits": ["DigitsDataModule"],
@@ -20,6 +23,10 @@ _MODULES = {
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
     "sampling": ["RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],
+    "scenes": [
+        "DigitScenes", "DigitScenesDataModule", "MaskNoise", "NUM_SCENE_CLASSES", "apply_mask_noise",
+        "long_tail_class_weights", "make_digit_scenes",
+    ],
     "si_blurry": ["SiBlurryDataModule", "SiBlurryStream", "si_blurry_stream"],
     "splits": ["stratified_split"],
     "synthetic": ["SyntheticDataModule"],

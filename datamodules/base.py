@@ -3,8 +3,9 @@
 * :class:`DictDataset` — samples as dicts (``input``, ``target``, ``index`` and per-sample extras).
 * :class:`ResumableSampler` / :class:`ResumableDataLoader` — a shuffled, DDP-sharded training loader
   that Lightning checkpoints and resumes in the middle of an epoch, batch for batch.
+* :class:`DictDataModule` — the loaders and dataset properties every reglab DataModule shares.
 * :class:`ClassificationDataModule` — loads, validates and corrupts (label noise, long tail) the
-  splits a subclass provides, and builds the loaders.
+  splits a subclass provides.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class ResumableDataLoader(DataLoader):
     The state is *read from the trainer*, not counted here: loaders run ahead of training (worker
     prefetching, Lightning's own prefetch for unsized loaders), so the batches yielded are not the
     batches trained on. ``progress_fn`` returns ``(epoch, batches whose step is done in that epoch)``;
-    :meth:`ClassificationDataModule.fit_progress` is the one for Lightning.
+    :meth:`DictDataModule.fit_progress` is the one for Lightning.
 
     The DataLoader gets a seeded ``generator`` (one is made from the sampler's seed if none is
     given): creating an iterator draws a base seed from it, and drawing from the global RNG instead
@@ -175,7 +176,7 @@ class ResumableDataLoader(DataLoader):
         if self.progress_fn is None:
             raise RuntimeError(
                 "ResumableDataLoader.state_dict needs progress_fn to know how many batches were trained on;"
-                " build the loader with progress_fn (ClassificationDataModule.train_dataloader does)."
+                " build the loader with progress_fn (DictDataModule.train_dataloader does)."
             )
         epoch, batches_done = self.progress_fn()
         return {"epoch": epoch, "batches_done": batches_done}
@@ -192,7 +193,142 @@ class ResumableDataLoader(DataLoader):
         self.sampler.resume(state_dict["epoch"], samples_done)
 
 
-class ClassificationDataModule(lightning.LightningDataModule):
+class DictDataModule(lightning.LightningDataModule):
+    """The loaders and dataset properties every reglab DataModule shares, whatever its samples are.
+
+    A subclass's :meth:`setup` sets ``train_dataset``, ``val_dataset``, ``test_dataset`` (and
+    optionally ``predict_dataset``) to :class:`DictDataset`\\ s; this class builds the loaders from
+    them: a shuffled, rank-sharded training loader that resumes mid-epoch batch for batch
+    (:class:`ResumableDataLoader`, progress read by :meth:`fit_progress`) and ordered evaluation
+    loaders, each with its own seeded generator so that no loader draws from the global RNG.
+    :class:`ClassificationDataModule` (class-index targets) and
+    :class:`~reglab.datamodules.scenes.DigitScenesDataModule` (dense masks) both build on it.
+
+    Args:
+        batch_size: training batch size per rank.
+        num_workers: DataLoader worker processes.
+        seed: seed of the training shuffle (and of a subclass's splits).
+        eval_batch_size: batch size of the validation/test/predict loaders (default ``batch_size``).
+
+    Attributes:
+        train_dataset, val_dataset, test_dataset, predict_dataset: :class:`DictDataset`\\ s after ``setup``.
+        num_train_samples: training set size after ``setup``.
+    """
+
+    def __init__(
+        self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, eval_batch_size: Optional[int] = None
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        for arg, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: {arg} must be at least 1, got {value}.")
+        if num_workers < 0:
+            raise ValueError(f"{name}: num_workers must be ≥ 0, got {num_workers}.")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_dataset: Optional[DictDataset] = None
+        self.val_dataset: Optional[DictDataset] = None
+        self.test_dataset: Optional[DictDataset] = None
+        self.predict_dataset: Optional[DictDataset] = None
+        self._train_repeat_factors: Optional[Tensor] = None
+
+    @property
+    def num_train_samples(self) -> int:
+        """Size of the training set (after any subsampling such as a long tail); needs :meth:`setup`."""
+        return len(self._require_setup().train_dataset)
+
+    @property
+    def batch_keys(self) -> frozenset[str]:
+        """Keys every training batch carries; needs :meth:`setup` (techniques check it in their own ``setup``)."""
+        return frozenset(self._require_setup().train_dataset.keys)
+
+    def _require_setup(self) -> DictDataModule:
+        if self.train_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for the datasets' properties.")
+        return self
+
+    def fit_progress(self) -> tuple[int, int]:
+        """``(current epoch, batches of it whose optimizer step is done)`` of the attached trainer.
+
+        ``batch_progress.current.processed`` is the count to save: ModelCheckpoint saves mid-epoch in
+        ``on_train_batch_end``, after ``processed`` but before ``completed`` is incremented for the
+        batch just trained on; after validation or at epoch end both are equal.
+        """
+        if self.trainer is None:
+            raise RuntimeError(f"{type(self).__name__}.fit_progress: no trainer is attached to this DataModule.")
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    @property
+    def train_instance_counts(self) -> Tensor:
+        """``(N, C)`` instances of each class in each training sample (repeat factor sampling reads it):
+        the dataset's ``instance_counts`` extra where it has one (segmentation scenes), else one object
+        per sample, the one-hot of its (possibly noisy) class label."""
+        dataset = self._require_setup().train_dataset
+        if "instance_counts" in dataset.extras:
+            return dataset.extras["instance_counts"]
+        if dataset.targets.ndim != 1 or dataset.targets.is_floating_point() or not hasattr(self, "num_classes"):
+            raise ValueError(
+                f"{type(self).__name__}: cannot tell the instances per class of its training samples (targets of"
+                f" shape {tuple(dataset.targets.shape)} are not class labels and there is no `instance_counts`"
+                " extra); give the training DictDataset an (N, C) `instance_counts` extra."
+            )
+        return torch.nn.functional.one_hot(dataset.targets, self.num_classes)
+
+    def set_train_repeat_factors(self, factors: Optional[Tensor]) -> None:
+        """Makes the training loader built next draw sample ``i`` ``factors[i]`` times per epoch on
+        average (:class:`~reglab.datamodules.sampling.RepeatFactorSampler`); ``None`` restores the
+        uniform shuffle. Techniques call it in their ``setup``, which Lightning runs after this
+        DataModule's ``setup`` and before it asks for ``train_dataloader``."""
+        if factors is not None and tuple(factors.shape) != (self.num_train_samples,):
+            raise ValueError(
+                f"{type(self).__name__}.set_train_repeat_factors: got {tuple(factors.shape)} factors for"
+                f" {self.num_train_samples} training samples; pass one factor per training sample."
+            )
+        self._train_repeat_factors = factors
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled (or repeat-factor sampled), sharded over the trainer's ranks, and resumable mid-epoch."""
+        train_dataset = self._require_setup().train_dataset
+        ranks = dict(num_replicas=self.trainer.world_size if self.trainer else 1,
+                     rank=self.trainer.global_rank if self.trainer else 0, seed=self.seed)
+        if self._train_repeat_factors is None:
+            sampler = ResumableSampler(train_dataset, shuffle=True, **ranks)
+        else:
+            sampler = RepeatFactorSampler(self._train_repeat_factors, **ranks)
+        return ResumableDataLoader(
+            train_dataset,
+            self.batch_size,
+            sampler=sampler,
+            progress_fn=self.fit_progress,
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader(self._require_setup().val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader(self._require_setup().test_dataset)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The ``predict`` split if the dataset has one, else the test split."""
+        self._require_setup()
+        return self._eval_dataloader(self.test_dataset if self.predict_dataset is None else self.predict_dataset)
+
+    def _eval_dataloader(self, dataset: DictDataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+
+class ClassificationDataModule(DictDataModule):
     """Base of reglab's classification DataModules: splits in, validated dict batches out.
 
     A subclass sets ``num_classes`` and ``input_shape`` (class attributes, or instance attributes set
@@ -248,28 +384,13 @@ class ClassificationDataModule(lightning.LightningDataModule):
         long_tail: Optional[LongTail] = None,
         eval_batch_size: Optional[int] = None,
     ) -> None:
-        super().__init__()
-        name = type(self).__name__
         if not (hasattr(self, "num_classes") and hasattr(self, "input_shape")):
             raise TypeError(
-                f"{name} must set num_classes and input_shape before calling ClassificationDataModule.__init__."
+                f"{type(self).__name__} must set num_classes and input_shape before calling ClassificationDataModule.__init__."
             )
-        for arg, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: {arg} must be at least 1, got {value}.")
-        if num_workers < 0:
-            raise ValueError(f"{name}: num_workers must be ≥ 0, got {num_workers}.")
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.seed = seed
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, eval_batch_size=eval_batch_size)
         self.label_noise = self._resolve_label_noise(label_noise)
         self.long_tail = long_tail
-        self.train_dataset: Optional[DictDataset] = None
-        self.val_dataset: Optional[DictDataset] = None
-        self.test_dataset: Optional[DictDataset] = None
-        self.predict_dataset: Optional[DictDataset] = None
-        self._train_repeat_factors: Optional[Tensor] = None
 
     def _resolve_label_noise(self, label_noise: Optional[LabelNoise]) -> Optional[LabelNoise]:
         if label_noise is None:
@@ -359,85 +480,3 @@ class ClassificationDataModule(lightning.LightningDataModule):
             extras = {**extras, "clean_target": extras.get("clean_target", targets)}
             targets = apply_label_noise(targets, self.num_classes, self.label_noise)
         return DictDataset(inputs, targets, extras)
-
-    @property
-    def num_train_samples(self) -> int:
-        """Size of the training set (after the long tail); needs :meth:`setup`."""
-        return len(self._require_setup().train_dataset)
-
-    @property
-    def batch_keys(self) -> frozenset[str]:
-        """Keys every training batch carries; needs :meth:`setup` (techniques check it in their own ``setup``)."""
-        return frozenset(self._require_setup().train_dataset.keys)
-
-    def _require_setup(self) -> ClassificationDataModule:
-        if self.train_dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for the datasets' properties.")
-        return self
-
-    def fit_progress(self) -> tuple[int, int]:
-        """``(current epoch, batches of it whose optimizer step is done)`` of the attached trainer.
-
-        ``batch_progress.current.processed`` is the count to save: ModelCheckpoint saves mid-epoch in
-        ``on_train_batch_end``, after ``processed`` but before ``completed`` is incremented for the
-        batch just trained on; after validation or at epoch end both are equal.
-        """
-        if self.trainer is None:
-            raise RuntimeError(f"{type(self).__name__}.fit_progress: no trainer is attached to this DataModule.")
-        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
-    @property
-    def train_instance_counts(self) -> Tensor:
-        """``(N, C)`` instances of each class in each training sample: here one object per sample,
-        the one-hot of its (possibly noisy) label. Repeat factor sampling reads it."""
-        return torch.nn.functional.one_hot(self._require_setup().train_dataset.targets, self.num_classes)
-
-    def set_train_repeat_factors(self, factors: Optional[Tensor]) -> None:
-        """Makes the training loader built next draw sample ``i`` ``factors[i]`` times per epoch on
-        average (:class:`~reglab.datamodules.sampling.RepeatFactorSampler`); ``None`` restores the
-        uniform shuffle. Techniques call it in their ``setup``, which Lightning runs after this
-        DataModule's ``setup`` and before it asks for ``train_dataloader``."""
-        if factors is not None and tuple(factors.shape) != (self.num_train_samples,):
-            raise ValueError(
-                f"{type(self).__name__}.set_train_repeat_factors: got {tuple(factors.shape)} factors for"
-                f" {self.num_train_samples} training samples; pass one factor per training sample."
-            )
-        self._train_repeat_factors = factors
-
-    def train_dataloader(self) -> ResumableDataLoader:
-        """Shuffled (or repeat-factor sampled), sharded over the trainer's ranks, and resumable mid-epoch."""
-        train_dataset = self._require_setup().train_dataset
-        ranks = dict(num_replicas=self.trainer.world_size if self.trainer else 1,
-                     rank=self.trainer.global_rank if self.trainer else 0, seed=self.seed)
-        if self._train_repeat_factors is None:
-            sampler = ResumableSampler(train_dataset, shuffle=True, **ranks)
-        else:
-            sampler = RepeatFactorSampler(self._train_repeat_factors, **ranks)
-        return ResumableDataLoader(
-            train_dataset,
-            self.batch_size,
-            sampler=sampler,
-            progress_fn=self.fit_progress,
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_dataloader(self._require_setup().val_dataset)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_dataloader(self._require_setup().test_dataset)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The ``predict`` split if the dataset has one, else the test split."""
-        self._require_setup()
-        return self._eval_dataloader(self.test_dataset if self.predict_dataset is None else self.predict_dataset)
-
-    def _eval_dataloader(self, dataset: DictDataset) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-        )

@@ -240,11 +240,19 @@ def check_labels(out: StepOutput, module: L.LightningModule) -> None:
     """Class labels of the first training batch lie in ``[0, C)`` for the model's ``C`` classes.
 
     reglab DataModules check every split at setup; other DataModules are checked here, before the
-    loss fails with a bare indexing error (or a device assert on GPU)."""
+    loss fails with a bare indexing error (or a device assert on GPU). Dense logits
+    (``(N, C, H, W)``, more than two dims) have their classes in dim 1; labels equal to the
+    module's ``ignore_index`` (segmentation's unlabelled pixels) are not class labels."""
     if out.labels is None or out.labels.is_floating_point() or out.labels.numel() == 0:
         return
-    classes = out.logits.shape[-1]
-    low, high = int(out.labels.min()), int(out.labels.max())
+    classes = out.logits.shape[1] if out.logits.dim() > 2 else out.logits.shape[-1]
+    labels = out.labels
+    ignore_index = getattr(module, "ignore_index", None)
+    if ignore_index is not None:
+        labels = labels[labels != ignore_index]
+        if labels.numel() == 0:
+            return
+    low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= classes:
         datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
         data = "the training data" if datamodule is None else type(datamodule).__name__

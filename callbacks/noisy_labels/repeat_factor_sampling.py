@@ -69,7 +69,7 @@ class RepeatFactorSampling(Technique):
             raise self.fail(
                 f"it resamples the training set through the DataModule, but {type(datamodule).__name__} has no"
                 " `train_instance_counts` and `set_train_repeat_factors`",
-                "fit with a reglab DataModule (any subclass of reglab.datamodules.ClassificationDataModule), passed"
+                "fit with a reglab DataModule (any subclass of reglab.datamodules.DictDataModule), passed"
                 " as trainer.fit(model, datamodule=...)",
             )
         factors = self.repeat_factors(datamodule.train_instance_counts)

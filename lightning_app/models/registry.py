@@ -1,9 +1,11 @@
 """Backbones by name: a registry of small built-in models plus timm and transformers factories.
 
 A backbone maps a batch's ``input`` to ``(N, feature_dim)`` features and exposes
-``feature_dim``; the task module puts the head on top. Names:
+``feature_dim``; the task module puts the head on top. A *dense* backbone (``dense = True``, e.g.
+``"unet"``) maps images to ``(N, feature_dim, H, W)`` per-pixel features instead, for
+:class:`reglab.tasks.SegmentationModule`. Names:
 
-* a registered name (``"mlp"``, ``"cnn"``; see :func:`list_backbones`);
+* a registered name (``"mlp"``, ``"cnn"``, ``"vit"``, ``"unet"``; see :func:`list_backbones`);
 * ``"timm:<model name>"`` — any timm model, its classifier removed (``pretrained`` off by default
   so it works offline);
 * ``"hf:<path or hub id>"`` — a transformers sequence-classification model, which keeps its own

@@ -2,5 +2,6 @@
 
 from reglab.tasks.classification import ClassificationModule
 from reglab.tasks.levi import LEVIModule
+from reglab.tasks.segmentation import SegmentationModule
 
-__all__ = ["ClassificationModule", "LEVIModule"]
+__all__ = ["ClassificationModule", "LEVIModule", "SegmentationModule"]

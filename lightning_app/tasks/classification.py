@@ -16,6 +16,21 @@ from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.models import create_backbone
 
 
+def check_module_fits_data(module: L.LightningModule, num_classes: int, input_shape: Sequence[int]) -> None:
+    """Refuse a DataModule whose ``num_classes`` / ``input_shape`` differ from the module's
+    (they would fail in the first step with a bare shape error, or train a wrong-sized head)."""
+    datamodule = module.trainer.datamodule
+    built = {"num_classes": num_classes, "input_shape": tuple(input_shape)}
+    for key, value in built.items():
+        expected = getattr(datamodule, key, None)
+        if expected is not None and (tuple(expected) if key == "input_shape" else expected) != value:
+            raise ValueError(
+                f"{type(module).__name__} was built with {key}={value}, but {type(datamodule).__name__} "
+                f"has {key}={expected}. Fix: build the module with {key}=datamodule.{key}, or leave "
+                f"{key} unset in the config (`reglab` fills it in from the DataModule)."
+            )
+
+
 class CosineClassifier(nn.Module):
     """``logits = temperature * cos(features, weight_c)`` per class ``c``: no bias, so a class's
     weight row can be set to a prototype (a mean feature) directly."""
@@ -98,18 +113,7 @@ class ClassificationModule(RegularizedMixin, L.LightningModule):
         self.memorization = NoisyLabelMemorization()
 
     def setup(self, stage: str) -> None:
-        """Refuse a DataModule whose ``num_classes`` / ``input_shape`` differ from the module's
-        (they would fail in the first step with a bare shape error, or train a wrong-sized head)."""
-        datamodule = self.trainer.datamodule
-        built = {"num_classes": self.num_classes, "input_shape": tuple(self.hparams.input_shape)}
-        for key, value in built.items():
-            expected = getattr(datamodule, key, None)
-            if expected is not None and (tuple(expected) if key == "input_shape" else expected) != value:
-                raise ValueError(
-                    f"{type(self).__name__} was built with {key}={value}, but {type(datamodule).__name__} "
-                    f"has {key}={expected}. Fix: build the module with {key}=datamodule.{key}, or leave "
-                    f"{key} unset in the config (`reglab` fills it in from the DataModule)."
-                )
+        check_module_fits_data(self, self.num_classes, self.hparams.input_shape)
 
     def features_and_logits(self, x: Any) -> tuple[Tensor, Tensor]:
         if self.head is None:

@@ -1,0 +1,405 @@
+"""Segmentation scenes composed from the embedded digits: dense masks, instances, noisy masks, long tail.
+
+A scene is a square canvas (32×32 by default) holding 1 to ``max_digits`` digits of scikit-learn's
+8×8 digits, each upscaled ``scale``× (bilinear; 12×12 by default: four 16×16 digits do not fit
+on 32×32 with the gap below, so use ``canvas=48`` with ``scale=2``) and pasted at a random free
+place. Every pixel is labelled: ``0`` is background, a pixel of digit ``d`` is class ``d + 1``
+(so there are :data:`NUM_SCENE_CLASSES` = 11 classes). A digit's pixels are those of its upscaled
+image above ``threshold``. Digits never overlap: a digit is placed only where its mask, grown by
+one pixel, meets no earlier digit, so two digits are always at least one background pixel
+apart and every instance is a connected region of its own. A digit for which no such place is
+left is left out, so a scene may hold fewer digits than drawn (never none).
+
+Per image the scenes also give ``instances`` (``0`` none, ``1..k`` the k-th placed digit) and
+``instance_counts``: a ``(C,)`` vector, at ``d + 1`` the number of digits ``d`` in the image
+(column 0, background, is always 0).
+
+**Long tail.** With ``class_weights`` (or the DataModule's ``imbalance_ratio``) each digit's class
+is drawn from a skewed profile instead of uniformly: the exponential profile of the CIFAR-LT
+protocol (:mod:`reglab.datamodules.long_tail`), ``w_d ∝ (1 / imbalance_ratio) ^ (d / 9)``, so digit
+0 is the head and digit 9 appears ``imbalance_ratio`` times less often, in few images, and often
+beside head classes in the same image (the mixed rare/common co-occurrence that repeat-factor
+sampling is about).
+
+**Noisy masks.** :func:`apply_mask_noise` corrupts each object of a mask the ways segmentation
+label noise is simulated in the literature: its boundary dilated or eroded by ``radius`` pixels,
+the object shifted, dropped (becomes background) or given the class of another digit as a whole.
+What ADELE (Liu et al., CVPR 2022; github.com/Kangningthu/ADELE) trains on: its main setting is
+weakly-supervised segmentation (PASCAL VOC), where the noisy masks are pseudo labels obtained from
+class activation maps (SEAM, AffinityNet); its SegTHOR experiment corrupts the ground truth
+synthetically (``SegThor/brat/loading.py``, noise ``"final"`` on every training image by default):
+per image, all organs are eroded or all dilated (chosen at random) by 2–4 iterations of a 3×3 kernel
+applied at a resolution where each organ covers about 1000 pixels, growth only into background.
+Our synthetic noise simulates the kinds of errors pseudo masks have — boundary errors (dilation,
+erosion, shift), missed objects (drop) and wrong classes (whole-object flip) — per object with
+given probabilities; ``MaskNoise(dilate=0.5, erode=0.5)`` is ADELE's SegTHOR kind drawn per object
+rather than per image.
+
+Example:
+    >>> from sklearn.datasets import load_digits
+    >>> digits = load_digits()
+    >>> images, labels = torch.tensor(digits.images[:200]) / 16, torch.tensor(digits.target[:200])
+    >>> scenes = make_digit_scenes(images, labels, num_scenes=4, seed=0)
+    >>> scenes.images.shape, scenes.masks.shape, scenes.instance_counts.shape
+    (torch.Size([4, 1, 32, 32]), torch.Size([4, 32, 32]), torch.Size([4, 11]))
+    >>> noisy = apply_mask_noise(scenes.masks, scenes.instances, MaskNoise(drop=1.0))
+    >>> int(noisy.count_nonzero())    # every object dropped: all background
+    0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import DictDataModule, DictDataset
+from .digits import DigitsDataModule
+from .splits import check_holdout_fractions
+
+NUM_DIGITS = 10
+#: background + the ten digits
+NUM_SCENE_CLASSES = NUM_DIGITS + 1
+DIGIT_SIZE = 8
+
+
+def long_tail_class_weights(imbalance_ratio: float, num_classes: int = NUM_DIGITS) -> Tensor:
+    """Relative frequencies ``(1 / imbalance_ratio) ^ (c / (C − 1))`` of classes ``0..C-1`` (head first),
+    normalized to sum to 1: the CIFAR-LT profile of :mod:`reglab.datamodules.long_tail` as probabilities.
+
+    Example:
+        >>> weights = long_tail_class_weights(100.0)
+        >>> round(float(weights[0] / weights[-1]), 6)
+        100.0
+    """
+    if imbalance_ratio < 1.0:
+        raise ValueError(f"long_tail_class_weights: imbalance_ratio is n_max / n_min and must be ≥ 1, got {imbalance_ratio}.")
+    weights = (1.0 / imbalance_ratio) ** (torch.arange(num_classes, dtype=torch.float64) / (num_classes - 1))
+    return weights / weights.sum()
+
+
+@dataclass(frozen=True)
+class DigitScenes:
+    """Generated scenes (see the module docstring for the conventions).
+
+    Attributes:
+        images: ``(N, 1, H, W)`` float in [0, 1].
+        masks: ``(N, H, W)`` long: 0 background, ``d + 1`` for digit ``d``.
+        instances: ``(N, H, W)`` long: 0 none, ``1..k`` the placed digits in order.
+        instance_counts: ``(N, 11)`` long: per image, how many digits of each class (column 0 is 0).
+        sources: ``(N, max_digits)`` long: the position in ``digit_images`` of each placed digit, -1 after the last.
+    """
+
+    images: Tensor
+    masks: Tensor
+    instances: Tensor
+    instance_counts: Tensor
+    sources: Tensor
+
+
+def make_digit_scenes(
+    digit_images: Tensor,
+    digit_labels: Tensor,
+    num_scenes: int,
+    canvas: int = 32,
+    min_digits: int = 1,
+    max_digits: int = 4,
+    scale: float = 1.5,
+    class_weights: Optional[Tensor] = None,
+    threshold: float = 0.4,
+    seed: int = 0,
+) -> DigitScenes:
+    """Compose ``num_scenes`` scenes from the digits ``digit_images`` (``(M, 8, 8)`` or ``(M, 1, 8, 8)``, in [0, 1]).
+
+    Per scene the number of digits is uniform in ``[min_digits, max_digits]``; each digit's class
+    is drawn from ``class_weights`` (``(10,)``, uniform if ``None``), then its image uniformly among
+    ``digit_images`` of that class, then its place uniformly among the free ones (see the module
+    docstring). The result depends only on the arguments, never on the global RNG.
+    """
+    if digit_images.dim() == 4:
+        digit_images = digit_images.squeeze(1)
+    if digit_images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE) or len(digit_images) != len(digit_labels):
+        raise ValueError(
+            f"make_digit_scenes: digit_images must be (M, 8, 8) with one label each, got {tuple(digit_images.shape)}"
+            f" and {len(digit_labels)} labels."
+        )
+    _check_layout("make_digit_scenes", canvas, scale, min_digits, max_digits)
+    size = round(DIGIT_SIZE * scale)
+    weights = torch.full((NUM_DIGITS,), 1.0 / NUM_DIGITS) if class_weights is None else class_weights.double()
+    members = [(digit_labels == d).nonzero().flatten() for d in range(NUM_DIGITS)]
+    missing = [d for d in range(NUM_DIGITS) if weights[d] > 0 and len(members[d]) == 0]
+    if missing:
+        raise ValueError(f"make_digit_scenes: no digit image of classes {missing}; give images of every class drawn.")
+
+    patches = F.interpolate(digit_images[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+    patches = patches.clamp(0.0, 1.0)[:, 0]
+    patch_masks = patches > threshold
+    # a digit's mask grown by one pixel (in a one-pixel frame): the area no other digit may touch
+    grown = F.max_pool2d(F.pad(patch_masks.float(), (1, 1, 1, 1))[:, None], 3, stride=1, padding=1)[:, 0]
+
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.zeros(num_scenes, 1, canvas, canvas)
+    masks = torch.zeros(num_scenes, canvas, canvas, dtype=torch.long)
+    instances = torch.zeros_like(masks)
+    counts = torch.zeros(num_scenes, NUM_SCENE_CLASSES, dtype=torch.long)
+    sources = torch.full((num_scenes, max_digits), -1, dtype=torch.long)
+    places = canvas - size + 1
+    for n in range(num_scenes):
+        wanted = int(torch.randint(min_digits, max_digits + 1, (1,), generator=generator))
+        classes = torch.multinomial(weights, wanted, replacement=True, generator=generator).tolist()
+        occupied = torch.zeros(1, 1, canvas + 2, canvas + 2)
+        placed = 0
+        for digit in classes:
+            source = int(members[digit][torch.randint(len(members[digit]), (1,), generator=generator)])
+            # how many occupied pixels the grown mask would cover at each top-left corner
+            clashes = F.conv2d(occupied, grown[source][None, None])[0, 0]
+            free = (clashes == 0).flatten().nonzero().flatten()
+            if len(free) == 0:
+                continue
+            where = int(free[torch.randint(len(free), (1,), generator=generator)])
+            y, x = divmod(where, places)
+            window = (slice(y, y + size), slice(x, x + size))
+            mask = patch_masks[source]
+            images[n, 0][window] = torch.maximum(images[n, 0][window], patches[source])
+            masks[n][window][mask] = digit + 1
+            placed += 1
+            instances[n][window][mask] = placed
+            occupied[0, 0, y + 1 : y + 1 + size, x + 1 : x + 1 + size] += mask
+            counts[n, digit + 1] += 1
+            sources[n, placed - 1] = source
+    return DigitScenes(images, masks, instances, counts, sources)
+
+
+def _check_layout(owner: str, canvas: int, scale: float, min_digits: int, max_digits: int) -> None:
+    if scale < 1:
+        raise ValueError(f"{owner}: scale must be ≥ 1 (the 8×8 digits are upscaled, never shrunk), got {scale}.")
+    size = round(DIGIT_SIZE * scale)
+    if canvas < size:
+        raise ValueError(f"{owner}: canvas={canvas} is smaller than a digit ({size}×{size} pixels); use canvas ≥ {size} or a smaller scale.")
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(
+            f"{owner}: need 1 ≤ min_digits ≤ max_digits, got min_digits={min_digits}, max_digits={max_digits}."
+        )
+
+
+@dataclass
+class MaskNoise:
+    """Per-object corruption of segmentation masks (see :func:`apply_mask_noise` and the module docstring).
+
+    Each probability applies to every object independently. ``dilate`` and ``erode`` exclude each
+    other (an object's boundary moves one way or not at all), so ``dilate + erode ≤ 1``.
+
+    Args:
+        dilate: probability that an object grows by ``radius`` pixels (into background only).
+        erode: probability that an object shrinks by ``radius`` pixels (an object thinner than
+            ``2 · radius + 1`` pixels everywhere vanishes).
+        radius: the boundary change in pixels (a square ``(2r+1)×(2r+1)`` structuring element).
+        shift: probability that an object moves by an offset drawn uniformly from
+            ``[-max_shift, max_shift]²`` without ``(0, 0)``.
+        max_shift: largest shift per axis, in pixels.
+        drop: probability that an object is missed (all its pixels background).
+        flip: probability that the whole object gets another digit's class, drawn uniformly.
+        seed: seed of the noise, independent of the scenes' seeds.
+
+    In YAML (LightningCLI)::
+
+        data:
+          mask_noise: {dilate: 0.3, erode: 0.3, flip: 0.2, drop: 0.1}
+    """
+
+    dilate: float = 0.0
+    erode: float = 0.0
+    radius: int = 1
+    shift: float = 0.0
+    max_shift: int = 2
+    drop: float = 0.0
+    flip: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("dilate", "erode", "shift", "drop", "flip"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"MaskNoise: {name} is a probability and must lie in [0, 1], got {value}.")
+        if self.dilate + self.erode > 1.0:
+            raise ValueError(
+                f"MaskNoise: dilate ({self.dilate}) + erode ({self.erode}) exceeds 1; an object is dilated or"
+                " eroded, not both, so lower one of them."
+            )
+        for name in ("radius", "max_shift"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MaskNoise: {name} must be at least 1 pixel, got {getattr(self, name)}.")
+
+
+def _dilate(region: Tensor, radius: int) -> Tensor:
+    return F.max_pool2d(region[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+
+
+def _erode(region: Tensor, radius: int) -> Tensor:
+    # Beyond the canvas counts as object (max_pool's padding), so an object is eroded from its own
+    # boundary only, not from the image border that cuts it.
+    return ~_dilate(~region, radius)
+
+
+def _shifted(region: Tensor, dy: int, dx: int) -> Tensor:
+    height, width = region.shape
+    moved = torch.zeros_like(region)
+    moved[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = region[
+        max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
+    return moved
+
+
+def apply_mask_noise(
+    masks: Tensor, instances: Tensor, noise: MaskNoise, num_classes: int = NUM_SCENE_CLASSES
+) -> Tensor:
+    """A noisy copy of ``masks`` (``(N, H, W)`` long, 0 background); ``masks`` itself is left unchanged.
+
+    Objects are the instance ids of ``instances`` (``(N, H, W)``, 0 none). Per object, in instance
+    order: dropped with probability ``drop``; else dilated or eroded, then shifted, then its class
+    flipped, each with its probability. An object's noisy region is painted only onto pixels that
+    are background or the object's own in the clean mask and that no earlier object has taken:
+    noise moves boundaries into background (as ADELE's over-segmentation does), never over another
+    object. Every object draws the same random numbers whichever kinds are enabled, so the result
+    depends only on the arguments (``noise.seed`` included), and raising one probability never
+    changes what happens through another kind.
+    """
+    if masks.shape != instances.shape or masks.dim() != 3:
+        raise ValueError(
+            f"apply_mask_noise: masks and instances must both be (N, H, W), got {tuple(masks.shape)} and {tuple(instances.shape)}."
+        )
+    generator = torch.Generator().manual_seed(noise.seed)
+    side = 2 * noise.max_shift + 1
+    noisy = torch.zeros_like(masks)
+    for n in range(len(masks)):
+        for k in range(1, int(instances[n].max()) + 1):
+            region = instances[n] == k
+            if not region.any():
+                continue
+            # one draw per decision: (drop, boundary, shift, flip), a shift offset, a flip class
+            fates = torch.rand(4, generator=generator).tolist()
+            offset = int(torch.randint(side * side - 1, (1,), generator=generator))
+            other = int(torch.randint(1, num_classes - 1, (1,), generator=generator))
+            if fates[0] < noise.drop:
+                continue
+            if fates[1] < noise.dilate:
+                region = _dilate(region, noise.radius)
+            elif fates[1] < noise.dilate + noise.erode:
+                region = _erode(region, noise.radius)
+            if fates[2] < noise.shift:
+                offset += offset >= side * side // 2  # skip (0, 0), the centre of the offset grid
+                region = _shifted(region, offset // side - noise.max_shift, offset % side - noise.max_shift)
+            label = int(masks[n][instances[n] == k][0])
+            if fates[3] < noise.flip:
+                # a uniform class among the other digits: 1..C-1 without ``label``
+                label = other + (other >= label)
+            allowed = ((masks[n] == 0) | (instances[n] == k)) & (noisy[n] == 0)
+            noisy[n][region & allowed] = label
+    return noisy
+
+
+class DigitScenesDataModule(DictDataModule):
+    """The segmentation scenario: digit scenes, optionally long-tailed and with noisy training masks.
+
+    The digit images of the training, validation and test scenes come from disjoint pools: the
+    train / val / test splits of :class:`~reglab.datamodules.DigitsDataModule` (seeded by
+    ``split_seed``). Every training batch holds ``input`` ``(N, 1, H, W)`` float, ``target``
+    ``(N, H, W)`` long (the noisy mask with ``mask_noise``), ``index``, ``instances`` ``(N, H, W)``
+    long, ``instance_counts`` ``(N, 11)`` long and, with ``mask_noise``, ``clean_target`` (the mask
+    before noise, for measuring only). Validation and test scenes are clean and their classes
+    uniform; ``imbalance_ratio`` and ``mask_noise`` apply to the training scenes only.
+
+    Args:
+        canvas: side of the square scenes in pixels (32; 48 gives room for more digits).
+        max_digits, min_digits: digits drawn per scene (uniform in between; see the module docstring).
+        num_train, num_val, num_test: scenes per split.
+        scale: upscaling of the 8×8 digits (1.5: 12×12 pixels; 2: 16×16, with ``canvas=48`` for four digits).
+        imbalance_ratio: ``None`` (uniform classes) or the head/tail class frequency ratio of the
+            training scenes' digits (:func:`long_tail_class_weights`).
+        mask_noise: :class:`MaskNoise` for the training masks, or ``None``.
+        split_seed: seed of the digits' train/val/test pools (default ``seed``).
+        val_fraction, test_fraction: share of each digit class in the validation / test pool.
+        batch_size, num_workers, seed, eval_batch_size: as for every reglab DataModule
+            (:class:`~reglab.datamodules.base.DictDataModule`); ``seed`` also seeds the scenes.
+
+    Example:
+        >>> data = DigitScenesDataModule(num_train=64, num_val=16, num_test=16, batch_size=8,
+        ...                              mask_noise=MaskNoise(flip=0.3))
+        >>> data.num_classes, data.input_shape
+        (11, (1, 32, 32))
+        >>> data.setup("fit")
+        >>> batch = next(iter(data.train_dataloader()))
+        >>> sorted(batch), tuple(batch["target"].shape)
+        (['clean_target', 'index', 'input', 'instance_counts', 'instances', 'target'], (8, 32, 32))
+    """
+
+    num_classes = NUM_SCENE_CLASSES
+
+    def __init__(
+        self,
+        canvas: int = 32,
+        max_digits: int = 4,
+        min_digits: int = 1,
+        num_train: int = 1000,
+        num_val: int = 200,
+        num_test: int = 400,
+        scale: float = 1.5,
+        imbalance_ratio: Optional[float] = None,
+        mask_noise: Optional[MaskNoise] = None,
+        split_seed: Optional[int] = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.25,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        eval_batch_size: Optional[int] = None,
+    ) -> None:
+        name = type(self).__name__
+        _check_layout(name, canvas, scale, min_digits, max_digits)
+        for arg, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+            if value < 1:
+                raise ValueError(f"{name}: {arg} must be at least 1 scene, got {value}.")
+        if imbalance_ratio is not None and imbalance_ratio < 1.0:
+            raise ValueError(
+                f"{name}: imbalance_ratio is the head/tail class frequency ratio and must be ≥ 1, got {imbalance_ratio};"
+                " use None for uniform classes."
+            )
+        if mask_noise is not None and not isinstance(mask_noise, MaskNoise):
+            raise TypeError(f"{name}: mask_noise must be a MaskNoise (or None), got {type(mask_noise).__name__}.")
+        check_holdout_fractions(name, val_fraction=val_fraction, test_fraction=test_fraction)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, eval_batch_size=eval_batch_size)
+        self.canvas, self.scale = canvas, scale
+        self.min_digits, self.max_digits = min_digits, max_digits
+        self.num_scenes = {"train": num_train, "val": num_val, "test": num_test}
+        self.imbalance_ratio = imbalance_ratio
+        self.mask_noise = mask_noise
+        self.split_seed = seed if split_seed is None else split_seed
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.input_shape = (1, canvas, canvas)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Generates all three splits once; later calls do nothing."""
+        if self.train_dataset is not None:
+            return
+        pools = DigitsDataModule(val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.split_seed)
+        pools.setup()
+        weights = None if self.imbalance_ratio is None else long_tail_class_weights(self.imbalance_ratio)
+        datasets: dict[str, DictDataset] = {}
+        for offset, (split, pool) in enumerate(
+            (("train", pools.train_dataset), ("val", pools.val_dataset), ("test", pools.test_dataset))
+        ):
+            scenes = make_digit_scenes(
+                pool.inputs, pool.targets, self.num_scenes[split], canvas=self.canvas, min_digits=self.min_digits,
+                max_digits=self.max_digits, scale=self.scale, class_weights=weights if split == "train" else None,
+                seed=self.seed + offset,
+            )
+            extras: dict[str, Any] = {"instances": scenes.instances, "instance_counts": scenes.instance_counts}
+            target = scenes.masks
+            if split == "train" and self.mask_noise is not None:
+                extras["clean_target"] = target
+                target = apply_mask_noise(target, scenes.instances, self.mask_noise, self.num_classes)
+            datasets[split] = DictDataset(scenes.images, target, extras)
+        self.train_dataset, self.val_dataset, self.test_dataset = datasets["train"], datasets["val"], datasets["test"]
