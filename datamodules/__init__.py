@@ -6,13 +6,15 @@ Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataM
 :class:`ImageFolderDataModule` read the papers' datasets from disk. All share
 :class:`DictDataModule`'s mid-epoch resumable training loader; the classification ones also
 :class:`ClassificationDataModule`'s label noise (:class:`LabelNoise`) and class imbalance (:class:`LongTail`).
+The training samplers (the resumable shuffle, repeat factor sampling) are in
+:mod:`reglab.datamodules.sampling`.
 """
 
 from reglab.lazy import lazy_names
 
 # imported on first access (PEP 562): one DataModule does not load the others' dependencies
 _MODULES = {
-    "base": ["ClassificationDataModule", "DictDataModule", "DictDataset", "LazyInputs", "ResumableDataLoader", "ResumableSampler"],
+    "base": ["ClassificationDataModule", "DictDataModule", "DictDataset", "LazyInputs", "ResumableDataLoader"],
     "cifar": ["CIFARDataModule"],
     "class_split": ["ClassSplitDataModule"],
     "digits": ["DigitsDataModule"],
@@ -20,6 +22,7 @@ _MODULES = {
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
+    "sampling": ["RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],
     "scenes": [
         "DigitScenes", "DigitScenesDataModule", "MaskNoise", "NUM_SCENE_CLASSES", "apply_mask_noise",
         "long_tail_class_weights", "make_digit_scenes",

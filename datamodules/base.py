@@ -10,17 +10,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, ClassVar, Optional, Protocol, Union
 
 import lightning
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .label_noise import LabelNoise, apply_label_noise
 from .long_tail import LongTail, apply_long_tail
+from .sampling import RepeatFactorSampler, ResumableSampler
 
 RESERVED_KEYS = ("input", "target", "index")
 REQUIRED_SPLITS = ("train", "val", "test")
@@ -100,67 +101,6 @@ class DictDataset(Dataset):
     def keys(self) -> tuple[str, ...]:
         """The keys of every sample (and so of every collated batch)."""
         return (*RESERVED_KEYS, *self.extras)
-
-
-class ResumableSampler(DistributedSampler):
-    """A shuffled, rank-sharded sampler that can resume in the middle of an epoch.
-
-    It subclasses :class:`~torch.utils.data.DistributedSampler` on purpose: Lightning inserts its own
-    distributed sampler under DDP only when the loader's sampler is not already one, so this one
-    (and its resume state) survives. Epoch ``e`` is the permutation of a generator seeded with
-    ``seed + e`` — exactly :class:`DistributedSampler`'s, padding included (``drop_last=False``).
-    Lightning calls :meth:`set_epoch` at every epoch start.
-
-    Args:
-        data_source: the dataset, or its size.
-        num_replicas: number of ranks; always explicit so no process group is needed.
-        rank: this process's rank.
-        shuffle: permute every epoch (else the order 0..N-1).
-        seed: base seed of the permutations.
-
-    Example:
-        >>> sampler = ResumableSampler(10, num_replicas=2, rank=0, seed=0)
-        >>> sampler.set_epoch(3)
-        >>> full = list(sampler)
-        >>> sampler.resume(epoch=3, samples_done_per_rank=2)
-        >>> list(sampler) == full[2:], len(sampler)
-        (True, 5)
-    """
-
-    def __init__(
-        self,
-        data_source: Union[Sized, int],
-        *,
-        num_replicas: int = 1,
-        rank: int = 0,
-        shuffle: bool = True,
-        seed: int = 0,
-    ) -> None:
-        dataset = range(data_source) if isinstance(data_source, int) else data_source
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self._resume_epoch: Optional[int] = None
-        self._samples_to_skip = 0
-
-    def resume(self, epoch: int, samples_done_per_rank: int) -> None:
-        """Makes the next iteration of ``epoch`` skip the first ``samples_done_per_rank`` indices of this rank.
-
-        It applies once, and only if the epoch set by :meth:`set_epoch` is ``epoch`` when iteration
-        starts; ``len()`` keeps the full per-rank length, so the resumed epoch just ends early.
-        """
-        if not 0 <= samples_done_per_rank <= self.num_samples:
-            raise ValueError(
-                f"ResumableSampler: samples_done_per_rank must lie in [0, {self.num_samples}] (samples per rank),"
-                f" got {samples_done_per_rank}; the resume state does not belong to this dataset size or world size."
-            )
-        self._resume_epoch = epoch
-        self._samples_to_skip = samples_done_per_rank
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        if self._resume_epoch == self.epoch:
-            indices = indices[self._samples_to_skip :]
-        self._resume_epoch = None
-        return iter(indices)
 
 
 class _DeferredIterator(Iterator[Any]):
@@ -293,6 +233,7 @@ class DictDataModule(lightning.LightningDataModule):
         self.val_dataset: Optional[DictDataset] = None
         self.test_dataset: Optional[DictDataset] = None
         self.predict_dataset: Optional[DictDataset] = None
+        self._train_repeat_factors: Optional[Tensor] = None
 
     @property
     def num_train_samples(self) -> int:
@@ -320,16 +261,43 @@ class DictDataModule(lightning.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.fit_progress: no trainer is attached to this DataModule.")
         return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    @property
+    def train_instance_counts(self) -> Tensor:
+        """``(N, C)`` instances of each class in each training sample (repeat factor sampling reads it):
+        the dataset's ``instance_counts`` extra where it has one (segmentation scenes), else one object
+        per sample, the one-hot of its (possibly noisy) class label."""
+        dataset = self._require_setup().train_dataset
+        if "instance_counts" in dataset.extras:
+            return dataset.extras["instance_counts"]
+        if dataset.targets.ndim != 1 or dataset.targets.is_floating_point() or not hasattr(self, "num_classes"):
+            raise ValueError(
+                f"{type(self).__name__}: cannot tell the instances per class of its training samples (targets of"
+                f" shape {tuple(dataset.targets.shape)} are not class labels and there is no `instance_counts`"
+                " extra); give the training DictDataset an (N, C) `instance_counts` extra."
+            )
+        return torch.nn.functional.one_hot(dataset.targets, self.num_classes)
+
+    def set_train_repeat_factors(self, factors: Optional[Tensor]) -> None:
+        """Makes the training loader built next draw sample ``i`` ``factors[i]`` times per epoch on
+        average (:class:`~reglab.datamodules.sampling.RepeatFactorSampler`); ``None`` restores the
+        uniform shuffle. Techniques call it in their ``setup``, which Lightning runs after this
+        DataModule's ``setup`` and before it asks for ``train_dataloader``."""
+        if factors is not None and tuple(factors.shape) != (self.num_train_samples,):
+            raise ValueError(
+                f"{type(self).__name__}.set_train_repeat_factors: got {tuple(factors.shape)} factors for"
+                f" {self.num_train_samples} training samples; pass one factor per training sample."
+            )
+        self._train_repeat_factors = factors
+
     def train_dataloader(self) -> ResumableDataLoader:
-        """Shuffled, sharded over the trainer's ranks, and resumable mid-epoch."""
+        """Shuffled (or repeat-factor sampled), sharded over the trainer's ranks, and resumable mid-epoch."""
         train_dataset = self._require_setup().train_dataset
-        sampler = ResumableSampler(
-            train_dataset,
-            num_replicas=self.trainer.world_size if self.trainer else 1,
-            rank=self.trainer.global_rank if self.trainer else 0,
-            shuffle=True,
-            seed=self.seed,
-        )
+        ranks = dict(num_replicas=self.trainer.world_size if self.trainer else 1,
+                     rank=self.trainer.global_rank if self.trainer else 0, seed=self.seed)
+        if self._train_repeat_factors is None:
+            sampler = ResumableSampler(train_dataset, shuffle=True, **ranks)
+        else:
+            sampler = RepeatFactorSampler(self._train_repeat_factors, **ranks)
         return ResumableDataLoader(
             train_dataset,
             self.batch_size,

@@ -234,20 +234,3 @@ def test_overhead_bench_writes_the_contract_realistic_and_harness_tables(tmp_pat
     assert "failed" not in page
     assert page.count("| elr |") == 2
 
-
-def test_class_groups_average_per_class_metrics_and_drop_the_per_class_values():
-    import doctest
-
-    import reglab.bench.fit as fit
-    from reglab.bench.fit import FitProtocol, class_group_means
-
-    assert doctest.testmod(fit, verbose=False).failed == 0
-    logged = {"test/acc": 0.7, "test/acc_class_0": 0.9, "test/acc_class_1": 0.6, "test/acc_class_2": 0.3,
-              "test/iou_class_0": 1.0, "test/iou_class_1": 0.5, "test/iou_class_2": 0.0}
-    assert class_group_means(logged, {"tail": [1, 2], "head": [0]}) == pytest.approx(
-        {"test/acc": 0.7, "test/acc_tail": 0.45, "test/acc_head": 0.9, "test/iou_tail": 0.25, "test/iou_head": 1.0})
-    assert class_group_means(logged, {}) == {"test/acc": 0.7}
-    with pytest.raises(ClaimError, match=r"class group 'tail' names classes \[5\]"):
-        class_group_means(logged, {"tail": [2, 5]})
-    with pytest.raises(ClaimError, match="class_groups must map a group name"):
-        FitProtocol("c", {"class_groups": {"tail": []}})

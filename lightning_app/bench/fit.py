@@ -2,12 +2,11 @@
 
 Settings: ``configs`` (shared by every arm), ``overrides`` (extra CLI arguments for every arm,
 e.g. ``--trainer.max_epochs=1`` in a smoke run), ``extra_seed_keys`` (CLI keys also set to the
-seed, e.g. the label-noise seed), ``curves`` (per-epoch series to plot), ``class_groups``
-(named lists of class ids, e.g. ``{tail: [7, 8, 9]}``: every per-class test metric
-``<prefix><metric>_class_<i>`` also gives the group mean ``<prefix><metric>_<group>``, such as
-``test/acc_tail`` or ``test/iou_rare``; the per-class values themselves are not judged). An arm's
-spec is ``configs`` (added to the shared ones). Each run sets ``seed_everything`` and the data seed
-to the seed and measures what ``trainer.test`` logs.
+seed, e.g. the label-noise seed), ``curves`` (per-epoch series to plot), ``means`` (derived
+metrics, each the mean of logged test metrics: ``{test/rare_miou: [test/iou_class_8, ...]}``, e.g.
+a group of classes chosen in advance). An arm's spec is ``configs`` (added to the shared ones).
+Each run sets ``seed_everything`` and the data seed to the seed and measures what ``trainer.test``
+logs.
 """
 
 from __future__ import annotations
@@ -22,34 +21,7 @@ import lightning as L
 from reglab.bench.protocols import ClaimError, Protocol, register_protocol
 
 
-PER_CLASS_KEY = re.compile(r"(?P<metric>.+)_class_(?P<index>\d+)")
-
-
-def class_group_means(metrics: dict[str, float], groups: dict[str, list[int]]) -> dict[str, float]:
-    """The metrics without their per-class entries (``<metric>_class_<i>``), plus the mean of each
-    per-class metric over each group's classes (``<metric>_<group>``).
-
-    Example:
-        >>> class_group_means({"test/acc": 0.8, "test/acc_class_0": 1.0, "test/acc_class_1": 0.5,
-        ...                    "test/acc_class_2": 0.0}, {"tail": [1, 2]})
-        {'test/acc': 0.8, 'test/acc_tail': 0.25}
-    """
-    kept: dict[str, float] = {}
-    per_class: dict[str, dict[int, float]] = defaultdict(dict)
-    for key, value in metrics.items():
-        match = PER_CLASS_KEY.fullmatch(key)
-        if match:
-            per_class[match["metric"]][int(match["index"])] = value
-        else:
-            kept[key] = value
-    for metric, values in per_class.items():
-        for group, classes in groups.items():
-            missing = [c for c in classes if c not in values]
-            if missing:
-                raise ClaimError(f"class group {group!r} names classes {missing}, but the run logged "
-                                 f"{metric}_class_<i> only for {sorted(values)}. Fix: list classes the model has.")
-            kept[f"{metric}_{group}"] = sum(values[c] for c in classes) / len(classes)
-    return kept
+PER_CLASS_KEY = re.compile(r".+_class_\d+")
 
 
 class EpochHistory(L.Callback):
@@ -78,17 +50,19 @@ class EpochHistory(L.Callback):
 
 @register_protocol("fit")
 class FitProtocol(Protocol):
-    defaults = {"configs": [], "overrides": [], "extra_seed_keys": [], "curves": [], "class_groups": {}}
+    defaults = {"configs": [], "overrides": [], "extra_seed_keys": [], "curves": [], "means": {}}
 
     def __init__(self, claim_name: str, settings: dict[str, Any]) -> None:
         super().__init__(claim_name, settings)
-        groups = self.settings["class_groups"]
-        if not isinstance(groups, dict) or not all(
-            isinstance(classes, list) and classes and all(isinstance(c, int) for c in classes)
-            for classes in groups.values()
+        means = self.settings["means"]
+        if not isinstance(means, dict) or not all(
+            isinstance(keys, list) and keys and all(isinstance(key, str) for key in keys) for keys in means.values()
         ):
-            raise ClaimError(f"claim {claim_name}: class_groups must map a group name to a non-empty list of "
-                             f"class ids, got {groups!r}. Fix: write e.g. `class_groups: {{tail: [7, 8, 9]}}`.")
+            raise ClaimError(
+                f"claim {claim_name}: the fit setting `means` maps a new metric to a non-empty list of logged test"
+                f" metrics, got {means!r}. Fix: write e.g. `means: {{test/rare_miou: [test/iou_class_9,"
+                " test/iou_class_10]}`."
+            )
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         if set(spec) - {"configs"}:
@@ -122,7 +96,14 @@ class FitProtocol(Protocol):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         logged = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
-        metrics = class_group_means(logged, self.settings["class_groups"])
+        # per-class values are logged for inspection, not judged; `means` makes group metrics of them
+        metrics: dict[str, Any] = {k: v for k, v in logged.items() if not PER_CLASS_KEY.fullmatch(k)}
+        for name, keys in self.settings["means"].items():
+            missing = sorted(set(keys) - set(logged))
+            if missing:
+                raise ClaimError(f"claim {self.claim_name}: `means` {name} needs {missing}, which the test did not log"
+                                 f" (logged: {sorted(logged)}). Fix: name logged test metrics.")
+            metrics[name] = sum(logged[key] for key in keys) / len(keys)
         last = {f"{key} (last epoch)": series[-1] for key, series in history.values.items() if series}
         return {**metrics, **last, **{f"curve:{key}": series for key, series in history.values.items()}}
 
