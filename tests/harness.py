@@ -70,7 +70,7 @@ class RankStateCheck(L.Callback):
             gathered = pl_module.all_gather(value.to(pl_module.device))
             report[key] = {
                 "same_on_all_ranks": bool(all(torch.equal(gathered[0], g) for g in gathered)),
-                "nonzero": bool(value.abs().sum() > 0),
+                "nonzero": bool(value.ne(0).any()),
             }
         self.report_dir.mkdir(parents=True, exist_ok=True)
         (self.report_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))

@@ -98,7 +98,9 @@ def test_adalora_prunes_to_its_target_budget_by_the_end_of_the_schedule():
     assert singular_values and technique.allocated_at == 10
     kept = sum(int((e != 0).sum()) for e in singular_values)
     assert kept <= 2 * len(singular_values) < 6 * len(singular_values)
-    assert technique.state_dict()["rank_pattern"] and technique.state_dict()["exp_avg_ipt"] == {}  # reset at the final allocation
+    state = technique.state_dict()
+    assert any(k.startswith("rank_pattern/") for k in state)
+    assert not any(k.startswith("exp_avg_ipt/") for k in state)  # reset at the final allocation
 
 
 def test_adalora_takes_the_run_length_at_setup_and_refuses_a_run_too_short_for_its_schedule():

@@ -88,13 +88,6 @@ def test_integer_factors_repeat_each_sample_exactly():
         assert Counter(epoch(sampler, number)) == {0: 1, 1: 2, 2: 3}
 
 
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny tensor ops: with two intra-op threads on busy cores they spin-wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_stochastic_rounding_has_the_factors_as_expectation(one_thread):

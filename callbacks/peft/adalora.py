@@ -99,12 +99,16 @@ class AdaLoRA(PeftAdapter):
             self.tuner.update_and_allocate(trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
+        """Flat: ``<statistic>/<parameter>`` tensors, ``rank_pattern/<layer>`` bool tensors (which
+        singular triplets each layer keeps), ``allocated_at``."""
         if self.tuner is None:
             return {}
         allocator = self.tuner.rankallocator
-        state = {key: {n: t.detach().cpu().clone() for n, t in getattr(allocator, key).items()} for key in STATISTICS}
-        rank_pattern = self.tuner.peft_config["default"].rank_pattern
-        return {**state, "allocated_at": self.allocated_at, "rank_pattern": dict(rank_pattern) if rank_pattern else None}
+        state: dict[str, Any] = {f"{key}/{name}": t.detach().cpu().clone()
+                                 for key in STATISTICS for name, t in getattr(allocator, key).items()}
+        rank_pattern = self.tuner.peft_config["default"].rank_pattern or {}
+        state.update({f"rank_pattern/{name}": torch.tensor(kept, dtype=torch.bool) for name, kept in rank_pattern.items()})
+        return {**state, "allocated_at": self.allocated_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -115,6 +119,9 @@ class AdaLoRA(PeftAdapter):
         allocator, self._pending = self.tuner.rankallocator, None
         device = next(self.tuner.model.parameters()).device
         for key in STATISTICS:
-            setattr(allocator, key, {n: t.to(device) for n, t in state_dict[key].items()})
+            setattr(allocator, key, {name[len(key) + 1:]: t.to(device) for name, t in state_dict.items()
+                                     if name.startswith(f"{key}/")})
+        rank_pattern = {name[len("rank_pattern/"):]: t.tolist() for name, t in state_dict.items()
+                        if name.startswith("rank_pattern/")}
         self.allocated_at = state_dict["allocated_at"]
-        self.tuner.peft_config["default"].rank_pattern = state_dict["rank_pattern"]
+        self.tuner.peft_config["default"].rank_pattern = rank_pattern or None

@@ -117,8 +117,9 @@ class PeftAdapter(ParameterEfficientFineTuning):
 
     def inject_with_peft(self, module: nn.Module, layer_names: list[str]) -> Any:
         """Let peft adapt ``layer_names`` of ``module``; returns peft's tuner."""
+        config = self.peft_config(peft_targets(layer_names))
         try:
-            return inject_peft(self.peft_config(peft_targets(layer_names)), module)
+            return inject_peft(config, module)
         except (TypeError, ValueError, NotImplementedError) as error:
             raise self.fail(f"peft's {self.peft_type.value} cannot adapt the chosen layers {layer_names}: {error}",
                             "set target_modules to layers the method supports (most take nn.Linear only), or "
