@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,8 @@ def arm_value(result: dict[str, Any], arm: str) -> str | None:
     values = result["arms"].get(arm, {}).get("values", {}).get(check["metric"]) if check else None
     if not values:
         return None
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{check['metric']} {mean:.3f} ± {std:.3f}"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{check['metric']} {statistics.mean(values):.3f} ± {std:.3f}"
 
 
 def as_arm_line(card: Card, all_results: dict[str, dict[str, Any]]) -> str | None:

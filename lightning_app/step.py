@@ -62,6 +62,12 @@ class StepOutput:
         )
 
 
+def target_distribution(target: Tensor, num_classes: int) -> Tensor:
+    """``(N, C)`` fp32 target probabilities: the one-hot of ``(N,)`` class indices, or soft targets
+    (after a target transform) as they are. What the losses written over ``sum_c t_c ...`` take."""
+    return F.one_hot(target, num_classes).float() if target.dim() == 1 else target.float()
+
+
 def cross_entropy_per_sample(logits: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy per sample for hard (``(N,)``) or soft (``(N, C)``) targets, in fp32.
 

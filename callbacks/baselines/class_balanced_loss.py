@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from reglab.mixins import StepOutput
+from reglab.step import target_distribution
 from reglab.technique import Technique, training_class_counts
 
 
@@ -45,7 +45,7 @@ def class_balanced_weights(class_counts: Tensor, beta: float) -> Tensor:
 def class_weighted_cross_entropy(logits: Tensor, target: Tensor, weights: Tensor) -> Tensor:
     """Per-sample ``- sum_c w_c t_c log softmax(z)_c`` in fp32, for class indices or soft targets."""
     log_probs = logits.float().log_softmax(-1)
-    soft = F.one_hot(target, logits.shape[-1]).float() if target.dim() == 1 else target.float()
+    soft = target_distribution(target, logits.shape[-1])
     terms = soft * weights.to(logits.device) * log_probs
     # 0 * log p of a masked (-inf) class counts as 0, as in the default soft cross-entropy
     return -torch.where(soft > 0, terms, torch.zeros_like(terms)).sum(-1)

@@ -29,17 +29,17 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from reglab.mixins import StepOutput
+from reglab.step import target_distribution
 from reglab.technique import Technique
 
 
 def focal_loss(logits: Tensor, target: Tensor, gamma: float, alpha: Tensor | None = None) -> Tensor:
     """Per-sample ``-sum_c t_c alpha_c (1 - p_c)^gamma log p_c`` in fp32 (``t`` one-hot for indices)."""
     log_probs = logits.float().log_softmax(-1)
-    targets = F.one_hot(target, logits.shape[-1]).float() if target.dim() == 1 else target.float()
+    targets = target_distribution(target, logits.shape[-1])
     weights = targets * (1.0 - log_probs.exp()).pow(gamma)
     if alpha is not None:
         weights = weights * alpha.to(weights.device)

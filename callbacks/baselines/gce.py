@@ -18,17 +18,17 @@ Example:
 from __future__ import annotations
 
 import lightning as L
-import torch.nn.functional as F
 from torch import Tensor
 
 from reglab.mixins import StepOutput
+from reglab.step import target_distribution
 from reglab.technique import Technique
 
 
 def generalized_cross_entropy(logits: Tensor, target: Tensor, q: float) -> Tensor:
     """Per-sample ``sum_c t_c (1 - p_c^q) / q`` (``t`` one-hot for class indices), in fp32."""
     probs = logits.float().softmax(-1).clamp_min(1e-7)
-    weights = F.one_hot(target, logits.shape[-1]).float() if target.dim() == 1 else target.float()
+    weights = target_distribution(target, logits.shape[-1])
     return (weights * (1.0 - probs.pow(q))).sum(-1) / q
 
 

@@ -30,10 +30,10 @@ Example:
 from __future__ import annotations
 
 import lightning as L
-import torch.nn.functional as F
 from torch import Tensor
 
 from reglab.mixins import StepOutput
+from reglab.step import target_distribution
 from reglab.technique import Technique
 
 PREDICTION_FLOOR = 1e-7  # the official code's clip of p inside log p
@@ -42,7 +42,7 @@ PREDICTION_FLOOR = 1e-7  # the official code's clip of p inside log p
 def symmetric_cross_entropy(logits: Tensor, target: Tensor, alpha: float, beta: float, target_floor: float) -> Tensor:
     """Per-sample ``alpha * H(t, p) + beta * H(p, t)`` in fp32 (``t`` one-hot for class indices)."""
     probs = logits.float().softmax(-1)
-    targets = F.one_hot(target, logits.shape[-1]).float() if target.dim() == 1 else target.float()
+    targets = target_distribution(target, logits.shape[-1])
     forward = -(targets * probs.clamp(PREDICTION_FLOOR, 1.0).log()).sum(-1)
     reverse = -(probs * targets.clamp(target_floor, 1.0).log()).sum(-1)
     return alpha * forward + beta * reverse

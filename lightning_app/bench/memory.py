@@ -58,16 +58,18 @@ class PeakTrainingMemory(L.Callback):
     def __init__(self, step: int = 1) -> None:
         self.step = step
         self.result: dict[str, float] = {}
-        self._profiler: Any = None
+        self._cuda_device: torch.device | None = None  # measuring a CUDA step
+        self._profiler: Any = None  # measuring a CPU step
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step != self.step or self.result or self._profiler is not None:
+        measuring = self._cuda_device is not None or self._profiler is not None
+        if trainer.global_step != self.step or self.result or measuring:
             return
         device = pl_module.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            self._profiler = device
+            self._cuda_device = device
             return
         from torch.profiler import ProfilerActivity, profile
 
@@ -77,13 +79,14 @@ class PeakTrainingMemory(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._cuda_device is not None:
+            device, self._cuda_device = self._cuda_device, None
+            torch.cuda.synchronize(device)
+            self.result = {"peak_mb": torch.cuda.max_memory_allocated(device) / MB}
+            return
         if self._profiler is None:
             return
         profiler, self._profiler = self._profiler, None
-        if isinstance(profiler, torch.device):
-            torch.cuda.synchronize(profiler)
-            self.result = {"peak_mb": torch.cuda.max_memory_allocated(profiler) / MB}
-            return
         profiler.__exit__(None, None, None)
         with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
             # deprecated in favour of CUDA memory snapshots, which do not exist for the CPU
