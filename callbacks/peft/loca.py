@@ -61,10 +61,10 @@ import scipy.fft
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.optim.adam import adam
 
 from reglab.callbacks.peft.base import ParameterEfficientFineTuning
+from reglab.nn.weight_delta import WeightDeltaAdapter
 from reglab.peft_surgery import replace_module
 
 #: the official clamp of the stored locations, so that ``round(0.999 * (m - 1))`` stays inside
@@ -119,11 +119,11 @@ class InverseDCTWithLocationGradient(torch.autograd.Function):
         return grad_coefficients, grad_locations, None
 
 
-class LocaLayer(nn.Module):
+class LocaLayer(WeightDeltaAdapter):
     """Wraps a layer with a ``weight`` (``nn.Linear``, ``nn.Conv2d``) as ``W + scale * iDCT2(S(a, l))``.
 
-    Like peft's LoRA layers and :class:`~reglab.nn.core_adapter.CoreAdapter` it keeps the wrapped
-    layer as ``base_layer`` and offers ``merge()`` and ``get_base_layer()``.
+    A :class:`~reglab.nn.weight_delta.WeightDeltaAdapter` (``base_layer``, ``merge()``,
+    ``get_base_layer()``), as :class:`~reglab.nn.core_adapter.CoreAdapter`.
 
     Args:
         base_layer: the pretrained layer; its parameters are left to the caller to freeze.
@@ -132,8 +132,7 @@ class LocaLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, n_frequency: int, scale: float) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.shape = (base_layer.weight.shape[0], base_layer.weight[0].numel())
         device = base_layer.weight.device
         self.scale = scale
@@ -141,7 +140,6 @@ class LocaLayer(nn.Module):
         self.locations = nn.Parameter(torch.rand(2, n_frequency, device=device))  # the official init, in [0, 1)
         self.register_buffer("location_exp_avg", torch.zeros(2, n_frequency, device=device))
         self.register_buffer("location_exp_avg_sq", torch.zeros(2, n_frequency, device=device))
-        self.merged = False
 
     def pixel_locations(self) -> Tensor:
         """The locations in pixels, ``2 x n`` (not rounded: the forward pass rounds)."""
@@ -154,22 +152,6 @@ class LocaLayer(nn.Module):
             change = InverseDCTWithLocationGradient.apply(self.coefficients, self.pixel_locations(), self.shape)
         weight = self.base_layer.weight
         return (self.scale * change).reshape(weight.shape).to(weight.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
-            return self.base_layer(x)
-        weight = self.base_layer.weight + self.delta_weight()
-        return functional_call(self.base_layer, {"weight": weight}, (x,))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add the update into the base weight (for inference: no extra cost per step)."""
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight()
-            self.merged = True
-
-    def get_base_layer(self) -> nn.Module:
-        return self.base_layer
 
 
 class LoCA(ParameterEfficientFineTuning):
