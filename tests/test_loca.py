@@ -202,3 +202,25 @@ def test_adapts_a_bert_models_query_key_value_and_dense_layers():
 def test_bad_arguments_are_refused(arguments):
     with pytest.raises(ValueError, match="LoCA"):
         LoCA(**arguments)
+
+
+def test_small_checkpoint_loads_from_checkpoint_with_the_learnt_locations_and_merges(tmp_path):
+    from reglab.tasks import ClassificationModule
+
+    pretrained = tmp_path / "pretrained.ckpt"
+    torch.save({"state_dict": registry.example_module(seed=3).state_dict()}, pretrained)
+    technique = LoCA(n_frequency=32, location_lr=0.05, coefficient_phase=1, location_phase=1, location_until=4,
+                     pretrained_checkpoint=str(pretrained))
+    module = registry.example_module()
+    trainer = registry.example_trainer(max_steps=4, callbacks=[technique])
+    trainer.fit(module, datamodule=registry.example_data())
+    path = tmp_path / "loca.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert not any(key.endswith("base_layer.weight") for key in saved)  # the frozen weights are rebuilt
+    x = torch.rand(5, 64)
+    expected = module.eval()(x)
+    reloaded = ClassificationModule.load_from_checkpoint(path).eval()  # new random locations, then the saved ones
+    torch.testing.assert_close(reloaded(x), expected)
+    assert technique.merge(reloaded) == 1
+    torch.testing.assert_close(reloaded(x), expected, atol=1e-5, rtol=1e-5)
