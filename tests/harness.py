@@ -39,7 +39,16 @@ def consolidated_si() -> Technique:
     return si.remember(previous)
 
 
-FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si}
+def ist_with_scores() -> Technique:
+    """IST with a made-up score for its one unit: the harness MLP has a single adapted layer, and
+    one unit's score never moves (the rewards of identical suppressed sets cancel), so that its
+    state is not all zeros; tests/test_ist.py checks the score updates on models with several units."""
+    ist = registry.card("ist").load()(**registry.card("ist").harness["init_args"])
+    ist.importance, ist.update_counts = torch.tensor([0.5]), torch.zeros(1, dtype=torch.long)
+    return ist
+
+
+FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores}
 
 
 def make(technique_id: str) -> Technique:
