@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from harness import quiet_trainer
+from harness import quiet_trainer, tiny_bert
 from reglab.callbacks.peft import DiffoRA
 from reglab.callbacks.peft.diffora import ALPHA, MASK, gate, select_within_budget
 from reglab.datamodules import DigitsDataModule
@@ -95,17 +95,9 @@ def test_search_then_only_the_kept_adapters_train(tmp_path):
 
 
 def test_bert_query_key_value_dense(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
-    BertForSequenceClassification(config).save_pretrained(tmp_path)
-    module = ClassificationModule(f"hf:{tmp_path}", num_classes=3, input_shape=(8,), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    samples = [{"input": {"input_ids": torch.randint(0, 50, (8,), generator=generator),
-                          "attention_mask": torch.ones(8, dtype=torch.long)}, "target": torch.tensor(i % 3)}
-               for i in range(64)]
+    module, loader = tiny_bert(tmp_path, num_hidden_layers=2)
     diffora = DiffoRA(r=4, budget_rank=2, search_steps=2, target_modules=["query", "key", "value", "dense"])
-    quiet_trainer(max_steps=4, callbacks=[diffora]).fit(module, torch.utils.data.DataLoader(samples, batch_size=16))
+    quiet_trainer(max_steps=4, callbacks=[diffora]).fit(module, loader)
     assert any(name.endswith("attention.self.query") for name in diffora.layer_names)
     assert 0 < len(diffora.kept) < len(diffora.layer_names)
     assert all(gate(module.get_submodule(n)) == 0 for n in diffora.layer_names if n not in diffora.kept)

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from harness import quiet_trainer
+from harness import quiet_trainer, tiny_bert
 from reglab.callbacks.peft import IST
 from reglab.callbacks.peft.ist import layer_unit, score_update
 from reglab.datamodules import DigitsDataModule
@@ -76,18 +76,10 @@ def test_only_the_chosen_units_get_gradients_and_the_scores_move():
 
 
 def test_bert_units_are_its_encoder_layers(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32)
-    BertForSequenceClassification(config).save_pretrained(tmp_path)
-    module = ClassificationModule(f"hf:{tmp_path}", num_classes=3, input_shape=(8,), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    samples = [{"input": {"input_ids": torch.randint(0, 50, (8,), generator=generator),
-                          "attention_mask": torch.ones(8, dtype=torch.long)}, "target": torch.tensor(i % 3)}
-               for i in range(64)]
+    module, loader = tiny_bert(tmp_path, num_hidden_layers=4)
     ist = IST(r=2, update_interval=2, target_modules=["query", "key", "value", "dense"])
     record = RecordGradients(ist)
-    quiet_trainer(max_steps=4, callbacks=[ist, record]).fit(module, torch.utils.data.DataLoader(samples, batch_size=16))
+    quiet_trainer(max_steps=4, callbacks=[ist, record]).fit(module, loader)
     layer_units = [u for u in ist.units if ".encoder.layer." in u]
     assert len(layer_units) == 4 and all(u.endswith(f"layer.{i}") for i, u in enumerate(layer_units))
     assert all(with_gradient == active for with_gradient, active in record.steps)
