@@ -7,6 +7,7 @@ from torch import nn
 from reglab.callbacks.peft.s2ft import S2FT, StructuredSparseLinear, structure_units
 from reglab.tasks import ClassificationModule
 from reglab.technique import TechniqueConfigError
+from tiny_bert import TinyBertClassifier
 
 
 @pytest.mark.parametrize("axis", ["rows", "cols"])
@@ -76,23 +77,13 @@ def test_selection_counts_are_int_ratio_times_units_and_follow_the_seed():
 
 
 def test_bert_layers_get_their_roles_and_query_key_stay_frozen():
-    from transformers import BertConfig, BertModel
-
-    class Classifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                                 num_attention_heads=2, intermediate_size=32))
-            self.head = nn.Linear(16, 3)
-
-    model = Classifier()
+    model = TinyBertClassifier(layers=2)
     S2FT(v_ratio=1.0, o_ratio=1.0, u_ratio=1.0, d_ratio=1.0).prepare(model)
     layer = model.backbone.encoder.layer[0]
     assert layer.attention.self.value.axis == "rows" and layer.intermediate.dense.axis == "rows"
     assert layer.attention.output.dense.axis == "cols" and layer.output.dense.axis == "cols"
     assert type(layer.attention.self.query) is nn.Linear and type(model.backbone.pooler.dense) is nn.Linear
-    ids = torch.randint(0, 50, (2, 5))
-    model.backbone(input_ids=ids).last_hidden_state.sum().backward()
+    model(torch.randint(0, 50, (2, 5))).sum().backward()
     assert layer.output.dense.s2.grad is not None
 
 

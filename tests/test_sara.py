@@ -7,6 +7,7 @@ from torch import nn
 
 from reglab.callbacks.peft.sara import SaRA, SparseUpdateLayer, nuclear_norm
 from reglab.technique import TechniqueConfigError
+from tiny_bert import TinyBertClassifier
 
 
 class Net(nn.Module):
@@ -151,3 +152,13 @@ def test_a_threshold_that_selects_nothing_fails_at_setup():
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError, match="SaRA"):
         SaRA(**kwargs)
+
+
+def test_trains_a_bert_models_linear_layers():
+    model = TinyBertClassifier()
+    sara = SaRA(fraction=0.1, rank_min_dim=8)
+    sara.prepare(model)
+    assert "backbone.encoder.layer.0.attention.self.query" in sara.layers
+    assert len(sara.rank_eligible()) == len(sara.layers)  # every 16 x 16 / 32 x 16 weight exceeds 8
+    model(torch.randint(0, 50, (2, 5))).sum().backward()
+    assert all(layer.values.grad is not None for layer in sara.layers.values())
