@@ -210,8 +210,7 @@ class SaRA(ParameterEfficientFineTuning):
         if not self.lambda_rank or not eligible:
             return {}
         # one layer per optimizer step, drawn from the step number: the same on every rank and on resume
-        step = module.trainer.global_step if module._trainer is not None else 0
-        generator = torch.Generator().manual_seed(step)
+        generator = torch.Generator().manual_seed(module.trainer.global_step)
         layer = eligible[int(torch.randint(len(eligible), (1,), generator=generator))]
         return {"nuclear_norm": self.lambda_rank * nuclear_norm(layer.sparse_matrix())}
 
