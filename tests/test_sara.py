@@ -162,3 +162,15 @@ def test_trains_a_bert_models_linear_layers():
     assert len(sara.rank_eligible()) == len(sara.layers)  # every 16 x 16 / 32 x 16 weight exceeds 8
     model(torch.randint(0, 50, (2, 5))).sum().backward()
     assert all(layer.values.grad is not None for layer in sara.layers.values())
+
+
+def test_weights_loaded_under_the_layer_get_the_trained_values_again():
+    net = Net(WEIGHT)
+    SaRA(threshold=2e-3).prepare(net)
+    with torch.no_grad():
+        net.body.values.copy_(torch.tensor([0.7, -0.9]))
+    x = torch.randn(3, 3)
+    expected = net(x)
+    with torch.no_grad():
+        net.body.base_layer.weight.copy_(WEIGHT)  # e.g. a frozen weight reloaded from the pretrained one
+    torch.testing.assert_close(net(x), expected)

@@ -102,9 +102,15 @@ class SparseUpdateLayer(nn.Module):
         self.register_buffer("index", index)
         self.register_buffer("active", torch.ones_like(index, dtype=torch.bool))
         self.register_buffer("frozen_values", torch.zeros_like(self.values))
-        #: (storage, version) of ``values`` last written into the weight: rewriting the same values
-        #: would bump the weight's version and invalidate graphs of earlier forwards of the step
-        self._written: tuple[int, int] | None = None
+        #: storage and version of the values, the stage flags and the weight after the last write:
+        #: rewriting unchanged values would bump the weight's version and invalidate the graphs of
+        #: earlier forwards of the step; any change (an optimizer step, a loaded checkpoint, a move
+        #: to another device) makes the next forward write
+        self._written: tuple[int, ...] | None = None
+
+    def _stamp(self) -> tuple[int, ...]:
+        weight = self.base_layer.weight
+        return (self.values.data_ptr(), self.values._version, self.active._version, weight.data_ptr(), weight._version)
 
     def current(self) -> Tensor:
         return torch.where(self.active, self.values, self.frozen_values)
@@ -118,9 +124,10 @@ class SparseUpdateLayer(nn.Module):
         return flat.view(weight.shape[0], -1)
 
     def forward(self, x: Tensor) -> Tensor:
-        stamp = (self.values.data_ptr(), self.values._version, self.active._version)
-        write, self._written = stamp != self._written, stamp
+        write = self._stamp() != self._written
         weight = WriteSelection.apply(self.base_layer.weight, self.current(), self.index, write)
+        if write:
+            self._written = self._stamp()
         return functional_call(self.base_layer, {"weight": weight}, (x,))
 
     @torch.no_grad()
