@@ -121,6 +121,8 @@ class NoiseFiT(Technique):
         self.temperature, self.beta, self.snr_passes = temperature, beta, snr_passes
         self.target_modules, self.pretrained_checkpoint = target_modules, pretrained_checkpoint
         self.candidates: list[str] = []
+        #: ``{"trainable": ..., "total": ...}`` parameters of the module, at setup (what the claims report)
+        self.parameter_counts: dict[str, int] = {}
         #: 1 for each of ``candidates`` that gets noise, 0 otherwise (empty until the first training batch)
         self.selected = torch.zeros(0, dtype=torch.long)
         self._inject = False
@@ -152,6 +154,9 @@ class NoiseFiT(Technique):
                                 "pretrain the same architecture and number of classes") from None
             pl_module._reglab_noisefit_started = True
         self.candidates = self.candidate_layers(pl_module)
+        parameters = list(pl_module.parameters())
+        self.parameter_counts = {"trainable": sum(p.numel() for p in parameters if p.requires_grad),
+                                 "total": sum(p.numel() for p in parameters)}
 
     def layer_snr(self, module: L.LightningModule, batch: dict[str, Any]) -> Tensor:
         """The SNR of every candidate layer's output on ``batch`` (eval mode, no gradient)."""
