@@ -147,3 +147,25 @@ def test_bad_arguments_and_missing_data_fail_early():
         SaliencyAwarePartialRetraining(bits=0)
     with pytest.raises(TechniqueConfigError, match="has no DataModule"):
         SaliencyAwarePartialRetraining(r=2).prepare(head_module(), SimpleNamespace(datamodule=None))
+
+
+def test_small_checkpoint_keeps_the_saliency_and_reloads_the_low_bit_model(tmp_path):
+    from reglab.registry import example_data, example_module, example_trainer
+
+    pretrained = tmp_path / "pretrained.ckpt"
+    torch.save({"state_dict": example_module(seed=3).state_dict()}, pretrained)
+    technique = SaliencyAwarePartialRetraining(bits=2, lam=0.1, r=2, calibration_samples=16,
+                                               pretrained_checkpoint=str(pretrained))
+    module = example_module()
+    trainer = example_trainer(max_steps=3, callbacks=[technique])
+    trainer.fit(module, datamodule=example_data())
+    path = tmp_path / "sapr.ckpt"
+    trainer.save_checkpoint(path)
+    saliency = technique.quantizers[0][1].saliency
+    assert not torch.equal(saliency, torch.ones_like(saliency))  # measured, not the reload's placeholder
+    x = torch.rand(5, 64)
+    expected = module.eval()(x)
+    reloaded = ClassificationModule.load_from_checkpoint(path).eval()
+    torch.testing.assert_close(reloaded(x), expected)
+    reloaded_saliency = [m for m in reloaded.modules() if hasattr(m, "saliency")][0].saliency
+    torch.testing.assert_close(reloaded_saliency, saliency)
