@@ -32,7 +32,7 @@ _MODULES = {
     "synthetic": ["SyntheticDataModule"],
     "tabular": ["TabularDataModule"],
     "tasks": ["TaskSequenceDataModule", "TaskSubset", "split_classes"],
-    "text": ["TemplatedSentimentDataModule"],
+    "text": ["TemplatedSentimentDataModule", "ComparisonsDataModule", "TokenizedTextDataModule"],
 }
 
 __getattr__, __dir__, __all__ = lazy_names(

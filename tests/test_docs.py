@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 
 from reglab import registry
-from reglab.docs import SECTIONS, render, render_repository
+from reglab.docs import SECTIONS, render, render_repository, render_results_table
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = registry.load((REPO / "callbacks").resolve())
 
 
-def test_committed_board_is_what_the_cards_render():
-    committed = (REPO / "docs/techniques.md").read_text(encoding="utf-8")
-    assert committed == render_repository(REPO), "docs/techniques.md is stale: run `reglab docs` and commit it"
+def test_committed_pages_are_what_the_cards_and_results_render():
+    for path, page in render_repository(REPO).items():
+        assert path.is_file() and path.read_text(encoding="utf-8") == page, f"{path} is stale: run `reglab docs` and commit it"
 
 
 def test_every_paper_appears_exactly_once_and_every_card_has_a_row():
-    page = render_repository(REPO)
+    page = render_repository(REPO)[REPO / "docs/techniques.md"]
     numbers = [int(n) for n in re.findall(r"^\| (\d\d) \|", page, re.M)]
     assert sorted(numbers) == list(range(1, 70))
     rows = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("| Paper #")]
@@ -117,3 +117,31 @@ def test_differences_are_given_to_the_standard_error_s_precision():
     assert difference_with_error(0.2213, 0.0271) == "+0.221 ± 0.027"
     assert difference_with_error(-0.00151, 0.00072) == "-0.00151 ± 0.00072"
     assert difference_with_error(0.0, 0.0) == "+0.000 ± 0.000"
+
+
+def test_results_table_groups_arms_by_scenario_and_shows_a_shared_arm_once():
+    def arms(**labels):
+        return {arm: {"label": label, "values": {"target": [0.5, 0.7], "trainable": [1200.0, 1200.0]}}
+                for arm, label in labels.items()}
+
+    results = {
+        "loldu": {**_result("loldu", "claim shown"), "techniques": ["loldu"], "arms": arms(lora="LoRA", loldu="LoLDU")},
+        "svfit": {**_result("svfit", "claim shown"), "techniques": ["svfit"], "arms": arms(lora="LoRA", svfit="SVFit")},
+        "svfit_text": {**_result("svfit_text", "claim shown"), "techniques": ["svfit"], "arms": arms(lora="LoRA")},
+        "elr": {**_result("elr", "claim shown"), "techniques": ["elr"], "arms": arms(ce="CE")},
+    }
+    digits, lora = {"scenario": "digits", "backbone": "cnn", "backbone_kwargs": {}}, {"lr": 0.01}
+    claims = {"loldu": ("finetune", digits, {"lora": lora}), "svfit": ("finetune", digits, {"lora": lora}),
+              "svfit_text": ("finetune", {"scenario": "text", "backbone": "hf:m", "backbone_kwargs": {"num_hidden_layers": 2}},
+                             {"lora": lora}),
+              "elr": ("fit", {}, {})}
+    page = render_results_table("peft", CARDS, claims, results)
+    digits, text = page.split("## ")[1:]
+    assert digits.startswith('`finetune` scenario "digits", backbone "cnn", backbone_kwargs {}')
+    assert text.startswith('`finetune` scenario "text", backbone "hf:m", backbone_kwargs {"num_hidden_layers": 2}')
+    # LoRA runs alike in the two digits claims: one row, from the first claim
+    assert digits.count("(`lora`)") == 1 and "| LoRA (`lora`) | [loldu](loldu.md) | 3 | 0.600 ± 0.141 |" in digits
+    claims["svfit"][2]["lora"] = {"lr": 0.1}  # at another rate it is another run
+    assert render_results_table("peft", CARDS, claims, results).split("## ")[1].count("(`lora`)") == 2
+    assert "(`svfit`) | [svfit](svfit.md)" in digits and "(`lora`) | [svfit_text](svfit_text.md)" in text
+    assert "1,200 ± 0" in digits and "CE" not in page  # counts without decimals; another family's claim is left out

@@ -72,3 +72,53 @@ def test_minilm_fine_tunes_with_lora_offline_and_exports_with_peft(tmp_path, mon
     base = AutoModelForSequenceClassification.from_pretrained(transformers_path(MINILM), num_labels=2)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     torch.testing.assert_close(reloaded(**batch["input"]).logits, expected)
+
+
+def test_comparison_labels_follow_order_comparative_and_negation():
+    from reglab.datamodules.text import COMPARISON_TEMPLATES, COMPARATIVES, COLOURS, render_comparison
+
+    red, blue = COLOURS.index("red"), COLOURS.index("blue")
+    smaller, tinier = [i for i, (word, _) in enumerate(COMPARATIVES) if word in ("smaller", "tinier")]
+    bigger = [word for word, _ in COMPARATIVES].index("bigger")
+    plain, opinion = COMPARISON_TEMPLATES
+    assert render_comparison((red, blue, "box", "cup", smaller, True), plain) == (
+        "the red box is not smaller than the blue cup", red)
+    assert render_comparison((red, blue, "box", "cup", tinier, False), opinion) == (
+        "i think the red box is tinier than the blue cup", blue)
+    assert render_comparison((blue, red, "cup", "box", bigger, False), plain)[1] == blue
+    assert render_comparison((red, blue, "cup", "box", bigger, True), plain)[1] == blue
+
+
+def test_comparisons_need_word_order_and_keep_colours_within_a_half():
+    from reglab.datamodules.text import COLOURS, comparison_statements, render_comparison, COMPARISON_TEMPLATES
+
+    statements = comparison_statements()
+    assert len(statements) == len(set(statements)) == 2 * 30 * 64 * 4 * 2
+    half = len(COLOURS) // 2
+    assert all((first < half) == (second < half) for first, second, *_ in statements)
+    # the same words in the other order name the other colour: a bag of words cannot tell them apart
+    for first, second, first_object, second_object, comparative, negated in statements[:50]:
+        label = render_comparison((first, second, first_object, second_object, comparative, negated),
+                                  COMPARISON_TEMPLATES[0])[1]
+        swapped = render_comparison((second, first, first_object, second_object, comparative, negated),
+                                    COMPARISON_TEMPLATES[0])[1]
+        assert {label, swapped} == {first, second}
+
+
+def test_shifted_comparisons_rephrase_the_same_split_statements():
+    from reglab.datamodules import ClassSplitDataModule, ComparisonsDataModule
+
+    plain = ComparisonsDataModule(num_sentences=200, seed=3, max_length=20)
+    shifted = ComparisonsDataModule(num_sentences=200, seed=3, max_length=20, shifted=True)
+    (sentences, labels), (rephrased, shifted_labels) = plain.sentences(), shifted.sentences()
+    assert torch.equal(labels, shifted_labels) and not set(sentences) & set(rephrased)
+    assert all(s.startswith(("the ", "i think the ")) for s in sentences)
+    assert all(s.startswith(("compared to the ", "next to the ")) for s in rephrased)
+    for data in (plain, shifted):
+        data.setup("fit")
+    assert torch.equal(plain.test_dataset.targets, shifted.test_dataset.targets)
+    target = ClassSplitDataModule(ComparisonsDataModule(num_sentences=200, seed=3), task=1)
+    target.setup("fit")
+    assert {int(target.train_dataset[i]["target"]) for i in range(len(target.train_dataset))} <= set(range(6, 12))
+    with pytest.raises(ValueError, match="num_sentences"):
+        ComparisonsDataModule(num_sentences=0)
