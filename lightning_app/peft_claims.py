@@ -37,7 +37,7 @@ each rate of its grid and keeps, per seed, the rate with the best accuracy on th
 as it is. ``target_noise`` moves that share of the fine-tuning labels to the next target class
 (5→6→…→9→5; clean validation and test labels; digits only).
 
-``forget``: pretrain on all ten digits, then run the arm's technique (GS-LoRA) on the same data;
+``forget``: pretrain on all classes of the scenario (ten digits, or the twelve colours), then run the arm's technique (GS-LoRA) on the same data;
 measures ``forget`` (test accuracy on ``forget_classes``), ``retain`` (on the others) and, for a
 technique with ``group_norms()``, each adapter group's final norm.
 
@@ -158,6 +158,16 @@ class PretrainedStart(Protocol):
         return ClassificationModule(self.settings["backbone"], num_classes=num_classes, input_shape=input_shape,
                                     backbone_kwargs=self.settings["backbone_kwargs"], lr=lr)
 
+    def dataset(self, seed: int, label_noise: LabelNoise | None = None, shifted: bool = False,
+                max_train_samples: int | None = None) -> DigitsDataModule | ComparisonsDataModule:
+        """All classes of the scenario's data (digits, or the comparisons in ``shifted`` phrasing)."""
+        if self.settings["scenario"] == "text":
+            # the backbone's own tokenizer: "hf:<model>" names both
+            return ComparisonsDataModule(tokenizer=self.settings["backbone"].removeprefix("hf:"), shifted=shifted,
+                                         num_sentences=self.settings["text_sentences"], max_train_samples=max_train_samples,
+                                         batch_size=self.settings["batch_size"], seed=seed)
+        return DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed, label_noise=label_noise)
+
     def source_data(self, seed: int) -> L.LightningDataModule:
         raise NotImplementedError
 
@@ -222,14 +232,7 @@ class FinetuneProtocol(PretrainedStart):
 
     def split(self, task: int, seed: int, label_noise: LabelNoise | None = None, shifted: bool = False,
               max_train_samples: int | None = None) -> ClassSplitDataModule:
-        if self.settings["scenario"] == "text":
-            # the backbone's own tokenizer: "hf:<model>" names both
-            base = ComparisonsDataModule(tokenizer=self.settings["backbone"].removeprefix("hf:"), shifted=shifted,
-                                         num_sentences=self.settings["text_sentences"], max_train_samples=max_train_samples,
-                                         batch_size=self.settings["batch_size"], seed=seed)
-        else:
-            base = DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed, label_noise=label_noise)
-        return ClassSplitDataModule(base, task=task)
+        return ClassSplitDataModule(self.dataset(seed, label_noise, shifted, max_train_samples), task=task)
 
     def source_data(self, seed: int) -> ClassSplitDataModule:
         return self.split(SOURCE, seed)
@@ -278,8 +281,8 @@ class ForgetProtocol(PretrainedStart):
     defaults = {**PretrainedStart.defaults, "backbone": "vit", "backbone_kwargs": {"depth": 2}, "pretrain_epochs": 40,
                 "finetune_epochs": 5, "forget_classes": [0, 1]}
 
-    def source_data(self, seed: int) -> DigitsDataModule:
-        return DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed)
+    def source_data(self, seed: int) -> DigitsDataModule | ComparisonsDataModule:
+        return self.dataset(seed)
 
     target_data = source_data
 
@@ -291,6 +294,8 @@ class ForgetProtocol(PretrainedStart):
                 "retain": accuracy(module, data.test_dataloader(), only=forget, exclude=True)}
 
     def describe(self) -> list[str]:
-        return [f"Pretrain on all ten digits, then forget {self.settings['forget_classes']} on the same training data "
-                "(`reglab.peft_claims`, protocol `forget`). forget / retain: test accuracy (argmax over all 10 classes) "
+        what = ("all twelve colours of the comparisons text task" if self.settings["scenario"] == "text"
+                else "all ten digits")
+        return [f"Pretrain on {what}, then forget classes {self.settings['forget_classes']} on the same training data "
+                "(`reglab.peft_claims`, protocol `forget`). forget / retain: test accuracy (argmax over all classes) "
                 "on the forgotten classes' samples / on every other sample.", ""]
