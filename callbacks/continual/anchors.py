@@ -3,46 +3,22 @@
 Both add ``lam * sum_i Omega_i (theta_i - theta*_i)^2`` where ``theta*`` are the parameters at the
 end of the previous task and ``Omega`` their importance (1 for L2, the diagonal Fisher for EWC).
 Before the first task ends there is no anchor and the term is 0, so in a plain single fit these
-techniques change nothing.
+techniques change nothing. The functional core (the penalty, the trainable parameters by name, the
+state flattening) is :mod:`reglab.anchors`, shared with L2-SP; the continual modules import it from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from reglab.anchors import flatten_state, quadratic_penalty, tensors_on, trainable_parameters, unflatten_state
 from reglab.mixins import StepOutput
 from reglab.technique import Technique
-
-
-def trainable_parameters(module: torch.nn.Module) -> dict[str, Tensor]:
-    # named as in the uncompiled module, so a compiled one matches an anchor taken without compile
-    return {name.replace("_orig_mod.", ""): p for name, p in module.named_parameters() if p.requires_grad}
-
-
-def quadratic_penalty(
-    parameters: Mapping[str, Tensor], anchor: Mapping[str, Tensor], importance: Mapping[str, Tensor] | None
-) -> Tensor:
-    """``sum_i Omega_i (theta_i - theta*_i)^2`` over the anchored parameters, in fp32
-    (``importance=None`` means Omega = 1)."""
-    total = torch.zeros((), device=next(iter(parameters.values())).device)
-    for name, reference in anchor.items():
-        squared = (parameters[name].float() - reference).pow(2)
-        total = total + (squared if importance is None else importance[name] * squared).sum()
-    return total
-
-
-def flatten_state(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``{prefix.name: tensor}``: top-level tensors, so checkpoints and the harness see each one."""
-    return {f"{prefix}.{name}": t.detach().cpu().clone() for name, t in tensors.items()}
-
-
-def unflatten_state(prefix: str, state: Mapping[str, Any]) -> dict[str, Tensor]:
-    return {key[len(prefix) + 1 :]: value for key, value in state.items() if key.startswith(prefix + ".")}
 
 
 class AnchoredParameterPenalty(Technique):
@@ -82,9 +58,9 @@ class AnchoredParameterPenalty(Technique):
         if not self.anchor:
             return {"penalty": torch.zeros((), device=out.logits.device)}
         device = next(iter(parameters.values())).device
-        self.anchor = _on(self.anchor, device)
+        self.anchor = tensors_on(self.anchor, device)
         if self.importance is not None:
-            self.importance = _on(self.importance, device)
+            self.importance = tensors_on(self.importance, device)
         return {"penalty": self.lam * quadratic_penalty(parameters, self.anchor, self.importance)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -97,8 +73,3 @@ class AnchoredParameterPenalty(Technique):
         self.anchor = unflatten_state("anchor", state_dict)
         self.importance = unflatten_state("importance", state_dict) or None
 
-
-def _on(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    if all(t.device == device for t in tensors.values()):
-        return tensors
-    return {name: t.to(device) for name, t in tensors.items()}

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+
+from reglab.nn.weight_delta import WeightDeltaAdapter
 
 
 def core_update(left: Tensor, right: Tensor, core: Tensor, core_init: Tensor,
@@ -34,12 +35,12 @@ def core_update(left: Tensor, right: Tensor, core: Tensor, core_init: Tensor,
     return left @ change @ right
 
 
-class CoreAdapter(nn.Module):
+class CoreAdapter(WeightDeltaAdapter):
     """Wraps a layer that has a ``weight`` (``nn.Linear``, ``nn.Conv2d``, ...) as
     ``W' = W + left @ (s*C - s0*C0) @ right`` (see the module docstring).
 
-    Like peft's LoRA layers it keeps the wrapped layer as ``base_layer`` and offers ``merge()`` and
-    ``get_base_layer()``, so :func:`reglab.peft_surgery.merge_adapters` treats both alike.
+    A :class:`~reglab.nn.weight_delta.WeightDeltaAdapter`: ``base_layer``, ``merge()`` and
+    ``get_base_layer()`` as peft's LoRA layers, so :func:`reglab.peft_surgery.merge_adapters` treats both alike.
 
     Args:
         base_layer: the pretrained layer; its parameters are left to the caller to freeze.
@@ -53,7 +54,7 @@ class CoreAdapter(nn.Module):
 
     def __init__(self, base_layer: nn.Module, left: Tensor, right: Tensor, core_init: Tensor,
                  scale_init: float | None = None, persistent_factors: bool = False) -> None:
-        super().__init__()
+        super().__init__(base_layer)
         out_features = base_layer.weight.shape[0]
         in_features = base_layer.weight[0].numel()
         rank = core_init.shape[0]
@@ -62,14 +63,12 @@ class CoreAdapter(nn.Module):
                 f"CoreAdapter: factors of shapes {tuple(left.shape)} and {tuple(right.shape)} do not fit a "
                 f"weight of {out_features} x {in_features} with a core of rank {rank}"
             )
-        self.base_layer = base_layer
         self.register_buffer("left", left.detach().float().clone(), persistent=persistent_factors)
         self.register_buffer("right", right.detach().float().clone(), persistent=persistent_factors)
         self.register_buffer("core_init", core_init.detach().float().clone(), persistent=persistent_factors)
         self.core = nn.Parameter(core_init.detach().float().clone())
         self.scale = None if scale_init is None else nn.Parameter(torch.tensor(float(scale_init)))
         self.scale_init = 1.0 if scale_init is None else float(scale_init)
-        self.merged = False
 
     def delta_weight(self) -> Tensor:
         """The current change of the base weight, in the base weight's shape and dtype."""
@@ -77,19 +76,3 @@ class CoreAdapter(nn.Module):
         change = core_update(self.left, self.right, self.core, self.core_init, scale, self.scale_init)
         weight = self.base_layer.weight
         return change.reshape(weight.shape).to(weight.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
-            return self.base_layer(x)
-        weight = self.base_layer.weight + self.delta_weight()
-        return functional_call(self.base_layer, {"weight": weight}, (x,))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add the update into the base weight (for inference: no extra cost per step)."""
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight()
-            self.merged = True
-
-    def get_base_layer(self) -> nn.Module:
-        return self.base_layer
