@@ -48,24 +48,6 @@ def ist_with_scores() -> Technique:
     return ist
 
 
-def tiny_bert(directory: Path, num_hidden_layers: int) -> tuple[L.LightningModule, torch.utils.data.DataLoader]:
-    """A randomly initialised BERT classifier (hidden size 16, 3 classes) saved to ``directory`` and
-    loaded as an ``hf:`` ClassificationModule, and a loader of 64 random 8-token sequences (batches of 16)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from reglab.tasks import ClassificationModule
-
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=num_hidden_layers, num_attention_heads=2,
-                        intermediate_size=32)
-    BertForSequenceClassification(config).save_pretrained(directory)
-    module = ClassificationModule(f"hf:{directory}", num_classes=3, input_shape=(8,), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    samples = [{"input": {"input_ids": torch.randint(0, 50, (8,), generator=generator),
-                          "attention_mask": torch.ones(8, dtype=torch.long)}, "target": torch.tensor(i % 3)}
-               for i in range(64)]
-    return module, torch.utils.data.DataLoader(samples, batch_size=16)
-
-
 FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores}
 
 

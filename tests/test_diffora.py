@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from harness import quiet_trainer, tiny_bert
+from harness import quiet_trainer
+from tiny_bert import tiny_bert
 from reglab.callbacks.peft import DiffoRA
 from reglab.callbacks.peft.diffora import ALPHA, MASK, gate, select_within_budget
 from reglab.datamodules import DigitsDataModule

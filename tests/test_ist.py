@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from harness import quiet_trainer, tiny_bert
+from harness import quiet_trainer
+from tiny_bert import tiny_bert
 from reglab.callbacks.peft import IST
 from reglab.callbacks.peft.ist import layer_unit, score_update
 from reglab.datamodules import DigitsDataModule

@@ -21,6 +21,7 @@ from reglab.callbacks.peft.loca import (
     dct_matrix,
     sparse_idct2,
 )
+from tiny_bert import tiny_bert_config
 
 
 def test_dct_matrix_is_the_orthonormal_dct_ii():
@@ -177,11 +178,10 @@ def test_a_convolution_adds_the_inverse_dct_read_as_out_x_in_kh_kw():
 
 
 def test_adapts_a_bert_models_query_key_value_and_dense_layers():
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    model = BertForSequenceClassification(config)
+    model = BertForSequenceClassification(tiny_bert_config())
     technique = LoCA(n_frequency=20, target_modules=["query", "key", "value", "dense"])
     technique.prepare(model)
     adapted = sorted(name for name, m in model.named_modules() if isinstance(m, LocaLayer))

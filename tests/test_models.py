@@ -7,6 +7,7 @@ import torch
 
 from reglab.models import create_backbone, list_backbones
 from reglab.tasks import ClassificationModule
+from tiny_bert import save_tiny_bert
 
 
 @pytest.mark.parametrize(("name", "shape"), [("mlp", (64,)), ("cnn", (1, 8, 8)), ("mlp", (3, 4, 4))])
@@ -38,10 +39,7 @@ def test_unknown_timm_model():
 
 
 def test_transformers_sequence_classifier_from_local_path(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    save_tiny_bert(tmp_path)
     module = ClassificationModule(f"hf:{tmp_path}", num_classes=3, input_shape=(8,))
     batch = {"input": {"input_ids": torch.randint(0, 50, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
              "target": torch.tensor([0, 2])}

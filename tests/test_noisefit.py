@@ -15,6 +15,7 @@ from reglab.registry import example_data, example_trainer
 from reglab.step import StepOutput
 from reglab.tasks import ClassificationModule
 from reglab.technique import TechniqueConfigError
+from tiny_bert import save_tiny_bert, token_batch
 
 
 def test_adaptive_noise_of_one_token_by_hand():
@@ -103,17 +104,13 @@ def test_fit_starts_from_the_pretrained_checkpoint_and_records_its_choice(tmp_pa
 
 
 def test_tiny_bert_linear_layers_are_candidates(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    save_tiny_bert(tmp_path)
     bert = ClassificationModule(f"hf:{tmp_path}", num_classes=3, input_shape=(8,))
     technique = NoiseFiT(num_layers=3)
     technique.candidates = technique.candidate_layers(bert)
     assert {"query", "key", "value", "dense"} <= {name.split(".")[-1] for name in technique.candidates}
     assert not any("classifier" in name for name in technique.candidates)
-    batch = {"input": {"input_ids": torch.randint(0, 50, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)},
-             "target": torch.tensor([0, 1, 2, 0])}
+    batch = token_batch(4)
     technique.select_layers(SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda x, src: x)), bert, batch)
     assert len(technique.selected_layers) == 3
     technique.on_train_batch_start(None, bert, batch, 0)

@@ -13,6 +13,7 @@ from reglab.callbacks.peft import SaliencyAwarePartialRetraining
 from reglab.callbacks.peft.saliency_partial_retraining import fake_quantize, fisher_diagonal, round_ste, saliency_penalty
 from reglab.tasks import ClassificationModule
 from reglab.technique import TechniqueConfigError
+from tiny_bert import save_tiny_bert, token_batch
 
 NO_CLIP = torch.tensor([[30.0]])  # sigmoid(30) = 1: each channel's full range
 
@@ -125,13 +126,9 @@ def test_cnn_convolutions_and_tiny_bert_linear_layers(tmp_path):
     saliency = torch.cat([q.saliency.flatten() for _, q in technique.quantizers])
     assert saliency.mean().item() == pytest.approx(1.0, rel=1e-4)  # normalised over all layers together
 
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    save_tiny_bert(tmp_path)
     bert = ClassificationModule(f"hf:{tmp_path}", num_classes=3, input_shape=(8,))
-    batch = {"input": {"input_ids": torch.randint(0, 50, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)},
-             "target": torch.tensor([0, 1, 2, 0])}
+    batch = token_batch(4)
     technique = SaliencyAwarePartialRetraining(bits=2, lam=0.1, r=2, calibration_samples=4)
     technique.prepare(bert, with_data(batch))
     names = {name for name, m in bert.named_modules() if hasattr(m, "parametrizations")}
