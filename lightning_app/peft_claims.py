@@ -141,7 +141,6 @@ class PretrainedStart(Protocol):
                              f"got {self.settings['scenario']!r}")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        self.check_settings()
         allowed = {"technique", "lr", "lr_source", "lr_grid"}
         if set(spec) - allowed:
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {sorted(set(spec) - allowed)}; "

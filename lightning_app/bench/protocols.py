@@ -94,6 +94,10 @@ class Protocol:
             )
         self.claim_name = claim_name
         self.settings = {**copy.deepcopy(self.defaults), **settings}
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """Raise :class:`ClaimError` for settings this protocol cannot run (called on construction)."""
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         """Raise :class:`ClaimError` for an arm this protocol cannot run (called at load time)."""
