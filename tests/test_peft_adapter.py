@@ -103,6 +103,17 @@ def test_adalora_prunes_to_its_target_budget_by_the_end_of_the_schedule():
     assert not any(k.startswith("exp_avg_ipt/") for k in state)  # reset at the final allocation
 
 
+def test_adalora_scores_the_first_step_before_allocating_so_a_one_step_schedule_runs():
+    # a regression: steps numbered from 1 made a one-step run's only call the final allocation,
+    # which reads importance scores no step had recorded (KeyError in peft's RankAllocator)
+    from reglab.callbacks.peft import AdaLoRA
+
+    technique = AdaLoRA({"init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 0})
+    quiet_trainer(max_steps=1, callbacks=[technique]).fit(small_module(), datamodule=noisy_digits())
+    assert technique.config["total_step"] == 1 and technique.allocated_at == 1
+    assert any(key.startswith("exp_avg_ipt/") for key in technique.state_dict())
+
+
 def test_adalora_takes_the_run_length_at_setup_and_refuses_a_run_too_short_for_its_schedule():
     from reglab.callbacks.peft import AdaLoRA
 

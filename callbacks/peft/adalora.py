@@ -93,10 +93,12 @@ class AdaLoRA(PeftAdapter):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # once per optimizer step (not per accumulated micro-batch), before the next zero_grad
+        # once per optimizer step (not per accumulated micro-batch), before the next zero_grad;
+        # peft numbers steps from 0 (the index of the step just taken), so a run's first step scores
+        # the triplets before any allocation reads the scores, even in a one-step run
         if trainer.global_step != self.allocated_at:
             self.allocated_at = trainer.global_step
-            self.tuner.update_and_allocate(trainer.global_step)
+            self.tuner.update_and_allocate(trainer.global_step - 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Flat: ``<statistic>/<parameter>`` tensors, ``rank_pattern/<layer>`` bool tensors (which
