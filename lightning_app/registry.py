@@ -239,11 +239,14 @@ def example_module(seed: int = 0) -> Any:
     return ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (32,)}, lr=1e-2)
 
 
-def example_data(batch_size: int = 256) -> Any:
-    """The harness data: flat digits with 40% symmetric noise (~5 training steps per epoch at 256)."""
-    from reglab.datamodules import DigitsDataModule, LabelNoise
+def example_data(batch_size: int = 256, domains: bool = False) -> Any:
+    """The harness data: flat digits with 40% symmetric noise (~5 training steps per epoch at 256);
+    ``domains=True`` deals the same training images to three rotation domains, so batches carry
+    ``domain`` (for techniques that need it; same size, so the same steps per epoch)."""
+    from reglab.datamodules import DigitsDataModule, LabelNoise, RotatedDigitsDataModule
 
-    return DigitsDataModule(flatten=True, batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
+    kind = RotatedDigitsDataModule if domains else DigitsDataModule
+    return kind(flatten=True, batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
 
 
 def example_trainer(**kwargs: Any) -> Any:

@@ -24,6 +24,12 @@ from reglab.technique import Technique
 
 small_module = registry.example_module
 noisy_digits = registry.example_data
+
+
+def data_for(*techniques: Technique, batch_size: int = 256) -> L.LightningDataModule:
+    """The harness data for a run with these techniques: noisy digits, dealt to rotation domains
+    when one of them needs ``domain``."""
+    return noisy_digits(batch_size, domains=any("domain" in t.needs for t in techniques))
 quiet_trainer = registry.example_trainer
 distillation_teacher = registry.example_checkpoint
 
@@ -97,4 +103,4 @@ def ddp_worker(rank: int, technique_ids: list[str], port: int, report_dir: str) 
             max_steps=4, devices=2, strategy="ddp",
             callbacks=[technique, RankStateCheck(technique, Path(report_dir) / technique_id)],
         )
-        trainer.fit(small_module(), datamodule=noisy_digits(batch_size=128))
+        trainer.fit(small_module(), datamodule=data_for(technique, batch_size=128))
