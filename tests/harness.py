@@ -24,12 +24,6 @@ from reglab.technique import Technique
 
 small_module = registry.example_module
 noisy_digits = registry.example_data
-
-
-def data_for(*techniques: Technique, batch_size: int = 256) -> L.LightningDataModule:
-    """The harness data for a run with these techniques: noisy digits, dealt to rotation domains
-    when one of them needs ``domain``."""
-    return noisy_digits(batch_size, domains=any("domain" in t.needs for t in techniques))
 quiet_trainer = registry.example_trainer
 distillation_teacher = registry.example_checkpoint
 
@@ -61,6 +55,11 @@ def make(technique_id: str) -> Technique:
     """The technique of this id as its harness case builds it."""
     factory = registry.card(technique_id).harness.get("factory")
     return FACTORIES[factory]() if factory else registry.example_technique(technique_id)
+
+
+def data_for(technique_id: str, batch_size: int = 256) -> L.LightningDataModule:
+    """The harness data of this technique's case (``harness.data``: domains for techniques that need them)."""
+    return noisy_digits(batch_size, registry.card(technique_id).harness.get("data"))
 
 
 def partner(technique_id: str) -> Technique:
@@ -103,4 +102,4 @@ def ddp_worker(rank: int, technique_ids: list[str], port: int, report_dir: str) 
             max_steps=4, devices=2, strategy="ddp",
             callbacks=[technique, RankStateCheck(technique, Path(report_dir) / technique_id)],
         )
-        trainer.fit(small_module(), datamodule=data_for(technique, batch_size=128))
+        trainer.fit(small_module(), datamodule=data_for(technique_id, batch_size=128))

@@ -38,8 +38,7 @@ stage that works in Lightning's hooks:
 
 State: the inner optimizer's state (Adam's moments and step count), checkpointed, so resume is
 exact. Refused at setup: 16-mixed precision (the inner loop has no gradient scaler; bf16 works),
-FSDP, and techniques that re-evaluate the loss inside the optimizer step (``requires_closure``,
-SAM-style), whose step Fish would discard.
+FSDP, and SAM-style techniques (the ``perturb_weights`` stage), whose gradient Fish would discard.
 
 Method card: ``fish.card.yaml`` beside this module.
 
@@ -108,9 +107,10 @@ class Fish(Technique):
         if str(trainer.precision).startswith("16"):
             raise self.fail(f"its inner loop runs without a gradient scaler, which precision={trainer.precision} needs",
                             "train with precision='bf16-mixed' or '32-true'")
-        closures = [type(t).__name__ for t in trainer.callbacks if isinstance(t, Technique) and t.requires_closure]
-        if closures:
-            raise self.fail(f"it replaces the optimizer step, which {closures[0]} re-evaluates (requires_closure)",
+        # SAM-style techniques (the `perturb_weights` stage) turn the step's gradient into another one, which Fish discards
+        movers = [type(t).__name__ for t in trainer.callbacks if isinstance(t, Technique) and "perturb_weights" in t.stages]
+        if movers:
+            raise self.fail(f"it replaces the optimizer step, whose gradient {movers[0]} takes at moved weights",
                             "remove one of the two techniques")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
