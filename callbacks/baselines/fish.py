@@ -113,6 +113,9 @@ class Fish(Technique):
             raise self.fail(f"it replaces the optimizer step, whose gradient {movers[0]} takes at moved weights",
                             "remove one of the two techniques")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._window = []  # batches of a step an interrupted earlier fit never took
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._window.append(batch)
 
