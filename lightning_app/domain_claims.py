@@ -89,6 +89,8 @@ class DomainsProtocol(Protocol):
 
     def check_settings(self) -> None:
         s = self.settings
+        if len(set(self.held_out_domains())) != len(self.held_out_domains()):
+            raise ClaimError(f"claim {self.claim_name}: held_out {s['held_out']} repeats a domain. Fix: list each once.")
         for domain in self.held_out_domains():
             try:  # the DataModule's own checks: known domains, a batch size every split divides
                 DomainDigitsDataModule(domains=s["domains"], held_out=[domain], batch_size=s["batch_size"], **s["data"])

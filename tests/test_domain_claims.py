@@ -95,6 +95,7 @@ def test_the_table_has_a_row_per_arm_and_a_column_per_held_out_domain(tmp_path):
     [
         ({"batch_size": 50}, {}, "not a multiple of the 4"),
         ({"held_out": ["sideways"]}, {}, "held_out must name"),
+        ({"held_out": ["noisy", "noisy"]}, {}, "repeats a domain"),
         ({"lr_grid": []}, {}, "lr_grid must be a non-empty list"),
         ({"data": {"colour": 1}}, {}, "unexpected keyword"),
         ({}, {"epochs": 3}, "unknown field"),
