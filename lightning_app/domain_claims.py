@@ -30,7 +30,29 @@ here); training runs whole epochs over domain-balanced batches drawn without rep
 An arm is ``{technique, lr, lr_grid}`` (all optional): ``technique`` one ``{class_path,
 init_args}`` or a list of them to stack; no technique is ERM (the plain module). The grid is the
 arm's ``lr_grid``, else its ``lr`` alone, else the claim's ``lr_grid``, else the claim's ``lr``.
-A claim file names ``module: reglab.domain_claims``.
+A claim file names ``module: reglab.domain_claims``; claims that use the same ``settings`` share
+their arms' runs (ERM runs once for all of them)::
+
+    name: coral
+    claim: "..."
+    techniques: [coral]
+    protocol: domains
+    module: reglab.domain_claims
+    seeds: 3
+    settings: {domains: [upright, rotated, coloured, noisy, inverted], backbone: cnn, epochs: 10, batch_size: 60,
+               lr_grid: [0.001, 0.003]}
+    arms:
+      erm: {label: ERM}
+      coral: {label: CORAL, technique: {class_path: reglab.callbacks.baselines.CORAL}}
+    checks:
+      - {metric: average, direction: higher, arm: coral, against: erm}
+    smoke: {settings: {held_out: [coloured], epochs: 1, lr_grid: [0.001], trainer: {limit_train_batches: 2}}}
+
+Settings: ``domains``, ``held_out`` (``null``: each domain in turn), ``backbone`` and
+``backbone_kwargs``, ``epochs``, ``batch_size`` (a multiple of the training domains), ``lr``,
+``lr_grid``, ``data`` (further :class:`~reglab.datamodules.DomainDigitsDataModule` arguments:
+``rotation``, ``colour_correlation``, ``noise_std``, ``holdout_fraction``) and ``trainer``
+(further ``L.Trainer`` arguments, e.g. ``precision``).
 """
 
 from __future__ import annotations
@@ -45,8 +67,7 @@ import lightning as L
 
 from reglab.bench.effects import mean_std
 from reglab.bench.protocols import ClaimError, Protocol, instantiate, register_protocol
-from reglab.datamodules import DomainDigitsDataModule
-from reglab.datamodules.domains import DOMAINS
+from reglab.datamodules import DOMAINS, DomainDigitsDataModule
 from reglab.tasks import ClassificationModule
 
 ARM_FIELDS = ("technique", "lr", "lr_grid")
