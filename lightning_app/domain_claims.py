@@ -165,9 +165,10 @@ class DomainsProtocol(Protocol):
         L.seed_everything(seed, verbose=False)
         module = ClassificationModule(s["backbone"], num_classes=data.num_classes, input_shape=data.input_shape,
                                       backbone_kwargs=s["backbone_kwargs"], lr=lr)
+        # no validation loop during fit: selection reads its own test runs after it
         trainer = L.Trainer(**{"max_epochs": s["epochs"], "accelerator": "auto", "devices": 1, "logger": False,
                                "enable_checkpointing": False, "enable_progress_bar": False,
-                               "enable_model_summary": False, "num_sanity_val_steps": 0, **s["trainer"]},
+                               "enable_model_summary": False, "limit_val_batches": 0, **s["trainer"]},
                             callbacks=[instantiate(technique) for technique in techniques(spec)])
         trainer.fit(module, datamodule=data)
         fitted = copy.deepcopy(module.state_dict())
