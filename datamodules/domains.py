@@ -119,6 +119,11 @@ class RotatedDigitsDataModule(ClassificationDataModule):
     def num_domains(self) -> int:
         return len(self.domain_angles)
 
+    @property
+    def num_train_domains(self) -> int:
+        """Training batches carry domains ``0 .. num_train_domains - 1`` (as :class:`DomainDigitsDataModule`'s)."""
+        return len(self.train_angles)
+
     def _load_splits(self) -> dict[str, Split]:
         upright = DigitsDataModule(val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.split_seed)
         upright.setup()

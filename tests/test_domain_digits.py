@@ -8,7 +8,9 @@ from collections import Counter
 import pytest
 import torch
 
-from reglab.datamodules import DOMAINS, PALETTE, DomainBalancedSampler, DomainDigitsDataModule, label_colours
+from reglab.datamodules import (
+    DOMAINS, PALETTE, DomainBalancedSampler, DomainDigitsDataModule, RotatedDigitsDataModule, label_colours,
+)
 from reglab.datamodules.digits import digit_images
 
 
@@ -172,3 +174,11 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
 def test_repeat_factor_sampling_is_refused(coloured_held_out):
     with pytest.raises(ValueError, match="domain-balanced"):
         coloured_held_out.set_train_repeat_factors(torch.ones(coloured_held_out.num_train_samples))
+
+
+def test_both_domain_datamodules_number_their_training_domains_first():
+    rotated = RotatedDigitsDataModule(train_angles=[0, 30], test_angles=[60], batch_size=32)
+    rotated.setup("fit")
+    assert rotated.num_train_domains == 2
+    assert sorted(rotated.train_dataset.extras["domain"].unique().tolist()) == [0, 1]
+    assert rotated.test_dataset.extras["domain"].unique().tolist() == [2]
