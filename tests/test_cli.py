@@ -93,7 +93,8 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
 
 #: technique configs that cannot run on the default experiment's CNN, with the experiment they need
 #: (S²FT selects attention heads and FFN channels of Linear layers; the CNN has none outside its head)
-NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml"}
+NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml",
+                    **{f"{t}.yaml": "domain_digits_erm.yaml" for t in ("coral", "irm", "vrex", "fish", "fishr")}}
 
 
 def _smoke_sets() -> list[list[Path]]:

@@ -73,8 +73,8 @@ class Fishr(AnnealedPenalty):
         anneal_iters: optimizer steps with weight 0 before ``lam`` applies (``penalty_anneal_iters``).
         ema: momentum of the per-domain moving average of the variances.
         head: name of the module's linear classifier head (applied to the step's features).
-        num_domains: number of domain ids (rows of the moving average); default the DataModule's
-            ``num_domains``.
+        num_domains: number of training-domain ids ``0 .. num_domains - 1`` (rows of the moving
+            average); default the DataModule's ``num_train_domains``.
     """
 
     name = "fishr"
@@ -106,10 +106,10 @@ class Fishr(AnnealedPenalty):
                 "(ClassificationModule without cosine_head_temperature)",
             )
         self.bias = head.bias is not None
-        domains = self.num_domains or getattr(trainer.datamodule, "num_domains", None)
+        domains = self.num_domains or getattr(trainer.datamodule, "num_train_domains", None)
         if not domains:
-            raise self.fail("it keeps a moving average per domain but cannot tell the number of domains",
-                            "use a DataModule with num_domains (RotatedDigitsDataModule, DomainDigitsDataModule) "
+            raise self.fail("it keeps a moving average per training domain but cannot tell how many there are",
+                            "use a DataModule with num_train_domains (DomainDigitsDataModule, RotatedDigitsDataModule) "
                             "or pass num_domains")
         self.num_domains = int(domains)
         size = head.weight.numel() + (head.out_features if self.bias else 0)
