@@ -39,6 +39,7 @@ stage that works in Lightning's hooks:
 State: the inner optimizer's state (Adam's moments and step count), checkpointed, so resume is
 exact. Refused at setup: 16-mixed precision (the inner loop has no gradient scaler; bf16 works),
 FSDP, and SAM-style techniques (the ``perturb_weights`` stage), whose gradient Fish would discard.
+The trainer's gradient clipping does not reach the inner steps.
 
 Method card: ``fish.card.yaml`` beside this module.
 
