@@ -228,3 +228,10 @@ def test_fish_keeps_the_inner_adam_state_one_step_per_domain_and_optimizer_step(
         assert {float(state["step"]) for state in fish.inner_state.values()} == {3.0 * max_steps}
         # the module's optimizer never stepped (Fish moved the weights itself)
         assert not trainer.optimizers[0].state
+
+
+def test_fish_refuses_16_mixed_precision():
+    trainer = registry.example_trainer(max_steps=1, precision="bf16-mixed", callbacks=[Fish()])
+    trainer.precision_plugin.precision = "16-mixed"  # what a GPU trainer has (on CPU Lightning swaps in bf16)
+    with pytest.raises(TechniqueConfigError, match="Fish: its inner loop runs without a gradient scaler"):
+        trainer.fit(registry.example_module(), datamodule=RotatedDigitsDataModule(flatten=True, batch_size=48))
