@@ -73,6 +73,9 @@ def test_irm_scale_gradient_by_hand():
     # z = (ln 3, 0), label 0: p = (3/4, 1/4), d CE(s z)/ds = (p0 - 1) ln 3 + p1 * 0 = -ln(3) / 4
     slopes = scale_gradients(torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]]), torch.tensor([0, 0]))
     torch.testing.assert_close(slopes, torch.tensor([-math.log(3.0) / 4, 3 * math.log(3.0) / 4]))
+    # a class masked to -inf (an inactive class of a task sequence) adds nothing instead of nan
+    masked = torch.tensor([[math.log(3.0), 0.0, -math.inf]])
+    torch.testing.assert_close(scale_gradients(masked, torch.tensor([0])), slopes[:1])
     # the two halves of the one domain: penalty = slope_0 * slope_1
     penalty = irm_penalty(slopes, domain_masks(torch.tensor([5, 5]), 2)[0])
     assert penalty.item() == pytest.approx(-3 * math.log(3.0) ** 2 / 16)
