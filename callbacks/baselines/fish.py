@@ -26,9 +26,11 @@ stage that works in Lightning's hooks:
   the clone is a set of tensors that ``torch.func.functional_call`` substitutes for the module's
   parameters and buffers, and the inner loss of a domain is the module's whole step contract on
   that domain's samples (``regularized_step``: the task loss and every other technique's terms), so
-  Fish stacks with loss-changing techniques. The inner optimizer is a new instance of the module's
-  own optimizer class with its parameter groups' current hyper-parameters (a learning-rate
-  schedule applies), loaded with the inner state of the previous step. Then the meta-update moves
+  Fish stacks with loss-changing techniques (one whose loss term also updates its state, as ELR's
+  targets, updates it in every inner pass too, besides the module's own pass). The inner
+  optimizer is a new instance of the module's own optimizer class with its parameter groups'
+  current hyper-parameters (a learning-rate schedule applies), loaded with the inner state of the
+  previous step. Then the meta-update moves
   the module's weights and the gradients are set to ``None``, so the module's optimizer leaves
   them as they are: the module's own forward and backward of the step only feed logging and the
   ``on_train_batch_end`` of other techniques.
@@ -124,23 +126,7 @@ class Fish(Technique):
         batch, self._window = concatenate(self._window), []
         if trainer.world_size > 1:
             batch = {k: v.flatten(0, 1) if isinstance(v, Tensor) else v for k, v in pl_module.all_gather(batch).items()}
-        names = {id(p): name for name, p in pl_module.named_parameters()}
-        groups = [group["params"] for group in optimizer.param_groups]
-        clones = {names[id(p)]: p.detach().clone().requires_grad_(p.requires_grad) for params in groups for p in params}
-        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
-        inner = type(optimizer)([{**group, "params": [clones[names[id(p)]] for p in group["params"]]}
-                                 for group in optimizer.param_groups])
-        if self.inner_state:
-            inner.load_state_dict({"state": self.inner_state, "param_groups": inner.state_dict()["param_groups"]})
-        tensors = {f"module.{name}": t for name, t in {**clones, **buffers}.items()}
-        step = ContractLoss(pl_module)
-        with torch.enable_grad(), trainer.precision_plugin.forward_context():
-            for domain in batch["domain"].unique():
-                loss = functional_call(step, tensors, (select(batch, batch["domain"] == domain),))
-                inner.zero_grad()
-                loss.backward()
-                inner.step()
-        self.inner_state = inner.state_dict()["state"]
+        clones, buffers = self.inner_loop(trainer, pl_module, optimizer, batch)
         with torch.no_grad():
             for name, p in pl_module.named_parameters():
                 if name in clones:
@@ -150,9 +136,32 @@ class Fish(Technique):
                     b.lerp_(buffers[name], self.meta_lr)
                 else:  # counters (batch-norm's num_batches_tracked) take the clone's value
                     b.copy_(buffers[name])
-        for params in groups:
-            for p in params:
-                p.grad = None
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None  # the module's optimizer skips every parameter: this step is done
+
+    def inner_loop(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any,
+                   batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The clone's parameters (those ``optimizer`` trains) and buffers after one step of a new
+        instance of ``optimizer``'s class per domain of ``batch``, in domain order."""
+        names = {id(p): name for name, p in module.named_parameters()}
+        clones = {names[id(p)]: p.detach().clone().requires_grad_(p.requires_grad)
+                  for group in optimizer.param_groups for p in group["params"]}
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        inner = type(optimizer)([{**group, "params": [clones[names[id(p)]] for p in group["params"]]}
+                                 for group in optimizer.param_groups])
+        if self.inner_state:
+            inner.load_state_dict({"state": self.inner_state, "param_groups": inner.state_dict()["param_groups"]})
+        tensors = {f"module.{name}": t for name, t in {**clones, **buffers}.items()}
+        step = ContractLoss(module)
+        with torch.enable_grad(), trainer.precision_plugin.forward_context():
+            for domain in batch["domain"].unique():
+                loss = functional_call(step, tensors, (select(batch, batch["domain"] == domain),))
+                inner.zero_grad()
+                loss.backward()
+                inner.step()
+        self.inner_state = inner.state_dict()["state"]
+        return clones, buffers
 
     def state_dict(self) -> dict[str, Any]:
         return {f"{index}.{key}": value.detach().cpu().clone() if isinstance(value, Tensor) else value
