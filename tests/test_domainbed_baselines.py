@@ -238,3 +238,22 @@ def test_fish_refuses_16_mixed_precision():
     trainer.precision_plugin.precision = "16-mixed"  # what a GPU trainer has (on CPU Lightning swaps in bf16)
     with pytest.raises(TechniqueConfigError, match="Fish: its inner loop runs without a gradient scaler"):
         trainer.fit(registry.example_module(), datamodule=RotatedDigitsDataModule(flatten=True, batch_size=48))
+
+
+def test_resume_before_the_anneal_jump_is_exact(tmp_path):
+    """The schedule and the optimizer reset come from trainer.global_step: stopped at step 7 and
+    resumed, a run whose jump is at step 9 ends with the weights of an uninterrupted run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps, ckpt_path=None, checkpoint=None):
+        module = registry.example_module()
+        callbacks = [VREx(lam=50.0, anneal_iters=9)] + ([checkpoint] if checkpoint else [])
+        trainer = registry.example_trainer(max_steps=max_steps, enable_checkpointing=checkpoint is not None, callbacks=callbacks)
+        trainer.fit(module, datamodule=RotatedDigitsDataModule(flatten=True, batch_size=256), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(12)
+    run(7, checkpoint=ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=7, save_top_k=-1))
+    resumed = run(12, ckpt_path=str(tmp_path / "epoch=1-step=7.ckpt"))
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
