@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from harness import noisy_digits, quiet_trainer, small_module
+from test_harness import _free_port
 from reglab.callbacks.baselines import SAM
 from reglab.callbacks.domain_generalization import UDIM
 from reglab.mixins import RegularizedMixin, StepOutput
@@ -155,12 +155,6 @@ def ddp_worker(rank: int, port: int, report: str) -> None:
     udim_weights = torch.cat([p.detach().flatten() for p in udim_module.parameters()]).tolist()
     Path(report, f"rank{rank}.json").write_text(
         json.dumps({"w": module.w.detach().tolist(), "rows": record.rows, "udim": udim_weights}))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
