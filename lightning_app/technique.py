@@ -371,7 +371,7 @@ def forward_step_with(
     """``module.forward_step(batch)`` with the parameters and buffers named in ``tensors`` replaced
     (``torch.func.functional_call``) and every other buffer copied, so that this extra pass leaves
     the module's buffers (batch-norm running statistics) as they were."""
-    stand_ins = {name: buffer.clone() for name, buffer in module.named_buffers(remove_duplicate=False)}
+    stand_ins = {name: buffer.clone() for name, buffer in module.named_buffers()}
     stand_ins.update(tensors or {})
     return torch.func.functional_call(
         _ForwardStep(module), {f"module.{name}": value for name, value in stand_ins.items()}, (batch,)
