@@ -20,8 +20,8 @@ Source: the official code (github.com/aailabkaist/UDIM, ``domainbed/iada/iada_fi
 ``rho = 0.05`` (SAM radius and the sharpness weight of the input ascent, ``rho_t = rho_s``),
 ``rho_x = 10`` (``--syn_lr 10``), ``lam = 1`` (``--worst_weight 1``), SAM alone for the first
 fifth of training (``--sam_warm_up_ratio 5``; here counted in whole epochs, so a resumed run
-follows the same schedule). Only the paper's abstract was at hand, not its method text, so the
-formulas above are the code's. Details where we differ from, or make explicit, the code:
+follows the same schedule). Only the paper's abstract and introduction were at hand, not its method
+section, so the formulas above are the code's. Details where we differ from, or make explicit, the code:
 
 * ``normalize_0`` is the code's ``F.normalize(grad, p=2, dim=0)``: each input element's gradient
   is normalized over the *batch* dimension, not per sample (kept as the code does it);
