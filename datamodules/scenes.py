@@ -407,7 +407,13 @@ class DigitScenesDataModule(DictDataModule):
         mask_noise: :class:`MaskNoise` for the training masks, or ``None``.
         num_labelled: ``None`` (every training scene labelled) or how many training scenes keep
             their masks (the first ones; the scenes are drawn at random, so a random subset): the
-            masks of the others are all :data:`UNLABELLED`, their ``clean_target`` too.
+            masks of the others are all :data:`UNLABELLED`, their ``clean_target`` too. The
+            training loader then draws each labelled scene ``(num_train − num_labelled) /
+            num_labelled`` times per epoch (at least once; repeat factor sampling), so that on
+            average half of every batch is labelled, as in FPGM's (UniMatch's) official code: one
+            batch of labelled and one of unlabelled images per step, the labelled set repeated to
+            the unlabelled set's size. An epoch is then about ``2 (num_train − num_labelled)``
+            scenes. A technique that sets its own repeat factors replaces these.
         test_style: :class:`SceneStyle` of the test scenes (a domain-shifted test split), or ``None``.
         split_seed: seed of the digits' train/val/test pools (default ``seed``).
         val_fraction, test_fraction: share of each digit class in the validation / test pool.
@@ -510,6 +516,11 @@ class DigitScenesDataModule(DictDataModule):
             datasets[split] = DictDataset(images, target, extras)
             self.scenes[split] = scenes
         self.train_dataset, self.val_dataset, self.test_dataset = datasets["train"], datasets["val"], datasets["test"]
+        if self.num_labelled is not None:
+            unlabelled = self.num_scenes["train"] - self.num_labelled
+            factors = torch.ones(self.num_scenes["train"], dtype=torch.float64)
+            factors[: self.num_labelled] = max(1.0, unlabelled / self.num_labelled)
+            self.set_train_repeat_factors(factors)
 
 
 def _unlabel(masks: Tensor, num_labelled: int) -> Tensor:

@@ -228,14 +228,18 @@ class FPGM(Technique):
     def update_prior(self, images: Tensor, labels: Tensor, labelled: Tensor, module: L.LightningModule) -> None:
         """One EMA step of the prior towards the mean edge-region profile of the labelled images,
         the same on every rank (their profile sums and counts are all-reduced)."""
-        chosen = images[labelled].float()
-        grey = (chosen * chosen.new_tensor(_GREY_WEIGHTS).view(1, 3, 1, 1)).sum(1) if chosen.shape[1] == 3 else chosen.mean(1)
-        if labels.dim() == 3:
-            ignore_index = getattr(module, "ignore_index", None)
-            label_map = labels[labelled] if ignore_index is None else labels[labelled].masked_fill(labels[labelled] == ignore_index, 0)
-            grey = grey * edge_regions(label_map, self.dilation)
-        profiles = radial_profile(centred_amplitude(grey)[0])
-        totals = torch.cat([profiles.sum(0), profiles.new_tensor([len(profiles)])])
+        totals = images.new_zeros(min(images.shape[-2:]) // 2 + 1, dtype=torch.float32)
+        if labelled.any():  # every rank reduces, with or without labelled images of its own
+            chosen = images[labelled].float()
+            grey = (chosen * chosen.new_tensor(_GREY_WEIGHTS).view(1, 3, 1, 1)).sum(1) if chosen.shape[1] == 3 else chosen.mean(1)
+            if labels.dim() == 3:
+                label_map = labels[labelled]
+                ignore_index = getattr(module, "ignore_index", None)
+                if ignore_index is not None:
+                    label_map = label_map.masked_fill(label_map == ignore_index, 0)
+                grey = grey * edge_regions(label_map, self.dilation)
+            profiles = radial_profile(centred_amplitude(grey)[0])
+            totals = torch.cat([profiles.sum(0), profiles.new_tensor([len(profiles)])])
         trainer = getattr(module, "_trainer", None)
         if trainer is not None:
             totals = trainer.strategy.reduce(totals, reduce_op="sum")
