@@ -185,6 +185,14 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
         FPGM(**kwargs)
 
 
+def test_fully_labelled_training_data_is_refused_at_setup_unless_every_image_is_used():
+    data = DigitScenesDataModule(num_train=16, num_val=4, num_test=4, batch_size=8)
+    model = SegmentationModule(num_classes=data.num_classes, input_shape=data.input_shape)
+    with pytest.raises(TechniqueConfigError, match="every training image of DigitScenesDataModule has labels.*unlabelled_only"):
+        example_trainer(max_steps=1, callbacks=[FPGM()]).fit(model, datamodule=data)
+    example_trainer(max_steps=1, limit_val_batches=0, callbacks=[FPGM(unlabelled_only=False)]).fit(model, datamodule=data)
+
+
 def test_a_short_semi_supervised_fit_on_the_scenes_trains_the_consistency(one_thread):
     lightning.seed_everything(0, verbose=False)
     data = DigitScenesDataModule(num_train=32, num_val=8, num_test=8, batch_size=8, num_labelled=8)

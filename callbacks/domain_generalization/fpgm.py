@@ -209,6 +209,20 @@ class FPGM(Technique):
         self.image_shape = None if image_shape is None else tuple(int(size) for size in image_shape)
         self.prior: Tensor | None = None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        targets = getattr(getattr(trainer.datamodule, "train_dataset", None), "targets", None)
+        if stage != "fit" or not self.unlabelled_only or not isinstance(targets, Tensor):
+            return
+        ignore_index = getattr(pl_module, "ignore_index", None)
+        if targets.dim() < 3 or ignore_index is None or not (targets == ignore_index).flatten(1).all(1).any():
+            raise self.fail(
+                f"it trains on the unlabelled images (unlabelled_only=True), but every training image of"
+                f" {type(trainer.datamodule).__name__} has labels, so it would do nothing",
+                "use semi-supervised data (e.g. DigitScenesDataModule(num_labelled=100)), or set unlabelled_only:"
+                " false to apply the consistency to every image",
+            )
+
     def images(self, inputs: Tensor) -> Tensor:
         """The batch's inputs as ``(N, C, H, W)`` images."""
         if inputs.dim() == 4:
