@@ -1,4 +1,4 @@
-"""Domain generalization and robust fine-tuning: training that holds up on unseen domains."""
+"""Domain generalization, robust fine-tuning and test-time adaptation: models that hold up on unseen domains."""
 
 from reglab.registry import lazy_exports
 
