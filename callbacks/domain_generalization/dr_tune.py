@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglab.anchors import flatten_state, tensors_on, unflatten_state
-from reglab.checkpoints import copy_pretrained_weights, load_state_dict_file
+from reglab.callbacks.domain_generalization._pretrained import linear_head, load_pretrained, parameter_counts
 from reglab.mixins import StepOutput
 from reglab.technique import Technique
 
@@ -157,22 +157,12 @@ class DRTune(Technique):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        weight = getattr(getattr(pl_module, "head", None), "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2:
-            raise self.fail(f"it trains the head on the pretrained features and weighs class centres by the head's "
-                            f"weight rows, but {type(pl_module).__name__} has no `head` with a (classes, features) weight",
-                            "use a module with a separate linear head (ClassificationModule with a backbone that has none)")
+        linear_head(self, pl_module, "it trains the head on the pretrained features and weighs class centres by the "
+                                     "head's weight rows")
         # a later fit of the same model continues: the pretrained model is taken once
         if self.pretrained_checkpoint and not self.pretrained:
-            state = load_state_dict_file(self.pretrained_checkpoint)
-            try:
-                copy_pretrained_weights(pl_module, state, sorted({key.split(".")[0] for key in pl_module.state_dict()}))
-            except ValueError as error:
-                raise self.fail(f"pretrained_checkpoint {self.pretrained_checkpoint}: {error}",
-                                "pretrain the same architecture and number of classes") from None
-        parameters = list(pl_module.parameters())
-        self.parameter_counts = {"trainable": sum(p.numel() for p in parameters if p.requires_grad),
-                                 "total": sum(p.numel() for p in parameters)}
+            load_pretrained(self, pl_module, self.pretrained_checkpoint)
+        self.parameter_counts = parameter_counts(pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after DDP has broadcast rank 0's weights and after a resume restored the snapshot
