@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from reglab.anchors import flatten_state, tensors_on, unflatten_state
 from reglab.callbacks.domain_generalization._pretrained import linear_head, load_pretrained, parameter_counts
 from reglab.mixins import StepOutput
+from reglab.step import ForwardStep
 from reglab.technique import Technique
 
 
@@ -94,17 +95,6 @@ def semantic_calibration(pretrained: Tensor, fine_tuned: Tensor, labels: Tensor,
         centre = (weights[:, None] * reference[members]).sum(0)
         calibrated[members] += centre - calibrated[members].mean(0)
     return F.normalize(calibrated, dim=1) * scale
-
-
-class _ForwardStep(nn.Module):
-    """``forward(batch) = module.forward_step(batch)``, for :func:`torch.func.functional_call`."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch: dict[str, Any]) -> StepOutput:
-        return self.module.forward_step(batch)
 
 
 @contextlib.contextmanager
@@ -176,7 +166,7 @@ class DRTune(Technique):
         self.pretrained = tensors_on(self.pretrained, device)
         tensors = {f"module.{name}": t for name, t in self.pretrained.items()}
         with _eval_mode(module):
-            return torch.func.functional_call(_ForwardStep(module), tensors, (batch,)).features.float()
+            return torch.func.functional_call(ForwardStep(module), tensors, (batch,)).features.float()
 
     def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
         filled = int(self.queue["filled"]) if self.queue else 0
