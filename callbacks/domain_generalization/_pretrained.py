@@ -12,8 +12,10 @@ from reglab.technique import Technique
 
 
 def load_pretrained(technique: Technique, module: nn.Module, checkpoint: str) -> None:
-    """Copy every entry of ``checkpoint`` into ``module`` (the same architecture: each entry must fit)."""
-    state = load_state_dict_file(checkpoint)
+    """Copy every entry of ``checkpoint`` into ``module`` (the same architecture: each entry must fit;
+    a compiled module's ``_orig_mod.`` names match the plain ones of a checkpoint taken without compile)."""
+    names = {key.replace("_orig_mod.", ""): key for key in module.state_dict()}
+    state = {names.get(key, key): value for key, value in load_state_dict_file(checkpoint).items()}
     try:
         copy_pretrained_weights(module, state, sorted({key.split(".")[0] for key in module.state_dict()}))
     except ValueError as error:
