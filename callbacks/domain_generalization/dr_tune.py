@@ -37,6 +37,8 @@ differs from it, and why:
   no need to reach the dataset; until the first step has run the term is 0.
 * Under DDP every rank enqueues the features of all ranks (gathered), so the queues are the same
   on every rank (the official code keeps one queue per GPU).
+* The official code trains the head at 33 times the backbone's learning rate (SGD, ``lr: [0.01,
+  0.33]``); the optimizer is the module's here (one rate unless its config sets parameter groups).
 
 The pretrained model is the ``pretrained_checkpoint`` (loaded into the module at setup, as the PEFT
 techniques and L2-SP do, so the ``finetune`` claims protocol passes it the same way) or else the
