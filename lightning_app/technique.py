@@ -41,7 +41,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from reglab.step import StepOutput
+from reglab.step import StepOutput, forward_step_with
 
 STAGES = ("transform_batch", "transform_outputs", "transform_targets", "task_loss", "perturb_weights", "loss_terms")
 STEP_FIELDS = frozenset({"features", "index"})
@@ -352,30 +352,6 @@ def run_stages(
                 terms[f"{technique.name}/{key}"] = value
                 total = total + value
     return total, out, terms
-
-
-class _ForwardStep(torch.nn.Module):
-    """``forward(batch) = module.forward_step(batch)``, for :func:`torch.func.functional_call`."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch: dict[str, Any]) -> StepOutput:
-        return self.module.forward_step(batch)
-
-
-def forward_step_with(
-    module: L.LightningModule, batch: dict[str, Any], tensors: dict[str, Tensor] | None = None
-) -> StepOutput:
-    """``module.forward_step(batch)`` with the parameters and buffers named in ``tensors`` replaced
-    (``torch.func.functional_call``) and every other buffer copied, so that this extra pass leaves
-    the module's buffers (batch-norm running statistics) as they were."""
-    stand_ins = {name: buffer.clone() for name, buffer in module.named_buffers()}
-    stand_ins.update(tensors or {})
-    return torch.func.functional_call(
-        _ForwardStep(module), {f"module.{name}": value for name, value in stand_ins.items()}, (batch,)
-    )
 
 
 def perturbed_output(

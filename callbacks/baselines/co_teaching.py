@@ -64,7 +64,8 @@ from torch import Tensor, nn
 
 from reglab.checkpoints import add_restore_hook
 from reglab.mixins import StepOutput
-from reglab.technique import Technique, forward_step_with
+from reglab.step import forward_step_with
+from reglab.technique import Technique
 
 PEER = "co_teaching_peer"  # the peer's attribute on the module: its checkpoint keys start with it
 SELECTIONS = ("train", "eval")

@@ -60,13 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglab.mixins import StepOutput
-from reglab.technique import (
-    Technique,
-    ascent_offsets,
-    forward_step_with,
-    schedule_epochs,
-    trainable_parameters,
-)
+from reglab.step import forward_step_with
+from reglab.technique import Technique, ascent_offsets, schedule_epochs, trainable_parameters
 
 
 def head_gradients(features: Tensor, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
