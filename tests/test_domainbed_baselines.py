@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from reglab import registry
-from reglab.callbacks.baselines import CORAL, IRM, Fish, Fishr, VREx
+from reglab.callbacks.baselines import CORAL, IRM, SAM, Fish, Fishr, VREx
 from reglab.callbacks.baselines.coral import coral_penalty
 from reglab.callbacks.baselines.domain_groups import domain_masks, group_means
 from reglab.callbacks.baselines.fishr import head_gradient_variances, variance_distance
@@ -236,7 +236,13 @@ def test_fish_keeps_the_inner_adam_state_one_step_per_domain_and_optimizer_step(
 def test_fish_refuses_16_mixed_precision():
     trainer = registry.example_trainer(max_steps=1, precision="bf16-mixed", callbacks=[Fish()])
     trainer.precision_plugin.precision = "16-mixed"  # what a GPU trainer has (on CPU Lightning swaps in bf16)
-    with pytest.raises(TechniqueConfigError, match="Fish: its inner loop runs without a gradient scaler"):
+    with pytest.raises(TechniqueConfigError, match="Fish: it cannot run with precision='16-mixed': its inner loop"):
+        trainer.fit(registry.example_module(), datamodule=RotatedDigitsDataModule(flatten=True, batch_size=48))
+
+
+def test_fish_refuses_a_technique_that_moves_the_weights_of_the_step():
+    trainer = registry.example_trainer(max_steps=1, callbacks=[Fish(), SAM()])
+    with pytest.raises(TechniqueConfigError, match="Fish: it replaces the optimizer step, whose gradient SAM takes"):
         trainer.fit(registry.example_module(), datamodule=RotatedDigitsDataModule(flatten=True, batch_size=48))
 
 

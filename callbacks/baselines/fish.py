@@ -95,6 +95,7 @@ class Fish(Technique):
     needs = frozenset({"domain"})
     stateful = True
     fsdp_unsupported = "its inner loop substitutes a whole copy of every trained parameter into the module"
+    fp16_unsupported = "its inner loop's backward passes run outside 16-mixed's gradient scaler"
 
     def __init__(self, meta_lr: float = 0.5) -> None:
         if not 0.0 < meta_lr <= 1.0:
@@ -107,9 +108,6 @@ class Fish(Technique):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if str(trainer.precision).startswith("16"):
-            raise self.fail(f"its inner loop runs without a gradient scaler, which precision={trainer.precision} needs",
-                            "train with precision='bf16-mixed' or '32-true'")
         # SAM-style techniques (the `perturb_weights` stage) turn the step's gradient into another one, which Fish discards
         movers = [type(t).__name__ for t in trainer.callbacks if isinstance(t, Technique) and "perturb_weights" in t.stages]
         if movers:
