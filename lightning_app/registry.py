@@ -40,7 +40,9 @@ STATUSES = ("built", "planned")
 KINDS = ("technique", "module", "data", "command", "metric", "layer", "reference")
 REQUIRED = ("id", "paper", "family", "sections", "title", "class", "config", "status", "claim", "claims", "baselines")
 OPTIONAL = ("kind", "note", "build", "method_card", "harness")
-HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args")
+HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data")
+#: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
+HARNESS_DATA = ("noisy_digits", "domains")
 METHOD_CARD_KEYS = ("what", "helps_when", "costs")
 SUFFIX = ".card.yaml"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -141,6 +143,8 @@ def parse_card(path: Path, data: Any) -> Card:
     harness = data.get("harness") or {}
     if not isinstance(harness, dict) or set(harness) - set(HARNESS_KEYS):
         _fail(path, f"harness keys {sorted(harness) if isinstance(harness, dict) else harness!r}", f"use {list(HARNESS_KEYS)}")
+    if harness.get("data", HARNESS_DATA[0]) not in HARNESS_DATA:
+        _fail(path, f"harness data {harness['data']!r}", f"use one of {list(HARNESS_DATA)}")
     return Card(
         id=card_id, paper=paper, family=family, sections=tuple(data["sections"]), title=data["title"],
         class_path=class_path, config=data["config"], status=data["status"], claim=data["claim"],
@@ -239,10 +243,17 @@ def example_module(seed: int = 0) -> Any:
     return ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (32,)}, lr=1e-2)
 
 
-def example_data(batch_size: int = 256) -> Any:
-    """The harness data: flat digits with 40% symmetric noise (~5 training steps per epoch at 256)."""
-    from reglab.datamodules import DigitsDataModule, LabelNoise
+def example_data(batch_size: int = 256, data: str | None = None) -> Any:
+    """The harness data: flat digits with 40% symmetric noise (~5 training steps per epoch at 256);
+    ``data="domains"`` (a case's ``harness.data``, for techniques that need ``domain``) deals the
+    same digits to two training domains, upright and rotated by 30 degrees."""
+    from reglab.datamodules import DigitsDataModule, LabelNoise, RotatedDigitsDataModule
 
+    if data not in (None, *HARNESS_DATA):
+        raise CardError(f"harness data {data!r}. Fix: use one of {list(HARNESS_DATA)}.")
+    if data == "domains":
+        return RotatedDigitsDataModule(train_angles=(0.0, 30.0), test_angles=(60.0,), flatten=True,
+                                       batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
     return DigitsDataModule(flatten=True, batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
 
 

@@ -57,6 +57,11 @@ def make(technique_id: str) -> Technique:
     return FACTORIES[factory]() if factory else registry.example_technique(technique_id)
 
 
+def data_for(technique_id: str, batch_size: int = 256) -> L.LightningDataModule:
+    """The harness data of this technique's case (``harness.data``: domains for techniques that need them)."""
+    return noisy_digits(batch_size, registry.card(technique_id).harness.get("data"))
+
+
 def partner(technique_id: str) -> Technique:
     """The technique the harness stacks with this one (its card's ``harness.partner``)."""
     return make(registry.card(technique_id).harness["partner"])
@@ -97,4 +102,4 @@ def ddp_worker(rank: int, technique_ids: list[str], port: int, report_dir: str) 
             max_steps=4, devices=2, strategy="ddp",
             callbacks=[technique, RankStateCheck(technique, Path(report_dir) / technique_id)],
         )
-        trainer.fit(small_module(), datamodule=noisy_digits(batch_size=128))
+        trainer.fit(small_module(), datamodule=data_for(technique_id, batch_size=128))

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from harness import FACTORIES, ddp_worker, flat_state, make, noisy_digits, partner, quiet_trainer, small_module
+from harness import FACTORIES, data_for, ddp_worker, flat_state, make, partner, quiet_trainer, small_module
 from reglab import registry
 
 TECHNIQUES = [card.id for card in registry.techniques()]
@@ -43,7 +43,7 @@ def test_fit_with_gradient_accumulation(name):
     technique, module = make(name), small_module()
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[technique])
-    trainer.fit(module, datamodule=noisy_digits())
+    trainer.fit(module, datamodule=data_for(name))
     assert trainer.global_step == 3
     _check_trained(trainer, module, before, technique)
 
@@ -57,7 +57,7 @@ def test_resume_is_exact(name, tmp_path):
         technique, module = make(name), small_module()
         extra = dict(enable_checkpointing=True, callbacks=[technique, checkpoint]) if checkpoint else dict(callbacks=[technique])
         trainer = quiet_trainer(max_steps=max_steps, **extra)
-        trainer.fit(module, datamodule=noisy_digits(), ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data_for(name), ckpt_path=ckpt_path)
         return module, technique
 
     straight_module, straight_technique = run(total_steps)
@@ -80,7 +80,7 @@ def test_bf16_mixed(name):
     technique, module = make(name), small_module()
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, precision="bf16-mixed", callbacks=[technique])
-    trainer.fit(module, datamodule=noisy_digits())
+    trainer.fit(module, datamodule=data_for(name))
     _check_trained(trainer, module, before, technique)
 
 
@@ -90,7 +90,7 @@ def test_stacks_with_partner(name):
     assert type(other) is not type(technique)
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, callbacks=[technique, other])
-    trainer.fit(module, datamodule=noisy_digits())
+    trainer.fit(module, datamodule=data_for(name))
     _check_trained(trainer, module, before, technique)
     _check_trained(trainer, module, before, other)
 
