@@ -152,3 +152,22 @@ def test_soft_targets_avoid_the_triton_kernel_and_the_penalty_reaches_the_featur
 def test_a_module_without_the_head_is_refused_with_the_fix():
     with pytest.raises(TechniqueConfigError, match="head=<the attribute"):
         HessianAlignment(head="classifier").head_parameters(Module(nn.Linear(3, 2)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel's fast path)")
+def test_on_cuda_the_task_loss_keeps_the_kernel_and_the_penalty_still_backpropagates():
+    from reglab.kernels import soft_cross_entropy
+    from reglab.kernels.soft_cross_entropy import _triton_is_the_fast_path
+
+    head, features, target = _head_and_data()
+    head, features = head.cuda(), features.cuda().requires_grad_(True)
+    soft = (F.one_hot(target, 2).float() * 0.9 + 0.05).cuda()
+    out = _step(head, features, soft, (torch.arange(12) % 2).cuda())
+    if not _triton_is_the_fast_path(out.logits, soft):
+        pytest.skip("triton is not installed")
+    grad = torch.autograd.grad(soft_cross_entropy(out.logits, soft), list(head.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError):  # the kernel's backward is not differentiable again
+        grad[0].square().sum().backward(retain_graph=True)
+    terms = HessianAlignment("hgp").loss_terms(out, Module(head))
+    (reglab.step.cross_entropy_per_sample(out.logits, soft).mean() + terms["hessian"] + terms["gradient"]).backward()
+    assert features.grad.abs().sum() > 0
