@@ -92,8 +92,10 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
 
 
 #: technique configs that cannot run on the default experiment's CNN, with the experiment they need
-#: (S²FT selects attention heads and FFN channels of Linear layers; the CNN has none outside its head)
-NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml"}
+#: (S²FT selects attention heads and FFN channels of Linear layers; the CNN has none outside its head;
+#: the domain-generalization techniques need batches with `domain`)
+NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "hessian_alignment.yaml": "domain_digits_erm.yaml",
+                    "drm.yaml": "domain_digits_erm.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:
