@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglab.kernels import soft_cross_entropy
+from reglab.kernels.soft_cross_entropy import Implementation
 
 
 @dataclass
@@ -71,15 +72,19 @@ def target_distribution(target: Tensor, num_classes: int) -> Tensor:
     return F.one_hot(target, num_classes).float() if target.dim() == 1 else target.float()
 
 
-def cross_entropy_per_sample(logits: Tensor, target: Tensor) -> Tensor:
+def cross_entropy_per_sample(logits: Tensor, target: Tensor, implementation: Implementation = "auto") -> Tensor:
     """Cross-entropy per sample for hard (``(N,)``) or soft (``(N, C)``) targets, in fp32.
 
     Soft targets (PS-KD, mixup, label smoothing) go through
     :func:`reglab.kernels.soft_cross_entropy`: the fused Triton kernel on GPU, the torch
-    reference elsewhere; both count zero-target terms on masked (-inf) logits as 0.
+    reference elsewhere; both count zero-target terms on masked (-inf) logits as 0. The kernel's
+    backward can run once only, so a loss that is differentiated twice (a gradient penalty built
+    with ``create_graph=True``, Hessian alignment) passes ``implementation="torch"``; hard targets
+    go through ``F.cross_entropy``, which has a double backward.
     """
     if target.dim() == logits.dim():
-        rows = soft_cross_entropy(logits.flatten(0, -2), target.flatten(0, -2), reduction="none")
+        rows = soft_cross_entropy(logits.flatten(0, -2), target.flatten(0, -2), reduction="none",
+                                  implementation=implementation)
         return rows.view(logits.shape[:-1])
     return F.cross_entropy(logits.float(), target, reduction="none")
 

@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from torch.distributed.fsdp import fully_shard
 
-from harness import make, noisy_digits, quiet_trainer, small_module
+from harness import data_for, make, noisy_digits, quiet_trainer, small_module
 from reglab import registry
 from reglab.callbacks import ELR, EMA, LoRA
 from reglab.tasks import ClassificationModule
@@ -71,7 +71,7 @@ def test_every_technique_trains_a_compiled_module(name):
     assert any("._orig_mod." in n for n, _ in module.named_parameters())
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     quiet_trainer(max_steps=3, limit_val_batches=1, callbacks=[make(name)]).fit(
-        module, datamodule=noisy_digits(batch_size=64))
+        module, datamodule=data_for(name, batch_size=64))
     after = dict(module.named_parameters())
     # surgery renames what it wraps (`.base_layer.`); the task head keeps its name and always trains
     assert any(not torch.equal(before[n], after[n]) for n in before if n in after), "nothing trained"
