@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from harness import FACTORIES, ddp_worker, flat_state, make, noisy_digits, partner, quiet_trainer, small_module
+from harness import FACTORIES, ddp_worker, flat_state, make, module_for, noisy_digits, partner, quiet_trainer
 from reglab import registry
 
 TECHNIQUES = [card.id for card in registry.techniques()]
@@ -40,7 +40,7 @@ def _check_trained(trainer, module, before, technique):
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_fit_with_gradient_accumulation(name):
-    technique, module = make(name), small_module()
+    technique, module = make(name), module_for(name)
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[technique])
     trainer.fit(module, datamodule=noisy_digits())
@@ -54,7 +54,7 @@ def test_resume_is_exact(name, tmp_path):
     total_steps, stop_at = 12, 7  # 5 steps per epoch: crosses an epoch end, stops mid-epoch
 
     def run(max_steps, ckpt_path=None, checkpoint=None):
-        technique, module = make(name), small_module()
+        technique, module = make(name), module_for(name)
         extra = dict(enable_checkpointing=True, callbacks=[technique, checkpoint]) if checkpoint else dict(callbacks=[technique])
         trainer = quiet_trainer(max_steps=max_steps, **extra)
         trainer.fit(module, datamodule=noisy_digits(), ckpt_path=ckpt_path)
@@ -77,7 +77,7 @@ def test_resume_is_exact(name, tmp_path):
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_bf16_mixed(name):
-    technique, module = make(name), small_module()
+    technique, module = make(name), module_for(name)
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, precision="bf16-mixed", callbacks=[technique])
     trainer.fit(module, datamodule=noisy_digits())
@@ -86,7 +86,7 @@ def test_bf16_mixed(name):
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_stacks_with_partner(name):
-    technique, other, module = make(name), partner(name), small_module()
+    technique, other, module = make(name), partner(name), module_for(name)
     assert type(other) is not type(technique)
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, callbacks=[technique, other])
