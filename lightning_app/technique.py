@@ -575,7 +575,8 @@ class EvalTimeAdaptation(Technique):
                 for kind, p in m.named_parameters(recurse=False)]
 
     def on_adaptation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        """At the start of an adapting run, after the model is set up for adaptation."""
+        """At the start of an adapting run, before the model is set up for adaptation (so the model
+        is still the source model, in Lightning's eval mode)."""
 
     # -- the mechanism ---------------------------------------------------------------------------
     @property
@@ -615,6 +616,7 @@ class EvalTimeAdaptation(Technique):
             raise self.fail("the evaluation loop runs in inference mode, where no gradient can be taken",
                             "attach the technique to the trainer that runs the evaluation (its setup turns "
                             "inference mode off for that loop), or build the Trainer with inference_mode=False")
+        self.on_adaptation_start(trainer, module)
         params = self.adapted_parameters(module)
         norms = list(batch_norm_layers(module))
         self._run = {
@@ -634,7 +636,6 @@ class EvalTimeAdaptation(Technique):
                 norm.train()
                 norm.track_running_stats = False
         self._run["optimizer"] = self._make_optimizer([p for _, p in params])
-        self.on_adaptation_start(trainer, module)
 
     def _ends(self, trainer: L.Trainer, module: L.LightningModule, check: bool = True) -> None:
         run, self._run = self._run, None

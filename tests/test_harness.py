@@ -13,9 +13,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from harness import FACTORIES, ddp_worker, flat_state, make, module_for, noisy_digits, partner, quiet_trainer
 from reglab import registry
+from reglab.technique import EvalTimeAdaptation
 
 TECHNIQUES = [card.id for card in registry.techniques()]
 STATEFUL = [card.id for card in registry.techniques() if card.load().stateful]
+EVAL_TIME = [card.id for card in registry.techniques() if issubclass(card.load(), EvalTimeAdaptation)]
 
 
 def test_every_harness_case_builds_its_technique():
@@ -93,6 +95,31 @@ def test_stacks_with_partner(name):
     trainer.fit(module, datamodule=noisy_digits())
     _check_trained(trainer, module, before, technique)
     _check_trained(trainer, module, before, other)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("name", EVAL_TIME)
+def test_adapts_at_test_time_and_restores_the_model(name, precision):
+    """An eval-time technique adapts in test and predict runs of a default Trainer (inference mode
+    on), every run starts from the source model (two runs agree exactly), and the model leaves each
+    run as it entered it, unless keep_adapted (then only the adapted parameters differ)."""
+    technique, module, data = make(name), module_for(name), noisy_digits()
+    quiet_trainer(max_steps=3, callbacks=[technique]).fit(module, datamodule=data)
+    before = _weights(module)
+    (source,) = quiet_trainer(precision=precision).test(module, datamodule=data, verbose=False)
+    runs = [quiet_trainer(precision=precision, callbacks=[technique]).test(module, datamodule=data, verbose=False)[0]
+            for _ in range(2)]
+    assert math.isfinite(runs[0][f"test/{name}/adaptation_loss"])
+    assert runs[0]["test/loss"] != source["test/loss"], "the test run did not adapt"
+    assert runs[0] == runs[1], "the second run did not start from the source model"
+    quiet_trainer(precision=precision, callbacks=[technique]).predict(module, datamodule=data)
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    technique.keep_adapted = True
+    quiet_trainer(precision=precision, callbacks=[technique]).test(module, datamodule=data, verbose=False)
+    changed = {key for key, value in module.state_dict().items() if not torch.equal(value, before[key])}
+    adapted = {key for key, _ in technique.adapted_parameters(module)}
+    assert changed and changed <= adapted, (changed, adapted)
 
 
 def _free_port() -> int:
