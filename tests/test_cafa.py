@@ -3,6 +3,7 @@ hand-computed values; the statistics in the checkpoint; a test run leaves checkp
 
 from __future__ import annotations
 
+import doctest
 import math
 
 import pytest
@@ -114,3 +115,9 @@ def test_bad_arguments_are_refused():
         CAFA(covariance="full")
     with pytest.raises(TechniqueConfigError, match="ridge=-1"):
         CAFA(ridge=-1)
+
+
+def test_docstring_example_runs():
+    import reglab.callbacks.domain_generalization.cafa
+
+    assert doctest.testmod(reglab.callbacks.domain_generalization.cafa, verbose=False).failed == 0

@@ -5,6 +5,7 @@ checkpoint it loads nor the model (unless keep_adapted)."""
 from __future__ import annotations
 
 import copy
+import doctest
 import math
 
 import pytest
@@ -137,3 +138,11 @@ def test_a_test_step_that_bypasses_eval_forward_fails_and_leaves_the_model():
     with pytest.raises(TechniqueConfigError, match="none was adapted.*Fix: call self.eval_forward"):
         example_trainer(callbacks=[TENT()]).test(module, datamodule=digits(), verbose=False)
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+def test_docstring_examples_run():
+    import reglab.callbacks.baselines.tent
+    import reglab.technique
+
+    for module in (reglab.technique, reglab.callbacks.baselines.tent):
+        assert doctest.testmod(module, verbose=False).failed == 0, module.__name__
