@@ -146,3 +146,39 @@ def test_docstring_examples_run():
 
     for module in (reglab.technique, reglab.callbacks.baselines.tent):
         assert doctest.testmod(module, verbose=False).failed == 0, module.__name__
+
+
+def ddp_test_worker(rank: int, port: int, report_dir: str) -> None:
+    """One of two DDP processes testing with TENT (keep_adapted): reports whether the adapted
+    parameters are identical on both ranks and how far they moved."""
+    import json
+    import os
+    from pathlib import Path
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    module = bn_module()
+    before = module.state_dict()["backbone.layers.2.weight"].clone()
+    trainer = example_trainer(devices=2, strategy="ddp", callbacks=[TENT(lr=0.01, keep_adapted=True)])
+    trainer.test(module, datamodule=DigitsDataModule(flatten=True, batch_size=64), verbose=False)
+    weight = module.state_dict()["backbone.layers.2.weight"]
+    gathered = [torch.zeros_like(weight) for _ in range(2)]
+    torch.distributed.all_gather(gathered, weight)
+    report = {"same": bool(torch.equal(*gathered)), "moved": float((weight - before).abs().max())}
+    Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_adapt_alike(tmp_path):
+    """Two DDP ranks test on different shards; the averaged gradients keep one adapted model."""
+    import json
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.start_processes(ddp_test_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert all(report["same"] and report["moved"] > 0 for report in reports), reports

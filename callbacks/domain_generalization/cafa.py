@@ -26,8 +26,9 @@ The statistics are technique state, so they are in every checkpoint: they are re
 pass over the training split, eval mode, no gradients) whenever a checkpoint is written after the
 weights changed, and at the end of the fit, so a checkpoint always holds those of its own weights;
 ``trainer.test(ckpt_path=...)`` restores them with the weights. A model fitted without CAFA gets
-them from its DataModule's training split at the start of the test run. Every DDP rank holds the
-whole training split of a reglab DataModule, so every rank computes the same statistics.
+them from its DataModule's training split at the start of the test run. Under DDP every rank
+computes them on the whole training split (every rank holds it) and takes rank 0's: the ranks'
+batch-norm running statistics differ by their own last step until DDP's next buffer broadcast.
 """
 
 from __future__ import annotations
@@ -165,7 +166,12 @@ class CAFA(EvalTimeAdaptation):
             missing = (counts == 0).nonzero().flatten().tolist()
             raise self.fail(f"classes {missing} have no training sample, so they have no source statistics",
                             "fit on a training split with samples of every class")
-        self.counts, self.means, self.covariances = counts.cpu(), means.float().cpu(), covariances.float().cpu()
+        statistics = (counts.cpu(), means.float().cpu(), covariances.float().cpu())
+        if trainer.world_size > 1:
+            # the checkpoint is rank 0's; the other ranks' batch-norm buffers differ from its by their
+            # last step's update (DDP broadcasts buffers at the next forward), so they take rank 0's
+            statistics = trainer.strategy.broadcast(statistics, src=0)
+        self.counts, self.means, self.covariances = statistics
         self.statistics_step = trainer.global_step
 
     def _refresh(self, trainer: L.Trainer, module: L.LightningModule) -> bool:
