@@ -22,13 +22,11 @@ the run) is the core's :class:`reglab.technique.EvalTimeAdaptation`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import lightning as L
 from torch import Tensor
 
 from reglab.step import StepOutput
-from reglab.technique import EVAL_RUNS, EvalTimeAdaptation
+from reglab.technique import EvalTimeAdaptation
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -44,9 +42,8 @@ class TENT(EvalTimeAdaptation):
     ``--config configs/technique/tent.yaml`` to a ``test`` command, or to ``fit`` with
     ``--test_after_fit true``). A test run leaves the model as it was unless ``keep_adapted``.
 
-    Args:
-        lr, optimizer, momentum, weight_decay, steps, episodic, keep_adapted, adapt_in: see
-            :class:`reglab.technique.EvalTimeAdaptation` (defaults: the official TENT's).
+    Args: those of :class:`reglab.technique.EvalTimeAdaptation`, whose defaults are the official
+    TENT's (``batch_statistics=False`` is the paper's ablation without test-batch normalization).
 
     Example:
         >>> import torch
@@ -61,20 +58,6 @@ class TENT(EvalTimeAdaptation):
     """
 
     name = "tent"
-
-    def __init__(
-        self,
-        lr: float = 1e-3,
-        optimizer: str = "adam",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        steps: int = 1,
-        episodic: bool = False,
-        keep_adapted: bool = False,
-        adapt_in: Sequence[str] = EVAL_RUNS,
-    ) -> None:
-        super().__init__(lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, steps=steps,
-                         episodic=episodic, keep_adapted=keep_adapted, batch_statistics=True, adapt_in=adapt_in)
 
     def adaptation_loss(self, out: StepOutput, module: L.LightningModule) -> Tensor:
         return softmax_entropy(out.logits).mean()

@@ -12,11 +12,14 @@ which pulls a test feature towards its predicted class's source distribution (in
 distance down) and, through the denominator, away from the other classes' (inter-class distance
 up), with no weight between the two: the paper's point that the loss has no hyper-parameter.
 
-Source: the paper's method section (no official code was found by searching GitHub for the paper
-and its authors). Followed: statistics from training samples with a model that is not changed for
-them, per-class covariances, the pseudo label from the model's prediction, the same
-parameterization and optimizer as TENT (batch-norm affine parameters, test-batch normalisation,
-Adam 1e-3, one step per batch). Not in the paper, chosen here: the inverse is taken of
+Source: the paper; no official code was found (GitHub searched by title, authors and the loss's
+names), and its method section could not be read in full here either, so the loss above is written
+from its abstract and published summaries of its Eq.: intra-class distance over the sum of the
+distances to all classes, inside a log, averaged over the batch (check it against the paper's
+equation before relying on the exact form). Followed: statistics from training samples with a
+model that is not changed for them, class-conditional Gaussians with per-class covariances, the
+pseudo label from the model's prediction, the same parameterization and optimizer as TENT
+(batch-norm affine parameters, test-batch normalisation, Adam 1e-3, one step per batch). Not in the paper, chosen here: the inverse is taken of
 ``Sigma_c + ridge * mean(diag Sigma) * I`` (a feature that is constant on the source data makes a
 covariance singular; the paper does not say how it inverts it), ``covariance="shared"`` offers the
 pooled within-class covariance (Lee et al.'s tied Gaussian) instead, and all training samples are
@@ -104,8 +107,8 @@ class CAFA(EvalTimeAdaptation):
         covariance: ``"class"`` (one covariance per class, the paper's) or ``"shared"`` (the pooled
             within-class covariance).
         ridge: added to the covariances' diagonal, as a share of the mean feature variance.
-        lr, optimizer, momentum, weight_decay, steps, episodic, keep_adapted, adapt_in: see
-            :class:`reglab.technique.EvalTimeAdaptation` (defaults: TENT's, which the paper follows).
+        lr, optimizer, momentum, weight_decay, steps, episodic, keep_adapted, batch_statistics, adapt_in:
+            see :class:`reglab.technique.EvalTimeAdaptation` (defaults: TENT's, which the paper follows).
 
     Example:
         >>> from reglab.registry import example_data, example_trainer
@@ -134,10 +137,12 @@ class CAFA(EvalTimeAdaptation):
         steps: int = 1,
         episodic: bool = False,
         keep_adapted: bool = False,
+        batch_statistics: bool = True,
         adapt_in: Sequence[str] = EVAL_RUNS,
     ) -> None:
         super().__init__(lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, steps=steps,
-                         episodic=episodic, keep_adapted=keep_adapted, batch_statistics=True, adapt_in=adapt_in)
+                         episodic=episodic, keep_adapted=keep_adapted, batch_statistics=batch_statistics,
+                         adapt_in=adapt_in)
         if covariance not in COVARIANCES:
             raise self.fail(f"covariance {covariance!r} is not one of {COVARIANCES}", "pass covariance='class' or 'shared'")
         if ridge < 0:
