@@ -18,7 +18,10 @@ _MODULES = {
     "cifar": ["CIFARDataModule"],
     "class_split": ["ClassSplitDataModule"],
     "digits": ["DigitsDataModule"],
-    "domains": ["RotatedDigitsDataModule", "rotate_images"],
+    "domains": [
+        "DOMAINS", "DomainBalancedSampler", "DomainDigitsDataModule", "PALETTE", "RotatedDigitsDataModule", "label_colours",
+        "rotate_images",
+    ],
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],

@@ -294,18 +294,22 @@ class DictDataModule(lightning.LightningDataModule):
         train_dataset = self._require_setup().train_dataset
         ranks = dict(num_replicas=self.trainer.world_size if self.trainer else 1,
                      rank=self.trainer.global_rank if self.trainer else 0, seed=self.seed)
-        if self._train_repeat_factors is None:
-            sampler = ResumableSampler(train_dataset, shuffle=True, **ranks)
-        else:
-            sampler = RepeatFactorSampler(self._train_repeat_factors, **ranks)
         return ResumableDataLoader(
             train_dataset,
             self.batch_size,
-            sampler=sampler,
+            sampler=self._train_sampler(**ranks),
             progress_fn=self.fit_progress,
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
         )
+
+    def _train_sampler(self, *, num_replicas: int, rank: int, seed: int) -> ResumableSampler:
+        """The training loader's sampler: the uniform shuffle, or repeat factor sampling once
+        :meth:`set_train_repeat_factors` was called. A subclass that orders its batches otherwise
+        (:class:`~reglab.datamodules.domains.DomainDigitsDataModule`: one share per domain) overrides it."""
+        if self._train_repeat_factors is None:
+            return ResumableSampler(self.train_dataset, shuffle=True, num_replicas=num_replicas, rank=rank, seed=seed)
+        return RepeatFactorSampler(self._train_repeat_factors, num_replicas=num_replicas, rank=rank, seed=seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader(self._require_setup().val_dataset)

@@ -6,10 +6,19 @@ from typing import Any
 
 import torch
 from sklearn.datasets import load_digits
+from torch import Tensor
 
 from .base import ClassificationDataModule, Split
 from .label_noise import MNIST_ASYMMETRIC_MAP
 from .splits import check_holdout_fractions, stratified_split
+
+
+def digit_images() -> tuple[Tensor, Tensor]:
+    """All 1,797 images as an ``(N, 1, 8, 8)`` float tensor in [0, 1] and their ``(N,)`` labels."""
+    digits = load_digits()
+    # Pixel values are integers 0..16.
+    images = torch.tensor(digits.images, dtype=torch.float32).div(16.0).unsqueeze(1)
+    return images, torch.tensor(digits.target, dtype=torch.long)
 
 
 class DigitsDataModule(ClassificationDataModule):
@@ -47,9 +56,7 @@ class DigitsDataModule(ClassificationDataModule):
         super().__init__(**kwargs)
 
     def _load_splits(self) -> dict[str, Split]:
-        digits = load_digits()
-        # Pixel values are integers 0..16.
-        inputs = torch.tensor(digits.images, dtype=torch.float32).div(16.0).reshape(-1, *self.input_shape)
-        targets = torch.tensor(digits.target, dtype=torch.long)
+        images, targets = digit_images()
+        inputs = images.reshape(-1, *self.input_shape)
         positions = stratified_split(targets, {"val": self.val_fraction, "test": self.test_fraction}, self.seed)
         return {name: (inputs[split], targets[split]) for name, split in positions.items()}

@@ -25,6 +25,7 @@ FOLDERS = {"callbacks": REPO / "callbacks", "datamodules": REPO / "datamodules"}
 # family code that lives in the core folder, by the family it belongs to
 FAMILY_APP_MODULES = {
     "reglab.continual": "reglab.callbacks.continual",
+    "reglab.domain_claims": "reglab.callbacks.domain_generalization",
     "reglab.peft_claims": "reglab.callbacks.peft",
     "reglab.peft_surgery": "reglab.callbacks.peft",
     "reglab.soup_claims": "reglab.callbacks.fine_tuning",
