@@ -454,7 +454,7 @@ def dataset_features(module: L.LightningModule, dataset: Dataset, batch_size: in
     mode and without gradients, fp32 on the module's device. The loader has its own generator, so
     the global RNG (and with it an exactly resumed run) is not touched."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each one's: a frozen part may be in eval mode in training
     module.eval()
     features, labels = [], []
     try:
@@ -464,7 +464,8 @@ def dataset_features(module: L.LightningModule, dataset: Dataset, batch_size: in
                 features.append(module.forward_step(batch).features.float())
                 labels.append(batch["target"])
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     return torch.cat(features), torch.cat(labels)
 
 
