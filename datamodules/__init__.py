@@ -27,8 +27,8 @@ _MODULES = {
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
     "sampling": ["RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],
     "scenes": [
-        "DigitScenes", "DigitScenesDataModule", "MaskNoise", "NUM_SCENE_CLASSES", "apply_mask_noise",
-        "long_tail_class_weights", "make_digit_scenes",
+        "DigitScenes", "DigitScenesDataModule", "MaskNoise", "NUM_SCENE_CLASSES", "SceneStyle", "UNLABELLED",
+        "apply_mask_noise", "apply_scene_style", "long_tail_class_weights", "make_digit_scenes",
     ],
     "si_blurry": ["SiBlurryDataModule", "SiBlurryStream", "si_blurry_stream"],
     "splits": ["stratified_split"],

@@ -35,6 +35,18 @@ erosion, shift), missed objects (drop) and wrong classes (whole-object flip) —
 given probabilities; ``MaskNoise(dilate=0.5, erode=0.5)`` is ADELE's SegTHOR kind drawn per object
 rather than per image.
 
+**Domain shift** (:class:`SceneStyle`, :func:`apply_scene_style`): the same scenes rendered in
+another imaging style — digit contrast and background brightness changed, a Gaussian blur, and a
+sinusoidal texture grating of random orientation and phase added, then clipped to [0, 1]. The
+masks do not change: only the look of the images does, as between the imaging centres and
+devices of FPGM's polyp datasets (what a frequency-amplitude augmentation is about: the style
+lives in the amplitude spectrum, the structure in the phase).
+
+**Few labels** (the DataModule's ``num_labelled``): only the first ``num_labelled`` training
+scenes keep their masks; every pixel of the others is :data:`UNLABELLED` (255, the segmentation
+module's ``ignore_index``), so they count in no supervised loss and semi-supervised techniques
+read them as unlabelled images.
+
 Example:
     >>> from sklearn.datasets import load_digits
     >>> digits = load_digits()
@@ -66,6 +78,9 @@ NUM_DIGITS = 10
 #: background + the ten digits
 NUM_SCENE_CLASSES = NUM_DIGITS + 1
 DIGIT_SIZE = 8
+#: the mask value of every pixel of an unlabelled training scene: ``SegmentationModule``'s default
+#: ``ignore_index`` (the PASCAL VOC convention), so such a scene takes part in no supervised loss
+UNLABELLED = 255
 
 
 def long_tail_class_weights(imbalance_ratio: float, num_classes: int = NUM_DIGITS) -> Tensor:
@@ -305,6 +320,68 @@ def apply_mask_noise(
     return torch.from_numpy(noisy)
 
 
+@dataclass
+class SceneStyle:
+    """An imaging style for a domain-shifted copy of the scenes (see :func:`apply_scene_style`).
+
+    Args:
+        contrast: factor on every pixel's intensity (the digits' contrast to the background).
+        brightness: added to every pixel after the contrast (a brighter background).
+        blur: standard deviation in pixels of a Gaussian blur applied first (0: none).
+        texture: amplitude of a sinusoidal grating added to every image (0: none).
+        texture_period: the grating's period in pixels.
+        seed: seed of the gratings' orientations and phases (one per image).
+
+    In YAML (LightningCLI)::
+
+        data:
+          test_style: {contrast: 0.6, brightness: 0.25, blur: 0.7, texture: 0.15, texture_period: 3}
+    """
+
+    contrast: float = 1.0
+    brightness: float = 0.0
+    blur: float = 0.0
+    texture: float = 0.0
+    texture_period: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.contrast <= 0:
+            raise ValueError(f"SceneStyle: contrast must be > 0 (a factor on the intensities), got {self.contrast}.")
+        if self.blur < 0 or self.texture < 0:
+            raise ValueError(f"SceneStyle: blur and texture must be ≥ 0, got blur={self.blur}, texture={self.texture}.")
+        if self.texture_period < 2:
+            raise ValueError(
+                f"SceneStyle: texture_period must be at least 2 pixels (shorter periods alias), got {self.texture_period}."
+            )
+
+
+def apply_scene_style(images: Tensor, style: SceneStyle) -> Tensor:
+    """``images`` ``(N, C, H, W)`` in [0, 1] rendered in ``style``: blurred, then
+    ``brightness + contrast · x + texture · sin(2π (u cos θ + v sin θ) / period + φ)`` with a random
+    ``θ`` and ``φ`` per image (seeded by ``style.seed``), clipped to [0, 1]. ``images`` is left unchanged.
+
+    Example:
+        >>> flat = apply_scene_style(torch.zeros(1, 1, 4, 4), SceneStyle(contrast=0.5, brightness=0.2))
+        >>> flat.unique().tolist()
+        [0.20000000298023224]
+    """
+    if images.dim() != 4:
+        raise ValueError(f"apply_scene_style: images must be (N, C, H, W), got {tuple(images.shape)}.")
+    styled = images.float()
+    if style.blur > 0:
+        # per image and channel: no blur across the batch or channel axes
+        styled = torch.from_numpy(ndimage.gaussian_filter(styled.numpy(), sigma=(0, 0, style.blur, style.blur)))
+    styled = style.brightness + style.contrast * styled
+    if style.texture > 0:
+        generator = torch.Generator().manual_seed(style.seed)
+        angle, phase = (torch.rand(2, len(images), generator=generator) * 2 * torch.pi).view(2, -1, 1, 1, 1)
+        v, u = torch.meshgrid(torch.arange(images.shape[2]), torch.arange(images.shape[3]), indexing="ij")
+        along = u * angle.cos() + v * angle.sin()
+        styled = styled + style.texture * torch.sin(2 * torch.pi * along / style.texture_period + phase)
+    return styled.clamp(0.0, 1.0)
+
+
 class DigitScenesDataModule(DictDataModule):
     """The segmentation scenario: digit scenes, optionally long-tailed and with noisy training masks.
 
@@ -314,9 +391,11 @@ class DigitScenesDataModule(DictDataModule):
     ``(N, H, W)`` long (the noisy mask with ``mask_noise``), ``index``, ``instances`` ``(N, H, W)``
     long, ``instance_counts`` ``(N, 11)`` long and, with ``mask_noise``, ``clean_target`` (the mask
     before noise, for measuring only). Validation and test scenes are clean and their classes
-    uniform; ``imbalance_ratio`` and ``mask_noise`` apply to the training scenes only. After
-    ``setup``, ``scenes[split]`` is the split's :class:`DigitScenes` (clean masks, and ``sources``:
-    the positions of its digits in that split's pool).
+    uniform; ``imbalance_ratio``, ``mask_noise`` and ``num_labelled`` apply to the training scenes
+    only, ``test_style`` to the test scenes only (a shifted test domain; validation stays in the
+    training domain, so model selection never sees the test style). After ``setup``,
+    ``scenes[split]`` is the split's :class:`DigitScenes` (clean masks, the images before any
+    style, and ``sources``: the positions of its digits in that split's pool).
 
     Args:
         canvas: side of the square scenes in pixels (32; 48 gives room for more digits).
@@ -326,6 +405,16 @@ class DigitScenesDataModule(DictDataModule):
         imbalance_ratio: ``None`` (uniform classes) or the head/tail class frequency ratio of the
             training scenes' digits (:func:`long_tail_class_weights`).
         mask_noise: :class:`MaskNoise` for the training masks, or ``None``.
+        num_labelled: ``None`` (every training scene labelled) or how many training scenes keep
+            their masks (the first ones; the scenes are drawn at random, so a random subset): the
+            masks of the others are all :data:`UNLABELLED`, their ``clean_target`` too. The
+            training loader then draws each labelled scene ``(num_train − num_labelled) /
+            num_labelled`` times per epoch (at least once; repeat factor sampling), so that on
+            average half of every batch is labelled, as in FPGM's (UniMatch's) official code: one
+            batch of labelled and one of unlabelled images per step, the labelled set repeated to
+            the unlabelled set's size. An epoch is then about ``2 (num_train − num_labelled)``
+            scenes. A technique that sets its own repeat factors replaces these.
+        test_style: :class:`SceneStyle` of the test scenes (a domain-shifted test split), or ``None``.
         split_seed: seed of the digits' train/val/test pools (default ``seed``).
         val_fraction, test_fraction: share of each digit class in the validation / test pool.
         batch_size, num_workers, seed, eval_batch_size: as for every reglab DataModule
@@ -355,6 +444,8 @@ class DigitScenesDataModule(DictDataModule):
         scale: float = 1.5,
         imbalance_ratio: Optional[float] = None,
         mask_noise: Optional[MaskNoise] = None,
+        num_labelled: Optional[int] = None,
+        test_style: Optional[SceneStyle] = None,
         split_seed: Optional[int] = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.25,
@@ -375,6 +466,13 @@ class DigitScenesDataModule(DictDataModule):
             )
         if mask_noise is not None and not isinstance(mask_noise, MaskNoise):
             raise TypeError(f"{name}: mask_noise must be a MaskNoise (or None), got {type(mask_noise).__name__}.")
+        if test_style is not None and not isinstance(test_style, SceneStyle):
+            raise TypeError(f"{name}: test_style must be a SceneStyle (or None), got {type(test_style).__name__}.")
+        if num_labelled is not None and not 1 <= num_labelled <= num_train:
+            raise ValueError(
+                f"{name}: num_labelled={num_labelled} must lie in [1, num_train={num_train}] (the labelled training"
+                " scenes). Fix: lower it, or use None to label every training scene."
+            )
         check_holdout_fractions(name, val_fraction=val_fraction, test_fraction=test_fraction)
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, eval_batch_size=eval_batch_size)
         self.canvas, self.scale = canvas, scale
@@ -382,6 +480,7 @@ class DigitScenesDataModule(DictDataModule):
         self.num_scenes = {"train": num_train, "val": num_val, "test": num_test}
         self.imbalance_ratio = imbalance_ratio
         self.mask_noise = mask_noise
+        self.num_labelled, self.test_style = num_labelled, test_style
         self.split_seed = seed if split_seed is None else split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.input_shape = (1, canvas, canvas)
@@ -404,10 +503,28 @@ class DigitScenesDataModule(DictDataModule):
                 seed=self.seed + offset,
             )
             extras: dict[str, Any] = {"instances": scenes.instances, "instance_counts": scenes.instance_counts}
-            target = scenes.masks
+            target, images = scenes.masks, scenes.images
             if split == "train" and self.mask_noise is not None:
                 extras["clean_target"] = target
                 target = apply_mask_noise(target, scenes.instances, self.mask_noise, self.num_classes)
-            datasets[split] = DictDataset(scenes.images, target, extras)
+            if split == "train" and self.num_labelled is not None:
+                if "clean_target" in extras:  # nothing to measure on an unlabelled scene
+                    extras["clean_target"] = _unlabel(extras["clean_target"], self.num_labelled)
+                target = _unlabel(target, self.num_labelled)
+            if split == "test" and self.test_style is not None:
+                images = apply_scene_style(images, self.test_style)
+            datasets[split] = DictDataset(images, target, extras)
             self.scenes[split] = scenes
         self.train_dataset, self.val_dataset, self.test_dataset = datasets["train"], datasets["val"], datasets["test"]
+        if self.num_labelled is not None:
+            unlabelled = self.num_scenes["train"] - self.num_labelled
+            factors = torch.ones(self.num_scenes["train"], dtype=torch.float64)
+            factors[: self.num_labelled] = max(1.0, unlabelled / self.num_labelled)
+            self.set_train_repeat_factors(factors)
+
+
+def _unlabel(masks: Tensor, num_labelled: int) -> Tensor:
+    """A copy of ``masks`` whose scenes after the first ``num_labelled`` are all :data:`UNLABELLED`."""
+    masks = masks.clone()
+    masks[num_labelled:] = UNLABELLED
+    return masks

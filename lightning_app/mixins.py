@@ -17,7 +17,9 @@ Stages, each an optional method of a technique::
     out        = technique.transform_outputs(out, module)      # logit masking, feature scaling
     out.target = technique.transform_targets(out, module)      # soft targets, label correction
     per_sample = technique.task_loss(out, module)              # at most one technique replaces CE
-    terms      = technique.loss_terms(out, module)             # additive, already weighted
+    offsets    = technique.perturb_weights(out, module)        # SAM-style: the task loss trained on
+                                                               # is then the one at w + offsets
+    terms      = technique.loss_terms(out, module)             # additive, already weighted, at w
 
 Every term is logged as ``train/<technique>/<term>``. After the step, techniques read the same
 forward pass in ``on_train_batch_end(..., outputs, ...)`` as ``outputs["step_output"]`` (detached).

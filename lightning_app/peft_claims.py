@@ -12,6 +12,13 @@ scenarios (setting ``scenario``):
   ``text_target_samples`` keeps about that many target training sentences (few-sample adaptation,
   where the methods differ most; the validation and test splits stay whole).
 
+``target_shots`` (digits) keeps that many training images per target class (small-data
+fine-tuning; validation and test stay whole). ``pretrain_objective`` is how the source task
+pretrains the backbone: ``supervised`` (default: cross-entropy on the source labels) or
+``simclr`` (SimCLR: NT-Xent over a projection head on two augmented views of each source image,
+no labels; the head stays at its initialisation, the arms train it). Pretrained models are
+cached per objective.
+
 Per seed one pretrained model is shared by every arm; each arm fine-tunes a copy with its
 technique (``{class_path, init_args}``; the pretrained checkpoint is passed as
 ``pretrained_checkpoint``) and measures
@@ -65,12 +72,14 @@ from reglab.bench.overhead import StepTimer
 from reglab.bench.protocols import ClaimError, Protocol, instantiate, register_protocol
 from reglab.datamodules import ClassSplitDataModule, ComparisonsDataModule, DigitsDataModule, LabelNoise
 from reglab.datamodules.domains import rotate_images
+from reglab.nn.contrastive import augmented_view, nt_xent
 from reglab.tasks import ClassificationModule
 
 SOURCE, TARGET = 0, 1
 #: the settings a pretrained model depends on: claims that agree on these share it
 PRETRAIN_KEYS = ("scenario", "backbone", "backbone_kwargs", "pretrain_epochs", "pretrain_lr", "batch_size",
-                 "text_sentences", "trainer")
+                 "text_sentences", "trainer", "pretrain_objective")
+PRETRAIN_OBJECTIVES = ("supervised", "simclr")
 #: scenario -> (input shape, number of classes)
 SCENARIOS = {"digits": ((1, 8, 8), 10), "text": ((16,), ComparisonsDataModule.num_classes)}
 
@@ -133,12 +142,18 @@ class PretrainedStart(Protocol):
 
     defaults = {"scenario": "digits", "backbone": "cnn", "backbone_kwargs": {}, "pretrain_epochs": 12,
                 "pretrain_lr": 1e-3, "finetune_epochs": 10, "lr_grid": None, "batch_size": 64,
-                "text_sentences": 2400, "trainer": {}}
+                "text_sentences": 2400, "trainer": {}, "pretrain_objective": "supervised"}
 
     def check_settings(self) -> None:
         if self.settings["scenario"] not in SCENARIOS:
             raise ClaimError(f"claim {self.claim_name}: scenario must be one of {sorted(SCENARIOS)}, "
                              f"got {self.settings['scenario']!r}")
+        if self.settings["pretrain_objective"] not in PRETRAIN_OBJECTIVES:
+            raise ClaimError(f"claim {self.claim_name}: pretrain_objective must be one of {list(PRETRAIN_OBJECTIVES)}, "
+                             f"got {self.settings['pretrain_objective']!r}")
+        if self.settings["pretrain_objective"] == "simclr" and self.settings["scenario"] != "digits":
+            raise ClaimError(f"claim {self.claim_name}: pretrain_objective simclr augments images and is defined for "
+                             "the digits scenario only")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         allowed = {"technique", "lr", "lr_source", "lr_grid"}
@@ -210,17 +225,48 @@ def _pretrained(cls: type[PretrainedStart], settings_json: str, seed: int, workd
     protocol = cls("pretraining", json.loads(settings_json))
     L.seed_everything(seed, verbose=False)
     model = protocol.module(protocol.settings["pretrain_lr"])
+    contrastive = protocol.settings["pretrain_objective"] == "simclr"
+    fitted = SimCLRPretraining(model, protocol.settings["pretrain_lr"], seed) if contrastive else model
     pretrainer = trainer(protocol.settings["pretrain_epochs"], [], protocol.settings["trainer"])
-    pretrainer.fit(model, datamodule=protocol.source_data(seed))
+    pretrainer.fit(fitted, datamodule=protocol.source_data(seed))
     checkpoint = str(Path(tempfile.mkdtemp(dir=workdir)) / f"{protocol.name}_{seed}.ckpt")
-    pretrainer.save_checkpoint(checkpoint)
+    if contrastive:  # the classification module's own entries only: what every arm loads
+        torch.save({"state_dict": model.state_dict()}, checkpoint)
+    else:
+        pretrainer.save_checkpoint(checkpoint)
     return checkpoint, model
+
+
+class SimCLRPretraining(L.LightningModule):
+    """SimCLR (Chen et al., 2020) on the backbone of ``model``: NT-Xent (temperature 0.5, the
+    paper's CIFAR-10 setting) over a two-layer projection head (width of the features, then 128)
+    on two augmented views of each image (:func:`reglab.nn.contrastive.augmented_view`: the
+    rotation, shift and noise that keep a digit a digit), labels unused. ``model``'s head is left
+    at its initialisation; the projection head is dropped after pretraining, as in SimCLR."""
+
+    def __init__(self, model: ClassificationModule, lr: float, seed: int, temperature: float = 0.5,
+                 projection_dim: int = 128) -> None:
+        super().__init__()
+        self.model, self.lr, self.seed, self.temperature = model, lr, seed, temperature
+        width = model.backbone.feature_dim
+        self.projection = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(),
+                                              torch.nn.Linear(width, projection_dim))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        # two draws per step from the step-seeded views: no RNG state to carry
+        views = [augmented_view(batch["input"], 2 * self.global_step + k, self.seed) for k in (0, 1)]
+        loss = nt_xent(*(self.projection(self.model.backbone(view)) for view in views), self.temperature)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 @register_protocol("finetune")
 class FinetuneProtocol(PretrainedStart):
     defaults = {**PretrainedStart.defaults, "target_noise": 0.0, "unseen_angle": 30.0, "perturbation_std": 0.5,
-                "text_target_samples": None}
+                "text_target_samples": None, "target_shots": None}
 
     def check_settings(self) -> None:
         super().check_settings()
@@ -228,10 +274,15 @@ class FinetuneProtocol(PretrainedStart):
             raise ClaimError(f"claim {self.claim_name}: target_noise is defined for the digits scenario only")
         if self.settings["text_target_samples"] and self.settings["scenario"] != "text":
             raise ClaimError(f"claim {self.claim_name}: text_target_samples is defined for the text scenario only")
+        shots = self.settings["target_shots"]
+        if shots is not None and (self.settings["scenario"] != "digits" or not isinstance(shots, int) or shots < 1):
+            raise ClaimError(f"claim {self.claim_name}: target_shots (training images per target class) is a positive "
+                             f"integer of the digits scenario, got {shots!r} with scenario {self.settings['scenario']!r}; "
+                             "the text scenario's cap is text_target_samples")
 
     def split(self, task: int, seed: int, label_noise: LabelNoise | None = None, shifted: bool = False,
-              max_train_samples: int | None = None) -> ClassSplitDataModule:
-        return ClassSplitDataModule(self.dataset(seed, label_noise, shifted, max_train_samples), task=task)
+              max_train_samples: int | None = None, shots: int | None = None) -> ClassSplitDataModule:
+        return ClassSplitDataModule(self.dataset(seed, label_noise, shifted, max_train_samples), task=task, shots=shots)
 
     def source_data(self, seed: int) -> ClassSplitDataModule:
         return self.split(SOURCE, seed)
@@ -242,7 +293,8 @@ class FinetuneProtocol(PretrainedStart):
                                                   class_map={c: 5 + (c - 4) % 5 for c in range(5, 10)})
         samples = self.settings["text_target_samples"]
         # the cap draws from both halves' training sentences alike: the target keeps about half
-        return self.split(TARGET, seed, noise, max_train_samples=2 * samples if samples else None)
+        return self.split(TARGET, seed, noise, max_train_samples=2 * samples if samples else None,
+                          shots=self.settings["target_shots"])
 
     def measure(self, module: ClassificationModule, seed: int) -> dict[str, float]:
         text = self.settings["scenario"] == "text"
@@ -269,6 +321,9 @@ class FinetuneProtocol(PretrainedStart):
         return [start + f"perturbed: target test accuracy under Gaussian input noise of {settings['perturbation_std']:g}× the "
                 "inputs' (embeddings') RMS; retention: source test accuracy among the source classes. "
                 + (f"About {settings['text_target_samples']} target training sentences. " if settings["text_target_samples"] else "")
+                + (f"{settings['target_shots']} training images per target class. " if settings["target_shots"] else "")
+                + ("The backbone is pretrained with SimCLR (NT-Xent on two augmented views, no labels); the arms train "
+                   "the head. " if settings["pretrain_objective"] == "simclr" else "")
                 + ("Learning rate chosen per seed and arm from its grid by target validation accuracy. "
                    if settings["lr_grid"] else "Each arm at its own learning rate (or its own grid, chosen on validation). ")
                 + (f"{noise:.0%} of the fine-tuning labels moved to the next target class (clean test). " if noise else ""),

@@ -1,4 +1,6 @@
-"""What one step of the step contract produces: :class:`StepOutput`, and the default task loss.
+"""What one step of the step contract produces: :class:`StepOutput`, and the default task loss;
+:class:`ForwardStep`, a module's step as a plain ``forward``, and :func:`forward_step_with`, that step
+with other tensors in the module's place.
 
 Kept apart from :mod:`reglab.mixins` (the module side of the contract) and
 :mod:`reglab.technique` (the technique side) so that both import it and neither imports the other
@@ -11,8 +13,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from reglab.kernels import soft_cross_entropy
 
@@ -79,3 +82,27 @@ def cross_entropy_per_sample(logits: Tensor, target: Tensor) -> Tensor:
         rows = soft_cross_entropy(logits.flatten(0, -2), target.flatten(0, -2), reduction="none")
         return rows.view(logits.shape[:-1])
     return F.cross_entropy(logits.float(), target, reduction="none")
+
+
+class ForwardStep(nn.Module):
+    """``forward(batch) = module.forward_step(batch)``: the step as a plain forward, so that
+    :func:`torch.func.functional_call` runs it with other tensors in the module's place (Co-teaching's
+    peer network, DR-Tune's pretrained copy), named ``module.<name>``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: dict[str, Any]) -> StepOutput:
+        return self.module.forward_step(batch)
+
+
+def forward_step_with(module: nn.Module, batch: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> StepOutput:
+    """``module.forward_step(batch)`` with the parameters and buffers named in ``tensors`` replaced
+    (``torch.func.functional_call``) and every other buffer copied, so that this extra pass leaves
+    the module's buffers (batch-norm running statistics) as they were."""
+    stand_ins = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    stand_ins.update(tensors or {})
+    return torch.func.functional_call(
+        ForwardStep(module), {f"module.{name}": value for name, value in stand_ins.items()}, (batch,)
+    )

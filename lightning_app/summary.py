@@ -13,6 +13,7 @@ SUMMARY_METRICS = {
     "val/acc": "validation accuracy",
     "test/miou": "clean-test mean IoU",
     "val/miou": "validation mean IoU",
+    "test/dice": "test Dice (foreground classes)",
     "train/memorized": "noisy training samples memorized (predicted as their wrong label), last epoch",
     "train/corrected": "noisy training samples corrected (predicted as their true label), last epoch",
 }

@@ -10,11 +10,13 @@ Declarations (class attributes):
     needs: batch keys or step-output fields the technique reads: ``"index"``, ``"features"``,
         ``"clean_target"``, ``"domain"``, ``"task"``.
     conflicts_with: names of technique classes it cannot be stacked with.
-    requires_closure: it re-evaluates the loss inside ``optimizer.step(closure)`` (SAM-style).
     stateful: it keeps state that must be identical on every DDP rank and survive resume; such
         an object belongs to one model (a fit of another model is refused: build a new one).
     fsdp_unsupported: why it cannot run on a model sharded by FSDP (Lightning's ``FSDPStrategy``
         or ``ModelParallelStrategy``), or ``None`` when it can; refused at setup with the reason.
+    fp16_unsupported: why it cannot run in 16-bit float precision (``16-mixed``, whose gradient
+        scaler sees only the loss Lightning backpropagates, or ``16-true``), or ``None`` when it
+        can; refused at setup with the reason (``bf16-mixed`` is not affected).
 
 A technique that adapts the model while it evaluates (test-time adaptation: TENT, CAFA)
 subclasses :class:`EvalTimeAdaptation` instead and implements ``adaptation_loss``.
@@ -44,9 +46,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from reglab.step import StepOutput
+from reglab.step import StepOutput, forward_step_with
 
-STAGES = ("transform_batch", "transform_outputs", "transform_targets", "task_loss", "loss_terms")
+STAGES = ("transform_batch", "transform_outputs", "transform_targets", "task_loss", "perturb_weights", "loss_terms")
 STEP_FIELDS = frozenset({"features", "index"})
 
 
@@ -59,10 +61,10 @@ class Technique(L.Callback):
 
     needs: ClassVar[frozenset[str]] = frozenset()
     conflicts_with: ClassVar[tuple[str, ...]] = ()
-    requires_closure: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     stages: ClassVar[frozenset[str]] = frozenset()
     fsdp_unsupported: ClassVar[str | None] = None
+    fp16_unsupported: ClassVar[str | None] = None
 
     #: The technique's one id: its module file, config file, log prefix (``train/<name>/...``),
     #: checkpoint state key, card and claim all use it. reglab's techniques set it; a class that
@@ -94,6 +96,10 @@ class Technique(L.Callback):
     def task_loss(self, out: StepOutput, module: L.LightningModule) -> Tensor:
         raise NotImplementedError
 
+    def perturb_weights(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
+        """Offsets ``{parameter name: e}``: the task loss is trained on at ``w + e`` (SAM-style)."""
+        raise NotImplementedError
+
     def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
         return {}
 
@@ -111,6 +117,7 @@ class Technique(L.Callback):
         if stage == "fit":
             check_technique(self, trainer, pl_module)
             check_sharding(self, trainer)
+            check_precision(self, trainer)
 
     def fail(self, problem: str, fix: str) -> TechniqueConfigError:
         """An error naming this technique, the problem and the fix (raise it)."""
@@ -139,8 +146,13 @@ def check_technique(technique: Technique, trainer: L.Trainer, module: L.Lightnin
             raise technique.fail(
                 f"both it and {type(owners[0]).__name__} replace the task loss", "keep only one of them"
             )
-    if technique.requires_closure and not module.automatic_optimization:
-        raise technique.fail("it needs automatic optimization", "set automatic_optimization = True")
+    if "perturb_weights" in technique.stages:
+        movers = [t for t in others if "perturb_weights" in t.stages]
+        if movers:
+            raise technique.fail(
+                f"both it and {type(movers[0]).__name__} move the weights the task loss is evaluated at",
+                "keep only one of them",
+            )
     batch_keys = getattr(trainer.datamodule, "batch_keys", None)
     provides = getattr(module, "provides", None)
     for need in sorted(technique.needs):
@@ -167,12 +179,33 @@ def is_sharded(trainer: L.Trainer) -> bool:
     return isinstance(getattr(trainer, "strategy", None), (FSDPStrategy, ModelParallelStrategy))
 
 
+#: What the ``perturb_weights`` stage cannot run under, whatever the technique declares.
+PERTURBED_FSDP = ("the task loss at the moved weights runs the module's layers with whole-weight stand-ins "
+                  "(torch.func.functional_call), which FSDP's sharded parameters cannot be")
+PERTURBED_FP16 = ("its weight offsets come from a gradient of the unscaled loss taken inside the training step, "
+                  "outside 16-mixed's gradient scaler, where fp16 gradients under- or overflow unchecked")
+
+
 def check_sharding(technique: Technique, trainer: L.Trainer) -> None:
-    """Refuse a technique that declares it cannot run on a sharded model (``fsdp_unsupported``)."""
-    if technique.fsdp_unsupported and is_sharded(trainer):
+    """Refuse a technique that cannot run on a sharded model (``fsdp_unsupported``, or the
+    ``perturb_weights`` stage)."""
+    reason = technique.fsdp_unsupported or ("perturb_weights" in technique.stages and PERTURBED_FSDP)
+    if reason and is_sharded(trainer):
         raise technique.fail(
-            f"it cannot run under {type(trainer.strategy).__name__}: {technique.fsdp_unsupported}",
+            f"it cannot run under {type(trainer.strategy).__name__}: {reason}",
             "train with strategy='ddp' (every rank holds the whole model), or leave this technique out",
+        )
+
+
+def check_precision(technique: Technique, trainer: L.Trainer) -> None:
+    """Refuse a technique that cannot run in 16-bit float precision (``fp16_unsupported``, or the
+    ``perturb_weights`` stage)."""
+    reason = technique.fp16_unsupported or ("perturb_weights" in technique.stages and PERTURBED_FP16)
+    precision = str(getattr(trainer, "precision", ""))
+    if reason and precision.startswith("16"):
+        raise technique.fail(
+            f"it cannot run with precision='{precision}': {reason}",
+            "train with precision='bf16-mixed' (no gradient scaler) or '32-true'",
         )
 
 
@@ -313,6 +346,10 @@ def run_stages(
     loss_owner = next((t for t in techniques if "task_loss" in t.stages), None)
     out.task_loss = loss_owner.task_loss(out, module) if loss_owner else module.task_loss(out)
     total = out.task_loss.mean()
+    mover = next((t for t in techniques if "perturb_weights" in t.stages), None)
+    if mover is not None:
+        moved = perturbed_output(module, techniques, out, mover.perturb_weights(out, module))
+        total = (loss_owner.task_loss(moved, module) if loss_owner else module.task_loss(moved)).mean()
     terms = {"task_loss": total}
     for technique in techniques:
         if "loss_terms" in technique.stages:
@@ -320,6 +357,48 @@ def run_stages(
                 terms[f"{technique.name}/{key}"] = value
                 total = total + value
     return total, out, terms
+
+
+def perturbed_output(
+    module: L.LightningModule, techniques: list[Technique], out: StepOutput, offsets: dict[str, Tensor]
+) -> StepOutput:
+    """The step's forward pass again, at the weights ``w + offsets`` (``perturb_weights``), with the
+    step's (transformed) targets and the output transforms re-applied. The moved weights are
+    ``p + offset.detach()``, so the loss's gradient reaches each unmoved parameter ``p`` as the
+    gradient at ``w + offset``: nothing is changed in place or restored, and accumulation and DDP's
+    gradient hooks see one ordinary backward."""
+    parameters = dict(module.named_parameters())
+    moved = forward_step_with(module, out.batch, {name: parameters[name] + e.detach().to(parameters[name].dtype) for name, e in offsets.items()})
+    moved.target, moved.labels, moved.index, moved.batch = out.target, out.labels, out.index, out.batch
+    for technique in techniques:
+        if "transform_outputs" in technique.stages:
+            moved = technique.transform_outputs(moved, module)
+    return moved
+
+
+def trainable_parameters(module: torch.nn.Module) -> dict[str, Tensor]:
+    """Name -> parameter, for every parameter that trains (``requires_grad``)."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def ascent_offsets(
+    loss: Tensor, parameters: dict[str, Tensor], radius: float, adaptive: bool = False
+) -> dict[str, Tensor]:
+    """The first-order worst-case weight offsets within a ball of ``radius`` around ``w``:
+    ``e = radius * g / ||g||`` for the gradient ``g`` of ``loss`` over all ``parameters`` (one
+    norm over all of them), or, ``adaptive``, ASAM's ``e = radius * w^2 g / ||w g||`` (element-wise
+    scaling by ``|w|``). The gradient is this process's own (``torch.autograd.grad`` fires no DDP
+    hook), and the loss's graph is kept for the step's own backward. Parameters the loss does not
+    reach get no offset."""
+    names = list(parameters)
+    grads = torch.autograd.grad(loss, [parameters[n] for n in names], retain_graph=True, allow_unused=True)
+    pairs = [(name, g.float()) for name, g in zip(names, grads) if g is not None]
+    if not pairs:
+        return {}
+    scaled = [parameters[name].detach().abs() * g if adaptive else g for name, g in pairs]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
+    scale = radius / (norm + 1e-12)
+    return {name: (parameters[name].detach().square() * g if adaptive else g) * scale for name, g in pairs}
 
 
 def training_set_shape(

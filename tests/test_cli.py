@@ -91,9 +91,11 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
         main(["fit", "--config", str(CONFIGS / "experiment/quickstart.yaml"), f"--runs_dir={tmp_path}", "--ckpt_path", "last"])
 
 
-#: technique configs that cannot run on the default experiment's CNN, with the experiment they need
-#: (S²FT selects attention heads and FFN channels of Linear layers; the CNN has none outside its head)
-NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml"}
+#: technique configs that cannot run on the default experiment's CNN, or do nothing there, with the
+#: experiment they need (S²FT selects attention heads and FFN channels of Linear layers; the CNN has none
+#: outside its head. FPGM's consistency reads unlabelled images, which only the shifted scenes have: it refuses others)
+NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "fpgm.yaml": "shifted_scenes.yaml",
+                    "fpgm_self_training.yaml": "shifted_scenes.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:

@@ -16,10 +16,10 @@ from reglab import registry
 from reglab.callbacks import RCAL, ClassBalancedLoss, LogitAdjustedLoss
 from reglab.callbacks.baselines.class_balanced_loss import class_balanced_weights, class_weighted_cross_entropy
 from reglab.callbacks.baselines.logit_adjusted_loss import log_prior, logit_adjusted_cross_entropy
-from reglab.callbacks.noisy_labels._contrastive import augmented_view, nt_xent
 from reglab.callbacks.noisy_labels.rcal import recover_gaussians, sample_calibrated
 from reglab.callbacks.noisy_labels.sbcl import cluster_subclasses, sbcl_loss, subclass_counts, supcon_loss
 from reglab.datamodules import DigitsDataModule, LongTail
+from reglab.nn.contrastive import augmented_view, nt_xent
 from reglab.technique import TechniqueConfigError, training_class_counts
 
 

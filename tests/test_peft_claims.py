@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
 from reglab.bench.protocols import ClaimError
+from reglab.checkpoints import load_state_dict_file
 from reglab.peft_claims import FinetuneProtocol, input_noise
 from reglab.tasks import ClassificationModule
 
@@ -40,3 +42,38 @@ def test_an_arms_own_grid_takes_precedence_and_an_arm_needs_a_rate():
     assert protocol.lr_grid({}) == [0.1, 0.2]
     with pytest.raises(ClaimError, match="give the arm an `lr`"):
         FinetuneProtocol("c", {}).check_arm("lora", {"technique": {}})
+
+
+def test_target_shots_keeps_that_many_training_images_per_target_class_and_whole_eval_splits():
+    capped, whole = FinetuneProtocol("c", {"target_shots": 3}).target_data(0), FinetuneProtocol("c", {}).target_data(0)
+    for data in (capped, whole):
+        data.setup("fit")
+    labels = torch.stack([capped.train_dataset[i]["target"] for i in range(len(capped.train_dataset))])
+    assert sorted(labels.tolist()) == [c for c in range(5, 10) for _ in range(3)]
+    assert len(capped.val_dataset) == len(whole.val_dataset) and len(whole.train_dataset) > 100
+    assert "3 training images per target class" in FinetuneProtocol("c", {"target_shots": 3}).describe()[0]
+
+
+def test_target_shots_and_the_pretraining_objective_are_checked_on_construction():
+    with pytest.raises(ClaimError, match="target_shots .* digits scenario"):
+        FinetuneProtocol("c", {"scenario": "text", "target_shots": 4})
+    with pytest.raises(ClaimError, match="target_shots"):
+        FinetuneProtocol("c", {"target_shots": 0})
+    with pytest.raises(ClaimError, match="pretrain_objective must be one of"):
+        FinetuneProtocol("c", {"pretrain_objective": "byol"})
+    with pytest.raises(ClaimError, match="simclr augments images"):
+        FinetuneProtocol("c", {"scenario": "text", "pretrain_objective": "simclr"})
+
+
+def test_simclr_pretraining_trains_the_backbone_without_labels_and_is_cached_apart(tmp_path):
+    settings = {"pretrain_epochs": 1, "trainer": {"limit_train_batches": 2, "limit_val_batches": 0}}
+    checkpoint, model = FinetuneProtocol("c", {**settings, "pretrain_objective": "simclr"}).pretrained(0, tmp_path)
+    supervised, _ = FinetuneProtocol("c", settings).pretrained(0, tmp_path)
+    assert checkpoint != supervised  # PRETRAIN_KEYS holds the objective: one cache entry each
+    L.seed_everything(0, verbose=False)  # the same seed's untrained module
+    initial = FinetuneProtocol("c", {}).module(1e-3)
+    state = load_state_dict_file(checkpoint)
+    assert state.keys() == initial.state_dict().keys()  # no projection head: every arm loads it as is
+    torch.testing.assert_close(state["head.weight"], initial.head.weight.detach())  # the arms train the head
+    assert not torch.equal(state["backbone.blocks.0.weight"], initial.backbone.blocks[0].weight.detach())
+    torch.testing.assert_close(state["backbone.blocks.0.weight"], model.backbone.blocks[0].weight.detach())

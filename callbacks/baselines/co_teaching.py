@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from reglab.checkpoints import add_restore_hook
 from reglab.mixins import StepOutput
+from reglab.step import forward_step_with
 from reglab.technique import Technique
 
 PEER = "co_teaching_peer"  # the peer's attribute on the module: its checkpoint keys start with it
@@ -122,17 +123,6 @@ def restore_peer(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Restore hook (:func:`reglab.checkpoints.add_restore_hook`): a bare module gets its peer
     before the checkpoint's weights (which include the peer's) are loaded."""
     add_peer(module, reset=False)
-
-
-class _ForwardStep(nn.Module):
-    """``forward(batch) = module.forward_step(batch)``, for :func:`torch.func.functional_call`."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch: dict[str, Any]) -> StepOutput:
-        return self.module.forward_step(batch)
 
 
 class CoTeaching(Technique):
@@ -214,18 +204,17 @@ class CoTeaching(Technique):
     def peer_tensors(self, module: nn.Module) -> dict[str, Tensor]:
         """Names in ``module`` -> the peer's tensors: its parameters, and its buffers where the
         module has a buffer of the same name (batch-norm statistics)."""
-        names = {f"module.{name}": self._stand_ins[id(p)]
+        names = {name: self._stand_ins[id(p)]
                  for name, p in module.named_parameters(remove_duplicate=False) if id(p) in self._stand_ins}
         buffers = dict(module.named_buffers(remove_duplicate=False))
         for key, buffer in getattr(module, PEER).named_buffers(remove_duplicate=False):
             if key in buffers and buffers[key].shape == buffer.shape:
-                names[f"module.{key}"] = buffer
+                names[key] = buffer
         return names
 
     def peer_logits(self, out: StepOutput, module: nn.Module) -> Tensor:
         """The peer's logits on the step's batch, through the module's own ``forward_step``."""
-        step = _ForwardStep(module)
-        return torch.func.functional_call(step, self.peer_tensors(module), (out.batch,)).logits
+        return forward_step_with(module, out.batch, self.peer_tensors(module)).logits
 
     def evaluation_losses(self, out: StepOutput, module: L.LightningModule) -> tuple[Tensor, Tensor]:
         """Both networks' losses on the step's batch in evaluation mode, without gradients (every

@@ -1,4 +1,4 @@
-"""Domain generalization, robust fine-tuning and test-time adaptation."""
+"""Domain generalization, robust fine-tuning and test-time adaptation: models that hold up on unseen domains."""
 
 from reglab.registry import lazy_exports
 

@@ -76,8 +76,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglab.callbacks.noisy_labels._contrastive import nt_xent, second_view_features, training_set_features
+from reglab.callbacks.noisy_labels._contrastive import second_view_features, training_set_features
 from reglab.mixins import StepOutput
+from reglab.nn.contrastive import nt_xent
 from reglab.technique import Technique
 
 

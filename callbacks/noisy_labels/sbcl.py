@@ -12,7 +12,7 @@ subclasses of its class than to other classes' subclasses:
               denominator: all j outside i's subclass, and i's other view,             temperature tau_c(i)
     loss    = mean_i [ -(tau / tau_base) L_sub_i - gamma L_cls_i ]
 
-(``log p`` as in :mod:`reglab.callbacks.noisy_labels._contrastive`). The class term's
+(``log p`` as in :mod:`reglab.nn.contrastive`). The class term's
 temperature depends on the anchor's class: ``tau_c = tau * d_c / mean(d)`` with ``d_c`` the mean
 distance of the class's features to their centre divided by ``log(n_c + 10)``, clipped to its
 20th-80th percentiles over classes (``tau`` for classes with one subclass).
@@ -32,7 +32,7 @@ tail count, rather than a ceiling). Departures, scaled to a small CPU run in one
   output of an extra projection MLP (a technique that added parameters to the module would change
   its checkpoints' keys);
 * the first view is the step's own (unaugmented) forward pass and the second an augmented one
-  (:func:`~reglab.callbacks.noisy_labels._contrastive.augmented_view`), where the code uses two
+  (:func:`~reglab.nn.contrastive.augmented_view`), where the code uses two
   augmented views: one extra forward pass per step instead of two;
 * clustering is scikit-learn's k-means on the normalised features (seeded k-means++), where the
   code runs its own GPU k-means with cosine distance; defaults ``warmup_epochs = 2`` and
@@ -63,13 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reglab.callbacks.noisy_labels._contrastive import (
-    mean_positive_log_prob,
-    second_view_features,
-    training_set_features,
-    two_view_masks,
-)
+from reglab.callbacks.noisy_labels._contrastive import second_view_features, training_set_features
 from reglab.mixins import StepOutput
+from reglab.nn.contrastive import mean_positive_log_prob, two_view_masks
 from reglab.technique import Technique, training_set_shape
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from torchmetrics.segmentation import DiceScore
 
 from reglab.metrics import NoisyLabelMemorization
 from reglab.mixins import RegularizedMixin, StepOutput
@@ -21,7 +22,7 @@ from reglab.tasks.metric_hooks import TaskMetricsMixin
 
 #: the label of pixels that count in no loss and no metric (the PASCAL VOC convention)
 IGNORE_INDEX = 255
-MEAN_IOU, PER_CLASS_IOU, PIXEL_ACCURACY = "miou", "iou_per_class", "pixel_acc"
+MEAN_IOU, PER_CLASS_IOU, PIXEL_ACCURACY, DICE = "miou", "iou_per_class", "pixel_acc", "dice"
 
 
 def dense_cross_entropy_per_sample(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -48,24 +49,56 @@ def dense_cross_entropy_per_sample(logits: Tensor, target: Tensor, ignore_index:
     return per_pixel.flatten(1).sum(1) / counted.flatten(1).sum(1).clamp_min(1)
 
 
+class ForegroundDice(DiceScore):
+    """torchmetrics' :class:`~torchmetrics.segmentation.DiceScore` of the foreground classes (class 0
+    is the background), from ``(N, C, H, W)`` logits and ``(N, H, W)`` class indices, skipping pixels
+    labelled ``ignore_index`` (which ``DiceScore`` cannot do itself: they become all-zero one-hot
+    vectors in both the prediction and the target, so they count in no class).
+
+    Global over the split (each class's ``2 TP / (2 TP + FP + FN)`` over all its pixels, as the
+    IoU here), then the mean over the foreground classes present in the targets or the predictions.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(num_classes, include_background=False, average="macro", aggregation_level="global",
+                         input_format="one-hot")
+        self.ignore_index = ignore_index
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        counted = (target != self.ignore_index).unsqueeze(1)
+        predicted = F.one_hot(logits.argmax(1), self.num_classes).movedim(-1, 1) * counted
+        labelled = F.one_hot(torch.where(counted[:, 0], target, 0), self.num_classes).movedim(-1, 1) * counted
+        super().update(predicted, labelled)
+
+
+def _has_labelled_pixel(target: Tensor, ignore_index: int) -> Tensor:
+    """``(N,)`` bool: which images of an ``(N, H, W)`` index or ``(N, C, H, W)`` probability target have
+    a pixel that counts (see :func:`dense_cross_entropy_per_sample`)."""
+    counted = target.sum(dim=1) > 0 if target.dim() == 4 else target != ignore_index
+    return counted.flatten(1).any(1)
+
+
 def segmentation_metrics(num_classes: int, prefix: str, ignore_index: int = IGNORE_INDEX) -> MetricCollection:
-    """Mean IoU, per-class IoU and pixel accuracy over a whole split, from ``(N, C, H, W)`` logits.
+    """Mean IoU, per-class IoU, pixel accuracy and Dice over a whole split, from ``(N, C, H, W)`` logits.
 
     IoU is computed from the split's accumulated confusion matrix (intersection over union of
     all its pixels per class, the PASCAL VOC convention ADELE reports); the mean is over the
-    classes present in the targets or the predictions, background included. Keys:
-    ``<prefix>miou``, ``<prefix>iou_per_class`` (a ``(C,)`` vector) and ``<prefix>pixel_acc``.
+    classes present in the targets or the predictions, background included. Dice is
+    :class:`ForegroundDice`: the same global counts, the mean over the foreground classes only
+    (the polyp-segmentation convention FPGM reports). Keys: ``<prefix>miou``,
+    ``<prefix>iou_per_class`` (a ``(C,)`` vector), ``<prefix>pixel_acc`` and ``<prefix>dice``.
 
     Example:
         >>> metrics = segmentation_metrics(3, prefix="val/")
         >>> logits = torch.zeros(1, 3, 1, 4)
         >>> logits[0, [0, 1, 1, 2], 0, torch.arange(4)] = 1.0          # predicts 0, 1, 1, 2
         >>> metrics.update(logits, torch.tensor([[[0, 1, 2, 2]]]))
-        >>> {name: value.tolist() for name, value in sorted(metrics.compute().items())}
-        {'val/iou_per_class': [1.0, 0.5, 0.5], 'val/miou': 0.6666666865348816, 'val/pixel_acc': 0.75}
+        >>> {name: round(value.item(), 4) for name, value in sorted(metrics.compute().items()) if value.dim() == 0}
+        {'val/dice': 0.6667, 'val/miou': 0.6667, 'val/pixel_acc': 0.75}
     """
     return MetricCollection(
         {
+            DICE: ForegroundDice(num_classes, ignore_index),
             MEAN_IOU: MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
             PER_CLASS_IOU: MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index),
             PIXEL_ACCURACY: MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
@@ -82,9 +115,11 @@ class SegmentationModule(TaskMetricsMixin, RegularizedMixin, L.LightningModule):
     ``labels`` ``(N, H, W)`` (the batch's mask), ``features`` the per-pixel features the head reads
     ``(N, D, H, W)``, ``extras["bottleneck"]`` the backbone's coarsest features when it has them,
     ``index`` and ``batch``; :meth:`task_loss` the per-image mean pixel cross-entropy ``(N,)``
-    (:func:`dense_cross_entropy_per_sample`, hard or soft targets, ``ignore_index`` skipped).
+    (:func:`dense_cross_entropy_per_sample`, hard or soft targets, ``ignore_index`` skipped),
+    scaled so that the batch's mean is the mean over its labelled images: an image without a
+    labelled pixel (an unlabelled scene of a semi-supervised setting) takes no part in it.
 
-    Logs ``val/miou``, ``val/pixel_acc``, ``test/miou``, ``test/pixel_acc`` and per-class test IoU
+    Logs ``val/miou``, ``val/pixel_acc``, ``val/dice``, the same for ``test/``, and per-class test IoU
     ``test/iou_class_<c>`` (``c`` the class index: 0 background, ``d + 1`` digit ``d`` on the
     scenes); when training batches carry ``clean_target`` (noisy masks), also the share of
     wrongly-labelled training pixels predicted as their noisy label (``train/memorized``) and as
@@ -166,7 +201,11 @@ class SegmentationModule(TaskMetricsMixin, RegularizedMixin, L.LightningModule):
         )
 
     def task_loss(self, out: StepOutput) -> Tensor:
-        return dense_cross_entropy_per_sample(out.logits, out.target, self.ignore_index)
+        per_image = dense_cross_entropy_per_sample(out.logits, out.target, self.ignore_index)
+        # a batch's mean over its labelled images (semi-supervised batches mix in unlabelled ones,
+        # whose loss is 0): scaled so, a batch with 2 labelled images of 16 trains as strongly as one of 16
+        labelled = _has_labelled_pixel(out.target, self.ignore_index)
+        return per_image * (len(per_image) / labelled.sum().clamp_min(1))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Per-pixel class probabilities ``(N, C, H, W)``."""
