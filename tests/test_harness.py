@@ -100,8 +100,8 @@ def test_stacks_with_partner(name):
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("name", EVAL_TIME)
 def test_adapts_at_test_time_and_restores_the_model(name, precision):
-    """An eval-time technique adapts in test and predict runs of a default Trainer (inference mode
-    on), every run starts from the source model (two runs agree exactly), and the model leaves each
+    """An eval-time technique adapts in test, predict and validate runs of a default Trainer
+    (inference mode on), every run starts from the source model (two runs agree exactly), and the model leaves each
     run as it entered it, unless keep_adapted (then only the adapted parameters differ)."""
     technique, module, data = make(name), module_for(name), noisy_digits()
     quiet_trainer(max_steps=3, callbacks=[technique]).fit(module, datamodule=data)
@@ -113,6 +113,8 @@ def test_adapts_at_test_time_and_restores_the_model(name, precision):
     assert runs[0]["test/loss"] != source["test/loss"], "the test run did not adapt"
     assert runs[0] == runs[1], "the second run did not start from the source model"
     quiet_trainer(precision=precision, callbacks=[technique]).predict(module, datamodule=data)
+    (validated,) = quiet_trainer(precision=precision, callbacks=[technique]).validate(module, datamodule=data, verbose=False)
+    assert math.isfinite(validated[f"val/{name}/adaptation_loss"])
     for key, value in module.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
     technique.keep_adapted = True

@@ -182,3 +182,13 @@ def test_ddp_ranks_adapt_alike(tmp_path):
     torch.multiprocessing.start_processes(ddp_test_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert all(report["same"] and report["moved"] > 0 for report in reports), reports
+
+
+def test_the_validation_inside_a_fit_measures_the_source_model():
+    """Fit-time validation (checkpoint and model selection) never adapts; trainer.validate does."""
+    module, data = bn_module(), digits()
+    trainer = example_trainer(max_epochs=1, callbacks=[TENT()])
+    trainer.fit(module, datamodule=data)
+    assert "val/acc" in trainer.callback_metrics and "val/tent/adaptation_loss" not in trainer.callback_metrics
+    (validated,) = example_trainer(callbacks=[TENT()]).validate(module, datamodule=data, verbose=False)
+    assert "val/tent/adaptation_loss" in validated
