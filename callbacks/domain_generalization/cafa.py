@@ -12,18 +12,18 @@ which pulls a test feature towards its predicted class's source distribution (in
 distance down) and, through the denominator, away from the other classes' (inter-class distance
 up), with no weight between the two: the paper's point that the loss has no hyper-parameter.
 
-Source: the paper; no official code was found (GitHub searched by title, authors and the loss's
-names), and its method section could not be read in full here either, so the loss above is written
-from its abstract and published summaries of its Eq.: intra-class distance over the sum of the
-distances to all classes, inside a log, averaged over the batch (check it against the paper's
-equation before relying on the exact form). Followed: statistics from training samples with a
-model that is not changed for them, class-conditional Gaussians with per-class covariances, the
-pseudo label from the model's prediction, the same parameterization and optimizer as TENT
-(batch-norm affine parameters, test-batch normalisation, Adam 1e-3, one step per batch). Not in the paper, chosen here: the inverse is taken of
-``Sigma_c + ridge * mean(diag Sigma) * I`` (a feature that is constant on the source data makes a
-covariance singular; the paper does not say how it inverts it), ``covariance="shared"`` offers the
-pooled within-class covariance (Lee et al.'s tied Gaussian) instead, and all training samples are
-used (the paper shows a small subset suffices; the embedded data are small).
+Source: the paper. No official code was found (GitHub searched by title, authors and the loss's
+names), and the paper's method section could not be retrieved here: its abstract and published
+summaries describe the parts (source class-conditional Gaussians, pseudo labels, the Mahalanobis
+intra-class distance minimised and the inter-class distances maximised, no hyper-parameter, batch
+norms updated as in TENT, a small subset of training samples enough for the statistics) but not
+the equation, so the log-ratio above is this implementation's reading of it: check it against the
+paper's equation before relying on its exact form. Followed: per-class covariances, the pseudo
+label from the model's prediction, TENT's parameterization and optimizer (batch-norm affine
+parameters, test-batch normalisation, Adam 1e-3, one step per batch). Chosen here: the inverse is
+taken of ``Sigma_c + ridge * mean(diag Sigma) * I`` (a feature constant on the source data makes a
+covariance singular), ``covariance="shared"`` offers the pooled within-class covariance (Lee et
+al.'s tied Gaussian) instead, and all training samples are used (the embedded data are small).
 
 The statistics are technique state, so they are in every checkpoint: they are recomputed (one
 pass over the training split, eval mode, no gradients) whenever a checkpoint is written after the
@@ -53,7 +53,7 @@ COVARIANCES = ("class", "shared")
 
 def class_statistics(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(counts (C,), means (C, D), covariances (C, D, D))`` of the features of each class, fp64;
-    the covariance is the maximum-likelihood one (divided by ``N_c``), as in the paper."""
+    the covariance is the maximum-likelihood one (divided by ``N_c``)."""
     features = features.double()
     counts = torch.bincount(labels, minlength=num_classes)
     means = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
