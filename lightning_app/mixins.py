@@ -53,7 +53,7 @@ from torch import Tensor
 
 from reglab.checkpoints import run_restore_hooks
 from reglab.step import StepOutput, cross_entropy_per_sample
-from reglab.technique import Technique, check_contract_ran, run_stages
+from reglab.technique import Technique, check_contract_ran, eval_forward, run_stages
 
 __all__ = ["RegularizedMixin", "StepOutput", "cross_entropy_per_sample"]
 
@@ -164,8 +164,13 @@ class RegularizedMixin:
         terms = {name: value.detach() for name, value in terms.items()}
         return {"loss": total, "step_output": out.detached(), "terms": terms}
 
+    def eval_forward(self, batch: dict[str, Any]) -> StepOutput:
+        """``forward_step`` of a validation / test / predict step; an attached test-time adaptation
+        technique (:class:`reglab.technique.EvalTimeAdaptation`) adapts the model on the batch first."""
+        return eval_forward(self, self.techniques, batch)
+
     def _eval_step(self, batch: dict[str, Any], stage: str) -> Tensor:
-        out = self.forward_step(batch)
+        out = self.eval_forward(batch)
         loss = self.task_loss(out).mean()
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=out.logits.shape[0])
         self.on_step_output(out, stage)
@@ -178,7 +183,7 @@ class RegularizedMixin:
         return self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.forward_step(batch).logits.softmax(-1)
+        return self.eval_forward(batch).logits.softmax(-1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reglab_rng_state"] = _rng_state()

@@ -40,7 +40,7 @@ STATUSES = ("built", "planned")
 KINDS = ("technique", "module", "data", "command", "metric", "layer", "reference")
 REQUIRED = ("id", "paper", "family", "sections", "title", "class", "config", "status", "claim", "claims", "baselines")
 OPTIONAL = ("kind", "note", "build", "method_card", "harness")
-HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data")
+HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data", "backbone_kwargs")
 #: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
 HARNESS_DATA = ("noisy_digits", "domains")
 METHOD_CARD_KEYS = ("what", "helps_when", "costs")
@@ -233,14 +233,17 @@ def lazy_exports(package: str, extra: dict[str, str] | None = None) -> tuple[Cal
 
 # -- small runs built from the cards' harness cases (tests/test_harness.py, reglab bench overhead) --
 
-def example_module(seed: int = 0) -> Any:
-    """The harness model: an MLP 64-32-10 ``ClassificationModule`` (lr 1e-2), seeded."""
+def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None) -> Any:
+    """The harness model: an MLP 64-32-10 ``ClassificationModule`` (lr 1e-2), seeded;
+    ``backbone_kwargs`` add to the MLP's (a harness case's ``backbone_kwargs``, e.g. ``{norm: batch}``
+    for a technique that adapts batch-norm layers)."""
     import lightning as L
 
     from reglab.tasks import ClassificationModule
 
     L.seed_everything(seed, verbose=False)
-    return ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (32,)}, lr=1e-2)
+    kwargs = {"hidden_sizes": (32,), **(backbone_kwargs or {})}
+    return ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs=kwargs, lr=1e-2)
 
 
 def example_data(batch_size: int = 256, data: str | None = None) -> Any:

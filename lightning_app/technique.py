@@ -18,6 +18,9 @@ Declarations (class attributes):
         scaler sees only the loss Lightning backpropagates, or ``16-true``), or ``None`` when it
         can; refused at setup with the reason (``bf16-mixed`` is not affected).
 
+A technique that adapts the model while it evaluates (test-time adaptation: TENT, CAFA)
+subclasses :class:`EvalTimeAdaptation` instead and implements ``adaptation_loss``.
+
 Example:
     >>> import torch
     >>> class ConfidencePenalty(Technique):
@@ -35,11 +38,13 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from reglab.step import StepOutput, forward_step_with
 
@@ -521,3 +526,290 @@ class PerSampleTable:
             )
         self.table.copy_(table.to(self.table.device))
         self._pending = None
+
+
+def dataset_features(module: L.LightningModule, dataset: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """``(features, labels)`` of every sample of ``dataset`` from ``module.forward_step``, in eval
+    mode and without gradients, fp32 on the module's device. The loader has its own generator, so
+    the global RNG (and with it an exactly resumed run) is not touched."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+    modes = [(m, m.training) for m in module.modules()]  # each one's: a frozen part may be in eval mode in training
+    module.eval()
+    features, labels = [], []
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                features.append(module.forward_step(batch).features.float())
+                labels.append(batch["target"])
+    finally:
+        for m, training in modes:
+            m.training = training
+    return torch.cat(features), torch.cat(labels)
+
+
+#: ``trainer.state.fn`` of the runs an eval-time technique may adapt in, by Lightning's stage name.
+EVAL_RUNS = ("validate", "test", "predict")
+_OPTIMIZERS = ("adam", "sgd")
+
+
+def batch_norm_layers(module: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
+    """Every batch-norm layer of ``module`` (1-d, 2-d, 3-d, synchronised)."""
+    return (m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+class EvalTimeAdaptation(Technique):
+    """A technique that adapts the model while it evaluates: test-time adaptation (TENT, CAFA).
+
+    A subclass implements :meth:`adaptation_loss` (an unsupervised scalar on a batch's
+    :class:`StepOutput`) and may override :meth:`adapted_parameters` (default: the affine scale
+    and shift of every batch-norm layer, TENT's choice) and :meth:`on_adaptation_start`. In each
+    ``trainer.validate`` / ``test`` / ``predict`` run named in ``adapt_in`` (not in the validation
+    of a fit: that measures the source model for checkpoint selection), every batch is evaluated
+    as: forward under ``torch.enable_grad``, the loss, backward, one optimizer step on the adapted
+    parameters only, ``steps`` times; the metrics and predictions come from the last forward
+    (the official TENT's "adapt while predicting": no second forward after the update).
+
+    * **Gradients in the evaluation loop.** Lightning runs evaluation under
+      ``torch.inference_mode``, in which no graph can be built (``enable_grad`` does not undo it).
+      :meth:`setup` of an adapting stage switches that loop to ``torch.no_grad`` (its
+      ``inference_mode`` flag, Lightning's own ``Trainer(inference_mode=False)`` per loop) and
+      ``teardown`` switches it back, so other runs of the trainer keep inference mode.
+    * **The model is not changed by a run unless asked.** The adapted parameters are copied at
+      the start of the run and written back at its end (also when the run fails), with every
+      module's train/eval mode, ``requires_grad`` flags and batch-norm settings; running
+      statistics are never updated (``track_running_stats`` is off while adapting). So a test
+      run leaves the weights, and any checkpoint written later, as they were.
+      ``keep_adapted=True`` keeps the adapted parameters on the module after the run (save them
+      with ``trainer.save_checkpoint``). Test runs write no checkpoint themselves.
+    * **Episodes.** Adaptation state (the adapted parameters and the optimizer's moments) starts
+      from the source model at every run, and carries over from batch to batch within it (the
+      official TENT's online default, reset between corruptions as its evaluation script does):
+      one held-out domain per test run is one episode. ``episodic=True`` resets before every
+      batch (the official ``MODEL.EPISODIC``). Per-sample episodes are not offered: batch
+      statistics need a batch.
+    * **DDP.** Each rank adapts on its share of the batches; the adapted parameters' gradients
+      are averaged over the ranks before each step (the strategy's ``reduce``), so every rank
+      keeps the same parameters, as one adaptation on the global batch would.
+    * At most one eval-time technique per trainer (two would step the same parameters on
+      different losses); refused at setup. The module routes its evaluation steps through
+      ``eval_forward`` (``RegularizedMixin`` does); a run in which batches ran but none was
+      adapted fails at its end, naming the fix.
+
+    Args:
+        lr: learning rate of the adaptation optimizer (official TENT: 1e-3).
+        optimizer: ``"adam"`` (betas 0.9, 0.999) or ``"sgd"`` (momentum, Nesterov), as TENT's.
+        momentum: SGD's momentum.
+        weight_decay: the optimizer's weight decay (TENT: 0).
+        steps: optimizer steps per batch (TENT: 1).
+        episodic: reset to the source model before every batch instead of every run.
+        keep_adapted: leave the adapted parameters on the module after the run.
+        batch_statistics: normalise batch-norm layers with the test batch's statistics while
+            adapting (TENT's "test-time normalization"); ``False`` keeps the running statistics.
+        adapt_in: the runs that adapt, of ``validate``, ``test``, ``predict``.
+
+    Example:
+        >>> class MinEntropy(EvalTimeAdaptation):
+        ...     def adaptation_loss(self, out, module):
+        ...         p = out.logits.float().softmax(-1)
+        ...         return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        >>> MinEntropy(lr=1e-3).adapt_in
+        ('validate', 'test', 'predict')
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        steps: int = 1,
+        episodic: bool = False,
+        keep_adapted: bool = False,
+        batch_statistics: bool = True,
+        adapt_in: Sequence[str] = EVAL_RUNS,
+    ) -> None:
+        if optimizer not in _OPTIMIZERS:
+            raise self.fail(f"optimizer {optimizer!r} is not one of {_OPTIMIZERS}", "pass optimizer='adam' or 'sgd'")
+        if steps < 1:
+            raise self.fail(f"steps={steps} takes no adaptation step", "pass steps >= 1 (optimizer steps per batch)")
+        unknown = sorted(set(adapt_in) - set(EVAL_RUNS))
+        if unknown:
+            raise self.fail(f"adapt_in names {unknown}, which are not evaluation runs",
+                            f"name runs of {list(EVAL_RUNS)} (the validation inside a fit never adapts)")
+        self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
+        self.steps, self.episodic, self.keep_adapted = steps, episodic, keep_adapted
+        self.batch_statistics, self.adapt_in = batch_statistics, tuple(adapt_in)
+        self._run: dict[str, Any] | None = None
+        self._loop_modes: list[tuple[Any, bool]] = []
+
+    # -- what a subclass provides ----------------------------------------------------------------
+    def adaptation_loss(self, out: StepOutput, module: L.LightningModule) -> Tensor:
+        """The unsupervised scalar minimised on every evaluated batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement adaptation_loss(out, module)")
+
+    def adapted_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of what adapts: every batch-norm layer's affine scale and shift."""
+        norms = {id(m) for m in batch_norm_layers(module) if m.affine}
+        return [(f"{name}.{kind}" if name else kind, p) for name, m in module.named_modules() if id(m) in norms
+                for kind, p in m.named_parameters(recurse=False)]
+
+    def on_adaptation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """At the start of an adapting run, before the model is set up for adaptation (so the model
+        is still the source model, in Lightning's eval mode)."""
+
+    # -- the mechanism ---------------------------------------------------------------------------
+    @property
+    def adapting(self) -> bool:
+        """Whether an adapting run is in progress."""
+        return self._run is not None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        others = [cb for cb in trainer.callbacks if isinstance(cb, EvalTimeAdaptation) and cb is not self]
+        if others:
+            raise self.fail(f"both it and {type(others[0]).__name__} adapt the model at test time",
+                            "keep only one eval-time adaptation technique")
+        if not callable(getattr(pl_module, "eval_forward", None)):
+            raise self.fail(f"{type(pl_module).__name__} does not route its evaluation steps through the step "
+                            "contract, so nothing would adapt",
+                            "mix reglab.mixins.RegularizedMixin into the module (its validation/test/predict steps "
+                            "call eval_forward)")
+        if not self.adapted_parameters(pl_module):
+            raise self.fail(f"{type(pl_module).__name__} has no batch-norm layer with affine parameters, which it "
+                            "adapts at test time",
+                            "use a backbone with BatchNorm (backbone: cnn, or mlp with backbone_kwargs: {norm: batch})")
+        if stage in self.adapt_in:
+            loop = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}[stage]
+            self._loop_modes.append((loop, loop.inference_mode))
+            loop.inference_mode = False
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        while self._loop_modes:
+            loop, mode = self._loop_modes.pop()
+            loop.inference_mode = mode
+
+    def _starts(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.state.fn is None or trainer.state.fn.value not in self.adapt_in:
+            return
+        if torch.is_inference_mode_enabled():
+            raise self.fail("the evaluation loop runs in inference mode, where no gradient can be taken",
+                            "attach the technique to the trainer that runs the evaluation (its setup turns "
+                            "inference mode off for that loop), or build the Trainer with inference_mode=False")
+        self.on_adaptation_start(trainer, module)
+        params = self.adapted_parameters(module)
+        norms = list(batch_norm_layers(module))
+        self._run = {
+            "stage": trainer.state.fn.value,
+            "source": [p.detach().clone() for _, p in params],
+            "requires_grad": [(p, p.requires_grad) for p in module.parameters()],
+            "modes": [(m, m.training) for m in module.modules()],
+            "tracking": [(m, m.track_running_stats) for m in norms],
+            "batches": 0,
+            "adapted": 0,
+        }
+        module.requires_grad_(False)
+        for _, p in params:
+            p.requires_grad_(True)
+        if self.batch_statistics:
+            for norm in norms:  # batch statistics, running statistics left as they are
+                norm.train()
+                norm.track_running_stats = False
+        self._run["optimizer"] = self._make_optimizer([p for _, p in params])
+
+    def _ends(self, trainer: L.Trainer, module: L.LightningModule, check: bool = True) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        params = [p for _, p in self.adapted_parameters(module)]
+        with torch.no_grad():
+            for p, source in zip(params, run["source"]):
+                if not self.keep_adapted:
+                    p.copy_(source)
+                p.grad = None
+        for norm, tracking in run["tracking"]:
+            norm.track_running_stats = tracking
+        for m, training in run["modes"]:
+            m.training = training
+        for p, flag in run["requires_grad"]:
+            p.requires_grad_(flag)
+        if check and run["batches"] and not run["adapted"]:
+            raise self.fail(f"the {run['stage']} run evaluated {run['batches']} batches but none was adapted: "
+                            f"{type(module).__name__} evaluates without eval_forward",
+                            "call self.eval_forward(batch) instead of self.forward_step(batch) in the module's "
+                            "validation/test/predict step (RegularizedMixin's do)")
+
+    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                               nesterov=self.momentum > 0)
+
+    def adapt(self, batch: dict[str, Any], module: L.LightningModule) -> StepOutput:
+        """Adapt on ``batch`` (``steps`` optimizer steps) and return the last forward's output, detached."""
+        run = self._run
+        params = [p for _, p in self.adapted_parameters(module)]
+        if self.episodic and run["adapted"]:
+            with torch.no_grad():
+                for p, source in zip(params, run["source"]):
+                    p.copy_(source)
+            run["optimizer"] = self._make_optimizer(params)
+        trainer = module.trainer
+        for _ in range(self.steps):
+            with torch.enable_grad():
+                out = module.forward_step(batch)
+                loss = self.adaptation_loss(out, module)
+                run["optimizer"].zero_grad(set_to_none=True)
+                loss.backward()
+            if trainer.world_size > 1:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")
+            run["optimizer"].step()
+        run["adapted"] += 1
+        if run["stage"] != "predict":  # Lightning allows no logging in predict
+            prefix = "val" if run["stage"] == "validate" else run["stage"]
+            module.log(f"{prefix}/{self.name}/adaptation_loss", loss.detach(), on_epoch=True,
+                       batch_size=out.logits.shape[0])
+        return out.detached()
+
+    def _counts_batch(self) -> None:
+        if self._run is not None:
+            self._run["batches"] += 1
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._starts(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._starts(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._starts(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._counts_batch()
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._counts_batch()
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._counts_batch()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ends(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ends(trainer, pl_module)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ends(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._ends(trainer, pl_module, check=False)
+
+
+def eval_forward(module: L.LightningModule, techniques: list[Technique], batch: dict[str, Any]) -> StepOutput:
+    """The forward pass of a validation / test / predict step: adapted by the attached
+    :class:`EvalTimeAdaptation` when it is adapting in this run, else ``module.forward_step``."""
+    adapter = next((t for t in techniques if isinstance(t, EvalTimeAdaptation) and t.adapting), None)
+    return adapter.adapt(batch, module) if adapter is not None else module.forward_step(batch)

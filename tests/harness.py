@@ -62,6 +62,12 @@ def data_for(technique_id: str, batch_size: int = 256) -> L.LightningDataModule:
     return noisy_digits(batch_size, registry.card(technique_id).harness.get("data"))
 
 
+def module_for(technique_id: str, seed: int = 0) -> L.LightningModule:
+    """The harness model for this technique: :func:`small_module` with its case's ``backbone_kwargs``
+    (a technique that adapts batch-norm layers runs on the MLP with ``norm: batch``)."""
+    return small_module(seed, backbone_kwargs=registry.card(technique_id).harness.get("backbone_kwargs"))
+
+
 def partner(technique_id: str) -> Technique:
     """The technique the harness stacks with this one (its card's ``harness.partner``)."""
     return make(registry.card(technique_id).harness["partner"])
@@ -102,4 +108,4 @@ def ddp_worker(rank: int, technique_ids: list[str], port: int, report_dir: str) 
             max_steps=4, devices=2, strategy="ddp",
             callbacks=[technique, RankStateCheck(technique, Path(report_dir) / technique_id)],
         )
-        trainer.fit(small_module(), datamodule=data_for(technique_id, batch_size=128))
+        trainer.fit(module_for(technique_id), datamodule=data_for(technique_id, batch_size=128))

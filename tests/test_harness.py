@@ -11,11 +11,13 @@ import torch
 import torch.multiprocessing
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from harness import FACTORIES, data_for, ddp_worker, flat_state, make, partner, quiet_trainer, small_module
+from harness import FACTORIES, data_for, ddp_worker, flat_state, make, module_for, partner, quiet_trainer
 from reglab import registry
+from reglab.technique import EvalTimeAdaptation
 
 TECHNIQUES = [card.id for card in registry.techniques()]
 STATEFUL = [card.id for card in registry.techniques() if card.load().stateful]
+EVAL_TIME = [card.id for card in registry.techniques() if issubclass(card.load(), EvalTimeAdaptation)]
 
 
 def test_every_harness_case_builds_its_technique():
@@ -40,7 +42,7 @@ def _check_trained(trainer, module, before, technique):
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_fit_with_gradient_accumulation(name):
-    technique, module = make(name), small_module()
+    technique, module = make(name), module_for(name)
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[technique])
     trainer.fit(module, datamodule=data_for(name))
@@ -54,7 +56,7 @@ def test_resume_is_exact(name, tmp_path):
     total_steps, stop_at = 12, 7  # 5 steps per epoch: crosses an epoch end, stops mid-epoch
 
     def run(max_steps, ckpt_path=None, checkpoint=None):
-        technique, module = make(name), small_module()
+        technique, module = make(name), module_for(name)
         extra = dict(enable_checkpointing=True, callbacks=[technique, checkpoint]) if checkpoint else dict(callbacks=[technique])
         trainer = quiet_trainer(max_steps=max_steps, **extra)
         trainer.fit(module, datamodule=data_for(name), ckpt_path=ckpt_path)
@@ -77,7 +79,7 @@ def test_resume_is_exact(name, tmp_path):
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_bf16_mixed(name):
-    technique, module = make(name), small_module()
+    technique, module = make(name), module_for(name)
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, precision="bf16-mixed", callbacks=[technique])
     trainer.fit(module, datamodule=data_for(name))
@@ -86,13 +88,40 @@ def test_bf16_mixed(name):
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_stacks_with_partner(name):
-    technique, other, module = make(name), partner(name), small_module()
+    technique, other, module = make(name), partner(name), module_for(name)
     assert type(other) is not type(technique)
     before = _weights(module)
     trainer = quiet_trainer(max_steps=3, callbacks=[technique, other])
     trainer.fit(module, datamodule=data_for(name))
     _check_trained(trainer, module, before, technique)
     _check_trained(trainer, module, before, other)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("name", EVAL_TIME)
+def test_adapts_at_test_time_and_restores_the_model(name, precision):
+    """An eval-time technique adapts in test, predict and validate runs of a default Trainer
+    (inference mode on), every run starts from the source model (two runs agree exactly), and the model leaves each
+    run as it entered it, unless keep_adapted (then only the adapted parameters differ)."""
+    technique, module, data = make(name), module_for(name), data_for(name)
+    quiet_trainer(max_steps=3, callbacks=[technique]).fit(module, datamodule=data)
+    before = _weights(module)
+    (source,) = quiet_trainer(precision=precision).test(module, datamodule=data, verbose=False)
+    runs = [quiet_trainer(precision=precision, callbacks=[technique]).test(module, datamodule=data, verbose=False)[0]
+            for _ in range(2)]
+    assert math.isfinite(runs[0][f"test/{name}/adaptation_loss"])
+    assert runs[0]["test/loss"] != source["test/loss"], "the test run did not adapt"
+    assert runs[0] == runs[1], "the second run did not start from the source model"
+    quiet_trainer(precision=precision, callbacks=[technique]).predict(module, datamodule=data)
+    (validated,) = quiet_trainer(precision=precision, callbacks=[technique]).validate(module, datamodule=data, verbose=False)
+    assert math.isfinite(validated[f"val/{name}/adaptation_loss"])
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    technique.keep_adapted = True
+    quiet_trainer(precision=precision, callbacks=[technique]).test(module, datamodule=data, verbose=False)
+    changed = {key for key, value in module.state_dict().items() if not torch.equal(value, before[key])}
+    adapted = {key for key, _ in technique.adapted_parameters(module)}
+    assert changed and changed <= adapted, (changed, adapted)
 
 
 def _free_port() -> int:

@@ -50,3 +50,12 @@ def test_transformers_sequence_classifier_from_local_path(tmp_path):
 def test_module_without_shape_explains_the_fix():
     with pytest.raises(ValueError, match="needs num_classes and input_shape"):
         ClassificationModule("mlp")
+
+
+def test_mlp_batch_norm_is_an_option_off_by_default():
+    plain = create_backbone("mlp", input_shape=(64,), hidden_sizes=(32, 16))
+    normed = create_backbone("mlp", input_shape=(64,), hidden_sizes=(32, 16), norm="batch")
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.modules())
+    assert [m.num_features for m in normed.modules() if isinstance(m, torch.nn.BatchNorm1d)] == [32, 16]
+    with pytest.raises(ValueError, match="norm='layer'.*Fix: pass norm='batch'"):
+        create_backbone("mlp", input_shape=(64,), norm="layer")

@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from torch.distributed.fsdp import fully_shard
 
-from harness import data_for, make, noisy_digits, quiet_trainer, small_module
+from harness import data_for, make, module_for, noisy_digits, quiet_trainer, small_module
 from reglab import registry
 from reglab.callbacks import ELR, EMA, LoRA
 from reglab.tasks import ClassificationModule
@@ -31,8 +31,8 @@ TECHNIQUES = [card.id for card in registry.techniques()]
 REFUSED_UNDER_FSDP = [name for name in TECHNIQUES if make(name).fsdp_unsupported]
 
 
-def compiled_module():
-    module = small_module(seed=0)
+def compiled_module(technique_id: str | None = None):
+    module = small_module(seed=0) if technique_id is None else module_for(technique_id)
     module.backbone = torch.compile(module.backbone, backend="eager")
     return module
 
@@ -67,7 +67,7 @@ def test_fsdp_refusal_comes_at_setup_of_a_real_fit():
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_every_technique_trains_a_compiled_module(name):
-    module = compiled_module()
+    module = compiled_module(name)
     assert any("._orig_mod." in n for n, _ in module.named_parameters())
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     quiet_trainer(max_steps=3, limit_val_batches=1, callbacks=[make(name)]).fit(

@@ -65,33 +65,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from reglab.mixins import StepOutput
-from reglab.technique import Technique
+from reglab.technique import Technique, dataset_features
 
 KNN_CHUNK = 4096  # candidates per distance block: bounds memory at KNN_CHUNK x (ID points) floats
 
 
 @torch.no_grad()
-def dataset_features(module: L.LightningModule, dataset: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """``(features, labels)`` of every sample of ``dataset`` from ``module.forward_step``, in eval
-    mode, fp32 on the module's device. The loader has its own generator, so the global RNG (and
-    with it an exactly resumed run) is not touched."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
-    was_training = module.training
-    module.eval()
-    features, labels = [], []
-    try:
-        for batch in loader:
-            batch = {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            features.append(module.forward_step(batch).features.float())
-            labels.append(batch["target"])
-    finally:
-        module.train(was_training)
-    return torch.cat(features), torch.cat(labels)
-
-
 def kth_neighbour_distance(queries: Tensor, keys: Tensor, k: int) -> Tensor:
     """Euclidean distance of every query to its ``k``-th nearest key (a query that is also a key
     counts itself), computed in blocks of queries."""

@@ -54,9 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reglab.callbacks.continual.ovor import dataset_features
 from reglab.tasks.classification import CosineClassifier
-from reglab.technique import Technique
+from reglab.technique import Technique, dataset_features
 
 
 def calibrate_prototypes(new: Tensor, base: Tensor, alpha: float, tau: float) -> Tensor:

@@ -11,14 +11,21 @@ from reglab.models.registry import register_backbone
 
 
 class MLP(nn.Module):
-    """Flatten, then Linear-ReLU blocks; features are the last hidden layer."""
+    """Flatten, then Linear-ReLU blocks; features are the last hidden layer.
 
-    def __init__(self, input_shape: Sequence[int], hidden_sizes: Sequence[int] = (128, 128), dropout: float = 0.0):
+    ``norm="batch"`` puts a BatchNorm1d between each Linear and its ReLU (what test-time
+    adaptation by normalization layers, TENT and CAFA, adapts); ``None`` (default) has none.
+    """
+
+    def __init__(self, input_shape: Sequence[int], hidden_sizes: Sequence[int] = (128, 128), dropout: float = 0.0,
+                 norm: str | None = None):
         super().__init__()
+        if norm not in (None, "batch"):
+            raise ValueError(f"MLP: norm={norm!r} is not a normalization it has. Fix: pass norm='batch' or leave it unset.")
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for size in hidden_sizes:
-            layers += [nn.Linear(width, size), nn.ReLU()]
+            layers += [nn.Linear(width, size), *([nn.BatchNorm1d(size)] if norm else []), nn.ReLU()]
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = size
