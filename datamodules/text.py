@@ -7,7 +7,9 @@
   smaller than the blue cup") and labels the colour of the bigger one: twelve classes, and the
   label depends on which colour comes first, on the comparative's direction and on a negation —
   word order, not word presence. Its ``shifted`` phrasings (templates no training sentence uses)
-  measure robustness, and its two halves of colours are a source and a target task.
+  measure robustness, and its two halves of colours are a source and a target task. A half can be
+  made harder (``chained_groups``): its sentences chain two comparisons of three objects and the
+  label is the colour of the biggest, which takes combining the clauses.
 
 Every distinct sentence is used at most once, the splits are disjoint and seeded, and nothing is
 downloaded — the tokenizer is the one shipped with the model (by default the all-MiniLM-L6-v2 of
@@ -189,6 +191,40 @@ def render_comparison(statement: tuple[int, int, str, str, int, bool], template:
     return sentence, first if says_first_bigger != negated else second
 
 
+#: a chained statement: the three (colour, object) pairs from the biggest to the smallest, whether
+#: the clause comparing the two smaller ones comes first, and per clause (comparative, negated)
+ChainedStatement = tuple[tuple[tuple[int, str], ...], bool, tuple[tuple[int, bool], tuple[int, bool]]]
+
+
+def chained_statement(group: int, generator: torch.Generator, colours: tuple[str, ...] = COLOURS,
+                      groups: int = 2) -> ChainedStatement:
+    """A random chained statement over three distinct colours of ``group``."""
+    size = len(colours) // groups
+    picks = torch.randperm(size, generator=generator)[:3].tolist()
+    objects = torch.randint(0, len(OBJECTS), (3,), generator=generator).tolist()
+    order = tuple((group * size + colour, OBJECTS[obj]) for colour, obj in zip(picks, objects))
+    smaller_first = bool(torch.randint(0, 2, (1,), generator=generator))
+    clauses = tuple((int(torch.randint(0, len(COMPARATIVES), (1,), generator=generator)),
+                     bool(torch.randint(0, 2, (1,), generator=generator))) for _ in range(2))
+    return order, smaller_first, clauses
+
+
+def render_chained(statement: ChainedStatement, template: str) -> tuple[str, int]:
+    """Two clauses in ``template``, each comparing neighbours of the size order, joined by "and";
+    the label is the colour of the biggest object. Each clause names first whichever object makes
+    its comparative (and negation) true, so the words, not their positions, carry the order."""
+    order, smaller_first, clauses = statement
+    pairs = [(order[0], order[1]), (order[1], order[2])]
+    if smaller_first:
+        pairs.reverse()
+    rendered = []
+    for (bigger, smaller), (comparative, negated) in zip(pairs, clauses):
+        _, says_first_bigger = COMPARATIVES[comparative]
+        first, second = (bigger, smaller) if says_first_bigger != negated else (smaller, bigger)
+        rendered.append(render_comparison((first[0], second[0], first[1], second[1], comparative, negated), template)[0])
+    return " , and ".join(rendered), order[0][0]
+
+
 class ComparisonsDataModule(TokenizedTextDataModule):
     """Which of two coloured objects is bigger: 12 classes (the colours), word order decides.
 
@@ -200,12 +236,22 @@ class ComparisonsDataModule(TokenizedTextDataModule):
     picked at random; ``shifted=True`` renders the same statements, in the same splits, in two
     templates no training sentence uses (a phrasing shift for robustness measurements).
 
+    A half listed in ``chained_groups`` has chained statements instead: "the red box is bigger than
+    the blue cup , and the green ball is smaller than the blue cup" is labelled red — three colours
+    of the half, two clauses comparing neighbours of the size order (in either order, each with any
+    comparative and negation), the label the biggest object's colour, so no single clause decides
+    it. Its share of ``num_sentences`` is drawn at random from the 30 million such statements
+    (without repeats); with ``chained_groups=(1,)`` colours 0-5 keep the two-object task and 6-11
+    get the harder one.
+
     Args:
-        num_sentences: statements drawn from all 30,720.
+        num_sentences: statements drawn (from all 30,720 two-object statements; with
+            ``chained_groups``, an equal share from each half).
         shifted: phrase every sentence with the shifted templates.
         sample_seed: the draw of statements and templates (the splits follow ``seed``).
+        chained_groups: halves (0: colours 0-5, 1: colours 6-11) whose statements are chained.
         **kwargs: :class:`TokenizedTextDataModule` arguments; the longest sentence has 15 tokens
-            with MiniLM's tokenizer (``max_length`` 16).
+            with MiniLM's tokenizer (``max_length`` 16), a chained one 32 (``max_length`` 32).
 
     Example:
         >>> data = ComparisonsDataModule(batch_size=4, num_sentences=60)
@@ -217,19 +263,38 @@ class ComparisonsDataModule(TokenizedTextDataModule):
 
     num_classes = len(COLOURS)
 
-    def __init__(self, num_sentences: int = 2400, shifted: bool = False, sample_seed: int = 0, **kwargs: Any) -> None:
+    def __init__(self, num_sentences: int = 2400, shifted: bool = False, sample_seed: int = 0,
+                 chained_groups: tuple[int, ...] = (), **kwargs: Any) -> None:
         total = len(comparison_statements())
         if not 0 < num_sentences <= total:
             raise ValueError(f"{type(self).__name__}: num_sentences must be in 1..{total}, got {num_sentences}")
+        if not set(chained_groups) <= {0, 1}:
+            raise ValueError(f"{type(self).__name__}: chained_groups names halves 0 and 1, got {list(chained_groups)}")
         self.num_sentences, self.shifted, self.sample_seed = num_sentences, shifted, sample_seed
+        self.chained_groups = tuple(sorted(set(chained_groups)))
         super().__init__(**kwargs)
 
     def sentences(self) -> tuple[list[str], Tensor]:
-        statements = comparison_statements()
         generator = torch.Generator().manual_seed(self.sample_seed)
-        drawn = torch.randperm(len(statements), generator=generator)[: self.num_sentences].tolist()
         # the template is drawn for both phrasings alike, so shifting changes the wording only
-        choice = torch.randint(0, 2, (self.num_sentences,), generator=generator).tolist()
         templates = SHIFTED_COMPARISON_TEMPLATES if self.shifted else COMPARISON_TEMPLATES
-        rendered = [render_comparison(statements[i], templates[t]) for i, t in zip(drawn, choice)]
+        if not self.chained_groups:
+            statements = comparison_statements()
+            drawn = torch.randperm(len(statements), generator=generator)[: self.num_sentences].tolist()
+            choice = torch.randint(0, 2, (self.num_sentences,), generator=generator).tolist()
+            rendered = [render_comparison(statements[i], templates[t]) for i, t in zip(drawn, choice)]
+        else:
+            rendered = []
+            for group in (0, 1):
+                share = self.num_sentences // 2 + (group < self.num_sentences % 2)
+                if group in self.chained_groups:
+                    drawn_chains: dict[ChainedStatement, None] = {}
+                    while len(drawn_chains) < share:
+                        drawn_chains[chained_statement(group, generator)] = None
+                    pairs = [(statement, render_chained) for statement in drawn_chains]
+                else:
+                    half = [s for s in comparison_statements() if (s[0] < len(COLOURS) // 2) == (group == 0)]
+                    pairs = [(half[i], render_comparison) for i in torch.randperm(len(half), generator=generator)[:share].tolist()]
+                choice = torch.randint(0, 2, (share,), generator=generator).tolist()
+                rendered += [render(statement, templates[t]) for (statement, render), t in zip(pairs, choice)]
         return [sentence for sentence, _ in rendered], torch.tensor([label for _, label in rendered])

