@@ -11,9 +11,9 @@ scenarios (setting ``scenario``):
   transformer on the source colours, so retention is measured on a task the model was tuned for;
   ``text_target_samples`` keeps about that many target training sentences (few-sample adaptation,
   where the methods differ most; the validation and test splits stay whole);
-  ``text_target_chained`` makes the target colours' task harder: their sentences chain two
-  comparisons of three objects and name the biggest (``ComparisonsDataModule(chained_groups=(1,))``),
-  while the source colours keep the two-object task.
+  ``text_chained_groups`` (``[1]``: the target colours, ``[0, 1]``: both) makes those colours'
+  task harder: their sentences chain two comparisons of three objects and name the biggest
+  (``ComparisonsDataModule(chained_groups=...)``); the others keep the two-object task.
 
 ``target_shots`` (digits) keeps that many training images per target class (small-data
 fine-tuning; validation and test stay whole). ``pretrain_objective`` is how the source task
@@ -81,11 +81,11 @@ from reglab.tasks import ClassificationModule
 SOURCE, TARGET = 0, 1
 #: the settings a pretrained model depends on: claims that agree on these share it
 PRETRAIN_KEYS = ("scenario", "backbone", "backbone_kwargs", "pretrain_epochs", "pretrain_lr", "batch_size",
-                 "text_sentences", "text_target_chained", "trainer", "pretrain_objective")
+                 "text_sentences", "text_chained_groups", "trainer", "pretrain_objective")
 PRETRAIN_OBJECTIVES = ("supervised", "simclr")
 #: scenario -> (input shape, number of classes)
 SCENARIOS = {"digits": ((1, 8, 8), 10), "text": ((16,), ComparisonsDataModule.num_classes)}
-#: tokens per sentence when the target colours' sentences are chained (the longest has 30)
+#: tokens per sentence when some colours' sentences are chained (the longest has 30)
 CHAINED_MAX_LENGTH = 32
 
 
@@ -147,7 +147,7 @@ class PretrainedStart(Protocol):
 
     defaults = {"scenario": "digits", "backbone": "cnn", "backbone_kwargs": {}, "pretrain_epochs": 12,
                 "pretrain_lr": 1e-3, "finetune_epochs": 10, "lr_grid": None, "batch_size": 64,
-                "text_sentences": 2400, "text_target_chained": False, "trainer": {}, "pretrain_objective": "supervised"}
+                "text_sentences": 2400, "text_chained_groups": [], "trainer": {}, "pretrain_objective": "supervised"}
 
     def check_settings(self) -> None:
         if self.settings["scenario"] not in SCENARIOS:
@@ -156,8 +156,8 @@ class PretrainedStart(Protocol):
         if self.settings["pretrain_objective"] not in PRETRAIN_OBJECTIVES:
             raise ClaimError(f"claim {self.claim_name}: pretrain_objective must be one of {list(PRETRAIN_OBJECTIVES)}, "
                              f"got {self.settings['pretrain_objective']!r}")
-        if self.settings["text_target_chained"] and self.settings["scenario"] != "text":
-            raise ClaimError(f"claim {self.claim_name}: text_target_chained is defined for the text scenario only")
+        if self.settings["text_chained_groups"] and self.settings["scenario"] != "text":
+            raise ClaimError(f"claim {self.claim_name}: text_chained_groups is defined for the text scenario only")
         if self.settings["pretrain_objective"] == "simclr" and self.settings["scenario"] != "digits":
             raise ClaimError(f"claim {self.claim_name}: pretrain_objective simclr augments images and is defined for "
                              "the digits scenario only")
@@ -176,7 +176,7 @@ class PretrainedStart(Protocol):
 
     def module(self, lr: float) -> ClassificationModule:
         input_shape, num_classes = SCENARIOS[self.settings["scenario"]]
-        if self.settings["text_target_chained"]:
+        if self.settings["text_chained_groups"]:
             input_shape = (CHAINED_MAX_LENGTH,)
         return ClassificationModule(self.settings["backbone"], num_classes=num_classes, input_shape=input_shape,
                                     backbone_kwargs=self.settings["backbone_kwargs"], lr=lr)
@@ -185,7 +185,8 @@ class PretrainedStart(Protocol):
                 max_train_samples: int | None = None) -> DigitsDataModule | ComparisonsDataModule:
         """All classes of the scenario's data (digits, or the comparisons in ``shifted`` phrasing)."""
         if self.settings["scenario"] == "text":
-            chained = {"chained_groups": (TARGET,), "max_length": CHAINED_MAX_LENGTH} if self.settings["text_target_chained"] else {}
+            groups = tuple(self.settings["text_chained_groups"])
+            chained = {"chained_groups": groups, "max_length": CHAINED_MAX_LENGTH} if groups else {}
             # the backbone's own tokenizer: "hf:<model>" names both
             return ComparisonsDataModule(tokenizer=self.settings["backbone"].removeprefix("hf:"), shifted=shifted,
                                          num_sentences=self.settings["text_sentences"], max_train_samples=max_train_samples,
@@ -324,8 +325,9 @@ class FinetuneProtocol(PretrainedStart):
         if settings["scenario"] == "text":
             start = (f"Comparisons text task, colours 0-5 → 6-11, on `{settings['backbone']}` {settings['backbone_kwargs'] or ''} "
                      "(`reglab.peft_claims`, protocol `finetune`, scenario `text`). "
-                     + ("The target colours' sentences chain two comparisons of three objects (label: the biggest); the "
-                        "source colours' compare two. " if settings["text_target_chained"] else "")
+                     + (f"The sentences of colour half(s) {settings['text_chained_groups']} (0: source, 1: target) chain two "
+                        "comparisons of three objects (label: the biggest); the others compare two. "
+                        if settings["text_chained_groups"] else "")
                      + "target: test accuracy on colours 6-11 among all 12; unseen: the same test statements in the "
                      "shifted phrasings; ")
         else:

