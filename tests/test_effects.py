@@ -220,6 +220,21 @@ def test_cli_stops_on_a_bad_claim_file_before_any_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_overhead_bench_times_a_technique_on_its_harness_cases_data_against_a_reference_there(tmp_path):
+    """CORAL needs batches with `domain`: on the harness model it runs on the domain data, divided by the
+    plain module on that data; the realistic model has no such data, so there it is reported, not run."""
+    from reglab.cli import main
+
+    out = tmp_path / "overhead.md"
+    main(["bench", "overhead", "--only", "coral", "--repeats", "1", "--steps", "1", "--warmup", "1", "--calls", "1",
+          "--realistic_repeats", "1", "--realistic_steps", "1", "--out", str(out)])
+    page = out.read_text()
+    realistic, harness = page.split("## Every technique on the harness model")
+    assert "| coral | failed: needs its harness case's data (domains)" in realistic
+    assert "| (no technique, data domains) |" in harness and "| coral | " in harness
+    assert "failed" not in harness
+
+
 def test_overhead_bench_writes_the_contract_realistic_and_harness_tables(tmp_path):
     """`reglab bench overhead` end to end on a tiny budget: every table it promises is there."""
     from reglab.cli import main
