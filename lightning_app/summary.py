@@ -8,10 +8,10 @@ from lightning import Trainer
 from rich.console import Console
 
 SUMMARY_METRICS = {
-    "test/acc": "clean-test accuracy",
+    "test/acc": "test accuracy (clean labels)",
     "test/ece": "test calibration error (ECE)",
     "val/acc": "validation accuracy",
-    "test/miou": "clean-test mean IoU",
+    "test/miou": "test mean IoU (clean masks)",
     "val/miou": "validation mean IoU",
     "test/dice": "test Dice (foreground classes)",
     "train/memorized": "noisy training samples memorized (predicted as their wrong label), last epoch",

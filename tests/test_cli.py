@@ -77,7 +77,7 @@ def test_run_folder_has_logs_config_checkpoint_and_resumes_with_last(tmp_path, c
     assert list(run.glob("events.out.tfevents.*")), sorted(p.name for p in run.iterdir())
     assert (run / "checkpoints" / "last.ckpt").is_file()
     out = capsys.readouterr().out
-    assert "clean-test accuracy" in out and str(run) in out
+    assert "test accuracy (clean labels)" in out and str(run) in out
 
     main([*base[:-len(FAST)], "--trainer.max_epochs=2", *FAST[1:], "--ckpt_path", "last"])
     assert not (tmp_path / "quickstart" / "version_1").exists(), "resume must continue in the same folder"

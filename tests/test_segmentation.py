@@ -146,7 +146,7 @@ def test_experiment_yaml_runs_end_to_end_with_reglab_fit(tmp_path: Path, capsys,
     with open(run / "metrics.csv") as file:
         columns = set(next(csv.reader(file)))
     assert {"val/miou", "test/miou", "test/iou_class_10", "train/memorized"} <= columns
-    assert "clean-test mean IoU" in capsys.readouterr().out
+    assert "test mean IoU (clean masks)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("module_under_test", [segmentation_module, unet_module], ids=lambda m: m.__name__)
