@@ -105,3 +105,21 @@ def test_finetune_protocol_masked_modeling_objectives_and_from_scratch_arms(tmp_
     scratch, fresh = protocol.pretrained(0, tmp_path, {"pretrain_objective": "none"})
     assert scratch is None
     torch.testing.assert_close(fresh.state_dict()["backbone.blocks.0.weight"], initial.backbone.blocks[0].weight)
+
+
+def test_export_saves_the_module_without_the_decoder_and_never_overwrites(tmp_path):
+    path = tmp_path / "pretrained.pt"
+
+    def fit() -> torch.nn.Module:
+        module = registry.example_module()
+        trainer = registry.example_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                                           callbacks=[PixelMask(image_shape=(1, 8, 8), export_path=str(path))])
+        trainer.fit(module, datamodule=registry.example_data())
+        return module
+
+    module = fit()
+    state = load_state_dict_file(path)
+    assert "masked_modeling_decoder.weight" in module.state_dict()
+    assert state.keys() == registry.example_module().state_dict().keys()  # what a probe loads strictly
+    with pytest.raises(TechniqueConfigError, match="exists .nothing is overwritten.*Fix: choose a new export_path"):
+        fit()

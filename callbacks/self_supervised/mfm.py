@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -126,14 +127,20 @@ class MaskedImageModeling(Technique):
     Args:
         image_shape: ``(C, H, W)`` of one image; ``None``: the inputs are ``(N, C, H, W)`` images.
             Flat inputs (``(N, C*H*W)``, an MLP's) need it.
+        export_path: at the end of the fit, the pretrained module's state dict without the decoder
+            is saved there (relative: in the run's log folder, ``trainer.log_dir``, when it has one; a
+            new file: an existing one is refused at setup), the
+            ``pretrained_checkpoint`` a linear probe or full fine-tuning loads; ``None``: not saved
+            (the run's own checkpoints hold the decoder too, for exact resume).
     """
 
     needs = frozenset({"features"})
 
-    def __init__(self, image_shape: tuple[int, int, int] | None = None) -> None:
+    def __init__(self, image_shape: tuple[int, int, int] | None = None, export_path: str | None = None) -> None:
         if image_shape is not None and (len(image_shape) != 3 or min(image_shape) < 1):
             raise ValueError(f"{type(self).__name__}: image_shape is (C, H, W) of positive sizes, got {image_shape!r}")
         self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self.export_path = export_path
 
     def corrupt(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(corrupted images, masks)`` of ``(N, C, H, W)`` images."""
@@ -162,8 +169,20 @@ class MaskedImageModeling(Technique):
         if shape is None or len(shape) != 3:
             raise self.fail(f"the inputs are not (C, H, W) images (input shape {shape})",
                             "give image_shape (C, H, W) of one input")
-        pixels = math.prod(shape)
-        add_decoder(pl_module, width, pixels)
+        if stage == "fit" and self.export_path and self.exported(trainer).exists():
+            raise self.fail(f"export_path {self.exported(trainer)} exists (nothing is overwritten)",
+                            "choose a new export_path, or move the file away")
+        add_decoder(pl_module, width, math.prod(shape))
+
+    def exported(self, trainer: L.Trainer) -> Path:
+        path = Path(self.export_path)
+        return path if path.is_absolute() or not trainer.log_dir else Path(trainer.log_dir) / path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.export_path and trainer.is_global_zero:
+            path = self.exported(trainer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": without_decoder(pl_module.state_dict())}, path)
 
     def transform_batch(self, batch: dict[str, Any], module: L.LightningModule) -> dict[str, Any]:
         inputs = batch["input"]
@@ -189,13 +208,15 @@ class MFM(MaskedImageModeling):
             16 px at 224 px).
         sample_ratio: probability of a low-pass mask per image (official ViT configs: 0.5).
         pixel_range: the corrupted images are clamped to it (official: [0, 1]); ``None``: no clamp.
+        export_path: see :class:`MaskedImageModeling`.
     """
 
     name = "mfm"
 
     def __init__(self, image_shape: tuple[int, int, int] | None = None, mask_radius: float = 16 / 224,
-                 sample_ratio: float = 0.5, pixel_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
-        super().__init__(image_shape)
+                 sample_ratio: float = 0.5, pixel_range: tuple[float, float] | None = (0.0, 1.0),
+                 export_path: str | None = None) -> None:
+        super().__init__(image_shape, export_path)
         if mask_radius <= 0:
             raise ValueError(f"MFM: mask_radius (a fraction of the image side) must be > 0, got {mask_radius}")
         if not 0 <= sample_ratio <= 1:

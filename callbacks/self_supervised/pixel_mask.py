@@ -47,13 +47,14 @@ class PixelMask(MaskedImageModeling):
         image_shape: see :class:`~reglab.callbacks.self_supervised.mfm.MaskedImageModeling`.
         mask_ratio: share of the patches removed (MAE: 0.75).
         patch_size: side of a patch in pixels; it divides the image's height and width.
+        export_path: see :class:`~reglab.callbacks.self_supervised.mfm.MaskedImageModeling`.
     """
 
     name = "pixel_mask"
 
     def __init__(self, image_shape: tuple[int, int, int] | None = None, mask_ratio: float = 0.75,
-                 patch_size: int = 2) -> None:
-        super().__init__(image_shape)
+                 patch_size: int = 2, export_path: str | None = None) -> None:
+        super().__init__(image_shape, export_path)
         if not 0 < mask_ratio < 1:
             raise ValueError(f"PixelMask: mask_ratio (the share of patches removed) is in (0, 1), got {mask_ratio}")
         if patch_size < 1:
