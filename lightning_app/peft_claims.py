@@ -14,6 +14,8 @@ scenarios (setting ``scenario``):
   ``text_chained_groups`` (``[1]``: the target colours, ``[0, 1]``: both) makes those colours'
   task harder: their sentences chain two comparisons of three objects and name the biggest
   (``ComparisonsDataModule(chained_groups=...)``); the others keep the two-object task.
+  ``text_shifted_groups`` phrases those halves in the shifted templates (a target worded unlike
+  the source); their ``unseen`` sentences are then the usual phrasings.
 
 ``target_shots`` (digits) keeps that many training images per target class (small-data
 fine-tuning; validation and test stay whole). ``pretrain_objective`` is how the source task
@@ -87,7 +89,8 @@ from reglab.tasks import ClassificationModule
 SOURCE, TARGET = 0, 1
 #: the settings a pretrained model depends on: claims that agree on these share it
 PRETRAIN_KEYS = ("scenario", "backbone", "backbone_kwargs", "pretrain_epochs", "pretrain_lr", "batch_size",
-                 "text_sentences", "text_chained_groups", "trainer", "pretrain_objective", "pretrain_init_args")
+                 "text_sentences", "text_chained_groups", "text_shifted_groups", "trainer",
+                 "pretrain_objective", "pretrain_init_args")
 PRETRAIN_OBJECTIVES = ("supervised", "simclr", "mfm", "pixel_mask")
 #: the objectives that fit the technique of that id (its card's class) on the source images, labels unused
 MASKED_MODELING = ("mfm", "pixel_mask")
@@ -157,8 +160,8 @@ class PretrainedStart(Protocol):
 
     defaults = {"scenario": "digits", "backbone": "cnn", "backbone_kwargs": {}, "pretrain_epochs": 12,
                 "pretrain_lr": 1e-3, "finetune_epochs": 10, "lr_grid": None, "batch_size": 64,
-                "text_sentences": 2400, "text_chained_groups": [], "trainer": {}, "pretrain_objective": "supervised",
-                "pretrain_init_args": {}}
+                "text_sentences": 2400, "text_chained_groups": [], "text_shifted_groups": [], "trainer": {},
+                "pretrain_objective": "supervised", "pretrain_init_args": {}}
 
     def check_settings(self) -> None:
         if self.settings["scenario"] not in SCENARIOS:
@@ -166,8 +169,9 @@ class PretrainedStart(Protocol):
                              f"got {self.settings['scenario']!r}")
         self.check_objective(f"claim {self.claim_name}", self.settings["pretrain_objective"],
                              self.settings["pretrain_init_args"], PRETRAIN_OBJECTIVES)
-        if self.settings["text_chained_groups"] and self.settings["scenario"] != "text":
-            raise ClaimError(f"claim {self.claim_name}: text_chained_groups is defined for the text scenario only")
+        for key in ("text_chained_groups", "text_shifted_groups"):
+            if self.settings[key] and self.settings["scenario"] != "text":
+                raise ClaimError(f"claim {self.claim_name}: {key} is defined for the text scenario only")
 
     def check_objective(self, where: str, objective: str, init_args: dict[str, Any], allowed: tuple[str, ...]) -> None:
         if objective not in allowed:
@@ -207,11 +211,12 @@ class PretrainedStart(Protocol):
         """All classes of the scenario's data (digits, or the comparisons in ``shifted`` phrasing)."""
         if self.settings["scenario"] == "text":
             groups = tuple(self.settings["text_chained_groups"])
-            chained = {"chained_groups": groups, "max_length": CHAINED_MAX_LENGTH} if groups else {}
+            variant = {"chained_groups": groups, "max_length": CHAINED_MAX_LENGTH} if groups else {}
+            variant["shifted_groups"] = tuple(self.settings["text_shifted_groups"])
             # the backbone's own tokenizer: "hf:<model>" names both
             return ComparisonsDataModule(tokenizer=self.settings["backbone"].removeprefix("hf:"), shifted=shifted,
                                          num_sentences=self.settings["text_sentences"], max_train_samples=max_train_samples,
-                                         batch_size=self.settings["batch_size"], seed=seed, **chained)
+                                         batch_size=self.settings["batch_size"], seed=seed, **variant)
         return DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed, label_noise=label_noise)
 
     def source_data(self, seed: int) -> L.LightningDataModule:
@@ -366,6 +371,8 @@ class FinetuneProtocol(PretrainedStart):
                      + (f"The sentences of colour half(s) {settings['text_chained_groups']} (0: source, 1: target) chain two "
                         "comparisons of three objects (label: the biggest); the others compare two. "
                         if settings["text_chained_groups"] else "")
+                     + (f"Colour half(s) {settings['text_shifted_groups']} are worded in the shifted templates, their "
+                        "unseen phrasings the usual ones. " if settings["text_shifted_groups"] else "")
                      + "target: test accuracy on colours 6-11 among all 12; unseen: the same test statements in the "
                      "shifted phrasings; ")
         else:
