@@ -245,6 +245,10 @@ class TJEPA(Technique):
         target_share: (min, max) share of the features in each target (official: 0.2, 0.4).
         num_targets: target subsets per context (official: 4).
         ema: (start, end) momentum of the target encoder (official: 0.996, 1.0).
+        ema_steps: optimizer steps over which the momentum goes from start to end; ``None`` = the run's
+            (``trainer.estimated_stepping_batches``, the official schedule). A run resumed with a larger
+            budget then follows the new budget's schedule from where it is; fix ``ema_steps`` to keep one
+            schedule across such resumes.
         weight: factor on the JEPA loss.
         label_free: replace the task loss by zeros (pretraining without labels, the paper's setting).
     """
@@ -256,8 +260,8 @@ class TJEPA(Technique):
                  dropout: float = 0.1, num_reg_tokens: int = 1, predictor_dim: int = 64, predictor_layers: int = 2,
                  predictor_heads: int = 4, predictor_feedforward: int = 256, predictor_dropout: float = 0.1,
                  context_share: tuple[float, float] = (0.2, 0.4), target_share: tuple[float, float] = (0.2, 0.4),
-                 num_targets: int = 4, ema: tuple[float, float] = (0.996, 1.0), weight: float = 1.0,
-                 label_free: bool = True) -> None:
+                 num_targets: int = 4, ema: tuple[float, float] = (0.996, 1.0), ema_steps: int | None = None,
+                 weight: float = 1.0, label_free: bool = True) -> None:
         if hidden_dim % num_heads or predictor_dim % predictor_heads:
             raise ValueError(f"TJEPA: hidden_dim ({hidden_dim}) and predictor_dim ({predictor_dim}) must be multiples "
                              f"of num_heads ({num_heads}) and predictor_heads ({predictor_heads}).")
@@ -275,7 +279,10 @@ class TJEPA(Technique):
             predictor_layers=predictor_layers, predictor_heads=predictor_heads,
             predictor_feedforward=predictor_feedforward, predictor_dropout=predictor_dropout)
         self.context_share, self.target_share = tuple(context_share), tuple(target_share)
-        self.num_targets, self.ema, self.weight, self.label_free = num_targets, tuple(ema), weight, label_free
+        if ema_steps is not None and ema_steps < 1:
+            raise ValueError(f"TJEPA: ema_steps must be >= 1 or None, got {ema_steps}.")
+        self.num_targets, self.ema, self.ema_steps = num_targets, tuple(ema), ema_steps
+        self.weight, self.label_free = weight, label_free
         self.target_encoder: FeatureEncoder | None = None
         self._pending_state: dict[str, Tensor] | None = None
         self._updates = 0  # optimizer steps the target encoder has followed
@@ -334,9 +341,12 @@ class TJEPA(Technique):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # global_step counts optimizer steps: one EMA update per step, none on accumulation micro-batches
-        total = trainer.estimated_stepping_batches
+        total = self.ema_steps or trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise self.fail("the run has no step budget to spread the EMA momentum over",
+                            "set max_epochs or max_steps, or ema_steps")
         while self._updates < trainer.global_step:
-            momentum = ema_momentum(self._updates, int(total) if math.isfinite(total) else 0, *self.ema)
+            momentum = ema_momentum(self._updates, int(total), *self.ema)
             ema_update(self.target_encoder, getattr(pl_module, SUBMODULE).context, momentum)
             self._updates += 1
 
