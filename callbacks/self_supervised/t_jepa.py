@@ -38,7 +38,9 @@ run's optimizer steps; MSE loss. Where this differs from that code, and why:
 
 With ``label_free=True`` (the paper's pretraining) the task loss is replaced by zeros, so the fit
 trains only the JEPA; the zeros keep the module's head in the graph (each of its parameters gets a
-zero gradient, as DDP expects). With ``False`` the JEPA loss is a term beside the task loss.
+zero gradient, as DDP expects). With ``False`` the JEPA loss is a term beside the module's own task
+loss. Either way the technique takes the task-loss stage, so another technique that replaces the
+task loss (focal loss, GCE) is refused at setup beside it.
 
 The context encoder and the predictor are a submodule of the module (``t_jepa``), added at setup, so
 the module's optimizer, its checkpoint and DDP's gradient sync cover them; a checkpoint names a
