@@ -89,3 +89,22 @@ def test_refuses_bad_settings_early():
         TJEPA(hidden_dim=6, num_heads=4)
     with pytest.raises(ValueError, match="context_share"):
         TJEPA(context_share=(0.5, 0.2))
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import reglab.callbacks.self_supervised.t_jepa as module
+
+    assert doctest.testmod(module, verbose=False).failed == 0
+
+
+def test_probe_protocol_refuses_a_bad_arm_before_any_run():
+    from reglab.bench.protocols import ClaimError
+    from reglab.ssl_claims import TabularProbeProtocol
+
+    protocol = TabularProbeProtocol("t_jepa", {})
+    with pytest.raises(ClaimError, match="representation"):
+        protocol.check_arm("x", {"representation": "pixels"})
+    with pytest.raises(ClaimError, match="exactly the fields"):
+        protocol.check_arm("x", {"representation": "raw", "technique": {}})
