@@ -30,6 +30,7 @@ FAMILY_APP_MODULES = {
     "reglab.peft_surgery": "reglab.callbacks.peft",
     "reglab.soup_claims": "reglab.callbacks.fine_tuning",
     "reglab.soups": "reglab.callbacks.fine_tuning",
+    "reglab.ssl_claims": "reglab.callbacks.self_supervised",
 }
 GRAPH_SCRIPT = """
 import json, sys, grimp
