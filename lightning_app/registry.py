@@ -317,7 +317,7 @@ def example_technique(technique_id: str, model: Callable[[int], Any] = example_m
     instead; built here, such a technique gets the steps above only.)"""
     spec = card(technique_id).harness
     previous = model(1)
-    input_shape = tuple(previous.hparams.input_shape)
+    input_shape = tuple(previous.hparams.get("input_shape") or ())  # a two-tower model has no input_shape
     kwargs = dict(spec.get("init_args") or {})
     if len(input_shape) > 1:
         for name in spec.get("flat_input_args") or ():

@@ -140,6 +140,11 @@ class TwoTowerModule(RegularizedMixin, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
+        if data is None:
+            raise ValueError(
+                "TwoTowerModule reads the item corpus, its training popularity and the tail split from the "
+                "DataModule. Fix: fit with datamodule=RecommendationDataModule(...) instead of bare dataloaders."
+            )
         expected = {"query_cardinalities": tuple(self.hparams.query_cardinalities),
                     "item_cardinalities": tuple(self.hparams.item_cardinalities)}
         for key, value in expected.items():
