@@ -21,7 +21,10 @@ much of the SSL loss as head items; ``"batch"`` uses the main batch's items inst
 Source: the paper's method text (no official code is known); the full text could not be fetched in
 this session, so the choices above follow the paper as its abstract and the issue describe it (the
 multi-task loss with a shared item tower, masking by default embeddings, mutual-information
-grouping) and are init args. Not implemented: the paper's second augmentation, dropout of
+grouping) and are init args. A third-party implementation, LibRecommender's
+``libreco/feature/ssl.py`` (read for its random masking), agrees where it overlaps: SSL items drawn
+uniformly from the corpus without replacement, half the fields (``F // 2``) masked in one view and the
+complementary half in the other, a masked field set to its default embedding. Not implemented: the paper's second augmentation, dropout of
 multi-valued features (the generated data has none). Written by hand: pytorch-metric-learning's
 NTXentLoss is symmetric over both views, the paper's loss is the one direction above.
 
