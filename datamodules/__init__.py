@@ -1,7 +1,7 @@
 """reglab's DataModules: every batch is a dict with ``input``, ``target``, ``index`` (and extras).
 
 Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataModule`,
-:class:`SyntheticDataModule`, segmentation scenes of digits with noisy masks:
+:class:`SyntheticDataModule`, query–item interactions for retrieval: :class:`RecommendationDataModule`, segmentation scenes of digits with noisy masks:
 :class:`DigitScenesDataModule`, :class:`MaskNoise`); :class:`CIFARDataModule` and
 :class:`ImageFolderDataModule` read the papers' datasets from disk. All share
 :class:`DictDataModule`'s mid-epoch resumable training loader; the classification ones also
@@ -25,6 +25,7 @@ _MODULES = {
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
+    "recommendation": ["ITEM_FIELDS", "QUERY_FIELDS", "RecommendationDataModule"],
     "sampling": ["RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],
     "scenes": [
         "DigitScenes", "DigitScenesDataModule", "MaskNoise", "NUM_SCENE_CLASSES", "SceneStyle", "UNLABELLED",

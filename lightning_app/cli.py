@@ -139,8 +139,12 @@ class ReglabCLI(LightningCLI):
         print_run_summary(self.trainer, metrics, self._run_dir)
 
 
+DATA_SHAPE_KEYS = ("num_classes", "input_shape", "query_cardinalities", "item_cardinalities")
+
+
 def fill_model_shape_from_data(config: Namespace) -> None:
-    """Set the model's ``num_classes`` / ``input_shape`` from the DataModule when it has them.
+    """Set the model's ``num_classes`` / ``input_shape`` (a two-tower model's ``query_cardinalities`` /
+    ``item_cardinalities``) from the DataModule when it has them.
 
     Only for model classes whose constructor takes these arguments and left them unset; the
     DataModule is built once here to read them (reglab DataModules load nothing in ``__init__``).
@@ -151,7 +155,7 @@ def fill_model_shape_from_data(config: Namespace) -> None:
     model_class = import_class(model_cfg.class_path)
     wanted = [
         key
-        for key in ("num_classes", "input_shape")
+        for key in DATA_SHAPE_KEYS
         if key in inspect.signature(model_class).parameters and model_cfg.init_args.get(key) is None
     ]
     if not wanted:

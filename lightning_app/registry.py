@@ -42,7 +42,9 @@ REQUIRED = ("id", "paper", "family", "sections", "title", "class", "config", "st
 OPTIONAL = ("kind", "note", "build", "method_card", "harness")
 HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data", "backbone_kwargs")
 #: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
-HARNESS_DATA = ("noisy_digits", "domains")
+HARNESS_DATA = ("noisy_digits", "domains", "recommendation")
+#: the harness's generated recommendation data (~5 training steps per epoch at 256, like the digits)
+EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
 METHOD_CARD_KEYS = ("what", "helps_when", "costs")
 SUFFIX = ".card.yaml"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -233,15 +235,21 @@ def lazy_exports(package: str, extra: dict[str, str] | None = None) -> tuple[Cal
 
 # -- small runs built from the cards' harness cases (tests/test_harness.py, reglab bench overhead) --
 
-def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None) -> Any:
+def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None, data: str | None = None) -> Any:
     """The harness model: an MLP 64-32-10 ``ClassificationModule`` (lr 1e-2), seeded;
     ``backbone_kwargs`` add to the MLP's (a harness case's ``backbone_kwargs``, e.g. ``{norm: batch}``
-    for a technique that adapts batch-norm layers)."""
+    for a technique that adapts batch-norm layers). For ``data="recommendation"`` (a case's
+    ``harness.data``) the model is a ``TwoTowerModule`` (lr 1e-2) for :func:`example_data`'s items."""
     import lightning as L
 
-    from reglab.tasks import ClassificationModule
+    from reglab.tasks import ClassificationModule, TwoTowerModule
 
     L.seed_everything(seed, verbose=False)
+    if data == "recommendation":
+        from reglab.datamodules import RecommendationDataModule
+
+        shapes = RecommendationDataModule(**EXAMPLE_RECOMMENDATION)
+        return TwoTowerModule(shapes.query_cardinalities, shapes.item_cardinalities, lr=1e-2)
     kwargs = {"hidden_sizes": (32,), **(backbone_kwargs or {})}
     return ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs=kwargs, lr=1e-2)
 
@@ -249,14 +257,17 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None)
 def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     """The harness data: flat digits with 40% symmetric noise (~5 training steps per epoch at 256);
     ``data="domains"`` (a case's ``harness.data``, for techniques that need ``domain``) deals the
-    same digits to two training domains, upright and rotated by 30 degrees."""
-    from reglab.datamodules import DigitsDataModule, LabelNoise, RotatedDigitsDataModule
+    same digits to two training domains, upright and rotated by 30 degrees; ``data="recommendation"``
+    is a small generated recommendation set (for two-tower techniques)."""
+    from reglab.datamodules import DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule
 
     if data not in (None, *HARNESS_DATA):
         raise CardError(f"harness data {data!r}. Fix: use one of {list(HARNESS_DATA)}.")
     if data == "domains":
         return RotatedDigitsDataModule(train_angles=(0.0, 30.0), test_angles=(60.0,), flatten=True,
                                        batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
+    if data == "recommendation":
+        return RecommendationDataModule(batch_size=batch_size, **EXAMPLE_RECOMMENDATION)
     return DigitsDataModule(flatten=True, batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
 
 
@@ -306,7 +317,7 @@ def example_technique(technique_id: str, model: Callable[[int], Any] = example_m
     instead; built here, such a technique gets the steps above only.)"""
     spec = card(technique_id).harness
     previous = model(1)
-    input_shape = tuple(previous.hparams.input_shape)
+    input_shape = tuple(previous.hparams.get("input_shape") or ())  # a two-tower model has no input_shape
     kwargs = dict(spec.get("init_args") or {})
     if len(input_shape) > 1:
         for name in spec.get("flat_input_args") or ():

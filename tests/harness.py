@@ -64,8 +64,10 @@ def data_for(technique_id: str, batch_size: int = 256) -> L.LightningDataModule:
 
 def module_for(technique_id: str, seed: int = 0) -> L.LightningModule:
     """The harness model for this technique: :func:`small_module` with its case's ``backbone_kwargs``
-    (a technique that adapts batch-norm layers runs on the MLP with ``norm: batch``)."""
-    return small_module(seed, backbone_kwargs=registry.card(technique_id).harness.get("backbone_kwargs"))
+    (a technique that adapts batch-norm layers runs on the MLP with ``norm: batch``) and ``data`` (a
+    two-tower technique runs on the two-tower model)."""
+    spec = registry.card(technique_id).harness
+    return small_module(seed, backbone_kwargs=spec.get("backbone_kwargs"), data=spec.get("data"))
 
 
 def partner(technique_id: str) -> Technique:

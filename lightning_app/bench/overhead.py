@@ -239,7 +239,7 @@ def technique_overheads(setting: Setting, names: list[str], repeats: int, steps:
         else:
             reference = f"{BASELINE[:-1]}, " + ", ".join(
                 ([f"data {data}"] if data else []) + [f"{k} {v}" for k, v in (backbone_kwargs or {}).items()]) + ")"
-            module = functools.partial(example_module, backbone_kwargs=backbone_kwargs)
+            module = functools.partial(example_module, backbone_kwargs=backbone_kwargs, data=data)
             make_data = functools.partial(example_data, data=data)
             arms.setdefault(reference, arm(None, module, make_data))
             arms[name], references[name] = arm(name, module, make_data), reference

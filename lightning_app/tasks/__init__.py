@@ -3,5 +3,6 @@
 from reglab.tasks.classification import ClassificationModule
 from reglab.tasks.levi import LEVIModule
 from reglab.tasks.segmentation import SegmentationModule
+from reglab.tasks.two_tower import TwoTowerModule
 
-__all__ = ["ClassificationModule", "LEVIModule", "SegmentationModule"]
+__all__ = ["ClassificationModule", "LEVIModule", "SegmentationModule", "TwoTowerModule"]
