@@ -1,7 +1,8 @@
 """LightningModules, one per task kind."""
 
 from reglab.tasks.classification import ClassificationModule
+from reglab.tasks.embedding import EmbeddingModule
 from reglab.tasks.levi import LEVIModule
 from reglab.tasks.segmentation import SegmentationModule
 
-__all__ = ["ClassificationModule", "LEVIModule", "SegmentationModule"]
+__all__ = ["ClassificationModule", "EmbeddingModule", "LEVIModule", "SegmentationModule"]
