@@ -47,19 +47,12 @@ from typing import Any
 
 import lightning as L
 
-from reglab.bench.protocols import ClaimError, Protocol, instantiate, register_protocol
+from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
+                                     register_protocol)
 from reglab.datamodules import OpenWorldDigitsDataModule
 from reglab.tasks import EmbeddingModule
 
 ARM_FIELDS = ("loss", "loss_kwargs", "miner", "miner_kwargs", "lr", "technique")
-
-
-def techniques(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The arm's technique specs as a list (one, several to stack, or none)."""
-    technique = spec.get("technique")
-    if technique is None:
-        return []
-    return list(technique) if isinstance(technique, list) else [technique]
 
 
 @register_protocol("retrieval")
@@ -78,13 +71,10 @@ class RetrievalProtocol(Protocol):
         if unknown:
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: a retrieval arm "
                              f"takes {list(ARM_FIELDS)} (and `label`).")
-        for technique in techniques(spec):
-            if not isinstance(technique, dict) or "class_path" not in technique:
-                raise ClaimError(f"claim {self.claim_name}, arm {arm}: a technique is `{{class_path: ..., init_args: "
-                                 f"{{...}}}}` (or a list of them to stack), got {technique!r}.")
-        try:  # the module's own checks: a known loss and miner
+        check_arm_techniques(self.claim_name, arm, spec)
+        try:  # the module's own checks: a known loss and miner, arguments they take
             self.module(spec, (1, 8, 8))
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: {error}") from error
 
     def data(self, seed: int) -> OpenWorldDigitsDataModule:
@@ -110,7 +100,7 @@ class RetrievalProtocol(Protocol):
         trainer = L.Trainer(**{"max_epochs": self.settings["epochs"], "accelerator": "auto", "devices": 1,
                                "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                                "enable_model_summary": False, "limit_val_batches": 0, **self.settings["trainer"]},
-                            callbacks=[instantiate(technique) for technique in techniques(spec)])
+                            callbacks=[instantiate(technique) for technique in arm_techniques(spec)])
         trainer.fit(module, datamodule=data)
         (logged,) = trainer.test(module, datamodule=data, verbose=False)
         return {name.removeprefix("test/"): value for name, value in logged.items() if name != "test/loss"}

@@ -13,8 +13,10 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 from torchmetrics.retrieval import RetrievalHitRate
 
+from reglab.bench.protocols import ClaimError
 from reglab.datamodules import DigitsDataModule, MPerClassSampler, OpenWorldDigitsDataModule
 from reglab.metrics import RecallAtK
+from reglab.retrieval_claims import RetrievalProtocol
 from reglab.step import StepOutput
 from reglab.tasks import EmbeddingModule
 
@@ -142,3 +144,17 @@ def test_fit_then_test_logs_the_metric_of_the_predicted_embeddings():
     direct.update(embeddings, data.test_dataset.targets, torch.arange(len(embeddings)))
     for name, value in direct.compute().items():
         assert logged[f"test/{name}"] == pytest.approx(value.item(), abs=1e-5)
+
+
+def test_retrieval_protocol_refuses_bad_settings_and_arms_at_load():
+    with pytest.raises(ClaimError, match="needs 6 classes"):
+        RetrievalProtocol("c", {"batch_size": 48, "m_per_class": 8})
+    protocol = RetrievalProtocol("c", {})
+    with pytest.raises(ClaimError, match="unknown field"):
+        protocol.check_arm("a", {"loss": "triplet", "margin": 0.1})
+    with pytest.raises(ClaimError, match="loss 'arcface'"):
+        protocol.check_arm("a", {"loss": "arcface"})
+    with pytest.raises(ClaimError, match="margn"):
+        protocol.check_arm("a", {"loss": "triplet", "loss_kwargs": {"margn": 0.1}})
+    with pytest.raises(ClaimError, match="a technique is"):
+        protocol.check_arm("a", {"technique": "reglab.callbacks.baselines.SAM"})
