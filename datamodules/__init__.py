@@ -2,11 +2,12 @@
 
 Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataModule`,
 :class:`SyntheticDataModule`, segmentation scenes of digits with noisy masks:
-:class:`DigitScenesDataModule`, :class:`MaskNoise`); :class:`CIFARDataModule` and
+:class:`DigitScenesDataModule`, :class:`MaskNoise`; metric learning's open-world split of the digits:
+:class:`OpenWorldDigitsDataModule`); :class:`CIFARDataModule` and
 :class:`ImageFolderDataModule` read the papers' datasets from disk. All share
 :class:`DictDataModule`'s mid-epoch resumable training loader; the classification ones also
 :class:`ClassificationDataModule`'s label noise (:class:`LabelNoise`) and class imbalance (:class:`LongTail`).
-The training samplers (the resumable shuffle, repeat factor sampling) are in
+The training samplers (the resumable shuffle, repeat factor sampling, m per class) are in
 :mod:`reglab.datamodules.sampling`.
 """
 

@@ -3,6 +3,8 @@ m-per-class sampler, the open-world digits split and the embedding task module."
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import math
 
 import lightning as L
@@ -14,6 +16,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from torchmetrics.retrieval import RetrievalHitRate
 
 from reglab.bench.protocols import ClaimError
+from reglab.callbacks.baselines import SAM
 from reglab.datamodules import DigitsDataModule, MPerClassSampler, OpenWorldDigitsDataModule
 from reglab.metrics import RecallAtK
 from reglab.retrieval_claims import RetrievalProtocol
@@ -130,13 +133,18 @@ def test_bad_loss_is_refused():
         EmbeddingModule("mlp", input_shape=(2,), loss="arcface")
 
 
-def test_fit_then_test_logs_the_metric_of_the_predicted_embeddings():
+def test_fit_with_a_technique_then_test_logs_the_metric_of_the_predicted_embeddings():
+    """SAM (another family's technique, the contract's two passes) trains on the metric loss; the
+    weights move, and what ``test`` logs is the metric of the embeddings ``predict`` returns."""
     L.seed_everything(0)
     data = OpenWorldDigitsDataModule(batch_size=20, m_per_class=4, flatten=True, eval_batch_size=256)
     module = EmbeddingModule("mlp", input_shape=data.input_shape, embedding_dim=16, loss="multi_similarity")
+    before = module.projection.weight.detach().clone()
     trainer = L.Trainer(max_steps=5, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        callbacks=[SAM(rho=0.05)])
     trainer.fit(module, datamodule=data)
+    assert not torch.equal(module.projection.weight, before)
     (logged,) = trainer.test(module, datamodule=data, verbose=False)
     embeddings = torch.cat(trainer.predict(module, datamodule=data))
     assert embeddings.shape == (len(data.test_dataset), 16)
@@ -158,3 +166,10 @@ def test_retrieval_protocol_refuses_bad_settings_and_arms_at_load():
         protocol.check_arm("a", {"loss": "triplet", "loss_kwargs": {"margn": 0.1}})
     with pytest.raises(ClaimError, match="a technique is"):
         protocol.check_arm("a", {"technique": "reglab.callbacks.baselines.SAM"})
+
+
+@pytest.mark.parametrize("name", ["reglab.metrics.retrieval", "reglab.tasks.embedding", "reglab.datamodules.open_world",
+                                  "reglab.datamodules.sampling"])
+def test_docstring_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name), verbose=False)
+    assert result.attempted > 0 and result.failed == 0

@@ -64,8 +64,9 @@ class EmbeddingModule(RegularizedMixin, L.LightningModule):
 
     Example:
         >>> module = EmbeddingModule("mlp", input_shape=(64,), embedding_dim=16)
-        >>> module(torch.zeros(3, 64)).norm(dim=1)
-        tensor([1.0000, 1.0000, 1.0000], grad_fn=<LinalgVectorNormBackward0>)
+        >>> embeddings = module(torch.randn(3, 64))
+        >>> embeddings.shape, torch.allclose(embeddings.norm(dim=1), torch.ones(3))
+        (torch.Size([3, 16]), True)
         >>> batch = {"input": torch.randn(4, 64), "target": torch.tensor([0, 0, 1, 1])}
         >>> module.task_loss(module.forward_step(batch)).shape
         torch.Size([4])
