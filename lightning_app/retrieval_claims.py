@@ -108,10 +108,11 @@ class RetrievalProtocol(Protocol):
     def describe(self) -> list[str]:
         s = self.settings
         unseen = sorted(set(range(10)) - set(s["seen_classes"]))
+        batches = "uniformly shuffled" if s["m_per_class"] is None else f"{s['m_per_class']} per class"
         return [f"Open-world retrieval on the digits (`reglab.retrieval_claims`, protocol `retrieval`): an "
                 f"`EmbeddingModule` ({s['backbone']} backbone, {s['embedding_dim']}-d L2-normalised embedding) is "
                 f"trained on classes {s['seen_classes']} for {s['epochs']} epochs of batches of {s['batch_size']} "
-                f"({s['m_per_class']} per class), and the last weights are tested on every image of classes {unseen}, "
+                f"({batches}), and the last weights are tested on every image of classes {unseen}, "
                 "each querying all the others by cosine similarity: `recall_at_k` is the share of queries with a "
                 "same-class image among their k nearest, `map_at_r` the mean average precision over each query's "
                 "first R neighbours (R its class's other images), `mrr` the mean reciprocal rank of the first "
