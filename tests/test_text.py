@@ -155,3 +155,19 @@ def test_chained_comparisons_label_the_biggest_of_three_and_need_both_clauses():
     assert data.train_dataset[0]["input"]["input_ids"].shape == (32,)
     with pytest.raises(ValueError, match="chained_groups"):
         ComparisonsDataModule(chained_groups=(2,))
+
+
+def test_shifted_groups_phrase_one_half_in_the_shifted_templates_and_shifted_swaps_them_back():
+    from reglab.datamodules import ComparisonsDataModule
+
+    shifted_start = ("compared to the ", "next to the ")
+    for chained in ((), (1,)):
+        kwargs = dict(num_sentences=200, chained_groups=chained, max_length=32)
+        data = ComparisonsDataModule(shifted_groups=(1,), **kwargs)
+        (sentences, labels), (swapped, swapped_labels) = data.sentences(), ComparisonsDataModule(
+            shifted_groups=(1,), shifted=True, **kwargs).sentences()
+        assert torch.equal(labels, swapped_labels)
+        for sentence, other, label in zip(sentences, swapped, labels.tolist()):
+            assert sentence.startswith(shifted_start) == (label >= 6) and other.startswith(shifted_start) == (label < 6)
+    default = ComparisonsDataModule(num_sentences=200).sentences()
+    assert default[0] == ComparisonsDataModule(num_sentences=200, shifted_groups=()).sentences()[0]
