@@ -2,11 +2,12 @@
 
 Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataModule`,
 :class:`SyntheticDataModule`, query–item interactions for retrieval: :class:`RecommendationDataModule`, segmentation scenes of digits with noisy masks:
-:class:`DigitScenesDataModule`, :class:`MaskNoise`); :class:`CIFARDataModule` and
+:class:`DigitScenesDataModule`, :class:`MaskNoise`; metric learning's open-world split of the digits:
+:class:`OpenWorldDigitsDataModule`); :class:`CIFARDataModule` and
 :class:`ImageFolderDataModule` read the papers' datasets from disk. All share
 :class:`DictDataModule`'s mid-epoch resumable training loader; the classification ones also
 :class:`ClassificationDataModule`'s label noise (:class:`LabelNoise`) and class imbalance (:class:`LongTail`).
-The training samplers (the resumable shuffle, repeat factor sampling) are in
+The training samplers (the resumable shuffle, repeat factor sampling, m per class) are in
 :mod:`reglab.datamodules.sampling`.
 """
 
@@ -25,8 +26,9 @@ _MODULES = {
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
+    "open_world": ["OpenWorldDigitsDataModule"],
     "recommendation": ["ITEM_FIELDS", "QUERY_FIELDS", "RecommendationDataModule"],
-    "sampling": ["RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],
+    "sampling": ["MPerClassSampler", "RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],
     "scenes": [
         "DigitScenes", "DigitScenesDataModule", "MaskNoise", "NUM_SCENE_CLASSES", "SceneStyle", "UNLABELLED",
         "apply_mask_noise", "apply_scene_style", "long_tail_class_weights", "make_digit_scenes",

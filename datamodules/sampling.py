@@ -7,6 +7,8 @@
 * :func:`repeat_factors_rfs` / :func:`repeat_factors_irfs` — the repeat factors of RFS and of
   instance-aware RFS (Yaman et al. 2023, paper 49) from the ``(N, C)`` matrix of per-image
   instance counts.
+* :class:`MPerClassSampler` — batches of ``m`` samples from each of ``batch_size / m`` classes, for
+  metric-learning losses and miners.
 
 The repeat factors, with ``t`` the threshold and ``n_ic`` the instances of class ``c`` in image ``i``:
 
@@ -214,3 +216,71 @@ class RepeatFactorSampler(ResumableSampler):
 
     def rank_indices(self) -> list[int]:
         return self.epoch_indices()[self.rank : self.total_size : self.num_replicas].tolist()
+
+
+def check_m_per_class(owner: str, batch_size: int, m: int, num_classes: int) -> None:
+    """Raises ``ValueError`` unless batches of ``batch_size`` can hold ``m`` samples of each of
+    ``batch_size / m`` different classes out of ``num_classes`` (``owner`` names the caller)."""
+    if m < 1 or batch_size % m:
+        raise ValueError(f"{owner}: batch_size {batch_size} is not a multiple of m = {m}. Fix: use a "
+                         f"batch_size divisible by m, e.g. {max(m, 1) * max(1, batch_size // max(m, 1))}.")
+    if batch_size // m > num_classes:
+        raise ValueError(f"{owner}: a batch of {batch_size} with {m} per class needs {batch_size // m} classes, "
+                         f"but the training set has {num_classes}. Fix: raise m or lower batch_size to at most "
+                         f"{m * num_classes}.")
+
+
+class MPerClassSampler(ResumableSampler):
+    """Training indices in batches of ``batch_size`` that hold ``m`` samples of each of
+    ``batch_size / m`` different classes: the class-balanced batches metric-learning miners need
+    (every sample has positives in its batch). PyTorch Metric Learning's ``MPerClassSampler`` does
+    the same; this one is a :class:`ResumableSampler`, so it shards over ranks and resumes mid-epoch.
+
+    Epoch ``e`` (generator seeded ``seed + e``) shuffles each class's samples into a stream that
+    wraps around, and builds ``N // batch_size`` batches (``N`` the training samples): each batch
+    draws its classes at random without replacement and takes the next ``m`` samples of each
+    class's stream. A class with fewer than ``m`` samples repeats some within a batch. Batches are
+    dealt to the ranks in turn, so each rank's batch is balanced on its own.
+
+    Args:
+        labels: ``(N,)`` class index of every training sample.
+        batch_size: samples per batch (per rank); a multiple of ``m``.
+        m: samples per class in a batch.
+        num_replicas, rank, seed: as :class:`ResumableSampler`.
+
+    Example:
+        >>> labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+        >>> sampler = MPerClassSampler(labels, batch_size=4, m=2)
+        >>> batches = torch.tensor(list(sampler)).view(-1, 2, 2)   # (batch, class, m)
+        >>> len(batches), bool((labels[batches] == labels[batches][..., :1]).all())
+        (2, True)
+    """
+
+    def __init__(self, labels: Tensor, batch_size: int, m: int, *, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0) -> None:
+        labels = torch.as_tensor(labels)
+        classes = labels.unique()
+        check_m_per_class("MPerClassSampler", batch_size, m, len(classes))
+        super().__init__(len(labels), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.m = batch_size, m
+        self.members = [(labels == c).nonzero().flatten() for c in classes]
+        self.batches_per_rank = len(labels) // batch_size // num_replicas
+        if self.batches_per_rank == 0:
+            raise ValueError(f"MPerClassSampler: {len(labels)} training samples make no batch of {batch_size} on "
+                             f"each of {num_replicas} rank(s). Fix: lower batch_size.")
+        self.num_samples = self.batches_per_rank * batch_size
+        self.total_size = self.num_samples * num_replicas
+
+    def rank_indices(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        streams = [members[torch.randperm(len(members), generator=generator)] for members in self.members]
+        cursors = [0] * len(streams)
+        batches = []
+        for _ in range(self.batches_per_rank * self.num_replicas):
+            batch = []
+            for c in torch.randperm(len(streams), generator=generator)[: self.batch_size // self.m].tolist():
+                positions = torch.arange(cursors[c], cursors[c] + self.m) % len(streams[c])
+                batch.append(streams[c][positions])
+                cursors[c] += self.m
+            batches.append(torch.cat(batch))
+        return torch.stack(batches)[self.rank :: self.num_replicas].flatten().tolist()

@@ -66,7 +66,8 @@ from typing import Any
 import lightning as L
 
 from reglab.bench.effects import mean_std
-from reglab.bench.protocols import ClaimError, Protocol, instantiate, register_protocol
+from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
+                                     register_protocol)
 from reglab.datamodules import DOMAINS, DomainDigitsDataModule
 from reglab.tasks import ClassificationModule
 
@@ -91,14 +92,6 @@ def select(domain: str, fits: list[HeldOutFit]) -> dict[str, float]:
     chosen = max(fits, key=lambda fit: fit.training_domain_val)
     oracle = max(fits, key=lambda fit: fit.held_out_val)
     return {domain: chosen.held_out_test, f"oracle/{domain}": oracle.held_out_test, f"lr/{domain}": chosen.lr}
-
-
-def techniques(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The arm's technique specs as a list (one, several to stack, or none)."""
-    technique = spec.get("technique")
-    if technique is None:
-        return []
-    return list(technique) if isinstance(technique, list) else [technique]
 
 
 @register_protocol("domains")
@@ -132,10 +125,7 @@ class DomainsProtocol(Protocol):
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: a domains arm "
                              f"takes {list(ARM_FIELDS)} (and `label`).")
         self.check_grid(f"arm {arm}'s", spec.get("lr_grid"))
-        for technique in techniques(spec):
-            if not isinstance(technique, dict) or "class_path" not in technique:
-                raise ClaimError(f"claim {self.claim_name}, arm {arm}: a technique is `{{class_path: ..., init_args: "
-                                 f"{{...}}}}` (or a list of them to stack), got {technique!r}.")
+        check_arm_techniques(self.claim_name, arm, spec)
 
     def held_out_domains(self) -> list[str]:
         held_out = self.settings["held_out"]
@@ -169,7 +159,7 @@ class DomainsProtocol(Protocol):
         trainer = L.Trainer(**{"max_epochs": s["epochs"], "accelerator": "auto", "devices": 1, "logger": False,
                                "enable_checkpointing": False, "enable_progress_bar": False,
                                "enable_model_summary": False, "limit_val_batches": 0, **s["trainer"]},
-                            callbacks=[instantiate(technique) for technique in techniques(spec)])
+                            callbacks=[instantiate(technique) for technique in arm_techniques(spec)])
         trainer.fit(module, datamodule=data)
         fitted = copy.deepcopy(module.state_dict())
 

@@ -14,6 +14,9 @@ SUMMARY_METRICS = {
     "test/miou": "test mean IoU (clean masks)",
     "val/miou": "validation mean IoU",
     "test/dice": "test Dice (foreground classes)",
+    "test/recall_at_1": "test recall@1 (each test sample querying all the others)",
+    "test/map_at_r": "test MAP@R",
+    "val/recall_at_1": "validation recall@1",
     "train/memorized": "noisy training samples memorized (predicted as their wrong label), last epoch",
     "train/corrected": "noisy training samples corrected (predicted as their true label), last epoch",
 }

@@ -28,6 +28,7 @@ FAMILY_APP_MODULES = {
     "reglab.domain_claims": "reglab.callbacks.domain_generalization",
     "reglab.peft_claims": "reglab.callbacks.peft",
     "reglab.peft_surgery": "reglab.callbacks.peft",
+    "reglab.retrieval_claims": "reglab.callbacks.metric_learning",
     "reglab.soup_claims": "reglab.callbacks.fine_tuning",
     "reglab.soups": "reglab.callbacks.fine_tuning",
     "reglab.ssl_claims": "reglab.callbacks.self_supervised",

@@ -72,6 +72,22 @@ def instantiate(spec: dict[str, Any]) -> Any:
     return cls(**spec.get("init_args", {}))
 
 
+def arm_techniques(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """An arm's ``technique`` as a list of ``{class_path, init_args}`` specs (one, several to stack, or none)."""
+    technique = spec.get("technique")
+    if technique is None:
+        return []
+    return list(technique) if isinstance(technique, list) else [technique]
+
+
+def check_arm_techniques(claim_name: str, arm: str, spec: dict[str, Any]) -> None:
+    """Raise :class:`ClaimError` unless every technique of the arm is a ``{class_path, init_args}`` mapping."""
+    for technique in arm_techniques(spec):
+        if not isinstance(technique, dict) or "class_path" not in technique:
+            raise ClaimError(f"claim {claim_name}, arm {arm}: a technique is `{{class_path: ..., init_args: "
+                             f"{{...}}}}` (or a list of them to stack), got {technique!r}.")
+
+
 class Protocol:
     """Runs one arm of a claim for one seed.
 

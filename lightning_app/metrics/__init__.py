@@ -2,5 +2,6 @@
 
 from reglab.metrics.classification import classification_metrics, per_class_accuracy_dict
 from reglab.metrics.noisy_labels import NoisyLabelMemorization
+from reglab.metrics.retrieval import RecallAtK
 
-__all__ = ["NoisyLabelMemorization", "classification_metrics", "per_class_accuracy_dict"]
+__all__ = ["NoisyLabelMemorization", "RecallAtK", "classification_metrics", "per_class_accuracy_dict"]

@@ -1,0 +1,119 @@
+"""The ``retrieval`` claim protocol: metric learning's open-world split, registered with ``reglab bench effects``.
+
+The scenario is :class:`~reglab.datamodules.OpenWorldDigitsDataModule`: per arm and seed an
+:class:`~reglab.tasks.EmbeddingModule` with the arm's metric loss (and miner) is fitted on the
+``seen_classes`` (class-balanced batches: ``m_per_class`` samples of each of ``batch_size /
+m_per_class`` classes), with the arm's technique(s) attached, for ``epochs`` epochs; the last
+weights are measured with Lightning's ``trainer.test`` on every image of the unseen classes, each
+querying all the others (:class:`~reglab.metrics.RecallAtK`). Metrics: ``recall_at_<k>`` for each
+``k`` of ``recall_ks``, ``map_at_r`` and ``mrr``, all on the unseen classes.
+
+Where the miniature departs from the benchmarks (Musgrave et al., "A Metric Learning Reality
+Check", ECCV 2020): no model selection (the benchmarks pick the best epoch on validation classes;
+here the last epoch is reported, so no arm profits from more looks), one small learning rate for
+every arm unless an arm sets its own, and the digits (five seen, five unseen classes) stand in for
+CUB / Cars / SOP.
+
+An arm is ``{loss, loss_kwargs, miner, miner_kwargs, lr, technique}`` (all optional; the claim's
+``loss`` setting, else :class:`~reglab.tasks.EmbeddingModule`'s defaults): ``technique`` one
+``{class_path, init_args}`` or a list of them to stack; no technique is the plain metric loss. A
+claim file names ``module: reglab.retrieval_claims``; claims with the same ``settings`` share their
+arms' runs::
+
+    name: tcm
+    claim: "..."
+    techniques: [tcm]
+    protocol: retrieval
+    module: reglab.retrieval_claims
+    seeds: 3
+    settings: {epochs: 15, batch_size: 40, m_per_class: 8, loss: multi_similarity}
+    arms:
+      base: {label: multi-similarity}
+      tcm: {label: multi-similarity + TCM, technique: {class_path: reglab.callbacks.metric_learning.TCM}}
+    checks:
+      - {metric: recall_at_1, direction: at_least, arm: tcm, against: base, margin: 0.01}
+    smoke: {settings: {epochs: 1, trainer: {limit_train_batches: 2}}}
+
+Settings: ``seen_classes``, ``backbone`` and ``backbone_kwargs``, ``embedding_dim``, ``epochs``,
+``batch_size``, ``m_per_class`` (``null``: uniform shuffle), ``lr``, ``loss``, ``recall_ks``,
+``data`` (further :class:`~reglab.datamodules.OpenWorldDigitsDataModule` arguments, e.g.
+``val_fraction``) and ``trainer`` (further ``L.Trainer`` arguments, e.g. ``precision``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
+                                     register_protocol)
+from reglab.datamodules import OpenWorldDigitsDataModule
+from reglab.tasks import EmbeddingModule
+
+ARM_FIELDS = ("loss", "loss_kwargs", "miner", "miner_kwargs", "lr", "technique")
+
+
+@register_protocol("retrieval")
+class RetrievalProtocol(Protocol):
+    """Fit on the seen classes, retrieve among the unseen (module docstring)."""
+
+    defaults = {"seen_classes": [0, 1, 2, 3, 4], "backbone": "cnn", "backbone_kwargs": {}, "embedding_dim": 64,
+                "epochs": 10, "batch_size": 40, "m_per_class": 8, "lr": 1e-3, "loss": "multi_similarity",
+                "recall_ks": [1, 2, 4, 8], "data": {}, "trainer": {}}
+
+    def check_settings(self) -> None:
+        self.data(seed=0)  # the DataModule's own checks: seen classes, a batch the sampler can fill
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        unknown = sorted(set(spec) - set(ARM_FIELDS))
+        if unknown:
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: a retrieval arm "
+                             f"takes {list(ARM_FIELDS)} (and `label`).")
+        check_arm_techniques(self.claim_name, arm, spec)
+        try:  # the module's own checks: a known loss and miner, arguments they take
+            self.module(spec, (1, 8, 8))
+        except (TypeError, ValueError) as error:
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: {error}") from error
+
+    def data(self, seed: int) -> OpenWorldDigitsDataModule:
+        s = self.settings
+        try:
+            return OpenWorldDigitsDataModule(seen_classes=s["seen_classes"], m_per_class=s["m_per_class"],
+                                             batch_size=s["batch_size"], seed=seed, **s["data"])
+        except (TypeError, ValueError) as error:
+            raise ClaimError(f"claim {self.claim_name}: settings do not make the open-world split: {error}") from error
+
+    def module(self, spec: dict[str, Any], input_shape: tuple[int, ...]) -> EmbeddingModule:
+        s = self.settings
+        options = {key: spec[key] for key in ("loss_kwargs", "miner", "miner_kwargs") if key in spec}
+        return EmbeddingModule(s["backbone"], input_shape=input_shape, embedding_dim=s["embedding_dim"],
+                               loss=spec.get("loss", s["loss"]), recall_ks=s["recall_ks"], lr=spec.get("lr", s["lr"]),
+                               backbone_kwargs=s["backbone_kwargs"], **options)
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        data = self.data(seed)
+        L.seed_everything(seed, verbose=False)
+        module = self.module(spec, data.input_shape)
+        # no validation loop: the last epoch is reported (no model selection, module docstring)
+        trainer = L.Trainer(**{"max_epochs": self.settings["epochs"], "accelerator": "auto", "devices": 1,
+                               "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                               "enable_model_summary": False, "limit_val_batches": 0, **self.settings["trainer"]},
+                            callbacks=[instantiate(technique) for technique in arm_techniques(spec)])
+        trainer.fit(module, datamodule=data)
+        (logged,) = trainer.test(module, datamodule=data, verbose=False)
+        return {name.removeprefix("test/"): value for name, value in logged.items() if name != "test/loss"}
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        unseen = sorted(set(range(10)) - set(s["seen_classes"]))
+        batches = "uniformly shuffled" if s["m_per_class"] is None else f"{s['m_per_class']} per class"
+        return [f"Open-world retrieval on the digits (`reglab.retrieval_claims`, protocol `retrieval`): an "
+                f"`EmbeddingModule` ({s['backbone']} backbone, {s['embedding_dim']}-d L2-normalised embedding) is "
+                f"trained on classes {s['seen_classes']} for {s['epochs']} epochs of batches of {s['batch_size']} "
+                f"({batches}), and the last weights are tested on every image of classes {unseen}, "
+                "each querying all the others by cosine similarity: `recall_at_k` is the share of queries with a "
+                "same-class image among their k nearest, `map_at_r` the mean average precision over each query's "
+                "first R neighbours (R its class's other images), `mrr` the mean reciprocal rank of the first "
+                "same-class neighbour.", ""]
