@@ -1,7 +1,8 @@
 """reglab's DataModules: every batch is a dict with ``input``, ``target``, ``index`` (and extras).
 
 Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataModule`,
-:class:`SyntheticDataModule`, segmentation scenes of digits with noisy masks:
+:class:`SyntheticDataModule`, a generated query–passage retrieval corpus:
+:class:`TextRetrievalDataModule`, segmentation scenes of digits with noisy masks:
 :class:`DigitScenesDataModule`, :class:`MaskNoise`); :class:`CIFARDataModule` and
 :class:`ImageFolderDataModule` read the papers' datasets from disk. All share
 :class:`DictDataModule`'s mid-epoch resumable training loader; the classification ones also
@@ -25,13 +26,14 @@ _MODULES = {
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
+    "retrieval_text": ["RetrievalCorpus", "TextRetrievalDataModule", "generate_corpus", "token_overlap"],
     "sampling": ["RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],
     "scenes": [
         "DigitScenes", "DigitScenesDataModule", "MaskNoise", "NUM_SCENE_CLASSES", "SceneStyle", "UNLABELLED",
         "apply_mask_noise", "apply_scene_style", "long_tail_class_weights", "make_digit_scenes",
     ],
     "si_blurry": ["SiBlurryDataModule", "SiBlurryStream", "si_blurry_stream"],
-    "splits": ["stratified_split"],
+    "splits": ["keep_at_most", "stratified_split"],
     "synthetic": ["SyntheticDataModule"],
     "tabular": ["TabularDataModule"],
     "tasks": ["TaskSequenceDataModule", "TaskSubset", "split_classes"],
