@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .base import DictDataModule, DictDataset
+from .base import DictDataModule, DictDataset, select_samples
 from .splits import check_holdout_fractions, keep_at_most, stratified_split
 from .text import Tokens, TokenizedTexts
 
@@ -224,7 +224,8 @@ def token_overlap(query_ids: Tensor, passage_ids: Tensor, ignore_ids: tuple[int,
         present.scatter_(1, compact_ids, 1.0)
         return present[:, keep]
 
-    queries, passages = compact[: query_ids.numel()].view_as(query_ids), compact[query_ids.numel():].view_as(passage_ids)
+    queries = compact[: query_ids.numel()].view_as(query_ids)
+    passages = compact[query_ids.numel():].view_as(passage_ids)
     return (bags(queries) @ bags(passages).T).round().long()
 
 
@@ -276,7 +277,7 @@ class TextRetrievalDataModule(DictDataModule):
 
     Attributes:
         input_shape: ``(max_query_length,)``.
-        corpus: the :class:`RetrievalCorpus` (texts, facts), after ``setup``.
+        corpus: the :class:`RetrievalCorpus` (texts, facts), generated in ``__init__`` (no tokens).
         passages: tokens of all passages (:class:`~reglab.datamodules.text.TokenizedTexts`), after ``setup``.
         relevance: ``(Q, P)`` grades of every passage for every query, after ``setup``.
         vocab_size: the tokenizer's vocabulary size (the width of a sparse bag of tokens), after ``setup``.
@@ -327,8 +328,10 @@ class TextRetrievalDataModule(DictDataModule):
         longest = max(len(ids) for ids in tokenizer(texts)["input_ids"])
         if longest > max_length:
             raise ValueError(f"{type(self).__name__}: the longest {what} has {longest} tokens, more than"
-                             f" max_{what}_length={max_length}; set max_{what}_length >= {longest} (texts are not truncated)")
-        return TokenizedTexts(dict(tokenizer(texts, padding="max_length", max_length=max_length, return_tensors="pt")))
+                             f" max_{what}_length={max_length}; set max_{what}_length >= {longest}"
+                             " (texts are not truncated)")
+        encoded = tokenizer(texts, padding="max_length", max_length=max_length, return_tensors="pt")
+        return TokenizedTexts(dict(encoded))
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Tokenizes the corpus, mines the hard negatives and builds the three query splits; later calls do nothing."""
@@ -363,14 +366,13 @@ class TextRetrievalDataModule(DictDataModule):
         if self.max_train_queries is not None:
             splits["train"] = keep_at_most(splits["train"], self.max_train_queries, self.seed)
 
-        def dataset(positions: Tensor) -> DictDataset:
-            return DictDataset(queries.subset(positions), positions,
-                               {key: values.subset(positions) if isinstance(values, GatheredTokens) else values[positions]
-                                for key, values in extras.items()})
-
-        self.train_dataset, self.val_dataset, self.test_dataset = (dataset(splits[name]) for name in ("train", "val", "test"))
+        self.train_dataset, self.val_dataset, self.test_dataset = (
+            DictDataset(queries.subset(positions), positions,
+                        {key: select_samples(values, positions) for key, values in extras.items()})
+            for positions in (splits["train"], splits["val"], splits["test"]))
 
     def passage_dataloader(self) -> DataLoader:
-        """All passages in id order, ``eval_batch_size`` at a time: ``input`` tokens, ``target`` the passage id."""
+        """All passages in id order, ``eval_batch_size`` at a time: ``input`` tokens, ``target`` the
+        passage id. Not sharded over DDP ranks: every rank that scores the corpus reads all of it."""
         passages = self._require_setup().passages
         return self._eval_dataloader(DictDataset(passages, torch.arange(len(passages))))
