@@ -17,7 +17,7 @@ Generation rules (all draws seeded by ``sample_seed``; :func:`generate_corpus`):
   ``(e, a)`` and ``(π(e), σ(a))``: σ a random cycle over the attributes and π a random cycle
   over the entities (one per attribute and round), so the partner is always another person with
   another attribute. Every round states every fact ``facts_per_passage`` times; ``repeats`` rounds
-  are drawn. Because σ is a derangement, for every query (e, a) the passage of fact
+  are drawn (with one fact per passage, a later round may restate a fact in the same words). Because σ is a derangement, for every query (e, a) the passage of fact
   (e, σ⁻¹(a)) names e *and* states attribute a — of someone else: the entity's name and the
   attribute's words are both there, only their binding is wrong, so bag-of-words matching ties it
   with the true passages.
