@@ -1,7 +1,8 @@
 """reglab's DataModules: every batch is a dict with ``input``, ``target``, ``index`` (and extras).
 
 Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataModule`,
-:class:`SyntheticDataModule`, query–item interactions for retrieval: :class:`RecommendationDataModule`, segmentation scenes of digits with noisy masks:
+:class:`SyntheticDataModule`, query–item interactions for retrieval: :class:`RecommendationDataModule`, a generated
+query–passage retrieval corpus: :class:`TextRetrievalDataModule`, segmentation scenes of digits with noisy masks:
 :class:`DigitScenesDataModule`, :class:`MaskNoise`; metric learning's open-world split of the digits:
 :class:`OpenWorldDigitsDataModule`); :class:`CIFARDataModule` and
 :class:`ImageFolderDataModule` read the papers' datasets from disk. All share
@@ -28,13 +29,14 @@ _MODULES = {
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
     "open_world": ["OpenWorldDigitsDataModule"],
     "recommendation": ["ITEM_FIELDS", "QUERY_FIELDS", "RecommendationDataModule"],
+    "retrieval_text": ["RetrievalCorpus", "TextRetrievalDataModule", "generate_corpus", "token_overlap"],
     "sampling": ["MPerClassSampler", "RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],
     "scenes": [
         "DigitScenes", "DigitScenesDataModule", "MaskNoise", "NUM_SCENE_CLASSES", "SceneStyle", "UNLABELLED",
         "apply_mask_noise", "apply_scene_style", "long_tail_class_weights", "make_digit_scenes",
     ],
     "si_blurry": ["SiBlurryDataModule", "SiBlurryStream", "si_blurry_stream"],
-    "splits": ["stratified_split"],
+    "splits": ["keep_at_most", "stratified_split"],
     "synthetic": ["SyntheticDataModule"],
     "tabular": ["TabularDataModule"],
     "tasks": ["TaskSequenceDataModule", "TaskSubset", "split_classes"],

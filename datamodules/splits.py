@@ -46,3 +46,16 @@ def stratified_split(targets: Tensor, holdout_fractions: Mapping[str, float], se
             start += count
         parts["train"].append(members[start:])
     return {name: torch.cat(chunks).sort().values for name, chunks in parts.items()}
+
+
+def keep_at_most(positions: Tensor, count: int, seed: int) -> Tensor:
+    """A seeded random subset of at most ``count`` of ``positions``, sorted (a loader's shuffle, not
+    the subset's draw, decides the order).
+
+    Example:
+        >>> import torch
+        >>> keep_at_most(torch.arange(10), 3, seed=0)
+        tensor([1, 4, 7])
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return positions[torch.randperm(len(positions), generator=generator)[:count]].sort().values

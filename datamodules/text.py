@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .base import ClassificationDataModule, Split
-from .splits import check_holdout_fractions, stratified_split
+from .splits import check_holdout_fractions, keep_at_most, stratified_split
 
 SUBJECTS = ("the movie", "the food", "the service", "the hotel", "the book", "the concert", "the game",
             "the trip", "the phone", "the class")
@@ -128,10 +128,7 @@ class TokenizedTextDataModule(ClassificationDataModule):
         texts = TokenizedTexts(encoded)
         positions = stratified_split(labels, {"val": self.val_fraction, "test": self.test_fraction}, self.seed)
         if self.max_train_samples is not None:
-            # a seeded random subset: the positions are sorted, and their order is the generator's
-            generator = torch.Generator().manual_seed(self.seed)
-            train = positions["train"]
-            positions["train"] = train[torch.randperm(len(train), generator=generator)[: self.max_train_samples]].sort().values
+            positions["train"] = keep_at_most(positions["train"], self.max_train_samples, self.seed)
         return {name: (texts.subset(split), labels[split]) for name, split in positions.items()}
 
 
