@@ -33,7 +33,11 @@ REFUSED_UNDER_FSDP = [name for name in TECHNIQUES if make(name).fsdp_unsupported
 
 def compiled_module(technique_id: str | None = None):
     module = small_module(seed=0) if technique_id is None else module_for(technique_id)
-    module.backbone = torch.compile(module.backbone, backend="eager")
+    # the module's networks: a classifier's backbone, a two-tower model's towers
+    names = ["backbone"] if hasattr(module, "backbone") else [
+        name for name, child in module.named_children() if any(True for _ in child.parameters())]
+    for name in names:
+        setattr(module, name, torch.compile(getattr(module, name), backend="eager"))
     return module
 
 
