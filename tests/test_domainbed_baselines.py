@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from reglab import registry
 from reglab.callbacks.baselines import CORAL, IRM, SAM, Fish, Fishr, VREx
 from reglab.callbacks.baselines.coral import coral_penalty
-from reglab.callbacks.baselines.domain_groups import domain_masks, group_means
+from reglab.nn.domain_groups import domain_masks, group_means
 from reglab.callbacks.baselines.fishr import head_gradient_variances, variance_distance
 from reglab.callbacks.baselines.irm import irm_penalty, scale_gradients
 from reglab.callbacks.baselines.vrex import risk_variance

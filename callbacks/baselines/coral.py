@@ -28,8 +28,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from reglab.callbacks.baselines.domain_groups import domain_masks, group_means
 from reglab.mixins import StepOutput
+from reglab.nn.domain_groups import domain_masks, group_means
 from reglab.technique import Technique
 
 

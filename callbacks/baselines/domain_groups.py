@@ -1,14 +1,5 @@
-"""What DomainBed's penalty baselines (CORAL, IRM, VREx, Fishr) share: per-domain groups of a batch
-and a penalty weight that is annealed in.
-
-DomainBed (github.com/facebookresearch/DomainBed, ``domainbed/algorithms.py``) hands every
-algorithm one minibatch per training domain and computes its penalty per minibatch. Here a batch
-is one tensor whose samples carry ``batch["domain"]``; :func:`domain_masks` turns that into a
-``(G, N)`` 0/1 matrix, one row per domain present in the batch (in increasing domain order), so a
-penalty is computed per domain with matrix products instead of a Python loop over minibatches.
-With the domain-balanced training loader of the multi-domain scenario every row has the same
-number of samples, DomainBed's equal minibatches; with any other loader the groups are what the
-batch holds.
+"""What DomainBed's annealed penalty baselines (IRM, VREx, Fishr) share: a penalty weight that is
+annealed in. Their per-domain groups come from :mod:`reglab.nn.domain_groups`.
 
 DomainBed's IRM, VREx and Fishr weigh their penalty with a small weight for their first
 ``anneal_iters`` updates and with ``lambda`` afterwards, and re-create Adam at the update where
@@ -18,12 +9,6 @@ so micro-batches of one accumulated step share one weight and a resumed run cont
 schedule exactly without state of its own; the reset empties the module's optimizer state in
 ``on_before_optimizer_step`` of update ``anneal_iters``, before that update is applied (a fresh
 Adam with the same hyper-parameters, as DomainBed's).
-
-Example:
-    >>> import torch
-    >>> masks, ids = domain_masks(torch.tensor([2, 0, 2, 0, 2]))
-    >>> ids.tolist(), masks.tolist()
-    ([0, 2], [[0.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 1.0]])
 """
 
 from __future__ import annotations
@@ -31,25 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor
 
 from reglab.mixins import StepOutput
 from reglab.technique import Technique
-
-
-def domain_masks(domain: Tensor, min_size: int = 1) -> tuple[Tensor, Tensor]:
-    """``(G, N)`` fp32 membership of the samples in the ``G`` domains present with at least
-    ``min_size`` samples, and those domains' ids (increasing)."""
-    ids, counts = domain.unique(return_counts=True)
-    ids = ids[counts >= min_size]
-    return (domain.unsqueeze(0) == ids.unsqueeze(1)).float(), ids
-
-
-def group_means(masks: Tensor, values: Tensor) -> Tensor:
-    """``(G, ...)`` mean of ``values`` (``(N, ...)``) over each group's samples."""
-    sums = (masks @ values.reshape(len(values), -1)).view(len(masks), *values.shape[1:])
-    return sums / masks.sum(1).view(-1, *[1] * (values.dim() - 1))
 
 
 class AnnealedPenalty(Technique):

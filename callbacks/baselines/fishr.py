@@ -41,8 +41,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from reglab.callbacks.baselines.domain_groups import AnnealedPenalty, domain_masks, group_means
+from reglab.callbacks.baselines.domain_groups import AnnealedPenalty
 from reglab.mixins import StepOutput
+from reglab.nn.domain_groups import domain_masks, group_means
 from reglab.step import target_distribution
 
 

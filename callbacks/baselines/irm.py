@@ -34,8 +34,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from reglab.callbacks.baselines.domain_groups import AnnealedPenalty, domain_masks
+from reglab.callbacks.baselines.domain_groups import AnnealedPenalty
 from reglab.mixins import StepOutput
+from reglab.nn.domain_groups import domain_masks
 from reglab.step import target_distribution
 
 

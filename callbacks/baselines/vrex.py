@@ -24,8 +24,9 @@ from __future__ import annotations
 import lightning as L
 from torch import Tensor
 
-from reglab.callbacks.baselines.domain_groups import AnnealedPenalty, domain_masks, group_means
+from reglab.callbacks.baselines.domain_groups import AnnealedPenalty
 from reglab.mixins import StepOutput
+from reglab.nn.domain_groups import domain_masks, group_means
 
 
 def risk_variance(losses: Tensor, masks: Tensor) -> Tensor:

@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from reglab.mixins import StepOutput
+from reglab.nn.domain_groups import domain_masks
 from reglab.step import cross_entropy_per_sample
 from reglab.technique import Technique
 
@@ -141,8 +142,7 @@ class HessianAlignment(Technique):
         return params
 
     def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
-        domain = out.batch["domain"]
-        groups = [domain == d for d in domain.unique().tolist()]
+        groups = domain_masks(out.batch["domain"])[0].bool()
         if len(groups) < 2:
             zero = out.logits.new_zeros((), dtype=torch.float32)
             return {"hessian": zero, "gradient": zero}
