@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"callbacks": REPO / "callbacks", "datamodules": REPO / "datamodules"}
 # family code that lives in the core folder, by the family it belongs to
 FAMILY_APP_MODULES = {
+    "reglab.analysis": "reglab.callbacks.analysis",
+    "reglab.condensation": "reglab.callbacks.condensation",
     "reglab.continual": "reglab.callbacks.continual",
     "reglab.domain_claims": "reglab.callbacks.domain_generalization",
     "reglab.peft_claims": "reglab.callbacks.peft",
