@@ -114,7 +114,9 @@ def _smoke_sets() -> list[list[Path]]:
 
 
 @pytest.mark.parametrize("paths", _smoke_sets(), ids=lambda ps: str(ps[-1].relative_to(CONFIGS)))
-def test_every_config_runs(paths, tmp_path):
+def test_every_config_runs(paths, tmp_path, monkeypatch):
+    # paths a config leaves relative (a ModelCheckpoint's dirpath) land in the test's folder, not the checkout
+    monkeypatch.chdir(tmp_path)
     args = ["fit"]
     for path in paths:
         args += ["--config", str(path)]
