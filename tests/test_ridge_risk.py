@@ -3,10 +3,13 @@ features, the tuned risk, the monotonicity metric; the command's files and refus
 
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
+import reglab.analysis.ridge_risk
 from reglab.analysis.ridge_risk import (
     RandomFeatureTask,
     RidgeRiskError,
@@ -81,3 +84,7 @@ def test_command_writes_the_figure_and_numbers_and_never_overwrites(tmp_path, ca
     assert "largest rise along width" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="never overwritten"):
         main(argv)
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(reglab.analysis.ridge_risk, verbose=False).failed == 0

@@ -3,10 +3,13 @@ cases and against scikit-learn's own predictions; the command's files and refusa
 
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pytest
 from sklearn.ensemble import RandomForestRegressor
 
+import reglab.analysis.smoothers
 from reglab.analysis.smoothers import (
     SmootherError,
     SmoothersProtocol,
@@ -102,3 +105,7 @@ def test_command_writes_the_figure_and_numbers_and_never_overwrites(tmp_path, ca
     with pytest.raises(SystemExit, match="never overwritten"):
         main(argv)
     assert (tmp_path / "smoothers.json").read_text() == before
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(reglab.analysis.smoothers, verbose=False).failed == 0

@@ -142,8 +142,8 @@ def largest_rise(curve: Sequence[float]) -> float:
     the curve never rises.
 
     Example:
-        >>> largest_rise([4.0, 2.0, 2.2, 1.0])
-        0.1
+        >>> largest_rise([4.0, 2.0, 3.0, 1.0])
+        0.5
     """
     values = np.asarray(curve, dtype=float)
     return float(np.max(np.diff(values) / values[:-1]))
