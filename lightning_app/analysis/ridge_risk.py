@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from reglab.analysis.outputs import new_outputs
 from reglab.bench.protocols import ClaimError, Protocol, register_protocol
 
 TUNINGS = ("validation", "oracle", "fixed")
@@ -249,11 +250,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--beta", type=float, default=1.4, help="target decay v_i^2 ∝ i^-beta")
     parser.add_argument("--noise", type=float, default=0.0, help="label noise variance")
     args = parser.parse_args(argv)
-    targets = [args.out / "ridge_risk.png", args.out / "ridge_risk.json"]
-    existing = [str(path) for path in targets if path.exists()]
-    if existing:
-        raise SystemExit(f"reglab ridge-risk: {', '.join(existing)} already exist(s) and are never overwritten. "
-                         "Fix: choose another --out, or move the old files away yourself.")
+    targets = new_outputs("reglab ridge-risk", args.out, ["ridge_risk.png", "ridge_risk.json"])
     try:
         runs = {tuning: [risk_curves(seed, args.widths, args.samples, args.fixed_width, args.fixed_samples, tuning,
                                      fixed_ridge=args.fixed_ridge, dim=args.dim, alpha=args.alpha, beta=args.beta,

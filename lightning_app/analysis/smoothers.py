@@ -60,6 +60,7 @@ import numpy as np
 from sklearn import datasets
 from sklearn.ensemble import RandomForestRegressor
 
+from reglab.analysis.outputs import new_outputs
 from reglab.bench.protocols import ClaimError, Protocol, register_protocol
 
 #: the data sets :func:`load_smoother_data` knows: generated (the official MARS outcome models) and bundled
@@ -328,11 +329,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--min_samples_leaf", type=int, default=1)
     parser.add_argument("--offsets", type=float, nargs="+", default=list(DEFAULT_OFFSETS))
     args = parser.parse_args(argv)
-    targets = [args.out / "smoothers.png", args.out / "smoothers.json"]
-    existing = [str(path) for path in targets if path.exists()]
-    if existing:
-        raise SystemExit(f"reglab smoothers: {', '.join(existing)} already exist(s) and are never overwritten. "
-                         "Fix: choose another --out, or move the old files away yourself.")
+    targets = new_outputs("reglab smoothers", args.out, ["smoothers.png", "smoothers.json"])
     forest_args = {"n_estimators": args.n_estimators, "max_features": args.max_features,
                    "min_samples_leaf": args.min_samples_leaf}
     try:
