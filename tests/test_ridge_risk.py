@@ -21,6 +21,7 @@ from reglab.analysis.ridge_risk import (
     risk_curves,
 )
 from reglab.bench.protocols import ClaimError
+from reglab.cli import main as reglab_main
 
 
 @pytest.mark.parametrize("shape", [(30, 8), (8, 30)])  # under- and overparameterized
@@ -79,7 +80,7 @@ def test_bad_settings_are_refused_early():
 def test_command_writes_the_figure_and_numbers_and_never_overwrites(tmp_path, capsys):
     argv = ["--out", str(tmp_path), "--widths", "4", "8", "16", "--samples", "4", "8", "16", "--fixed_width", "8",
             "--fixed_samples", "8", "--dim", "32"]
-    main(argv)
+    reglab_main(["ridge-risk", *argv])  # through the `reglab` command table
     assert (tmp_path / "ridge_risk.png").stat().st_size > 0 and '"validation"' in (tmp_path / "ridge_risk.json").read_text()
     assert "largest rise along width" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="never overwritten"):

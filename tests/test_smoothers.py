@@ -21,6 +21,7 @@ from reglab.analysis.smoothers import (
     tree_smoothing_weights,
 )
 from reglab.bench.protocols import ClaimError
+from reglab.cli import main as reglab_main
 
 
 def test_tree_weights_are_bootstrap_counts_in_the_leaf_normalized():
@@ -98,7 +99,7 @@ def test_bad_data_and_claim_settings_are_refused_early():
 def test_command_writes_the_figure_and_numbers_and_never_overwrites(tmp_path, capsys):
     argv = ["--out", str(tmp_path), "--data", "mars_additive", "--n_train", "40", "--n_test", "20",
             "--n_estimators", "3", "--offsets", "0", "1"]
-    main(argv)
+    reglab_main(["smoothers", *argv])  # through the `reglab` command table
     assert (tmp_path / "smoothers.png").stat().st_size > 0 and "mars_additive" in (tmp_path / "smoothers.json").read_text()
     assert "at held-out inputs" in capsys.readouterr().out
     before = (tmp_path / "smoothers.json").read_text()
