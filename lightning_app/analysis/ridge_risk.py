@@ -45,14 +45,27 @@ from reglab.analysis.outputs import new_outputs
 from reglab.bench.protocols import ClaimError, Protocol, register_protocol
 
 TUNINGS = ("validation", "oracle", "fixed")
-#: the ridge grid: δ = 0 and 10^-5 … 10^3 (the official 10^-3 … 10^2, widened at both ends)
-DEFAULT_RIDGES = (0.0, *np.logspace(-5, 3, 33).tolist())
+#: the ridge grid's log10 range and size: δ = 0 and 10^-5 … 10^3 (the official 10^-3 … 10^2, widened at both ends)
+DEFAULT_RIDGE_EXPONENTS = (-5, 3, 33)
 DEFAULT_WIDTHS = (8, 16, 32, 64, 128, 256, 512, 1024)
 DEFAULT_SAMPLES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class RidgeRiskError(ValueError):
     """Bad input to the random-feature ridge analysis (message: the problem and the fix)."""
+
+
+def ridge_grid(low: float, high: float, count: int) -> list[float]:
+    """δ = 0 (the min-norm interpolator) and ``count`` ridges 10^low … 10^high, log-spaced.
+
+    Example:
+        >>> ridge_grid(-1, 1, 3)
+        [0.0, 0.1, 1.0, 10.0]
+    """
+    return [0.0, *np.logspace(low, high, count).tolist()]
+
+
+DEFAULT_RIDGES = tuple(ridge_grid(*DEFAULT_RIDGE_EXPONENTS))
 
 
 def powerlaw_task(dim: int, alpha: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -187,8 +200,8 @@ class RidgeRiskProtocol(Protocol):
     file names ``module: reglab.analysis.ridge_risk``."""
 
     defaults = {"widths": list(DEFAULT_WIDTHS), "samples": list(DEFAULT_SAMPLES), "fixed_width": 256,
-                "fixed_samples": 256, "ridges": list(DEFAULT_RIDGES), "dim": 1024, "n_val": 1000, "n_test": 2000,
-                "alpha": 1.2, "beta": 1.4, "noise": 0.0}
+                "fixed_samples": 256, "ridge_exponents": list(DEFAULT_RIDGE_EXPONENTS), "dim": 1024,
+                "n_val": 1000, "n_test": 2000, "alpha": 1.2, "beta": 1.4, "noise": 0.0}
 
     def check_settings(self) -> None:
         s = self.settings
@@ -203,16 +216,17 @@ class RidgeRiskProtocol(Protocol):
 
     def describe(self) -> list[str]:
         s = self.settings
+        low, high, count = s["ridge_exponents"]
         return [f"Power-law Gaussian task (dim {s['dim']}, α = {s['alpha']}, β = {s['beta']}, noise variance "
                 f"{s['noise']}), Gaussian random features; risk on {s['n_test']} test points; the ridge picked "
-                f"from {len(s['ridges'])} values (0 and 1e-5 … 1e3) on {s['n_val']} validation points (validation), "
+                f"from 0 and {count} values 1e{low} … 1e{high} on {s['n_val']} validation points (validation), "
                 f"on the test points (oracle), or fixed. Widths {s['widths']} at n = {s['fixed_samples']}; "
                 f"samples {s['samples']} at k = {s['fixed_width']}.", ""]
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         s = self.settings
         curves = risk_curves(seed, s["widths"], s["samples"], s["fixed_width"], s["fixed_samples"], spec["tuning"],
-                             s["ridges"], spec.get("fixed_ridge", 1e-4), s["dim"], s["n_val"], s["n_test"],
+                             ridge_grid(*s["ridge_exponents"]), spec.get("fixed_ridge", 1e-4), s["dim"], s["n_val"], s["n_test"],
                              s["alpha"], s["beta"], s["noise"])
         metrics: dict[str, Any] = {}
         for axis, curve in curves.items():
