@@ -7,7 +7,7 @@ import doctest
 
 import numpy as np
 import pytest
-from sklearn.ensemble import RandomForestRegressor
+from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
 import reglab.analysis.smoothers
 from reglab.analysis.smoothers import (
@@ -90,6 +90,12 @@ def test_bad_data_and_claim_settings_are_refused_early():
         load_smoother_data("boston", seed=0)
     with pytest.raises(SmootherError, match="dim >= 5"):
         load_smoother_data("mars_additive", seed=0, dim=3)
+    data = load_smoother_data("breast_cancer", seed=0, n_train=40, n_test=5)
+    classifier = RandomForestClassifier(n_estimators=2, random_state=0).fit(data.x_train, data.y_train > 0)
+    with pytest.raises(SmootherError, match="not a fitted scikit-learn regression forest"):
+        forest_smoothing_weights(classifier, data.x_train, data.x_test)
+    with pytest.raises(SmootherError, match="not a fitted"):
+        forest_smoothing_weights(RandomForestRegressor(), data.x_train, data.x_test)
     with pytest.raises(ClaimError, match="RandomForestRegressor's arguments"):
         SmoothersProtocol("c", {"forest": {"trees": 3}})
     with pytest.raises(ClaimError, match="an arm is `data"):

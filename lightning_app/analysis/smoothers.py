@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 from sklearn import datasets
+from sklearn.base import is_regressor
 from sklearn.ensemble import RandomForestRegressor
 
 from reglab.analysis.outputs import new_outputs
@@ -173,8 +174,9 @@ class SmoothingWeights:
 def forest_smoothing_weights(forest: RandomForestRegressor, x_train: np.ndarray, x_eval: np.ndarray) -> SmoothingWeights:
     """The smoothing weights at ``x_eval`` of a fitted scikit-learn regression forest (the mean of its
     trees' weights, each with its bootstrap counts from ``estimators_samples_``) and its trees'."""
-    if not hasattr(forest, "estimators_"):
-        raise SmootherError("smoothers: the forest is not fitted. Fix: call forest.fit(x_train, y_train) first.")
+    if not is_regressor(forest) or not hasattr(forest, "estimators_samples_"):
+        raise SmootherError(f"smoothers: {type(forest).__name__} is not a fitted scikit-learn regression forest "
+                            "(leaf means of bootstrap samples). Fix: fit a RandomForestRegressor or ExtraTreesRegressor.")
     n_train = len(x_train)
     total = np.zeros((len(x_eval), n_train))
     squared_norms, first = [], None
