@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from pytorch_metric_learning.losses import ThresholdConsistentMarginLoss
 
 import reglab.callbacks.metric_learning.tcm as tcm_module
 import reglab.metrics.opis as opis_module
@@ -48,6 +49,16 @@ def test_tcm_by_hand_averages_each_side_over_its_hard_pairs_only():
     # another easy different-class pair (cos -1 with the first sample) leaves the negative side's mean as it was
     more = step_output(at_angles(0, 30, 60, 80, 180), [0, 0, 0, 1, 2])
     assert TCM(lambda_plus=0.0).loss_terms(more, None)["tcm"].item() == pytest.approx(negative, abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"lambda_plus": 0.3, "lambda_minus": 2.0, "margin_plus": 0.6, "margin_minus": 0.1}])
+def test_tcm_matches_pytorch_metric_learnings_loss(kwargs):
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(5).repeat_interleave(6)
+    embeddings = torch.randn(5, 16, generator=generator)[labels] + 0.8 * torch.randn(30, 16, generator=generator)
+    ours = TCM(**kwargs).loss_terms(step_output(embeddings, labels.tolist()), None)["tcm"]
+    assert ours.item() > 0
+    assert ours.item() == pytest.approx(ThresholdConsistentMarginLoss(**kwargs)(embeddings, labels).item(), abs=1e-6)
 
 
 def test_tcm_is_zero_without_hard_pairs_and_adds_to_the_metric_loss_in_the_step():
