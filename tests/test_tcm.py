@@ -98,6 +98,37 @@ def test_opis_by_hand():
     assert opis_score(tight, labels, (0.25, 0.5), 2).item() == pytest.approx(0.0, abs=1e-12)
 
 
+def test_opis_matches_a_pair_by_pair_count_with_three_uneven_classes():
+    """Three classes of different sizes and spreads (each class's negatives differ): the score against
+    a loop over thresholds, classes and pairs written from the definition."""
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0] * 5 + [1] * 7 + [2] * 4)
+    spread = torch.tensor([0.3, 1.0, 0.6])[labels, None]
+    embeddings = torch.randn(3, 6, generator=generator)[labels] + spread * torch.randn(16, 6, generator=generator)
+    unit = torch.nn.functional.normalize(embeddings, dim=1)
+    similarity = (unit @ unit.T).tolist()
+    pairs = [(i, j) for i in range(16) for j in range(i + 1, 16)]
+    negatives = sorted(similarity[i][j] for i, j in pairs if labels[i] != labels[j])
+    far_low, far_high, num = 0.05, 0.4, 7
+    top = negatives[len(negatives) - math.ceil(far_low * len(negatives))]
+    bottom = negatives[len(negatives) - math.ceil(far_high * len(negatives))]
+    variances = []
+    for step in range(num):
+        threshold = bottom + (top - bottom) * step / (num - 1)
+        utilities = []
+        for c in range(3):
+            own = [similarity[i][j] for i, j in pairs if labels[i] == labels[j] == c]
+            cross = [similarity[i][j] for i, j in pairs if (labels[i] == c) != (labels[j] == c)]
+            tpr = sum(s >= threshold for s in own) / len(own)
+            tnr = sum(s < threshold for s in cross) / len(cross)
+            utilities.append(2 * tpr * tnr / (tpr + tnr) if tpr + tnr else 0.0)
+        mean = sum(utilities) / 3
+        variances.append(sum((u - mean) ** 2 for u in utilities) / 3)
+    expected = sum(variances) / num
+    assert expected > 0
+    assert opis_score(embeddings, labels, (far_low, far_high), num).item() == pytest.approx(expected, abs=1e-5)
+
+
 def test_opis_merged_shards_count_a_padded_repeat_once():
     """Two ranks' states as DDP's gather hands them over, the second padded with a repeat of the
     first sample: the single-process score (a repeat would add a same-class pair at cosine 1)."""
