@@ -51,7 +51,7 @@ def test_tcm_by_hand_averages_each_side_over_its_hard_pairs_only():
     assert TCM(lambda_plus=0.0).loss_terms(more, None)["tcm"].item() == pytest.approx(negative, abs=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"lambda_plus": 0.3, "lambda_minus": 2.0, "margin_plus": 0.6, "margin_minus": 0.1}])
+@pytest.mark.parametrize("kwargs", [{}, dict(lambda_plus=0.3, lambda_minus=2.0, margin_plus=0.6, margin_minus=0.1)])
 def test_tcm_matches_pytorch_metric_learnings_loss(kwargs):
     generator = torch.Generator().manual_seed(1)
     labels = torch.arange(5).repeat_interleave(6)
