@@ -367,6 +367,7 @@ COMMANDS = {
     "bench": "reglab.bench.cli:main",
     "docs": "reglab.docs:main",
     "fit-tasks": "reglab.continual.cli:main",
+    "saliency": "reglab.analysis.saliency:main",
     "soup": "reglab.soups:main",
 }
 
