@@ -10,7 +10,7 @@ here a batch is explained in one pass, each image for its own class. The paper's
 
 Example:
     >>> from reglab.callbacks.analysis import NormGrad
-    >>> normgrad = NormGrad(layers=["backbone.blocks.0", "backbone.blocks.1"], every_n_epochs=5)
+    >>> normgrad = NormGrad(layers=["backbone.blocks.2", "backbone.blocks.5"], every_n_epochs=5)
     >>> normgrad.name, normgrad.method
     ('normgrad', 'normgrad')
     >>> NormGrad(method="gradcam").method   # Grad-CAM through the same callback

@@ -94,6 +94,20 @@ def check_method(owner: str, method: str) -> None:
         raise TechniqueConfigError(f"{owner}: unknown saliency method {method!r}. Fix: use one of {sorted(METHODS)}.")
 
 
+def block_names(model: nn.Module) -> list[str]:
+    """The activated output of every convolution: the first ReLU after each ``Conv2d`` in module order
+    (the small CNN's ``backbone.blocks.2``, ``.5``, ``.8``, at 8x8, 4x4 and 2x2 on the digits), the
+    block outputs that the official code reads."""
+    names, after_convolution = [], False
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            after_convolution = True
+        elif after_convolution and isinstance(module, nn.ReLU):
+            names.append(name)
+            after_convolution = False
+    return names
+
+
 def check_layers(owner: str, model: nn.Module, layers: Sequence[str]) -> None:
     """Raise unless every name is ``"input"`` or a submodule of ``model`` (named as ``named_modules`` names it)."""
     if not layers:
@@ -101,10 +115,9 @@ def check_layers(owner: str, model: nn.Module, layers: Sequence[str]) -> None:
     known = dict(model.named_modules())
     missing = [name for name in layers if name != INPUT and name not in known]
     if missing:
-        convolutions = [name for name, m in known.items() if isinstance(m, nn.Conv2d)]
         raise TechniqueConfigError(
             f"{owner}: the model has no layer(s) {missing}. Fix: use {INPUT!r} or names from the model's "
-            f"named_modules(), e.g. its convolutions {convolutions[:6]} or their blocks.")
+            f"named_modules(), e.g. its convolutions' activated outputs {block_names(model)[:6]}.")
 
 
 def activations_and_gradients(
@@ -133,7 +146,7 @@ def activations_and_gradients(
         finally:
             for handle in handles:
                 handle.remove()
-        score = logits.gather(1, classes.view(-1, 1).to(logits.device)).sum()
+        score = logits.gather(1, classes.detach().clone().view(-1, 1).to(logits.device)).sum()
         gradients = torch.autograd.grad(score, [outputs[name] for name in layers])
     return {name: (outputs[name].detach(), gradient.detach()) for name, gradient in zip(layers, gradients)}
 
@@ -198,10 +211,13 @@ def class_correlation(model: nn.Module, inputs: Tensor, method: str, layers: Seq
         bottom = explain(model, inputs, logits.argmin(1), method, layers, size).flatten(1)
     finally:
         model.train(was_training)
-    constant = (top.std(1) == 0) | (bottom.std(1) == 0)
-    # torchmetrics correlates columns: one column per image
-    correlation = pearson_corrcoef(top.T.double(), bottom.T.double()).float()
-    return torch.where(constant, torch.full_like(correlation, float("nan")), correlation)
+    defined = (top.std(1) > 0) & (bottom.std(1) > 0)
+    correlation = torch.full((len(inputs),), float("nan"))
+    if defined.any():
+        # torchmetrics correlates columns: one column per image
+        found = pearson_corrcoef(top[defined].T.double(), bottom[defined].T.double())
+        correlation[defined.cpu()] = found.reshape(-1).float().cpu()
+    return correlation
 
 
 class SaliencyMaps(Technique):

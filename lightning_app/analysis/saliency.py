@@ -22,7 +22,7 @@ layers, their combination, the paper's class correlation). Here:
     settings: {epochs: 10, num_images: 300}
     arms:
       gradient: {method: gradient, layers: [input]}
-      normgrad: {method: normgrad, layers: [backbone.blocks.2]}
+      normgrad: {method: normgrad, layers: [backbone.blocks.8]}
     checks:
       - {metric: class_correlation, direction: lower, arm: normgrad, against: gradient}
 
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from reglab.bench.protocols import ClaimError, Protocol, register_protocol
-from reglab.callbacks.analysis.saliency import INPUT, METHODS, class_correlation, explain
+from reglab.callbacks.analysis.saliency import INPUT, METHODS, block_names, class_correlation, explain
 from reglab.datamodules import DigitsDataModule
 from reglab.tasks import ClassificationModule
 
@@ -62,13 +62,6 @@ def first_test_digits(module: nn.Module, count: int) -> tuple[Tensor, Tensor]:
     data = DigitsDataModule(flatten=_flat(module))
     data.setup("test")
     return data.test_dataset.inputs[:count], data.test_dataset.targets[:count]
-
-
-def block_names(model: nn.Module) -> list[str]:
-    """The blocks of a convolutional backbone: every ``nn.Sequential`` that holds a ``Conv2d`` directly
-    (the small CNN's ``backbone.blocks.<i>``), the layers whose outputs the official code reads."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Sequential) and any(isinstance(child, nn.Conv2d) for child in module.children())]
 
 
 def default_explanations(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
@@ -152,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.layer:
             explanations = {k: v for k, v in explanations.items() if v[1] == [INPUT]}
             explanations.update({f"{m} · {'+'.join(args.layer)}": (m, args.layer) for m in ("normgrad", "gradcam")})
+    path = Path(args.out) / f"{Path(args.ckpt).stem}_saliency.png"
+    if path.exists():
+        parser.error(f"{path} exists and is kept. Fix: give another --out folder, or move the old grid away.")
     inputs, labels = first_test_digits(model, args.num_images)
-    path = draw_grid(model, inputs, labels, explanations, Path(args.out) / f"{Path(args.ckpt).stem}_saliency.png")
+    draw_grid(model, inputs, labels, explanations, path)
     print(f"reglab saliency: wrote {path}")
 
 
