@@ -111,7 +111,7 @@ def test_bad_settings_fail_early_with_the_fix():
         activations_and_gradients(_cnn(), torch.rand(1, 1, 8, 8), torch.tensor([0]), ["backbone.blocks.99"])
     flat = ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (8,)})
     with pytest.raises(TechniqueConfigError, match="inputs are flat.*Fix: give image_shape"):
-        GradientSaliency().image_size(torch.rand(2, 64))
+        GradientSaliency().setup(L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False), flat, "fit")
     with pytest.raises(TechniqueConfigError, match="flat map of 8 values.*Fix"):
         class_correlation(flat, torch.rand(2, 64), "normgrad", ["backbone.layers.1"], size=(8, 8))
 

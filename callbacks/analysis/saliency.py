@@ -252,6 +252,9 @@ class SaliencyMaps(Technique):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         check_layers(type(self).__name__, pl_module, self.layers)
+        input_shape = tuple(getattr(pl_module, "hparams", {}).get("input_shape") or ())
+        if len(input_shape) == 1:
+            self.image_size(torch.empty(1, *input_shape))  # flat inputs need image_shape: say so before training
         if stage == "fit" and not any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
             rank_zero_warn(f"{type(self).__name__}: the trainer has no TensorBoard logger, so the maps are not drawn "
                            f"(only val/{self.name}/class_correlation is logged). Fix: use `trainer.logger: "
@@ -277,7 +280,7 @@ class SaliencyMaps(Technique):
         self._batch = None
         size = self.image_size(inputs)
         correlation = class_correlation(pl_module, inputs, self.method, self.layers, size)
-        pl_module.log(f"val/{self.name}/class_correlation", correlation.nanmean(), sync_dist=True)
+        pl_module.log(f"val/{self.name}/class_correlation", correlation.nanmean().item(), sync_dist=True)
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if loggers and trainer.is_global_zero:
             maps = explain(pl_module, inputs, targets, self.method, self.layers, size)
