@@ -67,12 +67,12 @@ def first_test_digits(module: nn.Module, count: int) -> tuple[Tensor, Tensor]:
 def default_explanations(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
     """The gradient at the input, then NormGrad and Grad-CAM at every block and NormGrad combined over them."""
     blocks = block_names(model)
-    explanations = {"gradient · input": ("gradient", [INPUT])}
+    explanations = {"gradient\ninput": ("gradient", [INPUT])}
     for block in blocks:
-        explanations[f"NormGrad · {block}"] = ("normgrad", [block])
-        explanations[f"Grad-CAM · {block}"] = ("gradcam", [block])
+        explanations[f"NormGrad\n{block}"] = ("normgrad", [block])
+        explanations[f"Grad-CAM\n{block}"] = ("gradcam", [block])
     if len(blocks) > 1:
-        explanations["NormGrad · combined"] = ("normgrad", blocks)
+        explanations["NormGrad\ncombined"] = ("normgrad", blocks)
     return explanations
 
 
@@ -96,7 +96,7 @@ def draw_grid(model: nn.Module, inputs: Tensor, labels: Tensor, explanations: di
                                    for which, classes in (("top class", top), ("bottom class", bottom))]
     maps = {title: explain(model, inputs, spec[2], spec[0], spec[1], size) for title, spec in columns if spec}
     images = inputs.float().view(len(inputs), -1, *size).mean(1)
-    fig, axes = plt.subplots(len(inputs), len(columns), figsize=(1.3 * len(columns), 1.3 * len(inputs) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(len(inputs), len(columns), figsize=(1.5 * len(columns), 1.5 * len(inputs) + 1.0), squeeze=False)
     for row in range(len(inputs)):
         for col, (title, spec) in enumerate(columns):
             ax = axes[row, col]
@@ -139,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
                      "or call reglab.analysis.saliency.draw_grid with your own images.")
     if args.method:
         layers = args.layer or [INPUT]
-        explanations = {f"{method} · {'+'.join(layers)}": (method, layers) for method in args.method}
+        explanations = {f"{method}\n{'+'.join(layers)}": (method, layers) for method in args.method}
     else:
         explanations = default_explanations(model)
         if args.layer:
             explanations = {k: v for k, v in explanations.items() if v[1] == [INPUT]}
-            explanations.update({f"{m} · {'+'.join(args.layer)}": (m, args.layer) for m in ("normgrad", "gradcam")})
+            explanations.update({f"{m}\n{'+'.join(args.layer)}": (m, args.layer) for m in ("normgrad", "gradcam")})
     path = Path(args.out) / f"{Path(args.ckpt).stem}_saliency.png"
     if path.exists():
         parser.error(f"{path} exists and is kept. Fix: give another --out folder, or move the old grid away.")
