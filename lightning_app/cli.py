@@ -368,6 +368,7 @@ COMMANDS = {
     "docs": "reglab.docs:main",
     "fit-tasks": "reglab.continual.cli:main",
     "ridge-risk": "reglab.analysis.ridge_risk:main",
+    "saliency": "reglab.analysis.saliency:main",
     "smoothers": "reglab.analysis.smoothers:main",
     "soup": "reglab.soups:main",
 }
