@@ -115,7 +115,7 @@ def test_text_dropout_refuses_bad_p_and_a_model_without_text():
         trainer.fit(example_module(0), datamodule=example_data(256))
 
 
-def test_evaluation_logs_recall_with_and_without_the_text(data):
+def test_evaluation_logs_recall_with_and_without_the_text(data, tmp_path):
     module = example_module(0, data="hinted_digits")
     trainer = example_trainer(max_steps=3, limit_val_batches=0, limit_test_batches=1, callbacks=[TextDropout(0.5)])
     trainer.fit(module, datamodule=data)
@@ -129,6 +129,12 @@ def test_evaluation_logs_recall_with_and_without_the_text(data):
     with torch.no_grad():
         ranks = target_ranks(module(no_text["input"], no_text["text"]), batch["target"])
     assert logged["test/no_text_recall@4"] == pytest.approx(float((ranks < 4).float().mean()), abs=1e-6)
+    # a checkpoint keeps the empty hint: the loaded model queries without text, no DataModule needed
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = type(module).load_from_checkpoint(tmp_path / "model.ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(no_text["input"], loaded.without_text(batch, torch.ones(len(ranks), dtype=torch.bool))["text"]),
+                           module(no_text["input"], no_text["text"]))
 
 
 def test_the_module_refuses_a_datamodule_without_an_empty_hint():
