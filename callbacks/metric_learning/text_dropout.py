@@ -10,7 +10,7 @@ video alone:
     for each training query i:  drop_i ~ Bernoulli(p);  text_i <- empty text  if drop_i
 
 The rest of the training step is unchanged (the retrieval loss over the fused queries). The paper
-reports it as critical both for video-only retrieval and for text-guided retrieval.
+reports it as critical to the model's performance.
 
 Source: the paper's method text (there is no official code; the full text could not be fetched in
 this session, so the mechanism follows the paper's abstract and figure caption: text dropped at
