@@ -120,9 +120,12 @@ class MultiInputRetrievalModule(RegularizedMixin, L.LightningModule):
         data = self.trainer.datamodule
         empty = getattr(data, "empty_text", None)
         if empty is None:
+            if stage != "fit":  # evaluating a checkpoint, whose buffers hold the empty hint (restored after setup)
+                return
+            source = "no DataModule is attached" if data is None else f"{type(data).__name__} has no `empty_text`"
             raise ValueError(
                 f"MultiInputRetrievalModule reads the empty hint (a query without text) from the DataModule, and "
-                f"{type(data).__name__} has no `empty_text`. Fix: fit with datamodule=HintedDigitsDataModule(...)."
+                f"{source}. Fix: fit with datamodule=HintedDigitsDataModule(...)."
             )
         for key in ("num_items", "vocab_size", "max_text_length"):
             if getattr(data, key, None) != self.hparams[key]:
@@ -136,7 +139,11 @@ class MultiInputRetrievalModule(RegularizedMixin, L.LightningModule):
 
     def forward(self, images: Tensor, text: dict[str, Tensor]) -> Tensor:
         """``(N, num_items)`` scores of the queries (images and hints) against every item."""
-        return self.query(images, text) @ F.normalize(self.items.weight, dim=-1).T / self.hparams.temperature
+        return self.scores(self.query(images, text))
+
+    def scores(self, queries: Tensor) -> Tensor:
+        """``(N, num_items)`` cosine scores of query embeddings against every item, over the temperature."""
+        return queries @ F.normalize(self.items.weight, dim=-1).T / self.hparams.temperature
 
     def query(self, images: Tensor, text: dict[str, Tensor]) -> Tensor:
         """``(N, embedding_dim)`` unit query embeddings of images and their hints."""
@@ -158,8 +165,7 @@ class MultiInputRetrievalModule(RegularizedMixin, L.LightningModule):
 
     def forward_step(self, batch: dict[str, Any]) -> StepOutput:
         queries = self.query(batch["input"], batch["text"])
-        logits = queries @ F.normalize(self.items.weight, dim=-1).T / self.hparams.temperature
-        return StepOutput(logits=logits, target=batch["target"], features=queries, index=batch.get("index"), batch=batch)
+        return StepOutput(logits=self.scores(queries), target=batch["target"], features=queries, index=batch.get("index"), batch=batch)
 
     def on_step_output(self, out: StepOutput, stage: str) -> None:
         if stage == "train":
