@@ -7,4 +7,5 @@ from reglab.tasks.multi_input import MultiInputRetrievalModule
 from reglab.tasks.segmentation import SegmentationModule
 from reglab.tasks.two_tower import TwoTowerModule
 
-__all__ = ["ClassificationModule", "EmbeddingModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule", "TwoTowerModule"]
+__all__ = ["ClassificationModule", "EmbeddingModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule",
+           "TwoTowerModule"]
