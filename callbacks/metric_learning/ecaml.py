@@ -63,12 +63,14 @@ def energy(embeddings: Tensor, labels: Tensor, include_positives: bool = False) 
     squared_norms = z.pow(2).sum(1)
     # from the Gram matrix: no (N, N, D) difference tensor; the clamp removes round-off below zero
     distances = (squared_norms[:, None] + squared_norms[None, :] - 2 * z @ z.T).clamp_min(0)
-    upper = torch.ones_like(distances, dtype=torch.bool).triu(1)
-    same = labels[:, None] == labels[None, :]
-    total = 0.5 * distances[upper & ~same].mean()
-    positives = distances[upper & same]
-    if include_positives and positives.numel():
-        total = total + 0.5 * positives.mean()
+    upper = torch.ones_like(distances).triu(1)
+    same = (labels[:, None] == labels[None, :]).float()
+    # masked means rather than boolean indexing: no data-dependent shapes (no device sync)
+    negatives = upper * (1 - same)
+    total = 0.5 * (distances * negatives).sum() / negatives.sum()
+    if include_positives:
+        positives = upper * same
+        total = total + 0.5 * (distances * positives).sum() / positives.sum().clamp_min(1)
     return total
 
 
