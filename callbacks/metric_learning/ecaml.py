@@ -38,7 +38,8 @@ Method card (what it does, when it helps, what it costs): ``ecaml.card.yaml``.
 Example:
     >>> import torch
     >>> from reglab.callbacks.metric_learning import ECAML
-    >>> ecaml = ECAML(weight=0.13)
+    >>> ECAML(weight=0.13).name
+    'ecaml'
     >>> points = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
     >>> energy(points, torch.tensor([0, 1, 1])).item()  # pairs (0, 1), (0, 2): (25 + 0) / 2 / 2
     6.25
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglab.mixins import StepOutput
@@ -105,7 +105,7 @@ class ECAML(Technique):
             raise self.fail(f"{type(module).__name__}.forward_step puts no `backbone_features` in the step output's "
                             "extras", "use reglab.tasks.EmbeddingModule, whose step output carries them")
         # detached: the confusion reaches the embedding layer only, as the official code's propagate_down: 0
-        metric = F.linear(features.detach().flatten(1), module.projection.weight, module.projection.bias)
+        metric = module.projection(features.detach())
         e = energy(metric, out.labels, self.include_positives)
         if e.isnan():  # one class in the batch: nothing to confuse
             return {"energy_confusion": metric.sum() * 0.0}
