@@ -367,6 +367,8 @@ COMMANDS = {
     "bench": "reglab.bench.cli:main",
     "docs": "reglab.docs:main",
     "fit-tasks": "reglab.continual.cli:main",
+    "ridge-risk": "reglab.analysis.ridge_risk:main",
+    "smoothers": "reglab.analysis.smoothers:main",
     "soup": "reglab.soups:main",
 }
 

@@ -93,11 +93,12 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
 
 #: technique configs that cannot run on the default experiment's CNN, or do nothing there, with the
 #: experiment they need (S²FT selects attention heads and FFN channels of Linear layers; the CNN has none
-#: outside its head; correlated feature masking trains a two-tower model's item tower; T-JEPA reads flat tabular
-#: features; ECAML confuses an embedding model's embedding layer. FPGM's consistency reads unlabelled images,
+#: outside its head; correlated feature masking trains a two-tower model's item tower; TCM regularizes a metric
+#: learning embedding (on the classifier it would run on penultimate features); ECAML confuses an embedding
+#: model's embedding layer; T-JEPA reads flat tabular features. FPGM's consistency reads unlabelled images,
 #: which only the shifted scenes have: it refuses others.
 #: domain-generalization techniques need batches that carry `domain`)
-NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml", "fpgm.yaml": "shifted_scenes.yaml",
+NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml", "tcm.yaml": "digits_retrieval.yaml", "fpgm.yaml": "shifted_scenes.yaml",
                     "fpgm_self_training.yaml": "shifted_scenes.yaml",
                     **{f"{t}.yaml": "domain_digits_erm.yaml"
                        for t in ("coral", "irm", "vrex", "fish", "fishr", "hessian_alignment", "drm")},
@@ -115,7 +116,9 @@ def _smoke_sets() -> list[list[Path]]:
 
 
 @pytest.mark.parametrize("paths", _smoke_sets(), ids=lambda ps: str(ps[-1].relative_to(CONFIGS)))
-def test_every_config_runs(paths, tmp_path):
+def test_every_config_runs(paths, tmp_path, monkeypatch):
+    # paths a config leaves relative (a ModelCheckpoint's dirpath) land in the test's folder, not the checkout
+    monkeypatch.chdir(tmp_path)
     args = ["fit"]
     for path in paths:
         args += ["--config", str(path)]
