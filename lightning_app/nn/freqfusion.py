@@ -51,10 +51,12 @@ def carafe(x: Tensor, kernels: Tensor, kernel_size: int, scale: int) -> Tensor:
                   [1.1111, 1.1111]]]])
     """
     n, c, h, w = x.shape
-    patches = F.unfold(x, kernel_size, padding=kernel_size // 2).view(n, c, kernel_size**2, h, w)
-    if scale > 1:
-        patches = patches.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-    return torch.einsum("nckhw,nkhw->nchw", patches, kernels.to(patches.dtype))
+    taps = kernel_size**2
+    # one small matmul per low-resolution pixel: (C, k²) neighbourhood @ (k², s²) kernels of its s×s children
+    patches = F.unfold(x, kernel_size, padding=kernel_size // 2).view(n, c, taps, h * w).permute(0, 3, 1, 2)
+    kernels = kernels.to(x.dtype).reshape(n, taps, h, scale, w, scale).permute(0, 2, 4, 1, 3, 5)
+    out = patches @ kernels.reshape(n, h * w, taps, scale * scale)
+    return out.view(n, h, w, c, scale, scale).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h * scale, w * scale)
 
 
 def normalize_kernels(logits: Tensor, window: Tensor | None = None) -> Tensor:
@@ -71,9 +73,10 @@ def local_similarity(x: Tensor, window: int = 3, dilation: int = 2) -> Tensor:
     """Cosine similarity (N, window² - 1, H, W) of each pixel's feature vector with its
     ``window×window`` neighbours at ``dilation`` (centre left out; zero outside the map)."""
     n, c, h, w = x.shape
-    neighbours = F.unfold(x, window, padding=(window // 2) * dilation, dilation=dilation).view(n, c, window**2, h, w)
+    unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    neighbours = F.unfold(unit, window, padding=(window // 2) * dilation, dilation=dilation).view(n, c, window**2, h, w)
+    similarity = (neighbours * unit.unsqueeze(2)).sum(dim=1)
     centre = window**2 // 2
-    similarity = F.cosine_similarity(neighbours[:, :, centre : centre + 1], neighbours, dim=1)
     return torch.cat([similarity[:, :centre], similarity[:, centre + 1 :]], dim=1)
 
 
