@@ -100,7 +100,9 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                     "fpgm_self_training.yaml": "shifted_scenes.yaml",
                     **{f"{t}.yaml": "domain_digits_erm.yaml"
                        for t in ("coral", "irm", "vrex", "fish", "fishr", "hessian_alignment", "drm")},
-                    "t_jepa.yaml": "tabular_t_jepa.yaml"}
+                    "t_jepa.yaml": "tabular_t_jepa.yaml",
+                    # a segmentation model file overrides its segmentation experiment (the module claims' baselines)
+                    "unet_fusion_add.yaml": "scenes_freqfusion.yaml", "unet_dilated.yaml": "scenes_fadc.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:
@@ -108,7 +110,7 @@ def _smoke_sets() -> list[list[Path]]:
     sets = [[path] for path in sorted((CONFIGS / "experiment").glob("*.yaml"))]
     for kind in ("data", "model", "technique", "trainer"):
         for path in sorted((CONFIGS / kind).glob("*.yaml")):
-            experiment = NEEDS_EXPERIMENT.get(path.name, "noisy_digits.yaml") if kind == "technique" else "noisy_digits.yaml"
+            experiment = NEEDS_EXPERIMENT.get(path.name, "noisy_digits.yaml") if kind in ("technique", "model") else "noisy_digits.yaml"
             sets.append([CONFIGS / "experiment" / experiment, path])
     return sets
 
