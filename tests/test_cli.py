@@ -94,13 +94,14 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
 #: technique configs that cannot run on the default experiment's CNN, or do nothing there, with the
 #: experiment they need (S²FT selects attention heads and FFN channels of Linear layers; the CNN has none
 #: outside its head; correlated feature masking trains a two-tower model's item tower; T-JEPA reads flat tabular
-#: features. FPGM's consistency reads unlabelled images, which only the shifted scenes have: it refuses others.
+#: features; the sparse retrieval techniques regularize a sparse retriever's passage vectors. FPGM's consistency reads unlabelled images, which only the shifted scenes have: it refuses others.
 #: domain-generalization techniques need batches that carry `domain`)
 NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml", "fpgm.yaml": "shifted_scenes.yaml",
                     "fpgm_self_training.yaml": "shifted_scenes.yaml",
                     **{f"{t}.yaml": "domain_digits_erm.yaml"
                        for t in ("coral", "irm", "vrex", "fish", "fishr", "hessian_alignment", "drm")},
-                    "t_jepa.yaml": "tabular_t_jepa.yaml"}
+                    "t_jepa.yaml": "tabular_t_jepa.yaml",
+                    **{f"{t}.yaml": "text_sparse_retrieval.yaml" for t in ("flops_regularizer", "inference_free_sparse_retrieval")}}
 
 
 def _smoke_sets() -> list[list[Path]]:
