@@ -93,14 +93,19 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
 
 #: technique configs that cannot run on the default experiment's CNN, or do nothing there, with the
 #: experiment they need (S²FT selects attention heads and FFN channels of Linear layers; the CNN has none
-#: outside its head; correlated feature masking trains a two-tower model's item tower; T-JEPA reads flat tabular
-#: features; the sparse retrieval techniques regularize a sparse retriever's passage vectors. FPGM's consistency reads unlabelled images, which only the shifted scenes have: it refuses others.
+#: outside its head; correlated feature masking trains a two-tower model's item tower; TCM regularizes a metric
+#: learning embedding (on the classifier it would run on penultimate features); ECAML confuses an embedding
+#: model's embedding layer; T-JEPA reads flat tabular features; text dropout drops the text of a multi-input
+#: retrieval model's queries; the sparse retrieval techniques regularize a sparse retriever's passage
+#: vectors. FPGM's consistency reads unlabelled images, which only the shifted scenes have:
+#: it refuses others.
 #: domain-generalization techniques need batches that carry `domain`)
-NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml", "fpgm.yaml": "shifted_scenes.yaml",
+NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml", "tcm.yaml": "digits_retrieval.yaml", "fpgm.yaml": "shifted_scenes.yaml",
                     "fpgm_self_training.yaml": "shifted_scenes.yaml",
                     **{f"{t}.yaml": "domain_digits_erm.yaml"
                        for t in ("coral", "irm", "vrex", "fish", "fishr", "hessian_alignment", "drm")},
-                    "t_jepa.yaml": "tabular_t_jepa.yaml",
+                    "t_jepa.yaml": "tabular_t_jepa.yaml", "text_dropout.yaml": "hinted_digits_retrieval.yaml",
+                    "ecaml.yaml": "digits_retrieval.yaml",
                     **{f"{t}.yaml": "text_sparse_retrieval.yaml" for t in ("flops_regularizer", "inference_free_sparse_retrieval")}}
 
 
@@ -115,7 +120,9 @@ def _smoke_sets() -> list[list[Path]]:
 
 
 @pytest.mark.parametrize("paths", _smoke_sets(), ids=lambda ps: str(ps[-1].relative_to(CONFIGS)))
-def test_every_config_runs(paths, tmp_path):
+def test_every_config_runs(paths, tmp_path, monkeypatch):
+    # paths a config leaves relative (a ModelCheckpoint's dirpath) land in the test's folder, not the checkout
+    monkeypatch.chdir(tmp_path)
     args = ["fit"]
     for path in paths:
         args += ["--config", str(path)]
