@@ -95,7 +95,8 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
 #: need: S²FT selects attention heads and FFN channels of Linear layers (the CNN has none outside its head);
 #: correlated feature masking trains a two-tower model's item tower; TCM regularizes, and ECAML confuses, a
 #: metric-learning embedding; T-JEPA reads flat tabular features; text dropout drops the text of a multi-input
-#: retrieval model's queries; FPGM's consistency reads unlabelled images, which only the shifted scenes have;
+#: retrieval model's queries; the sparse-retrieval techniques regularize a sparse retriever's passage vectors;
+#: FPGM's consistency reads unlabelled images, which only the shifted scenes have;
 #: the domain-generalization techniques need batches that carry `domain`; a segmentation model file overrides
 #: its segmentation experiment (the dense-module claims' baselines).
 NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml",
@@ -104,6 +105,7 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                     "fpgm.yaml": "shifted_scenes.yaml", "fpgm_self_training.yaml": "shifted_scenes.yaml",
                     **{f"{t}.yaml": "domain_digits_erm.yaml"
                        for t in ("coral", "irm", "vrex", "fish", "fishr", "hessian_alignment", "drm")},
+                    **{f"{t}.yaml": "text_sparse_retrieval.yaml" for t in ("flops_regularizer", "inference_free_sparse_retrieval")},
                     "unet_fusion_add.yaml": "scenes_freqfusion.yaml", "unet_dilated.yaml": "scenes_fadc.yaml"}
 
 
