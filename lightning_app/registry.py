@@ -47,7 +47,9 @@ HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "e
 EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
 #: the harness's generated query–passage corpus (40 training queries: ~5 steps per epoch at a 32nd of the
 #: harness batch size, since a step encodes every query's passages with a transformer)
-EXAMPLE_TEXT_RETRIEVAL = {"num_entities": 12, "paired_attributes": 3, "num_hard_negatives": 2}
+#: 6 people, one hard negative, passages of at most 24 pieces: ~5 steps per epoch at a 64th of the batch size
+EXAMPLE_TEXT_RETRIEVAL = {"num_entities": 6, "paired_attributes": 3, "num_hard_negatives": 1, "max_query_length": 10,
+                          "max_passage_length": 24}
 METHOD_CARD_KEYS = ("what", "helps_when", "costs")
 SUFFIX = ".card.yaml"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -245,7 +247,7 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     ``harness.data``) the model is a ``TwoTowerModule`` (lr 1e-2) for :func:`example_data`'s items; for
     ``data="hinted_digits"`` a ``MultiInputRetrievalModule`` over the MLP (lr 1e-2); for ``data="embedding"``
     an ``EmbeddingModule`` on the same MLP (16-d embedding, lr 1e-2); for ``data="text_retrieval"`` a one-layer
-    ``SparseRetrievalModule`` (lr 1e-4)."""
+    ``SparseRetrievalModule`` with frozen word embeddings (lr 1e-4)."""
     import lightning as L
 
     from reglab.tasks import ClassificationModule, EmbeddingModule, TwoTowerModule
@@ -254,7 +256,7 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     if data == "text_retrieval":
         from reglab.tasks import SparseRetrievalModule
 
-        return SparseRetrievalModule(num_layers=1, lr=1e-4)
+        return SparseRetrievalModule(num_layers=1, train_word_embeddings=False, lr=1e-4)
     if data == "recommendation":
         from reglab.datamodules import RecommendationDataModule
 
@@ -280,7 +282,7 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     is a small generated recommendation set (for two-tower techniques); ``data="hinted_digits"`` the
     digits with text hints (for multi-input retrieval techniques); ``data="embedding"`` the flat digits
     without noise (for metric-learning techniques); ``data="text_retrieval"``
-    a small generated query–passage corpus in batches of ``batch_size // 32`` queries (for sparse retrieval techniques)."""
+    a tiny generated query–passage corpus in batches of ``batch_size // 64`` queries (for sparse retrieval techniques)."""
     from reglab.datamodules import (DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule,
                                     TextRetrievalDataModule)
 
@@ -298,7 +300,7 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     if data == "embedding":
         return DigitsDataModule(flatten=True, batch_size=batch_size)
     if data == "text_retrieval":
-        return TextRetrievalDataModule(batch_size=max(1, batch_size // 32), **EXAMPLE_TEXT_RETRIEVAL)
+        return TextRetrievalDataModule(batch_size=max(1, batch_size // 64), **EXAMPLE_TEXT_RETRIEVAL)
     return DigitsDataModule(flatten=True, batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
 
 

