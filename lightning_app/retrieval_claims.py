@@ -43,11 +43,13 @@ Settings: ``seen_classes``, ``backbone`` and ``backbone_kwargs``, ``embedding_di
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
+from reglab.bench.fit import FitProtocol
 from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
                                      register_protocol)
 from reglab.datamodules import OpenWorldDigitsDataModule
@@ -120,3 +122,88 @@ class RetrievalProtocol(Protocol):
                 "same-class neighbour; `opis` the variance across the unseen classes of the F1 of TPR and TNR at "
                 "one cosine threshold, averaged over the thresholds where the overall false accept rate is 1e-3 to "
                 "1e-1 (lower: one threshold serves every class alike).", ""]
+
+
+
+@register_protocol("matched_fit")
+class MatchedFitProtocol(FitProtocol):
+    """The ``fit`` protocol with one knob of an arm chosen per seed on validation, to match another arm.
+
+    An arm with ``select: {key, values, metric, at_most}`` is fitted with ``--<key>=<value>`` for each of
+    ``values`` in turn (ascending: a knob that lowers ``metric``) until a fit's last validation ``metric``
+    is at most the ``at_most`` arm's (same seed); that fit is tested and later values are not tried. If
+    none gets there, the last value's fit is tested (and the claim's check on the metric shows it). The
+    test split plays no part in the choice. The arm reports, besides what ``trainer.test`` logs, its
+    validation ``metric``, ``selected`` (the value) and ``tried`` (how many fits it took); the ``at_most``
+    arm runs as in ``fit`` and reports its validation ``metric`` too.
+
+    Written for "ranking metric at equal sparsity" (paper 63): a passage's non-zero weights do not depend
+    on the queries, so ``val/doc_nonzeros`` is the sparsity the test sees, measured without the test queries::
+
+        protocol: matched_fit
+        module: reglab.retrieval_claims
+        settings: {configs: [configs/experiment/text_sparse_retrieval.yaml]}
+        arms:
+          flops_regularizer: {configs: [configs/technique/flops_regularizer.yaml]}
+          inference_free_sparse_retrieval:
+            configs: [configs/technique/inference_free_sparse_retrieval.yaml]
+            select: {key: techniques.inference_free_sparse_retrieval.init_args.weight, values: [0.1, 0.2, 0.4],
+                     metric: val/doc_nonzeros, at_most: flops_regularizer}
+    """
+
+    SELECT_FIELDS = ("key", "values", "metric", "at_most")
+
+    def __init__(self, claim_name: str, settings: dict[str, Any]) -> None:
+        super().__init__(claim_name, settings)
+        self.arm_specs: dict[str, dict[str, Any]] = {}
+        self.fits: dict[str, tuple[dict[str, Any], dict[str, float]]] = {}
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        select = spec.get("select")
+        if select is not None:
+            where = f"claim {self.claim_name}, arm {arm}: `select`"
+            if not isinstance(select, dict) or sorted(select) != sorted(self.SELECT_FIELDS):
+                raise ClaimError(f"{where} takes exactly {list(self.SELECT_FIELDS)}, got {select!r}. Fix: e.g. "
+                                 "`select: {key: techniques.<id>.init_args.weight, values: [0.1, 0.2], metric: "
+                                 "val/doc_nonzeros, at_most: <baseline arm>}`.")
+            values = select["values"]
+            if not isinstance(values, list) or not values or sorted(values) != values:
+                raise ClaimError(f"{where}: values must be a non-empty ascending list, got {values!r}. Fix: sort them.")
+            reference = self.arm_specs.get(select["at_most"])
+            if reference is None or "select" in reference:
+                raise ClaimError(f"{where}: at_most must name an arm listed before this one, without `select`, got "
+                                 f"{select['at_most']!r}. Fix: list the baseline arm first and name it.")
+        super().check_arm(arm, {key: value for key, value in spec.items() if key != "select"})
+        self.arm_specs[arm] = spec
+
+    def fitted(self, spec: dict[str, Any], seed: int, workdir: Path,
+               overrides: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, float]]:
+        """One fit's test metrics and last validation metrics, run once per (configs, seed, overrides): the
+        ``at_most`` arm's fit serves its own row and the cap of the arms matched to it."""
+        key = json.dumps([spec.get("configs", []), seed, overrides])
+        if key not in self.fits:
+            cli, history = self.fit(spec, seed, workdir, overrides)
+            validated = {name: float(value) for name, value in cli.trainer.callback_metrics.items()
+                         if name.startswith("val/")}
+            self.fits[key] = (self.measure(cli, history), validated)
+        return self.fits[key]
+
+    def validated(self, validation: dict[str, float], metric: str) -> float:
+        if metric not in validation:
+            raise ClaimError(f"claim {self.claim_name}: the last validation logged no {metric!r} (logged: "
+                             f"{sorted(validation)}). Fix: name a logged val/ metric and keep validation on.")
+        return validation[metric]
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        select = spec.get("select")
+        if select is None:
+            tested, validation = self.fitted(spec, seed, workdir)
+            matched = {s["select"]["metric"] for s in self.arm_specs.values() if (s.get("select") or {}).get("at_most") == arm}
+            return {**tested, **{metric: self.validated(validation, metric) for metric in sorted(matched)}}
+        metric = select["metric"]
+        cap = self.validated(self.fitted(self.arm_specs[select["at_most"]], seed, workdir)[1], metric)
+        for tried, value in enumerate(select["values"], 1):
+            tested, validation = self.fitted(spec, seed, workdir, (f"--{select['key']}={value}",))
+            if self.validated(validation, metric) <= cap:
+                break
+        return {**tested, metric: validation[metric], "selected": float(value), "tried": float(tried)}

@@ -74,6 +74,11 @@ class FitProtocol(Protocol):
                                  "repository root or correct the path.")
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        return self.measure(*self.fit(spec, seed, workdir))
+
+    def fit(self, spec: dict[str, Any], seed: int, workdir: Path, overrides: tuple[str, ...] = ()) -> tuple[Any, EpochHistory]:
+        """Fit the arm ``spec`` with ``seed`` (``overrides``: further CLI arguments, after the settings'); the
+        CLI (its trainer's ``callback_metrics`` hold the last validation) and the per-epoch history."""
         from reglab.cli import ReglabCLI, merge_technique_configs
 
         args: list[str] = []
@@ -89,11 +94,16 @@ class FitProtocol(Protocol):
             "--trainer.enable_checkpointing=false",
             f"--runs_dir={workdir}",
             *self.settings["overrides"],
+            *overrides,
         ]
         cli = ReglabCLI(args=merge_technique_configs(args), run=False)
         history = EpochHistory(self.settings["curves"])
         cli.trainer.callbacks.append(history)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return cli, history
+
+    def measure(self, cli: Any, history: EpochHistory) -> dict[str, Any]:
+        """What ``trainer.test`` logs for the fitted ``cli`` (with the ``means`` and the last epoch's curve values)."""
         tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         logged = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
         # per-class values are logged for inspection, not judged; `means` makes group metrics of them
