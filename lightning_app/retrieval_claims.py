@@ -1,4 +1,6 @@
-"""The ``retrieval`` claim protocol: metric learning's open-world split, registered with ``reglab bench effects``.
+"""The ``retrieval`` claim protocol: metric learning's open-world split, registered with ``reglab bench effects``;
+and ``matched_fit`` (:class:`MatchedFitProtocol`): the ``fit`` protocol with one knob of an arm chosen per seed
+on validation, to match another arm (sparse retrieval at equal sparsity).
 
 The scenario is :class:`~reglab.datamodules.OpenWorldDigitsDataModule`: per arm and seed an
 :class:`~reglab.tasks.EmbeddingModule` with the arm's metric loss (and miner) is fitted on the
