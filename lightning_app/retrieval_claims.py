@@ -206,6 +206,9 @@ class MatchedFitProtocol(FitProtocol):
         cap = self.validated(self.fitted(self.arm_specs[select["at_most"]], seed, workdir)[1], metric)
         for tried, value in enumerate(select["values"], 1):
             tested, validation = self.fitted(spec, seed, workdir, (f"--{select['key']}={value}",))
-            if self.validated(validation, metric) <= cap:
+            measured = self.validated(validation, metric)
+            print(f"[{self.claim_name}] seed {seed} {arm}: {select['key']}={value}: {metric} {measured:.4g} "
+                  f"(at most {cap:.4g} wanted)", flush=True)
+            if measured <= cap:
                 break
         return {**tested, metric: validation[metric], "selected": float(value), "tried": float(tried)}
