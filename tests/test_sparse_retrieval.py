@@ -49,16 +49,28 @@ def test_bm25_and_the_normalized_ensemble_by_hand():
 
 @pytest.fixture(scope="module")
 def fitted():
-    """A one-layer sparse retriever fitted for 3 steps with IDF-aware FLOPS and BM25 distillation."""
+    """A one-layer sparse retriever (frozen word embeddings, the harness's) fitted for 3 steps with IDF-aware
+    FLOPS and BM25 distillation; and its weights before the fit."""
     module, data = example_module(data="text_retrieval"), example_data(256, "text_retrieval")
+    before = {key: value.clone() for key, value in module.state_dict().items()}
     technique = InferenceFreeSparseRetrieval(weight=0.05, warmup_steps=2, teachers=["bm25"])
     trainer = example_trainer(max_steps=3, limit_val_batches=0, callbacks=[technique])
     trainer.fit(module, datamodule=data)
-    return module, data, technique, trainer
+    return module, data, technique, trainer, before
+
+
+def test_frozen_word_embeddings_stay_and_the_rest_trains(fitted):
+    module, *_, before = fitted
+    after = module.state_dict()
+    embeddings = "encoder.embeddings.word_embeddings.weight"
+    assert torch.equal(after[embeddings], before[embeddings])
+    assert not torch.equal(after["head_bias"], before["head_bias"])
+    assert not torch.equal(after["encoder.encoder.layer.0.output.dense.weight"],
+                           before["encoder.encoder.layer.0.output.dense.weight"])
 
 
 def test_query_and_passage_vectors(fitted):
-    module, data, technique, _ = fitted
+    module, data, technique, *_ = fitted
     ids = data.passages.encoded["input_ids"]
     # the IDF-aware loss's query weights are the passages' IDF; a query piece counts once, special tokens not
     idf = inverse_document_frequency(ids, module.vocab_size, module.special_ids.tolist())
@@ -83,7 +95,7 @@ def test_query_and_passage_vectors(fitted):
 
 
 def test_a_short_fit_logs_ranking_and_sparsity_metrics(fitted):
-    module, data, _, trainer = fitted
+    module, data, _, trainer, _ = fitted
     assert {"train/inference_free_sparse_retrieval/flops", "train/inference_free_sparse_retrieval/distillation"} \
         <= set(trainer.callback_metrics)
     (logged,) = example_trainer(limit_test_batches=1).test(module, datamodule=data, verbose=False)
