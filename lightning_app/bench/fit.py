@@ -74,8 +74,10 @@ class FitProtocol(Protocol):
                                  "repository root or correct the path.")
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        from reglab.cli import ReglabCLI, merge_technique_configs
+        return self.fit_and_test(self.arguments(spec, seed, workdir))[1]
 
+    def arguments(self, spec: dict[str, Any], seed: int, workdir: Path) -> list[str]:
+        """The ``reglab fit`` arguments of an arm's run at ``seed`` (a protocol built on this one adds to them)."""
         args: list[str] = []
         for path in self.settings["configs"] + spec.get("configs", []):
             args += ["--config", path]
@@ -90,6 +92,12 @@ class FitProtocol(Protocol):
             f"--runs_dir={workdir}",
             *self.settings["overrides"],
         ]
+        return args
+
+    def fit_and_test(self, args: list[str]) -> tuple[Any, dict[str, Any]]:
+        """Fit and test one run of ``reglab fit`` arguments: its CLI (model, trainer) and what it measured."""
+        from reglab.cli import ReglabCLI, merge_technique_configs
+
         cli = ReglabCLI(args=merge_technique_configs(args), run=False)
         history = EpochHistory(self.settings["curves"])
         cli.trainer.callbacks.append(history)
@@ -105,7 +113,7 @@ class FitProtocol(Protocol):
                                  f" (logged: {sorted(logged)}). Fix: name logged test metrics.")
             metrics[name] = sum(logged[key] for key in keys) / len(keys)
         last = {f"{key} (last epoch)": series[-1] for key, series in history.values.items() if series}
-        return {**metrics, **last, **{f"curve:{key}": series for key, series in history.values.items()}}
+        return cli, {**metrics, **last, **{f"curve:{key}": series for key, series in history.values.items()}}
 
     def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
         if not self.settings["curves"]:
