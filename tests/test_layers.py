@@ -27,6 +27,7 @@ FAMILY_APP_MODULES = {
     "reglab.analysis": "reglab.callbacks.analysis",
     "reglab.condensation": "reglab.callbacks.condensation",
     "reglab.continual": "reglab.callbacks.continual",
+    "reglab.dense_retrieval_claims": "reglab.callbacks.fine_tuning",
     "reglab.domain_claims": "reglab.callbacks.domain_generalization",
     "reglab.peft_claims": "reglab.callbacks.peft",
     "reglab.peft_surgery": "reglab.callbacks.peft",

@@ -20,8 +20,8 @@ adds two things, both here:
   follows; as in MoCHi the synthetic points carry no gradient (only the query is moved by them).
 
 The third part of the paper's recipe, a model soup of fine-tuned checkpoints, is
-``reglab soup`` (:mod:`reglab.soups`) over runs with this technique; the ``kalm_soup`` claims
-protocol (:mod:`reglab.retrieval_claims`) makes and tests one.
+``reglab soup`` (:mod:`reglab.soups`) over runs with this technique; the ``dense_soup`` claims
+protocol (:mod:`reglab.dense_retrieval_claims`) makes and tests one.
 
 Source: the paper's method text. Its official repository (HITsz-TMG/KaLM-Embedding) holds the
 V1 training code (InfoNCE with in-batch and hard negatives, ``train/losses.py``), with neither
