@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reglab.step import StepOutput
+from reglab.tasks import DenseRetrievalModule
 from reglab.technique import Technique
 
 
@@ -122,8 +123,6 @@ class KaLMEmbeddingV2(Technique):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        from reglab.tasks import DenseRetrievalModule
-
         if stage != "fit":
             return
         if not isinstance(pl_module, DenseRetrievalModule):

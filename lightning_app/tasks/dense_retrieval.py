@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reglab.mixins import RegularizedMixin, StepOutput
-from reglab.tasks.passage_ranking import CorpusRanking, load_encoder, mean_pool
+from reglab.tasks.passage_ranking import CorpusRanking, check_cutoffs, load_encoder, mean_pool
 
 
 class DenseRetrievalModule(CorpusRanking, RegularizedMixin, L.LightningModule):
@@ -74,8 +74,7 @@ class DenseRetrievalModule(CorpusRanking, RegularizedMixin, L.LightningModule):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"DenseRetrievalModule: temperature must be positive, got {temperature}. Fix: use e.g. 0.05.")
-        if ndcg_k < 1 or not recall_ks or min(recall_ks) < 1:
-            raise ValueError(f"DenseRetrievalModule: ndcg_k and recall_ks must be positive, got {ndcg_k}, {recall_ks}.")
+        check_cutoffs("DenseRetrievalModule", ndcg_k, recall_ks)
         self.save_hyperparameters()
         self.encoder = load_encoder(encoder, num_layers, "DenseRetrievalModule")
         self.val_metrics = self.ranking_metrics("val/")

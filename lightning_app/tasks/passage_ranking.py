@@ -8,7 +8,9 @@ the dense :class:`~reglab.tasks.DenseRetrievalModule`) that implements ``passage
 ``features``; a score is their dot product. Per query, torchmetrics' functional retrieval metrics
 give ``<split>/ndcg@<k>`` (graded relevance), ``<split>/mrr`` and ``<split>/recall@<k>`` (the
 passages stating the fact), averaged by ``MeanMetric``; a retriever adds its own per-corpus
-metrics through ``corpus_metric_names`` and :meth:`CorpusRanking.update_corpus_metrics`.
+metrics through ``corpus_metric_names`` and :meth:`CorpusRanking.update_corpus_metrics`. Its
+epoch bookkeeping (:class:`CorpusEvaluation`: drop the cached corpus vectors, log and reset the
+metrics) is also :class:`~reglab.tasks.TwoTowerModule`'s, whose corpus is an item table.
 
 Example:
     >>> mean_pool(torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]]), torch.tensor([[1, 1, 0]]))
@@ -17,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -46,6 +49,13 @@ def load_encoder(encoder: str, num_layers: Optional[int], owner: str) -> nn.Modu
     return model
 
 
+def check_cutoffs(owner: str, ndcg_k: int, recall_ks: Sequence[int]) -> None:
+    """Refuse cut-offs of the logged ``ndcg@k`` / ``recall@k`` that are not positive; ``owner`` names the module."""
+    if ndcg_k < 1 or not recall_ks or min(recall_ks) < 1:
+        raise ValueError(f"{owner}: ndcg_k and recall_ks must be positive, got {ndcg_k}, {recall_ks}. Fix: use e.g."
+                         " ndcg_k 10 and recall_ks [1, 10].")
+
+
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """``(N, D)`` mean of the ``(N, L, D)`` token states over the tokens the mask keeps
     (sentence-transformers' pooling of all-MiniLM-L6-v2)."""
@@ -53,7 +63,36 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-class CorpusRanking:
+class CorpusEvaluation:
+    """The evaluation-epoch bookkeeping of a retriever that scores queries against a whole corpus:
+    the corpus' vectors (``_corpus``, computed by the host on first use) are dropped at the start
+    and end of every evaluation epoch — the model trains on between them — and the host's
+    ``val_metrics`` / ``test_metrics`` are logged and reset at the end."""
+
+    _corpus: Optional[Tensor] = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._corpus = None
+
+    def on_test_epoch_start(self) -> None:
+        self._corpus = None
+
+    def on_predict_epoch_start(self) -> None:
+        self._corpus = None
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_corpus_metrics(self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_corpus_metrics(self.test_metrics)
+
+    def _log_corpus_metrics(self, metrics: MetricCollection) -> None:
+        self._corpus = None
+        self.log_dict(metrics.compute())
+        metrics.reset()
+
+
+class CorpusRanking(CorpusEvaluation):
     """Evaluation of a retriever against the whole corpus of its DataModule (module docstring).
 
     The host module has ``hparams.ndcg_k`` and ``hparams.recall_ks``, implements
@@ -64,7 +103,6 @@ class CorpusRanking:
 
     #: per-corpus metrics beyond the ranking ones, filled by :meth:`update_corpus_metrics`
     corpus_metric_names: tuple[str, ...] = ()
-    _corpus: Optional[Tensor] = None
 
     def ranking_metrics(self, prefix: str) -> MetricCollection:
         names = [f"ndcg@{self.hparams.ndcg_k}", "mrr", *(f"recall@{k}" for k in self.hparams.recall_ks),
@@ -102,26 +140,6 @@ class CorpusRanking:
             for k in self.hparams.recall_ks:
                 metrics[f"recall@{k}"].update(retrieval_recall(scores[row], answers[row], top_k=k))
         self.update_corpus_metrics(metrics, queries, corpus)
-
-    def on_validation_epoch_start(self) -> None:
-        self._corpus = None
-
-    def on_test_epoch_start(self) -> None:
-        self._corpus = None
-
-    def on_predict_epoch_start(self) -> None:
-        self._corpus = None
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_ranking(self.val_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_ranking(self.test_metrics)
-
-    def _log_ranking(self, metrics: MetricCollection) -> None:
-        self._corpus = None  # the encoder trains on; the next evaluation re-encodes the corpus
-        self.log_dict(metrics.compute())
-        metrics.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """The ids of the ``ndcg_k`` best-scoring passages per query, best first."""

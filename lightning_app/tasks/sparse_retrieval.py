@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from reglab.mixins import RegularizedMixin, StepOutput
-from reglab.tasks.passage_ranking import CorpusRanking, load_encoder
+from reglab.tasks.passage_ranking import CorpusRanking, check_cutoffs, load_encoder
 
 
 def flops_penalty(representations: Tensor) -> Tensor:
@@ -136,8 +136,7 @@ class SparseRetrievalModule(CorpusRanking, RegularizedMixin, L.LightningModule):
         if output_vocabulary not in ("corpus", "full"):
             raise ValueError(f"SparseRetrievalModule: output_vocabulary must be 'corpus' or 'full', got "
                              f"{output_vocabulary!r}. Fix: pick one of them.")
-        if ndcg_k < 1 or not recall_ks or min(recall_ks) < 1:
-            raise ValueError(f"SparseRetrievalModule: ndcg_k and recall_ks must be positive, got {ndcg_k}, {recall_ks}.")
+        check_cutoffs("SparseRetrievalModule", ndcg_k, recall_ks)
         self.save_hyperparameters()
         from transformers import AutoTokenizer
 
