@@ -134,3 +134,16 @@ def test_misuse_is_refused_at_setup(corpus):
             DenseRetrievalModule(num_layers=1), datamodule=corpus)
     with pytest.raises(ValueError, match="gamma must be >= 0"):
         KaLMEmbeddingV2(gamma=-1.0)
+
+
+def test_dense_soup_protocol_refuses_malformed_arms_and_ingredients():
+    from reglab.bench.protocols import ClaimError
+    from reglab.dense_retrieval_claims import DenseSoupProtocol
+
+    settings = {"configs": ["configs/experiment/text_dense_retrieval.yaml"]}
+    with pytest.raises(ClaimError, match="`ingredient_overrides` is a list of two or more lists"):
+        DenseSoupProtocol("c", {**settings, "ingredient_overrides": [["--model.init_args.lr=1e-4"], []]})
+    protocol = DenseSoupProtocol("c", settings)
+    with pytest.raises(ClaimError, match="`soup` is one of"):
+        protocol.check_arm("a", {"soup": "average"})
+    protocol.check_arm("a", {"soup": "greedy", "configs": ["configs/technique/kalm_embedding_v2.yaml"]})
