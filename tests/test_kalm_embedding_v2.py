@@ -4,6 +4,8 @@ fit, and misuse refused at setup."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import math
 
 import pytest
@@ -147,3 +149,8 @@ def test_dense_soup_protocol_refuses_malformed_arms_and_ingredients():
     with pytest.raises(ClaimError, match="`soup` is one of"):
         protocol.check_arm("a", {"soup": "average"})
     protocol.check_arm("a", {"soup": "greedy", "configs": ["configs/technique/kalm_embedding_v2.yaml"]})
+
+
+@pytest.mark.parametrize("name", ["reglab.callbacks.fine_tuning.kalm_embedding_v2", "reglab.tasks.passage_ranking"])
+def test_docstring_examples_run(name):
+    assert doctest.testmod(importlib.import_module(name), verbose=False).failed == 0
