@@ -16,7 +16,7 @@ from reglab.mixins import StepOutput
 from reglab.tasks import CLIPModule
 
 #: a small random text transformer of MiniLM's config (its tokenizer's vocabulary), so no weights load
-SMALL_TEXT = {"text_pretrained": False, "embed_dim": 16, "image_kwargs": {"channels": (8, 16)},
+SMALL_TEXT = {"text_pretrained": False, "freeze_token_embeddings": False, "embed_dim": 16, "image_kwargs": {"channels": (8, 16)},
               "text_config": {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_hidden_layers": 1}}
 #: a randomly initialised transformers CLIPModel over MiniLM's tokenizer ([SEP] = 102 ends a text)
 TINY_HF_CLIP = {"config": {
@@ -118,6 +118,22 @@ def test_pretraining_aligns_images_with_their_class_prompts(tmp_path):
     probabilities = torch.cat(trainer.predict(module, datamodule=data))
     torch.testing.assert_close(probabilities.sum(1), torch.ones(len(data.test_dataset)))
     assert (probabilities.argmax(1) == data.test_dataset.targets).float().mean() == pytest.approx(after["test/acc"])
+
+
+def test_frozen_token_embeddings_get_no_gradient_and_no_optimizer_slot(data):
+    module = CLIPModule("tiny", num_classes=10, input_shape=(3, 8, 8), text_lr=1e-4,
+                        model_kwargs={**SMALL_TEXT, "freeze_token_embeddings": True})
+    words = module.clip.text_encoder.get_input_embeddings().weight
+    batch = {"input": data.train_dataset.inputs[:8], "target": data.train_dataset.targets[:8],
+             "caption": _tokens(data, "train_dataset", slice(0, 8))}
+    module.task_loss(module.forward_step(batch)).mean().backward()
+    assert words.grad is None
+    layer = module.clip.text_encoder.encoder.layer[0].attention.self.query.weight
+    assert layer.grad is not None
+    groups = module.configure_optimizers().param_groups
+    assert not any(p is words for g in groups for p in g["params"])
+    assert [g["lr"] for g in groups if any(p is layer for p in g["params"])] == [1e-4]
+    assert [g["weight_decay"] for g in groups if any(p is module.clip.log_logit_scale for p in g["params"])] == [0.0]
 
 
 def test_the_transformers_clip_path_matches_clipmodel(data):

