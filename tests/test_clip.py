@@ -118,6 +118,13 @@ def test_pretraining_aligns_images_with_their_class_prompts(tmp_path):
     probabilities = torch.cat(trainer.predict(module, datamodule=data))
     torch.testing.assert_close(probabilities.sum(1), torch.ones(len(data.test_dataset)))
     assert (probabilities.argmax(1) == data.test_dataset.targets).float().mean() == pytest.approx(after["test/acc"])
+    # a checkpoint reloads into the same zero-shot classifier (the prompts come from the data, not the checkpoint)
+    trainer.save_checkpoint(tmp_path / "clip.ckpt")
+    loaded = CLIPModule.load_from_checkpoint(tmp_path / "clip.ckpt").eval()
+    loaded.set_class_prompts(data.class_prompts)
+    images = data.test_dataset.inputs[:16]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), module.eval()(images))
 
 
 def test_frozen_token_embeddings_get_no_gradient_and_no_optimizer_slot(data):
