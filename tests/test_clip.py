@@ -143,6 +143,20 @@ def test_frozen_token_embeddings_get_no_gradient_and_no_optimizer_slot(data):
     assert [g["weight_decay"] for g in groups if any(p is module.clip.log_logit_scale for p in g["params"])] == [0.0]
 
 
+def test_classification_objective_trains_on_the_class_prompts(data):
+    module = CLIPModule("tiny", num_classes=10, input_shape=(3, 8, 8), model_kwargs=SMALL_TEXT, objective="classification")
+    module.set_class_prompts(data.class_prompts)
+    batch = {"input": data.train_dataset.inputs[:6], "target": data.train_dataset.targets[:6]}
+    out = module.train().forward_step(batch)
+    assert out.logits.shape == (6, 10) and "text_features" not in out.extras
+    torch.testing.assert_close(module.task_loss(out), F.cross_entropy(out.logits, batch["target"], reduction="none"))
+    module.task_loss(out).mean().backward()
+    # the prompts are embedded with gradients while training, so the text tower learns from the labels
+    assert module.clip.text_projection.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="objective 'captions'"):
+        CLIPModule("tiny", num_classes=10, input_shape=(3, 8, 8), model_kwargs=SMALL_TEXT, objective="captions")
+
+
 def test_the_transformers_clip_path_matches_clipmodel(data):
     module = CLIPModule("hf", num_classes=10, input_shape=(3, 8, 8), model_kwargs=TINY_HF_CLIP).eval()
     prompts = {key: value[:, 0] for key, value in data.class_prompts.items()}   # one prompt per class
