@@ -115,6 +115,12 @@ def test_pretraining_aligns_images_with_their_class_prompts(tmp_path):
     # chance is 0.1 and the untrained model sits near it
     assert after["test/acc"] > max(0.4, before + 0.3), (before, after)
     assert after["test/acc_upright"] == after["test/acc"]
+    # a later test on other data takes that DataModule's prompts (here: the classes in reverse order)
+    reversed_data = CaptionedDigitsDataModule(domains=["upright"], prompt_templates=["a photo of the digit {word}"], seed=0)
+    reversed_data.setup("test")
+    reversed_data.class_prompts = type(reversed_data.class_prompts)({k: v.flip(0) for k, v in reversed_data.class_prompts.items()})
+    flipped = trainer.test(module, datamodule=reversed_data, verbose=False)[0]["test/acc"]
+    assert flipped < after["test/acc"] / 2, (flipped, after)
     probabilities = torch.cat(trainer.predict(module, datamodule=data))
     torch.testing.assert_close(probabilities.sum(1), torch.ones(len(data.test_dataset)))
     assert (probabilities.argmax(1) == data.test_dataset.targets).float().mean() == pytest.approx(after["test/acc"])

@@ -47,9 +47,10 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
     DataModule names its ``domain_names``; ``predict`` returns class probabilities. ``features``
     are the normalised image embeddings.
 
-    The prompts are the DataModule's ``class_prompts`` (a :class:`~reglab.datamodules.text.Tokens`
-    of ``(C, T, L)`` tensors, :class:`~reglab.datamodules.CaptionedDigitsDataModule` has them),
-    or those given to :meth:`set_class_prompts`.
+    The prompts are the ``class_prompts`` of the DataModule of each fit / test / predict (a
+    :class:`~reglab.datamodules.text.Tokens` of ``(C, T, L)`` tensors,
+    :class:`~reglab.datamodules.CaptionedDigitsDataModule` has them), unless
+    :meth:`set_class_prompts` gave others. They are data, not weights: checkpoints do not hold them.
 
     Under DDP the contrastive loss contrasts each rank's own batch (open_clip's ``local_loss``
     without gathering features), so negatives per image are the per-rank batch size.
@@ -98,6 +99,7 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
         self.clip = create_clip(model, input_shape, **(model_kwargs or {}))
         self.num_classes = num_classes
         self.class_prompts: dict[str, Tensor] | None = None
+        self._prompts_given = False
         self._class_embeddings: Tensor | None = None
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -107,7 +109,11 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
     # -- prompts -------------------------------------------------------------------------------
     def set_class_prompts(self, prompts: dict[str, Tensor]) -> None:
         """Use ``prompts`` (``input_ids`` / ``attention_mask`` of shape ``(C, T, L)``, ``T`` prompts
-        per class, or ``(C, L)``) as the zero-shot classes."""
+        per class, or ``(C, L)``) as the zero-shot classes, instead of the DataModule's."""
+        self._use_class_prompts(prompts)
+        self._prompts_given = True
+
+    def _use_class_prompts(self, prompts: dict[str, Tensor]) -> None:
         ids = prompts["input_ids"]
         if ids.dim() == 2:
             prompts = {key: value.unsqueeze(1) for key, value in prompts.items()}
@@ -173,11 +179,11 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         check_module_fits_data(self, self.num_classes, self.hparams.input_shape)
         datamodule = self.trainer.datamodule
-        if self.class_prompts is None:
-            prompts = getattr(datamodule, "class_prompts", None)
-            if prompts is None:
-                self.class_embeddings()  # raises, naming the fix
-            self.set_class_prompts(prompts)
+        prompts = getattr(datamodule, "class_prompts", None)
+        if prompts is not None and not self._prompts_given:
+            self._use_class_prompts(prompts)  # each fit / test takes its own DataModule's classes
+        elif self.class_prompts is None:
+            self.class_embeddings()  # raises, naming the fix
         keys = getattr(datamodule, "batch_keys", None)
         if stage == "fit" and self.hparams.objective == "contrastive" and keys is not None and "caption" not in keys:
             raise ValueError(f"CLIPModule: contrastive training needs a `caption` in every batch, and "
