@@ -115,8 +115,8 @@ class CaptionedDigitsDataModule(ClassificationDataModule):
         domains = tuple(domains)
         unknown = sorted(set(domains) - set(DOMAINS))
         if not domains or unknown or len(set(domains)) != len(domains):
-            raise ValueError(f"{name}: domains must name one or more of {list(DOMAINS)} once each, got {list(domains)}. "
-                             f"Fix: drop {unknown or 'the repeats'} (or name at least one domain).")
+            raise ValueError(f"{name}: domains must name one or more of {list(DOMAINS)} once each, got "
+                             f"{list(domains)}. Fix: drop {unknown or 'the repeats'} (or name at least one domain).")
         for arg, templates, fields in (("caption_templates", caption_templates, ("word", "numeral", "style")),
                                        ("prompt_templates", prompt_templates, ("word", "numeral"))):
             if not templates:
@@ -157,7 +157,8 @@ class CaptionedDigitsDataModule(ClassificationDataModule):
             drawn = [self._draw(domain, images[members], targets[members], generator) for domain in self.domain_names]
             texts = [text for *_, domain_texts in drawn for text in domain_texts]
             inputs, labels, domain = (torch.cat(parts) for parts in list(zip(*drawn))[:3])
-            splits[split] = (inputs, labels, {"domain": domain, "caption": self._tokenized(tokenizer, texts, "caption")})
+            captions = self._tokenized(tokenizer, texts, "caption")
+            splits[split] = (inputs, labels, {"domain": domain, "caption": captions})
         prompts = [template.format(word=word, numeral=label) for label, word in enumerate(CLASS_WORDS)
                    for template in self.prompt_templates]
         encoded = self._tokenized(tokenizer, prompts, "prompt").encoded
@@ -180,6 +181,7 @@ class CaptionedDigitsDataModule(ClassificationDataModule):
         lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
         longest = max(range(len(texts)), key=lengths.__getitem__)
         if lengths[longest] > self.max_length:
-            raise ValueError(f"{type(self).__name__}: the {kind} {texts[longest]!r} has {lengths[longest]} tokens, more "
-                             f"than max_length={self.max_length}. Fix: raise max_length or shorten the template.")
-        return TokenizedTexts(dict(tokenizer(texts, padding="max_length", max_length=self.max_length, return_tensors="pt")))
+            raise ValueError(f"{type(self).__name__}: the {kind} {texts[longest]!r} has {lengths[longest]} tokens, "
+                             f"more than max_length={self.max_length}. Fix: raise max_length or shorten the template.")
+        encoded = tokenizer(texts, padding="max_length", max_length=self.max_length, return_tensors="pt")
+        return TokenizedTexts(dict(encoded))

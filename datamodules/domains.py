@@ -164,8 +164,9 @@ def label_colours(targets: Tensor, correlation: float, shift: int, generator: to
     return torch.where(keep, matched, other)
 
 
-def render_domain(domain: str, images: Tensor, targets: Tensor, generator: torch.Generator, *, rotation: float = 45.0,
-                  colour_correlation: float = 0.9, colour_shift: int = 0, noise_std: float = 0.3) -> tuple[Tensor, Tensor]:
+def render_domain(domain: str, images: Tensor, targets: Tensor, generator: torch.Generator, *,
+                  rotation: float = 45.0, colour_correlation: float = 0.9, colour_shift: int = 0,
+                  noise_std: float = 0.3) -> tuple[Tensor, Tensor]:
     """``(N, 1, H, W)`` digits in [0, 1] drawn as one of :data:`DOMAINS`: ``(N, 3, H, W)`` images and
     the :data:`PALETTE` index each image is painted in (``-1`` for the grey domains).
 

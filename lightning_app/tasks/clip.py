@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from reglab.checkpoints import pretrained_checkpoint_for
+from reglab.metrics import GroupAccuracy
 from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.models.clip import create_clip
 from reglab.step import cross_entropy_per_sample
@@ -104,7 +105,7 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.domain_names: tuple[str, ...] = ()
-        self.test_domain_acc = nn.ModuleList()
+        self.test_domain_acc = GroupAccuracy(0)
 
     # -- prompts -------------------------------------------------------------------------------
     def set_class_prompts(self, prompts: dict[str, Tensor]) -> None:
@@ -132,7 +133,8 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
             raise ValueError("CLIPModule: no class prompts for zero-shot classification. Fix: use a DataModule with "
                              "`class_prompts` (CaptionedDigitsDataModule) or call set_class_prompts(tokens).")
         classes, per_class, length = self.class_prompts["input_ids"].shape
-        flat = {key: value.reshape(classes * per_class, length).to(self.device) for key, value in self.class_prompts.items()}
+        flat = {key: value.reshape(classes * per_class, length).to(self.device)
+                for key, value in self.class_prompts.items()}
         text = self.text_features(flat).view(classes, per_class, -1)
         return F.normalize(text.mean(1), dim=-1)
 
@@ -163,8 +165,9 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
         if self.training and self.hparams.objective == "contrastive":
             text = self.text_features(batch["caption"])
             logits = self.clip.logit_scale() * image @ text.T
-            return StepOutput(logits=logits, target=torch.arange(len(image), device=image.device), labels=batch["target"],
-                              features=image, index=batch.get("index"), batch=batch, extras={"text_features": text})
+            return StepOutput(logits=logits, target=torch.arange(len(image), device=image.device),
+                              labels=batch["target"], features=image, index=batch.get("index"), batch=batch,
+                              extras={"text_features": text})
         return StepOutput(logits=self.zero_shot_logits(image), target=batch["target"], features=image,
                           index=batch.get("index"), batch=batch)
 
@@ -173,7 +176,8 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
             return cross_entropy_per_sample(out.logits, out.target)
         # image i against all captions (row i), caption i against all images (column i)
         columns_target = out.target if out.target.dim() == 1 else out.target.T
-        return (cross_entropy_per_sample(out.logits, out.target) + cross_entropy_per_sample(out.logits.T, columns_target)) / 2
+        rows = cross_entropy_per_sample(out.logits, out.target)
+        return (rows + cross_entropy_per_sample(out.logits.T, columns_target)) / 2
 
     # -- set-up and metrics --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -188,12 +192,12 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
         if stage == "fit" and self.hparams.objective == "contrastive" and keys is not None and "caption" not in keys:
             raise ValueError(f"CLIPModule: contrastive training needs a `caption` in every batch, and "
                              f"{type(datamodule).__name__}'s batches have {sorted(keys)}. Fix: use "
-                             "CaptionedDigitsDataModule, or objective='classification' (trains against the class prompts).")
+                             "CaptionedDigitsDataModule, or objective='classification' (trains against the class "
+                             "prompts).")
         names = tuple(getattr(datamodule, "domain_names", ()) or ())
         if names != self.domain_names:
             self.domain_names = names
-            self.test_domain_acc = nn.ModuleList(MulticlassAccuracy(self.num_classes, average="micro") for _ in names)
-            self.test_domain_acc.to(self.device)
+            self.test_domain_acc = GroupAccuracy(len(names)).to(self.device)
 
     def _forget_class_embeddings(self) -> None:
         # the text tower moves while training: evaluation epochs embed the prompts afresh
@@ -207,10 +211,7 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
         predicted = out.logits.detach().argmax(1)
         (self.val_acc if stage == "val" else self.test_acc).update(predicted, out.labels)
         if stage == "test" and self.domain_names and "domain" in out.batch:
-            for d, metric in enumerate(self.test_domain_acc):
-                members = out.batch["domain"] == d
-                if members.any():
-                    metric.update(predicted[members], out.labels[members])
+            self.test_domain_acc.update(predicted, out.labels, out.batch["domain"])
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/acc", self.val_acc.compute())
@@ -219,10 +220,13 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log("test/acc", self.test_acc.compute())
         self.test_acc.reset()
-        for name, metric in zip(self.domain_names, self.test_domain_acc):
-            if metric.update_count:
-                self.log(f"test/acc_{name}", metric.compute())
-            metric.reset()
+        if self.domain_names:
+            # one synced compute on every rank; a domain the test split lacks (nan) is not logged
+            values = self.test_domain_acc.compute().reshape(-1)  # torchmetrics squeezes a single domain's
+            for name, value in zip(self.domain_names, values):
+                if not value.isnan():
+                    self.log(f"test/acc_{name}", value)
+            self.test_domain_acc.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         text = {id(p) for p in self.clip.text_encoder.parameters()}
