@@ -1,6 +1,6 @@
-"""Dataset condensation: the gradient distance, DC's and DCC's losses and the batch-norm freeze
-against hand-computed cases, the methods' outputs, the saved set and grid, the command and the
-protocol's set-up errors."""
+"""Dataset condensation: the gradient distance, DC's and DCC's losses, the batch-norm freeze and
+NRR-DD's parts (Grad-CAM, critical mask, BN matching, DBR term) against hand-computed cases; the
+methods' outputs, the saved set and grid, the command and the protocol's set-up errors."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ from reglab.bench.protocols import ClaimError
 from reglab.callbacks.baselines.dataset_condensation import DatasetCondensation
 from reglab.callbacks.baselines.random_subset import RandomSubset
 from reglab.callbacks.condensation.dcc import DCC, mean_gradients
+from reglab.callbacks.condensation.nrr_dd import NRRDD, batch_norm_matching, critical_mask, grad_cam
 from reglab.condensation import pipeline
+from reglab.condensation.distance_transfer import DistanceTransfer, label_distance
 from reglab.condensation.matching import freeze_batch_norm, layerwise_distance
 from reglab.condensation.pipeline import CondensationError, CondensationProtocol, CondensedSet
+from reglab.step import StepOutput
+from reglab.technique import TechniqueConfigError
 
 RANDOM = {"class_path": "reglab.callbacks.baselines.random_subset.RandomSubset"}
 
@@ -143,3 +147,57 @@ def test_protocol_refuses_arms_that_are_not_methods_and_filters_overrides():
     assert isinstance(protocol.method({"method": RANDOM}), RandomSubset)
     with pytest.raises(ClaimError, match="ipc"):
         CondensationProtocol("c", {"ipc": 0})
+
+
+def test_label_distance_and_the_dbr_term_by_hand():
+    probabilities = torch.tensor([[0.6, 0.4], [0.1, 0.9]])
+    distances = label_distance(probabilities, torch.tensor([0, 1]))
+    assert torch.allclose(distances, torch.tensor([math.sqrt(0.32), math.sqrt(0.02)]), atol=1e-6)
+    logits = torch.log(probabilities)  # softmax(log p) = p
+    batch = {"label_distance": torch.tensor([0.0, 0.0])}
+    out = StepOutput(logits=logits, target=torch.tensor([0, 1]), batch=batch)
+    term = DistanceTransfer(weight=2.0).loss_terms(out, None)["dbr"]
+    assert float(term) == pytest.approx(2.0 * (0.32 + 0.02) / 2, abs=1e-6)
+    with pytest.raises(TechniqueConfigError, match="label_distance"):
+        DistanceTransfer().loss_terms(StepOutput(logits=logits, target=torch.tensor([0, 1]), batch={}), None)
+
+
+def test_critical_mask_keeps_the_top_share_of_each_map():
+    cam = torch.tensor([[[[0.1, 0.9], [0.5, 0.3]]], [[[1.0, 0.0], [0.2, 0.4]]]])
+    assert critical_mask(cam, 0.5).flatten(1).tolist() == [[0, 1, 1, 0], [1, 0, 0, 1]]
+    assert critical_mask(cam, 0.0).sum() == 2  # at least one pixel per image
+
+
+def test_grad_cam_of_a_linear_map_is_the_relu_of_the_weighted_activation():
+    """One 1x1 conv channel, global average pool, linear head w: dlogit/dA = w / (H W) everywhere, so the
+    map is relu(w * A) scaled to a peak of 1."""
+    conv, relu = nn.Conv2d(1, 1, 1, bias=False), nn.ReLU()
+    nn.init.ones_(conv.weight)
+    head = nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2.0], [-1.0]]))
+    net = nn.Sequential(conv, relu, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    images = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
+    assert torch.allclose(grad_cam(net, relu, images, torch.tensor([0])), images / 4)
+    assert torch.equal(grad_cam(net, relu, images, torch.tensor([1])), torch.zeros_like(images))
+
+
+def test_batch_norm_matching_is_the_distance_to_the_running_statistics():
+    norm = nn.BatchNorm1d(2).eval()
+    norm.running_mean.copy_(torch.tensor([1.0, 0.0]))
+    x = torch.tensor([[0.0, 0.0], [2.0, 2.0]])  # mean (1, 1), biased var (1, 1); running var (1, 1)
+    _, loss = batch_norm_matching(norm, x)
+    assert float(loss) == pytest.approx(1.0)
+
+
+def test_nrr_dd_keeps_the_critical_pixels_of_selected_real_images_and_stores_distances():
+    images, labels = _toy_data()
+    method = NRRDD(teacher_epochs=1, refine_steps=3, refine_lr=0.5, critical_fraction=0.25, channels=(4,))
+    condensed = method.condense(images, labels, ipc=1, seed=0)
+    assert condensed.labels.tolist() == [0, 1, 2] and condensed.extras["label_distance"].shape == (3,)
+    for image, label in zip(condensed.images, condensed.labels):
+        same = [(image == real).float().mean() for real in images[labels == label]]
+        assert 0.25 <= max(same) < 1  # a quarter of one real image's pixels kept, the rest refined
+    assert isinstance(method.student_techniques(condensed)[0], DistanceTransfer)
+    with pytest.raises(CondensationError, match="critical_fraction"):
+        NRRDD(critical_fraction=1.5)
