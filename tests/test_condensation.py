@@ -201,3 +201,14 @@ def test_nrr_dd_keeps_the_critical_pixels_of_selected_real_images_and_stores_dis
     assert isinstance(method.student_techniques(condensed)[0], DistanceTransfer)
     with pytest.raises(CondensationError, match="critical_fraction"):
         NRRDD(critical_fraction=1.5)
+
+
+def test_protocol_runs_an_arm_and_draws_its_grid_without_overwriting(tmp_path):
+    protocol = CondensationProtocol("c", {"eval_models": 1, "eval_epochs": 1})
+    protocol.check_arm("random", {"method": RANDOM})
+    result = protocol.run_arm("random", {"method": RANDOM}, seed=0, workdir=tmp_path)
+    assert set(result) == {"test/acc"} and 0 <= result["test/acc"] <= 1
+    runs = {"random": [result]}
+    first, second = protocol.figures(runs, tmp_path, "c"), protocol.figures(runs, tmp_path, "c")
+    assert "![random](c_random_grid.png)" in first and "![random](c_random_grid_2.png)" in second
+    assert (tmp_path / "c_random_grid.png").is_file() and (tmp_path / "c_random_grid_2.png").is_file()

@@ -34,11 +34,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from reglab.condensation.distance_transfer import KEY, DistanceTransfer, label_distance
 from reglab.condensation.pipeline import (
@@ -47,7 +45,7 @@ from reglab.condensation.pipeline import (
     CondensationMethod,
     CondensedSet,
     class_labels,
-    network,
+    fit_classifier,
 )
 from reglab.datamodules.base import DictDataset
 from reglab.technique import Technique
@@ -122,12 +120,7 @@ class NRRDD(CondensationMethod):
         self.teacher_epochs, self.teacher_lr, self.channels = teacher_epochs, teacher_lr, tuple(channels)
 
     def teacher(self, images: Tensor, labels: Tensor, seed: int) -> nn.Module:
-        L.seed_everything(seed, verbose=False)
-        model = network(tuple(images.shape[1:]), int(labels.max()) + 1, self.channels)
-        model.hparams.lr = self.teacher_lr
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=self.teacher_epochs, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(model, train_dataloaders=DataLoader(DictDataset(images, labels), batch_size=256, shuffle=True))
+        model = fit_classifier(DictDataset(images, labels), seed, self.teacher_epochs, self.teacher_lr, self.channels)
         return model.eval().requires_grad_(False)
 
     def condense(self, images: Tensor, labels: Tensor, ipc: int, seed: int) -> CondensedSet:

@@ -174,18 +174,24 @@ def training_split(data: DigitsDataModule) -> tuple[Tensor, Tensor]:
     return data.train_dataset.inputs, data.train_dataset.targets
 
 
-def fit_student(condensed: CondensedSet, seed: int, epochs: int = 300, lr: float = 1e-3,
-                channels: tuple[int, ...] = CHANNELS, techniques: list[Technique] | None = None) -> ClassificationModule:
-    """A fresh CNN (initialised from ``seed``) trained ``epochs`` full-batch epochs on the set."""
+def fit_classifier(dataset: DictDataset, seed: int, epochs: int, lr: float, channels: tuple[int, ...] = CHANNELS,
+                   techniques: list[Technique] | None = None) -> ClassificationModule:
+    """A fresh CNN (initialised from ``seed``) trained ``epochs`` epochs (Adam at ``lr``, batches of
+    256) on ``dataset``, with ``techniques``."""
     L.seed_everything(seed, verbose=False)
-    model = network(tuple(condensed.images.shape[1:]), int(condensed.labels.max()) + 1, channels)
+    model = network(tuple(dataset.inputs.shape[1:]), int(dataset.targets.max()) + 1, channels)
     model.hparams.lr = lr
-    loader = DataLoader(condensed.dataset(), batch_size=256, shuffle=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=list(techniques or []))
-    trainer.fit(model, train_dataloaders=loader)
+    trainer.fit(model, train_dataloaders=DataLoader(dataset, batch_size=256, shuffle=True))
     return model
+
+
+def fit_student(condensed: CondensedSet, seed: int, epochs: int = 300, lr: float = 1e-3,
+                channels: tuple[int, ...] = CHANNELS, techniques: list[Technique] | None = None) -> ClassificationModule:
+    """A fresh CNN trained on the condensed set alone (full-batch epochs: a set has <= 256 images here)."""
+    return fit_classifier(condensed.dataset(), seed, epochs, lr, channels, techniques)
 
 
 def evaluate(condensed: CondensedSet, data: DigitsDataModule, seed: int, epochs: int = 300, lr: float = 1e-3,
@@ -226,6 +232,19 @@ def condense_and_evaluate(method: CondensationMethod, seed: int, ipc: int, eval_
     return condensed, accuracies
 
 
+#: each arm's condensed sets by seed, for the figures (the harness memoizes run_arm across claims)
+_SETS: dict[str, dict[int, CondensedSet]] = {}
+
+
+def fresh_path(path: Path) -> Path:
+    """``path``, or ``<stem>_2<suffix>``, ``_3``, ... if it exists: results folders are never overwritten."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}_{number}{path.suffix}")
+    return candidate
+
+
 @register_protocol("condensation")
 class CondensationProtocol(Protocol):
     """Arms are methods (``method: {class_path, init_args}``); per seed s the digits split of s is
@@ -239,6 +258,10 @@ class CondensationProtocol(Protocol):
         if not isinstance(self.settings["ipc"], int) or self.settings["ipc"] < 1:
             raise ClaimError(f"claim {self.claim_name}: ipc must be a positive integer, got {self.settings['ipc']!r}")
 
+    def __init__(self, claim_name: str, settings: dict[str, Any]) -> None:
+        super().__init__(claim_name, settings)
+        self.arm_methods: dict[str, str] = {}
+
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         if set(spec) - {"label", "method"} or "method" not in spec:
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: a condensation arm is `method: {{class_path: ..., "
@@ -247,6 +270,10 @@ class CondensationProtocol(Protocol):
             self.method(spec)
         except (CondensationError, ImportError, AttributeError, TypeError) as error:
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: {error}") from error
+        self.arm_methods[arm] = self.method_key(spec)
+
+    def method_key(self, spec: dict[str, Any]) -> str:
+        return json.dumps([spec["method"], self.settings], sort_keys=True, default=str)
 
     def method(self, spec: dict[str, Any]) -> CondensationMethod:
         """The arm's method; ``method_overrides`` (e.g. the smoke budget) update the init_args of every
@@ -259,9 +286,20 @@ class CondensationProtocol(Protocol):
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         s = self.settings
-        _, accuracies = condense_and_evaluate(self.method(spec), seed, s["ipc"], s["eval_models"], s["eval_epochs"],
-                                              s["eval_lr"])
+        condensed, accuracies = condense_and_evaluate(self.method(spec), seed, s["ipc"], s["eval_models"],
+                                                      s["eval_epochs"], s["eval_lr"])
+        _SETS.setdefault(self.method_key(spec), {})[seed] = condensed
         return {"test/acc": sum(accuracies) / len(accuracies)}
+
+    def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
+        """Each arm's condensed set of its first seed as an image grid (a new file, never overwritten)."""
+        lines = ["## Condensed sets (first seed)", ""]
+        for arm in runs:
+            sets = _SETS.get(self.arm_methods.get(arm, ""), {})
+            if sets:
+                path = sets[min(sets)].save_grid(fresh_path(out_dir / f"{claim_name}_{arm}_grid.png"))
+                lines.append(f"![{arm}]({path.name})")
+        return [*lines, ""] if len(lines) > 2 else []
 
     def describe(self) -> list[str]:
         s = self.settings
