@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from reglab.bench.protocols import ClaimError
-from reglab.callbacks.baselines.dataset_condensation import DatasetCondensation
-from reglab.callbacks.baselines.random_subset import RandomSubset
+from reglab.callbacks.condensation.dataset_condensation import DatasetCondensation
+from reglab.callbacks.condensation.random_subset import RandomSubset
 from reglab.callbacks.condensation.dcc import DCC, mean_gradients
 from reglab.callbacks.condensation.nrr_dd import NRRDD, batch_norm_matching, critical_mask, grad_cam
 from reglab.condensation import pipeline
@@ -23,7 +23,7 @@ from reglab.condensation.pipeline import CondensationError, CondensationProtocol
 from reglab.step import StepOutput
 from reglab.technique import TechniqueConfigError
 
-RANDOM = {"class_path": "reglab.callbacks.baselines.random_subset.RandomSubset"}
+RANDOM = {"class_path": "reglab.callbacks.condensation.random_subset.RandomSubset"}
 
 
 def _toy_data(n_per_class: int = 6, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +142,7 @@ def test_protocol_refuses_arms_that_are_not_methods_and_filters_overrides():
         protocol.check_arm("bad", {"method": {"class_path": "reglab.tasks.ClassificationModule"}})
     with pytest.raises(ClaimError, match="a condensation arm"):
         protocol.check_arm("bad", {"technique": RANDOM})
-    dc = protocol.method({"method": {"class_path": "reglab.callbacks.baselines.dataset_condensation.DatasetCondensation"}})
+    dc = protocol.method({"method": {"class_path": "reglab.callbacks.condensation.dataset_condensation.DatasetCondensation"}})
     assert dc.iterations == 1  # warmup_iterations is DCC's only: not passed to DC
     assert isinstance(protocol.method({"method": RANDOM}), RandomSubset)
     with pytest.raises(ClaimError, match="ipc"):

@@ -1,9 +1,8 @@
 """The dataset condensation pipeline: condense, train a fresh model on the synthetic set, test it.
 
 1. **condense**: a :class:`CondensationMethod` turns the real training set into ``ipc`` images per
-   class (a :class:`CondensedSet`); the methods live in ``reglab.callbacks.baselines``
-   (``random_subset``, ``dataset_condensation``) and ``reglab.callbacks.condensation`` (``dcc``,
-   ``nrr_dd``);
+   class (a :class:`CondensedSet`); the methods live in ``reglab.callbacks.condensation`` (the
+   baselines ``random_subset`` and ``dataset_condensation``, then ``dcc`` and ``nrr_dd``);
 2. **train**: a freshly initialised :class:`reglab.tasks.ClassificationModule` (the same small CNN
    the methods condense with, as the official DC code's evaluation ``-eval_mode S``) is fitted on
    the synthetic set alone with a Lightning ``Trainer``, plus any technique the method asks for
@@ -19,7 +18,7 @@ are here too.
 
 Example:
     >>> from reglab.condensation.pipeline import evaluate, real_data, training_split
-    >>> from reglab.callbacks.baselines.random_subset import RandomSubset
+    >>> from reglab.callbacks.condensation.random_subset import RandomSubset
     >>> data = real_data(seed=0)
     >>> images, labels = training_split(data)
     >>> condensed = RandomSubset().condense(images, labels, ipc=1, seed=0)
@@ -208,8 +207,7 @@ def method_class(class_path: str) -> type[CondensationMethod]:
     cls = getattr(importlib.import_module(module_name), attribute)
     if not (isinstance(cls, type) and issubclass(cls, CondensationMethod)):
         raise CondensationError(f"{class_path} is not a CondensationMethod. Fix: name a method of "
-                                "reglab.callbacks.condensation or reglab.callbacks.baselines (random_subset, "
-                                "dataset_condensation).")
+                                "reglab.callbacks.condensation (random_subset, dataset_condensation, dcc, nrr_dd).")
     return cls
 
 
