@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from reglab import cli
 from reglab.bench.protocols import ClaimError
 from reglab.callbacks.condensation.dataset_condensation import DatasetCondensation
 from reglab.callbacks.condensation.random_subset import RandomSubset
@@ -127,7 +128,8 @@ def test_condense_command_writes_the_set_grid_and_accuracy_into_a_new_folder(tmp
     config = tmp_path / "random.yaml"
     config.write_text(json.dumps({"method": RANDOM, "ipc": 1}))
     out = tmp_path / "out"
-    pipeline.main(["--config", str(config), "--out", str(out), "--eval_models", "1", "--eval_epochs", "2", "--seed", "1"])
+    cli.main(["condense", "--config", str(config), "--out", str(out), "--eval_models", "1", "--eval_epochs", "2",
+              "--seed", "1"])
     summary = json.loads((out / "random_subset_ipc1.json").read_text())
     assert len(summary["test/acc"]) == 1 and 0 <= summary["test/acc"][0] <= 1
     assert CondensedSet.load(out / "random_subset_ipc1.pt").images.shape == (10, 1, 8, 8)

@@ -91,7 +91,7 @@ class CondensedSet:
         return cls(state["images"], state["labels"], state["method"], state["ipc"], state.get("extras", {}))
 
     def save_grid(self, path: Path) -> Path:
-        """An image grid (one row per class, ``ipc`` columns) as a new PNG file."""
+        """An image grid (one column per class, ``ipc`` rows) as a new PNG file."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -102,15 +102,15 @@ class CondensedSet:
             raise CondensationError(f"{path} exists. Fix: choose a new --out folder or file name; figures are "
                                     "never overwritten.")
         classes = self.labels.unique().tolist()
-        fig, axes = plt.subplots(len(classes), self.ipc, figsize=(0.8 * self.ipc + 0.6, 0.8 * len(classes)),
+        fig, axes = plt.subplots(self.ipc, len(classes), figsize=(0.8 * len(classes), 0.8 * self.ipc + 0.5),
                                  squeeze=False)
-        for row, label in enumerate(classes):
-            for column, image in enumerate(self.images[self.labels == label][: self.ipc]):
+        for column, label in enumerate(classes):
+            for row, image in enumerate(self.images[self.labels == label][: self.ipc]):
                 ax = axes[row][column]
                 ax.imshow(image.detach().float().mean(0), cmap="gray")
                 ax.set_xticks([]), ax.set_yticks([])
-                if column == 0:
-                    ax.set_ylabel(str(label), rotation=0, labelpad=10)
+                if row == 0:
+                    ax.set_title(str(label), fontsize=8)
         fig.suptitle(f"{self.method}, {self.ipc} image(s) per class", fontsize=9)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100, bbox_inches="tight")
