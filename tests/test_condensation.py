@@ -4,6 +4,8 @@ methods' outputs, the saved set and grid, the command and the protocol's set-up 
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
 import math
 
@@ -214,3 +216,12 @@ def test_protocol_runs_an_arm_and_draws_its_grid_without_overwriting(tmp_path):
     first, second = protocol.figures(runs, tmp_path, "c"), protocol.figures(runs, tmp_path, "c")
     assert "![random](c_random_grid.png)" in first and "![random](c_random_grid_2.png)" in second
     assert (tmp_path / "c_random_grid.png").is_file() and (tmp_path / "c_random_grid_2.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["reglab.condensation.pipeline", "reglab.condensation.matching",
+                                  "reglab.condensation.distance_transfer", "reglab.callbacks.condensation.random_subset",
+                                  "reglab.callbacks.condensation.dataset_condensation",
+                                  "reglab.callbacks.condensation.dcc", "reglab.callbacks.condensation.nrr_dd"])
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    assert doctest.testmod(module, verbose=False).failed == 0
