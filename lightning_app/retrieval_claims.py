@@ -6,7 +6,8 @@ The scenario is :class:`~reglab.datamodules.OpenWorldDigitsDataModule`: per arm 
 m_per_class`` classes), with the arm's technique(s) attached, for ``epochs`` epochs; the last
 weights are measured with Lightning's ``trainer.test`` on every image of the unseen classes, each
 querying all the others (:class:`~reglab.metrics.RecallAtK`). Metrics: ``recall_at_<k>`` for each
-``k`` of ``recall_ks``, ``map_at_r`` and ``mrr``, all on the unseen classes.
+``k`` of ``recall_ks``, ``map_at_r``, ``mrr`` and ``opis`` (threshold inconsistency across the
+classes, :class:`~reglab.metrics.OPIS`), all on the unseen classes.
 
 Where the miniature departs from the benchmarks (Musgrave et al., "A Metric Learning Reality
 Check", ECCV 2020): no model selection (the benchmarks pick the best epoch on validation classes;
@@ -116,4 +117,6 @@ class RetrievalProtocol(Protocol):
                 "each querying all the others by cosine similarity: `recall_at_k` is the share of queries with a "
                 "same-class image among their k nearest, `map_at_r` the mean average precision over each query's "
                 "first R neighbours (R its class's other images), `mrr` the mean reciprocal rank of the first "
-                "same-class neighbour.", ""]
+                "same-class neighbour; `opis` the variance across the unseen classes of the F1 of TPR and TNR at "
+                "one cosine threshold, averaged over the thresholds where the overall false accept rate is 1e-3 to "
+                "1e-1 (lower: one threshold serves every class alike).", ""]

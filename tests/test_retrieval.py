@@ -18,7 +18,7 @@ from torchmetrics.retrieval import RetrievalHitRate
 from reglab.bench.protocols import ClaimError
 from reglab.callbacks.baselines import SAM
 from reglab.datamodules import DigitsDataModule, MPerClassSampler, OpenWorldDigitsDataModule
-from reglab.metrics import RecallAtK
+from reglab.metrics import OPIS, RecallAtK
 from reglab.retrieval_claims import RetrievalProtocol
 from reglab.step import StepOutput
 from reglab.tasks import EmbeddingModule
@@ -152,6 +152,9 @@ def test_fit_with_a_technique_then_test_logs_the_metric_of_the_predicted_embeddi
     direct.update(embeddings, data.test_dataset.targets, torch.arange(len(embeddings)))
     for name, value in direct.compute().items():
         assert logged[f"test/{name}"] == pytest.approx(value.item(), abs=1e-5)
+    opis = OPIS()
+    opis.update(embeddings, data.test_dataset.targets, torch.arange(len(embeddings)))
+    assert logged["test/opis"] == pytest.approx(opis.compute().item(), abs=1e-5)
 
 
 def test_retrieval_protocol_refuses_bad_settings_and_arms_at_load():

@@ -2,6 +2,7 @@
 
 from reglab.metrics.classification import classification_metrics, per_class_accuracy_dict
 from reglab.metrics.noisy_labels import NoisyLabelMemorization
+from reglab.metrics.opis import OPIS
 from reglab.metrics.retrieval import RecallAtK
 
-__all__ = ["NoisyLabelMemorization", "RecallAtK", "classification_metrics", "per_class_accuracy_dict"]
+__all__ = ["OPIS", "NoisyLabelMemorization", "RecallAtK", "classification_metrics", "per_class_accuracy_dict"]

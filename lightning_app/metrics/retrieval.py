@@ -32,13 +32,40 @@ from torchmetrics.utilities import dim_zero_cat
 QUERY_CHUNK = 1024
 
 
-class RecallAtK(Metric):
+class EmbeddingStore(Metric):
+    """A metric over every embedding of the split at once: ``update(embeddings, labels, index)``
+    stores the batch, :meth:`samples` hands ``compute`` each sample once.
+
+    Under DDP the states are gathered (``dist_reduce_fx="cat"``) and samples are de-duplicated by
+    ``index``: a distributed evaluation sampler pads the ranks with repeated samples, and a repeat
+    would be a perfect same-class neighbour of itself.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for state in ("embeddings", "labels", "index"):
+            self.add_state(state, default=[], dist_reduce_fx="cat")
+
+    def update(self, embeddings: Tensor, labels: Tensor, index: Tensor) -> None:
+        self.embeddings.append(embeddings.detach().float())
+        self.labels.append(labels.detach())
+        self.index.append(index.detach())
+
+    def samples(self) -> tuple[Tensor, Tensor]:
+        """The stored ``(embeddings, labels)``, each sample (by ``index``) once."""
+        embeddings, labels, index = (dim_zero_cat(state) for state in (self.embeddings, self.labels, self.index))
+        _, first = unique_first(index)
+        return embeddings[first], labels[first]
+
+
+class RecallAtK(EmbeddingStore):
     """Recall@k, MAP@R and MRR of cosine-similarity retrieval among the samples seen (module docstring).
 
     ``update(embeddings, labels, index)`` stores the batch; ``compute()`` ranks every sample
-    against all the others. Under DDP the states are gathered (``dist_reduce_fx="cat"``) and
-    samples are de-duplicated by ``index``: a distributed evaluation sampler pads the ranks with
-    repeated samples, and a repeat would be a perfect same-class neighbour of itself.
+    against all the others, each sample once under DDP (:class:`EmbeddingStore`).
 
     Args:
         ks: the cut-offs of ``recall_at_<k>``.
@@ -51,27 +78,16 @@ class RecallAtK(Metric):
         {'recall_at_1': 0.2, 'recall_at_2': 0.6, 'map_at_r': 0.2, 'mrr': 0.517}
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, ks: Sequence[int] = (1, 2, 4, 8), **kwargs) -> None:
         super().__init__(**kwargs)
         if not ks or any(int(k) < 1 for k in ks):
             raise ValueError(f"RecallAtK: ks must be positive cut-offs, got {list(ks)}. Fix: e.g. ks=[1, 2, 4, 8].")
         self.ks = sorted({int(k) for k in ks})
-        for state in ("embeddings", "labels", "index"):
-            self.add_state(state, default=[], dist_reduce_fx="cat")
-
-    def update(self, embeddings: Tensor, labels: Tensor, index: Tensor) -> None:
-        self.embeddings.append(embeddings.detach().float())
-        self.labels.append(labels.detach())
-        self.index.append(index.detach())
 
     def compute(self) -> dict[str, Tensor]:
-        embeddings, labels, index = (dim_zero_cat(state) for state in (self.embeddings, self.labels, self.index))
-        _, first = unique_first(index)
-        return retrieval_scores(embeddings[first], labels[first], self.ks)
+        return retrieval_scores(*self.samples(), self.ks)
 
 
 def unique_first(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from torch import Tensor, nn
 
-from reglab.metrics import RecallAtK
+from reglab.metrics import OPIS, RecallAtK
 from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.models import create_backbone
 
@@ -41,12 +41,15 @@ class EmbeddingModule(RegularizedMixin, L.LightningModule):
     contrastive, triplet, multi-similarity with a miner, InfoNCE — are configurations of this module
     and the family's techniques add to or replace it through the step contract.
 
-    The step output carries the embeddings in ``features`` and the class labels in ``target`` /
-    ``labels``; ``logits`` is the batch's ``(N, N)`` cosine-similarity matrix (each sample
+    The step output carries the embeddings in ``features``, the backbone's output (before the
+    projection) in ``extras["backbone_features"]`` and the class labels in ``target`` / ``labels``;
+    ``logits`` is the batch's ``(N, N)`` cosine-similarity matrix (each sample
     scored against every other). A pair or triplet loss has no per-sample value, so the per-sample
     task loss is the batch's loss in every row (its mean is the loss). Validation and test log
     ``{val,test}/recall_at_<k>``, ``map_at_r`` and ``mrr`` of every sample of the split
-    querying all the others (:class:`~reglab.metrics.RecallAtK`); ``predict`` returns embeddings.
+    querying all the others (:class:`~reglab.metrics.RecallAtK`), and ``{val,test}/opis``, how
+    unevenly one similarity threshold serves the split's classes (:class:`~reglab.metrics.OPIS`,
+    its default calibration range); ``predict`` returns embeddings.
 
     Args:
         backbone: a name for :func:`reglab.models.create_backbone` (``"cnn"``, ``"mlp"``, ``"timm:..."``).
@@ -110,14 +113,18 @@ class EmbeddingModule(RegularizedMixin, L.LightningModule):
         self.miner = None if miner is None else MINERS[miner](**(miner_kwargs or {}))
         self.val_metrics = RecallAtK(recall_ks)
         self.test_metrics = RecallAtK(recall_ks)
+        self.val_opis, self.test_opis = OPIS(), OPIS()
 
     def forward(self, x: Any) -> Tensor:
         return F.normalize(self.projection(self.backbone(x)), dim=-1)
 
     def forward_step(self, batch: dict[str, Any]) -> StepOutput:
-        embeddings = self(batch["input"])
+        # the backbone's output travels in extras: a technique on the projection alone (ECAML's
+        # energy confusion) reads it instead of running the backbone a second time
+        backbone_features = self.backbone(batch["input"])
+        embeddings = F.normalize(self.projection(backbone_features), dim=-1)
         return StepOutput(logits=embeddings @ embeddings.T, target=batch["target"], features=embeddings,
-                          index=batch.get("index"), batch=batch)
+                          index=batch.get("index"), batch=batch, extras={"backbone_features": backbone_features})
 
     def task_loss(self, out: StepOutput) -> Tensor:
         embeddings, labels = out.features.float(), out.labels
@@ -130,18 +137,21 @@ class EmbeddingModule(RegularizedMixin, L.LightningModule):
         if out.index is None:
             raise ValueError("EmbeddingModule: evaluation batches carry no `index`, which retrieval metrics need to "
                              "count each sample once under DDP. Fix: use a reglab DataModule (their batches have it).")
-        (self.val_metrics if stage == "val" else self.test_metrics).update(out.features, out.labels, out.index)
+        for metric in (self.val_metrics, self.val_opis) if stage == "val" else (self.test_metrics, self.test_opis):
+            metric.update(out.features, out.labels, out.index)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_retrieval(self.val_metrics, "val/")
+        self._log_retrieval(self.val_metrics, self.val_opis, "val/")
 
     def on_test_epoch_end(self) -> None:
-        self._log_retrieval(self.test_metrics, "test/")
+        self._log_retrieval(self.test_metrics, self.test_opis, "test/")
 
-    def _log_retrieval(self, metric: RecallAtK, prefix: str) -> None:
+    def _log_retrieval(self, metric: RecallAtK, opis: OPIS, prefix: str) -> None:
         if metric.update_count:
             self.log_dict({prefix + name: value for name, value in metric.compute().items()})
+            self.log(prefix + "opis", opis.compute())
         metric.reset()
+        opis.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.eval_forward(batch).features
