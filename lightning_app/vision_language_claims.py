@@ -26,7 +26,8 @@ from typing import Any
 
 import lightning as L
 
-from reglab.bench.protocols import ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate, register_protocol
+from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
+                                     register_protocol)
 from reglab.datamodules import ClassSplitDataModule, DigitsDataModule, OpenWorldDigitsDataModule
 from reglab.tasks import ClassificationModule
 from reglab.technique import dataset_features
@@ -88,6 +89,7 @@ class UnseenClassesProtocol(SharedModelProtocol):
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         module, data = self.model(seed), self.training_data(seed)
+
         def trainer() -> L.Trainer:
             return L.Trainer(**{**TRAINER, **self.settings["trainer"]},
                              callbacks=[instantiate(t) for t in arm_techniques(spec)])
@@ -164,7 +166,8 @@ class LinearProbeProtocol(SharedModelProtocol):
 
         shots = self.settings["shots"]
         keys = [_shots_key(k) for k in shots]
-        means = {arm: [float(np.mean([run[key] for run in arm_runs])) for key in keys] for arm, arm_runs in runs.items()}
+        means = {arm: [float(np.mean([run[key] for run in arm_runs])) for key in keys]
+                 for arm, arm_runs in runs.items()}
         path = out_dir / f"{claim_name}_shots.png"
         if path.exists():
             raise FileExistsError(f"{path} exists. Fix: write the results to a new --out folder.")

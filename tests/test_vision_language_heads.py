@@ -37,6 +37,8 @@ def test_loki_refuses_a_bad_metric_and_classes():
         Loki(distances=[[0.0, 1.0, 2.0]])
     with pytest.raises(TechniqueConfigError, match="metric 'tree'"):
         Loki(metric="tree")
+    with pytest.raises(TechniqueConfigError, match="needs the names"):
+        Loki(metric="class_names")
     module, data = registry.example_module(), registry.example_data()
     for loki, problem in ((Loki(distances=absolute_distances(3).tolist()), "cover 3 classes"),
                           (Loki(observed_classes=[0, 12]), "observed_classes")):

