@@ -132,10 +132,15 @@ class LinearProbeProtocol(SharedModelProtocol):
         base = DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed)
         return ClassSplitDataModule(base, task=0, num_tasks=2, first_task_classes=len(classes))
 
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        super().check_arm(arm, spec)
+        if len(arm_techniques(spec)) != 1:
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: a linear_probe arm names one probe as `technique`, "
+                             f"got {len(arm_techniques(spec))}. Fix: e.g. technique: {{class_path: "
+                             "reglab.callbacks.vision_language.GaussianNaiveBayesProbe}.")
+
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        (technique,) = arm_techniques(spec) or [None]
-        if technique is None:
-            raise ClaimError(f"claim {self.claim_name}, arm {arm}: a linear_probe arm names its probe as `technique`.")
+        (technique,) = arm_techniques(spec)
         module = self.model(seed)
         probe_data = DigitsDataModule(seed=seed)
         probe_data.setup("fit")

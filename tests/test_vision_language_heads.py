@@ -132,3 +132,21 @@ def test_probe_reports_the_head_fitted_on_frozen_training_features(probe):
     assert tested["test/acc"] != plain["test/acc"]
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_linear_probe_protocol_reports_the_crossing_point(tmp_path):
+    from reglab.bench.protocols import ClaimError
+    from reglab.vision_language_claims import LinearProbeProtocol
+
+    protocol = LinearProbeProtocol("c", {"shots": [1, 5, None]})
+    runs = {"lr": [dict(acc_1shot=0.5, acc_5shot=0.8, acc_all=0.9), dict(acc_1shot=0.6, acc_5shot=0.8, acc_all=0.9)],
+            "nb": [dict(acc_1shot=0.7, acc_5shot=0.7, acc_all=0.8), dict(acc_1shot=0.7, acc_5shot=0.75, acc_all=0.8)]}
+    lines = protocol.figures(runs, tmp_path, "c")
+    assert (tmp_path / "c_shots.png").is_file()
+    assert any("lr ahead of nb at ['5', 'all']" in line and "changes at 5 shots" in line for line in lines), lines
+    with pytest.raises(FileExistsError):  # never overwrites a figure
+        protocol.figures(runs, tmp_path, "c")
+    with pytest.raises(ClaimError, match="shots"):
+        LinearProbeProtocol("c", {"shots": [0]})
+    with pytest.raises(ClaimError, match="one probe"):
+        protocol.check_arm("two", {"technique": [{"class_path": "a.B"}, {"class_path": "a.C"}]})

@@ -61,6 +61,7 @@ class FrozenFeatureProbe(Technique):
     the head's logits on the evaluated samples' features. The module's weights are not touched.
 
     A subclass implements :meth:`fit_head`. Classes without a training sample get logit ``-inf``.
+    Under DDP every rank fits the head on rank 0's features (broadcast), so all ranks predict alike.
 
     Args:
         shots_per_class: training samples per class the head is fitted on; ``None``: all.
@@ -107,6 +108,9 @@ class FrozenFeatureProbe(Technique):
             raise self.fail("it fits its head on the DataModule's training set and cannot find it (or the class count)",
                             "evaluate with a reglab DataModule (it has train_dataset and num_classes)")
         features, labels = dataset_features(module, dataset)
+        if trainer.world_size > 1:
+            # the ranks' batch-norm statistics differ by their own last training update: one head for all, rank 0's
+            features = trainer.strategy.broadcast(features, src=0)
         self._head = self.fit(features, labels.to(features.device), int(num_classes))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
