@@ -3,6 +3,8 @@ hand-computed cases, and the evaluation-only hook (``transform_predictions``) th
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import math
 
 import numpy as np
@@ -150,3 +152,10 @@ def test_linear_probe_protocol_reports_the_crossing_point(tmp_path):
         LinearProbeProtocol("c", {"shots": [0]})
     with pytest.raises(ClaimError, match="one probe"):
         protocol.check_arm("two", {"technique": [{"class_path": "a.B"}, {"class_path": "a.C"}]})
+
+
+@pytest.mark.parametrize("name", ["loki", "probes", "naive_bayes_probe", "logistic_regression_probe"])
+def test_docstring_examples_run(name):
+    module = importlib.import_module(f"reglab.callbacks.vision_language.{name}")
+    result = doctest.testmod(module, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
