@@ -1,4 +1,4 @@
-"""Loki (Shin et al., "Geometry-Aware Adaptation for Pretrained Models", NeurIPS 2023) — paper 24.
+"""Loki (Roberts et al., "Geometry-Aware Adaptation for Pretrained Models", NeurIPS 2023) — paper 24.
 
 A drop-in replacement of the argmax prediction rule. The model gives probabilities ``P(k | x)`` over
 the classes it was trained on (the *observed* classes ``K``, a subset of the label space ``Y``), and
