@@ -112,7 +112,8 @@ class UnseenClassesProtocol(SharedModelProtocol):
                 f"{s['epochs']} epochs (batches of {s['batch_size']}); the same weights are then evaluated by each "
                 f"arm's prediction rule on every image of digits {unseen} (`unseen_acc`; argmax, trained on none of "
                 "them, sits at about 0) and on held-out images of the seen digits (`seen_acc`); "
-                "`unseen_sq_distance` is the mean of |prediction - digit|^2 on the unseen images (the paper's error in the label metric).", ""]
+                "`unseen_sq_distance` is the mean of |prediction - digit|^2 on the unseen images (the paper's error "
+                "in the label metric).", ""]
 
 
 def _shots_key(shots: int | None) -> str:
