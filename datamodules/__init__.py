@@ -26,6 +26,7 @@ _MODULES = {
         "DOMAINS", "DomainBalancedSampler", "DomainDigitsDataModule", "PALETTE", "RotatedDigitsDataModule", "label_colours",
         "render_domain", "rotate_images",
     ],
+    "hinted_digits": ["HINT_TEMPLATES", "HintedDigitsDataModule", "VARIANTS"],
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],

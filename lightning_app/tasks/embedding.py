@@ -41,8 +41,9 @@ class EmbeddingModule(RegularizedMixin, L.LightningModule):
     contrastive, triplet, multi-similarity with a miner, InfoNCE — are configurations of this module
     and the family's techniques add to or replace it through the step contract.
 
-    The step output carries the embeddings in ``features`` and the class labels in ``target`` /
-    ``labels``; ``logits`` is the batch's ``(N, N)`` cosine-similarity matrix (each sample
+    The step output carries the embeddings in ``features``, the backbone's output (before the
+    projection) in ``extras["backbone_features"]`` and the class labels in ``target`` / ``labels``;
+    ``logits`` is the batch's ``(N, N)`` cosine-similarity matrix (each sample
     scored against every other). A pair or triplet loss has no per-sample value, so the per-sample
     task loss is the batch's loss in every row (its mean is the loss). Validation and test log
     ``{val,test}/recall_at_<k>``, ``map_at_r`` and ``mrr`` of every sample of the split
@@ -118,9 +119,12 @@ class EmbeddingModule(RegularizedMixin, L.LightningModule):
         return F.normalize(self.projection(self.backbone(x)), dim=-1)
 
     def forward_step(self, batch: dict[str, Any]) -> StepOutput:
-        embeddings = self(batch["input"])
+        # the backbone's output travels in extras: a technique on the projection alone (ECAML's
+        # energy confusion) reads it instead of running the backbone a second time
+        backbone_features = self.backbone(batch["input"])
+        embeddings = F.normalize(self.projection(backbone_features), dim=-1)
         return StepOutput(logits=embeddings @ embeddings.T, target=batch["target"], features=embeddings,
-                          index=batch.get("index"), batch=batch)
+                          index=batch.get("index"), batch=batch, extras={"backbone_features": backbone_features})
 
     def task_loss(self, out: StepOutput) -> Tensor:
         embeddings, labels = out.features.float(), out.labels

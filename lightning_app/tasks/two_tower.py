@@ -73,11 +73,17 @@ class CategoricalTower(nn.Module):
         return F.normalize(self.mlp(embedded), dim=-1)
 
 
-def recall_metrics(ks: Sequence[int], prefix: str) -> MetricCollection:
+def recall_metrics(ks: Sequence[int], prefix: str, kinds: Sequence[str] = ("", "tail_")) -> MetricCollection:
+    """``<prefix><kind>recall@<k>`` hit rates (``MeanMetric``\\ s of per-query hits) for every kind and ``k``."""
     return MetricCollection(
-        {f"{kind}recall@{k}": MeanMetric() for kind in ("", "tail_") for k in ks}, prefix=prefix,
+        {f"{kind}recall@{k}": MeanMetric() for kind in kinds for k in ks}, prefix=prefix,
         compute_groups=False,  # each member gets its own values; none may share another's state
     )
+
+
+def target_ranks(scores: Tensor, targets: Tensor) -> Tensor:
+    """0-based rank of each row's target column among the row's ``scores`` (ties counted in the target's favour)."""
+    return (scores > scores.gather(1, targets[:, None])).sum(1)
 
 
 class TwoTowerModule(RegularizedMixin, L.LightningModule):
@@ -187,8 +193,7 @@ class TwoTowerModule(RegularizedMixin, L.LightningModule):
 
     def item_ranks(self, queries: Tensor, item_ids: Tensor) -> Tensor:
         """0-based rank of each query's item among the corpus (ties counted in the item's favour)."""
-        scores = queries @ self.corpus_embeddings().T
-        return (scores > scores.gather(1, item_ids[:, None])).sum(1)
+        return target_ranks(queries @ self.corpus_embeddings().T, item_ids)
 
     def on_step_output(self, out: StepOutput, stage: str) -> None:
         if stage == "train":
