@@ -35,6 +35,7 @@ FAMILY_APP_MODULES = {
     "reglab.soup_claims": "reglab.callbacks.fine_tuning",
     "reglab.soups": "reglab.callbacks.fine_tuning",
     "reglab.ssl_claims": "reglab.callbacks.self_supervised",
+    "reglab.vision_language_claims": "reglab.callbacks.vision_language",
 }
 GRAPH_SCRIPT = """
 import json, sys, grimp
