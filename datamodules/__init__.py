@@ -4,7 +4,8 @@ Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataM
 :class:`SyntheticDataModule`, query–item interactions for retrieval: :class:`RecommendationDataModule`, a generated
 query–passage retrieval corpus: :class:`TextRetrievalDataModule`, segmentation scenes of digits with noisy masks:
 :class:`DigitScenesDataModule`, :class:`MaskNoise`; metric learning's open-world split of the digits:
-:class:`OpenWorldDigitsDataModule`); :class:`CIFARDataModule` and
+:class:`OpenWorldDigitsDataModule`; digits with generated captions for image–text pretraining:
+:class:`CaptionedDigitsDataModule`); :class:`CIFARDataModule` and
 :class:`ImageFolderDataModule` read the papers' datasets from disk. All share
 :class:`DictDataModule`'s mid-epoch resumable training loader; the classification ones also
 :class:`ClassificationDataModule`'s label noise (:class:`LabelNoise`) and class imbalance (:class:`LongTail`).
@@ -17,12 +18,13 @@ from reglab.lazy import lazy_names
 # imported on first access (PEP 562): one DataModule does not load the others' dependencies
 _MODULES = {
     "base": ["ClassificationDataModule", "DictDataModule", "DictDataset", "LazyInputs", "ResumableDataLoader"],
+    "captions": ["CaptionedDigitsDataModule"],
     "cifar": ["CIFARDataModule"],
     "class_split": ["ClassSplitDataModule"],
     "digits": ["DigitsDataModule"],
     "domains": [
         "DOMAINS", "DomainBalancedSampler", "DomainDigitsDataModule", "PALETTE", "RotatedDigitsDataModule", "label_colours",
-        "rotate_images",
+        "render_domain", "rotate_images",
     ],
     "hinted_digits": ["HINT_TEMPLATES", "HintedDigitsDataModule", "VARIANTS"],
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],

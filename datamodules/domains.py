@@ -164,6 +164,32 @@ def label_colours(targets: Tensor, correlation: float, shift: int, generator: to
     return torch.where(keep, matched, other)
 
 
+def render_domain(domain: str, images: Tensor, targets: Tensor, generator: torch.Generator, *,
+                  rotation: float = 45.0, colour_correlation: float = 0.9, colour_shift: int = 0,
+                  noise_std: float = 0.3) -> tuple[Tensor, Tensor]:
+    """``(N, 1, H, W)`` digits in [0, 1] drawn as one of :data:`DOMAINS`: ``(N, 3, H, W)`` images and
+    the :data:`PALETTE` index each image is painted in (``-1`` for the grey domains).
+
+    ``coloured`` paints a sample in the colour of class ``target + colour_shift`` with probability
+    ``colour_correlation`` (:func:`label_colours`); ``noisy`` draws its noise from ``generator``.
+    :class:`DomainDigitsDataModule` documents each domain; the caption data
+    (:mod:`reglab.datamodules.captions`) names the colour in the caption.
+    """
+    colours = torch.full((len(images),), -1, dtype=torch.long)
+    if domain == "coloured":
+        colours = label_colours(targets, colour_correlation, colour_shift, generator)
+        return images * PALETTE[colours][:, :, None, None], colours
+    if domain == "rotated":
+        images = rotate_images(images, rotation)
+    elif domain == "noisy":
+        images = (images + noise_std * torch.randn(images.shape, generator=generator)).clamp(0.0, 1.0)
+    elif domain == "inverted":
+        images = 1.0 - images
+    elif domain != "upright":
+        raise ValueError(f"render_domain: unknown domain {domain!r}. Fix: use one of {list(DOMAINS)}.")
+    return images.expand(-1, 3, -1, -1).clone(), colours
+
+
 class DomainBalancedSampler(ResumableSampler):
     """Training indices in batches of ``batch_size`` that hold ``batch_size / num_domains`` samples
     of every domain, domain by domain (DomainBed's one minibatch per training domain, concatenated).
@@ -358,17 +384,9 @@ class DomainDigitsDataModule(ClassificationDataModule):
 
     def _render(self, domain: str, images: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
         """``(N, 1, 8, 8)`` digits in [0, 1] as ``domain``'s ``(N, 3, 8, 8)`` images."""
-        if domain == "coloured":
-            shift = 1 if domain in self.held_out else 0
-            colours = PALETTE[label_colours(targets, self.colour_correlation, shift, generator)]
-            return images * colours[:, :, None, None]
-        if domain == "rotated":
-            images = rotate_images(images, self.rotation)
-        elif domain == "noisy":
-            images = (images + self.noise_std * torch.randn(images.shape, generator=generator)).clamp(0.0, 1.0)
-        elif domain == "inverted":
-            images = 1.0 - images
-        return images.expand(-1, 3, -1, -1).clone()
+        return render_domain(domain, images, targets, generator, rotation=self.rotation,
+                             colour_correlation=self.colour_correlation,
+                             colour_shift=1 if domain in self.held_out else 0, noise_std=self.noise_std)[0]
 
     def evaluation_view(self, domain: str, part: str) -> DomainDigitsDataModule:
         """This DataModule with ``domain``'s ``part`` (``"in"`` or ``"out"``) as its test split, for

@@ -367,6 +367,7 @@ def _replaces_class(old: dict[str, Any], new: dict[str, Any]) -> bool:
 #: that the core CLI imports no family (fit-tasks belongs to continual learning, soup to averaging).
 COMMANDS = {
     "bench": "reglab.bench.cli:main",
+    "condense": "reglab.condensation.pipeline:main",
     "docs": "reglab.docs:main",
     "fit-tasks": "reglab.continual.cli:main",
     "ridge-risk": "reglab.analysis.ridge_risk:main",

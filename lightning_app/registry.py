@@ -42,11 +42,11 @@ REQUIRED = ("id", "paper", "family", "sections", "title", "class", "config", "st
 OPTIONAL = ("kind", "note", "build", "method_card", "harness")
 HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data", "backbone_kwargs")
 #: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
-HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "embedding", "text_retrieval")
+HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "embedding", "text_retrieval",
+                "dense_text_retrieval")
 #: the harness's generated recommendation data (~5 training steps per epoch at 256, like the digits)
 EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
-#: the harness's generated query–passage corpus (40 training queries: ~5 steps per epoch at a 32nd of the
-#: harness batch size, since a step encodes every query's passages with a transformer)
+#: the harness's generated query–passage corpus (a step encodes every query's passages with a transformer):
 #: 6 people, one hard negative, passages of at most 24 pieces: ~5 steps per epoch at a 64th of the batch size
 EXAMPLE_TEXT_RETRIEVAL = {"num_entities": 6, "paired_attributes": 3, "num_hard_negatives": 1, "max_query_length": 10,
                           "max_passage_length": 24}
@@ -247,7 +247,8 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     ``harness.data``) the model is a ``TwoTowerModule`` (lr 1e-2) for :func:`example_data`'s items; for
     ``data="hinted_digits"`` a ``MultiInputRetrievalModule`` over the MLP (lr 1e-2); for ``data="embedding"``
     an ``EmbeddingModule`` on the same MLP (16-d embedding, lr 1e-2); for ``data="text_retrieval"`` a one-layer
-    ``SparseRetrievalModule`` with frozen word embeddings (lr 1e-4)."""
+    ``SparseRetrievalModule`` with frozen word embeddings (lr 1e-4); for ``data="dense_text_retrieval"`` a one-layer
+    ``DenseRetrievalModule`` (lr 1e-4)."""
     import lightning as L
 
     from reglab.tasks import ClassificationModule, EmbeddingModule, TwoTowerModule
@@ -257,6 +258,10 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
         from reglab.tasks import SparseRetrievalModule
 
         return SparseRetrievalModule(num_layers=1, train_word_embeddings=False, lr=1e-4)
+    if data == "dense_text_retrieval":
+        from reglab.tasks import DenseRetrievalModule
+
+        return DenseRetrievalModule(num_layers=1, lr=1e-4)
     if data == "recommendation":
         from reglab.datamodules import RecommendationDataModule
 
@@ -282,7 +287,8 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     is a small generated recommendation set (for two-tower techniques); ``data="hinted_digits"`` the
     digits with text hints (for multi-input retrieval techniques); ``data="embedding"`` the flat digits
     without noise (for metric-learning techniques); ``data="text_retrieval"``
-    a tiny generated query–passage corpus in batches of ``batch_size // 64`` queries (for sparse retrieval techniques)."""
+    a tiny generated query–passage corpus in batches of ``batch_size // 64`` queries (for sparse retrieval techniques;
+    ``data="dense_text_retrieval"``: the same corpus, for dense retrieval techniques)."""
     from reglab.datamodules import (DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule,
                                     TextRetrievalDataModule)
 
@@ -299,7 +305,7 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
         return HintedDigitsDataModule(batch_size=batch_size)
     if data == "embedding":
         return DigitsDataModule(flatten=True, batch_size=batch_size)
-    if data == "text_retrieval":
+    if data in ("text_retrieval", "dense_text_retrieval"):
         return TextRetrievalDataModule(batch_size=max(1, batch_size // 64), **EXAMPLE_TEXT_RETRIEVAL)
     return DigitsDataModule(flatten=True, batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
 

@@ -184,10 +184,10 @@ class MatchedFitProtocol(FitProtocol):
         ``at_most`` arm's fit serves its own row and the cap of the arms matched to it."""
         key = json.dumps([spec.get("configs", []), seed, overrides])
         if key not in self.fits:
-            cli, history = self.fit(spec, seed, workdir, overrides)
+            cli, history = self.fit(self.arguments(spec, seed, workdir) + list(overrides))
             validated = {name: float(value) for name, value in cli.trainer.callback_metrics.items()
                          if name.startswith("val/")}
-            self.fits[key] = (self.measure(cli, history), validated)
+            self.fits[key] = (self.test(cli, history), validated)
         return self.fits[key]
 
     def validated(self, validation: dict[str, float], metric: str) -> float:

@@ -17,6 +17,9 @@ Declarations (class attributes):
     fp16_unsupported: why it cannot run in 16-bit float precision (``16-mixed``, whose gradient
         scaler sees only the loss Lightning backpropagates, or ``16-true``), or ``None`` when it
         can; refused at setup with the reason (``bf16-mixed`` is not affected).
+    predict_in: the evaluation runs (of ``validate``, ``test``, ``predict``) in which an overridden
+        :meth:`Technique.transform_predictions` replaces the module's outputs; the validation
+        inside a fit is never one (it measures the trained model for checkpoint selection).
 
 A technique that adapts the model while it evaluates (test-time adaptation: TENT, CAFA)
 subclasses :class:`EvalTimeAdaptation` instead and implements ``adaptation_loss``.
@@ -65,6 +68,9 @@ class Technique(L.Callback):
     stages: ClassVar[frozenset[str]] = frozenset()
     fsdp_unsupported: ClassVar[str | None] = None
     fp16_unsupported: ClassVar[str | None] = None
+    predict_in: tuple[str, ...] = ("validate", "test", "predict")
+    #: whether the class overrides :meth:`transform_predictions` (computed per class)
+    changes_predictions: ClassVar[bool] = False
 
     #: The technique's one id: its module file, config file, log prefix (``train/<name>/...``),
     #: checkpoint state key, card and claim all use it. reglab's techniques set it; a class that
@@ -74,6 +80,7 @@ class Technique(L.Callback):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.stages = frozenset(s for s in STAGES if getattr(cls, s) is not getattr(Technique, s))
+        cls.changes_predictions = cls.transform_predictions is not Technique.transform_predictions
         if "name" not in cls.__dict__:
             cls.name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls.__name__).lower()
         if isinstance(cls.name, str) and not re.fullmatch(r"[a-z][a-z0-9_]*", cls.name):
@@ -102,6 +109,13 @@ class Technique(L.Callback):
 
     def loss_terms(self, out: StepOutput, module: L.LightningModule) -> dict[str, Tensor]:
         return {}
+
+    # -- evaluation only ------------------------------------------------------------------------
+    def transform_predictions(self, out: StepOutput, module: L.LightningModule) -> StepOutput:
+        """A prediction rule: in the runs of ``predict_in``, the validation / test / predict steps
+        (``eval_forward``) report these logits instead of the model's (Loki's Fréchet mean, a probe
+        head fitted on frozen features). Training never sees it."""
+        return out
 
     # -- task sequences (reglab.continual) -----------------------------------------------
     def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
@@ -810,6 +824,16 @@ class EvalTimeAdaptation(Technique):
 
 def eval_forward(module: L.LightningModule, techniques: list[Technique], batch: dict[str, Any]) -> StepOutput:
     """The forward pass of a validation / test / predict step: adapted by the attached
-    :class:`EvalTimeAdaptation` when it is adapting in this run, else ``module.forward_step``."""
+    :class:`EvalTimeAdaptation` when it is adapting in this run, else ``module.forward_step``; then
+    every technique's prediction rule (``transform_predictions``) that applies in this run, in
+    config order."""
     adapter = next((t for t in techniques if isinstance(t, EvalTimeAdaptation) and t.adapting), None)
-    return adapter.adapt(batch, module) if adapter is not None else module.forward_step(batch)
+    out = adapter.adapt(batch, module) if adapter is not None else module.forward_step(batch)
+    rules = [t for t in techniques if t.changes_predictions]
+    if rules:
+        fn = module.trainer.state.fn
+        run = None if fn is None else fn.value
+        for technique in rules:
+            if run in technique.predict_in:
+                out = technique.transform_predictions(out, module)
+    return out

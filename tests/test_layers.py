@@ -27,6 +27,7 @@ FAMILY_APP_MODULES = {
     "reglab.analysis": "reglab.callbacks.analysis",
     "reglab.condensation": "reglab.callbacks.condensation",
     "reglab.continual": "reglab.callbacks.continual",
+    "reglab.dense_retrieval_claims": "reglab.callbacks.fine_tuning",
     "reglab.domain_claims": "reglab.callbacks.domain_generalization",
     "reglab.peft_claims": "reglab.callbacks.peft",
     "reglab.peft_surgery": "reglab.callbacks.peft",
@@ -34,6 +35,7 @@ FAMILY_APP_MODULES = {
     "reglab.soup_claims": "reglab.callbacks.fine_tuning",
     "reglab.soups": "reglab.callbacks.fine_tuning",
     "reglab.ssl_claims": "reglab.callbacks.self_supervised",
+    "reglab.vision_language_claims": "reglab.callbacks.vision_language",
 }
 GRAPH_SCRIPT = """
 import json, sys, grimp

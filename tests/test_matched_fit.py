@@ -28,14 +28,15 @@ def protocol(monkeypatch, nonzeros: dict[str, float], arms: dict) -> tuple[Match
     matched = MatchedFitProtocol("sparse", {"configs": ["configs/experiment/text_sparse_retrieval.yaml"]})
     calls = []
 
-    def fit(spec, seed, workdir, overrides=()):
+    def fit(args):
+        overrides = tuple(arg for arg in args if arg.startswith(f"--{KEY}="))
         calls.append(overrides)
         value = nonzeros[overrides[0].split("=")[1] if overrides else "base"]
         trainer = SimpleNamespace(callback_metrics={"val/doc_nonzeros": torch.tensor(value), "train/loss": torch.tensor(1.0)})
         return SimpleNamespace(trainer=trainer, value=value), None
 
     monkeypatch.setattr(matched, "fit", fit)
-    monkeypatch.setattr(matched, "measure", lambda cli, history: {"test/doc_nonzeros": cli.value, "test/ndcg@10": cli.value / 100})
+    monkeypatch.setattr(matched, "test", lambda cli, history: {"test/doc_nonzeros": cli.value, "test/ndcg@10": cli.value / 100})
     for arm, spec in arms.items():
         matched.check_arm(arm, spec)
     return matched, calls

@@ -74,13 +74,10 @@ class FitProtocol(Protocol):
                                  "repository root or correct the path.")
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        return self.measure(*self.fit(spec, seed, workdir))
+        return self.fit_and_test(self.arguments(spec, seed, workdir))[1]
 
-    def fit(self, spec: dict[str, Any], seed: int, workdir: Path, overrides: tuple[str, ...] = ()) -> tuple[Any, EpochHistory]:
-        """Fit the arm ``spec`` with ``seed`` (``overrides``: further CLI arguments, after the settings'); the
-        CLI (its trainer's ``callback_metrics`` hold the last validation) and the per-epoch history."""
-        from reglab.cli import ReglabCLI, merge_technique_configs
-
+    def arguments(self, spec: dict[str, Any], seed: int, workdir: Path) -> list[str]:
+        """The ``reglab fit`` arguments of an arm's run at ``seed`` (a protocol built on this one adds to them)."""
         args: list[str] = []
         for path in self.settings["configs"] + spec.get("configs", []):
             args += ["--config", path]
@@ -94,16 +91,27 @@ class FitProtocol(Protocol):
             "--trainer.enable_checkpointing=false",
             f"--runs_dir={workdir}",
             *self.settings["overrides"],
-            *overrides,
         ]
+        return args
+
+    def fit_and_test(self, args: list[str]) -> tuple[Any, dict[str, Any]]:
+        """Fit and test one run of ``reglab fit`` arguments: its CLI (model, trainer) and what it measured."""
+        cli, history = self.fit(args)
+        return cli, self.test(cli, history)
+
+    def fit(self, args: list[str]) -> tuple[Any, EpochHistory]:
+        """Fit one run of ``reglab fit`` arguments: its CLI (the trainer's ``callback_metrics`` hold the last
+        validation) and its per-epoch history, for :meth:`test`."""
+        from reglab.cli import ReglabCLI, merge_technique_configs
+
         cli = ReglabCLI(args=merge_technique_configs(args), run=False)
         history = EpochHistory(self.settings["curves"])
         cli.trainer.callbacks.append(history)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         return cli, history
 
-    def measure(self, cli: Any, history: EpochHistory) -> dict[str, Any]:
-        """What ``trainer.test`` logs for the fitted ``cli`` (with the ``means`` and the last epoch's curve values)."""
+    def test(self, cli: Any, history: EpochHistory) -> dict[str, Any]:
+        """What ``trainer.test`` logs for a fitted run (with the ``means`` and the last epoch's curve values)."""
         tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         logged = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
         # per-class values are logged for inspection, not judged; `means` makes group metrics of them

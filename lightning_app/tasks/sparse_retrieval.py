@@ -45,13 +45,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.functional.retrieval import retrieval_normalized_dcg, retrieval_recall, retrieval_reciprocal_rank
+from torchmetrics import MetricCollection
 
 from reglab.mixins import RegularizedMixin, StepOutput
-
-#: passages encoded at once when the corpus is scored
-CORPUS_CHUNK = 128
+from reglab.tasks.passage_ranking import CorpusRanking, check_cutoffs, load_encoder
 
 
 def flops_penalty(representations: Tensor) -> Tensor:
@@ -103,7 +100,7 @@ def check_sparse_retriever(technique: Any, module: L.LightningModule) -> None:
                              "use it with reglab.tasks.SparseRetrievalModule (configs/experiment/text_sparse_retrieval.yaml)")
 
 
-class SparseRetrievalModule(RegularizedMixin, L.LightningModule):
+class SparseRetrievalModule(CorpusRanking, RegularizedMixin, L.LightningModule):
     """The inference-free sparse retriever of the module docstring, on :class:`~reglab.datamodules.TextRetrievalDataModule`.
 
     The step output's ``logits`` are the ``(N, 1 + K)`` scores of each query against its positive
@@ -127,6 +124,7 @@ class SparseRetrievalModule(RegularizedMixin, L.LightningModule):
     """
 
     provides = frozenset({"features", "index"})
+    corpus_metric_names = ("doc_nonzeros", "avg_hits")
 
     def __init__(
         self,
@@ -143,41 +141,25 @@ class SparseRetrievalModule(RegularizedMixin, L.LightningModule):
         if output_vocabulary not in ("corpus", "full"):
             raise ValueError(f"SparseRetrievalModule: output_vocabulary must be 'corpus' or 'full', got "
                              f"{output_vocabulary!r}. Fix: pick one of them.")
-        if ndcg_k < 1 or not recall_ks or min(recall_ks) < 1:
-            raise ValueError(f"SparseRetrievalModule: ndcg_k and recall_ks must be positive, got {ndcg_k}, {recall_ks}.")
+        check_cutoffs("SparseRetrievalModule", ndcg_k, recall_ks)
         self.save_hyperparameters()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from reglab.models.external import transformers_path
 
-        path = transformers_path(encoder)
-        self.encoder = AutoModel.from_pretrained(path)
-        self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps each submodule's mode
-        if num_layers is not None:
-            if not 1 <= num_layers <= len(self.encoder.encoder.layer):
-                raise ValueError(f"SparseRetrievalModule: num_layers must be in 1..{len(self.encoder.encoder.layer)}"
-                                 f" (the encoder's layers) or None, got {num_layers}.")
-            self.encoder.encoder.layer = self.encoder.encoder.layer[:num_layers]
-            self.encoder.config.num_hidden_layers = num_layers
+        self.encoder = load_encoder(encoder, num_layers, "SparseRetrievalModule")
         self.encoder.get_input_embeddings().weight.requires_grad_(train_word_embeddings)
         vocab_size = self.encoder.config.vocab_size
         self.vocab_size = vocab_size
         self.head_bias = nn.Parameter(torch.zeros(vocab_size))
-        special = torch.tensor(AutoTokenizer.from_pretrained(path).all_special_ids)
+        special = torch.tensor(AutoTokenizer.from_pretrained(transformers_path(encoder)).all_special_ids)
         self.register_buffer("special_ids", special, persistent=False)
         # set in setup from the DataModule; kept in checkpoints so a loaded model scores like the trained one
         self.register_buffer("query_weights", torch.ones(vocab_size))
         self.register_buffer("output_tokens", torch.ones(vocab_size, dtype=torch.bool))
         self.output_tokens[special] = False
-        self.val_metrics = self._metrics("val/")
-        self.test_metrics = self._metrics("test/")
-        self._corpus: Optional[Tensor] = None
-
-    def _metrics(self, prefix: str) -> MetricCollection:
-        names = [f"ndcg@{self.hparams.ndcg_k}", "mrr", *(f"recall@{k}" for k in self.hparams.recall_ks),
-                 "doc_nonzeros", "avg_hits"]
-        # each member gets its own values; none may share another's state
-        return MetricCollection({name: MeanMetric() for name in names}, prefix=prefix, compute_groups=False)
+        self.val_metrics = self.ranking_metrics("val/")
+        self.test_metrics = self.ranking_metrics("test/")
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
@@ -236,59 +218,12 @@ class SparseRetrievalModule(RegularizedMixin, L.LightningModule):
     def task_loss(self, out: StepOutput) -> Tensor:
         return F.cross_entropy(out.logits.float(), out.target, reduction="none")
 
-    def corpus_vectors(self) -> Tensor:
-        """``(P, V)`` vectors of every passage of the DataModule's corpus, once per evaluation epoch."""
-        if self._corpus is None:
-            encoded = self.trainer.datamodule.passages.encoded
-            with torch.no_grad():
-                self._corpus = torch.cat([
-                    self.passage_vectors({key: encoded[key][start:start + CORPUS_CHUNK].to(self.device)
-                                          for key in ("input_ids", "attention_mask")})
-                    for start in range(0, len(encoded["input_ids"]), CORPUS_CHUNK)])
-        return self._corpus
+    def encode_queries(self, batch: dict[str, Any]) -> Tensor:
+        return self.query_vectors(batch["input"]["input_ids"])
 
-    def on_step_output(self, out: StepOutput, stage: str) -> None:
-        if stage == "train":
-            return
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        corpus = self.corpus_vectors()
-        queries = out.features.detach()
-        scores = queries @ corpus.T
-        relevance = out.batch["relevance"]
-        answers = relevance == relevance.max()
-        for row in range(len(scores)):
-            metrics[f"ndcg@{self.hparams.ndcg_k}"].update(
-                retrieval_normalized_dcg(scores[row], relevance[row], top_k=self.hparams.ndcg_k))
-            metrics["mrr"].update(retrieval_reciprocal_rank(scores[row], answers[row]))
-            for k in self.hparams.recall_ks:
-                metrics[f"recall@{k}"].update(retrieval_recall(scores[row], answers[row], top_k=k))
+    def update_corpus_metrics(self, metrics: MetricCollection, queries: Tensor, corpus: Tensor) -> None:
         metrics["doc_nonzeros"].update((corpus > 0).sum(1).float().mean())
         metrics["avg_hits"].update(((queries > 0).float() @ (corpus > 0).float().T).mean())
-
-    def on_validation_epoch_start(self) -> None:
-        self._corpus = None
-
-    def on_test_epoch_start(self) -> None:
-        self._corpus = None
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics)
-
-    def _log_metrics(self, metrics: MetricCollection) -> None:
-        self._corpus = None  # the encoder trains on; the next evaluation re-encodes the corpus
-        self.log_dict(metrics.compute())
-        metrics.reset()
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """The ids of the ``ndcg_k`` best-scoring passages per query, best first."""
-        scores = self.query_vectors(batch["input"]["input_ids"]) @ self.corpus_vectors().T
-        return scores.topk(min(self.hparams.ndcg_k, scores.shape[1]), dim=1).indices
-
-    def on_predict_epoch_start(self) -> None:
-        self._corpus = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from reglab.mixins import RegularizedMixin, StepOutput
+from reglab.tasks.passage_ranking import CorpusEvaluation
 
 
 class CategoricalTower(nn.Module):
@@ -86,7 +87,7 @@ def target_ranks(scores: Tensor, targets: Tensor) -> Tensor:
     return (scores > scores.gather(1, targets[:, None])).sum(1)
 
 
-class TwoTowerModule(RegularizedMixin, L.LightningModule):
+class TwoTowerModule(CorpusEvaluation, RegularizedMixin, L.LightningModule):
     """Two-tower retrieval with the corrected in-batch softmax (see the module docstring).
 
     The step output's ``logits`` are the ``(N, N)`` corrected in-batch scores with ``target``
@@ -142,7 +143,6 @@ class TwoTowerModule(RegularizedMixin, L.LightningModule):
         self.register_buffer("tail_items", torch.zeros(num_items, dtype=torch.bool))
         self.val_metrics = recall_metrics(recall_ks, "val/")
         self.test_metrics = recall_metrics(recall_ks, "test/")
-        self._corpus: Optional[Tensor] = None
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
@@ -208,26 +208,6 @@ class TwoTowerModule(RegularizedMixin, L.LightningModule):
             # an empty update would count nothing but MeanMetric warns on it
             if tail.any():
                 metrics[f"tail_recall@{k}"].update(hits[tail])
-
-    def on_validation_epoch_start(self) -> None:
-        self._corpus = None
-
-    def on_test_epoch_start(self) -> None:
-        self._corpus = None
-
-    def on_predict_epoch_start(self) -> None:
-        self._corpus = None
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_recall(self.val_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_recall(self.test_metrics)
-
-    def _log_recall(self, metrics: MetricCollection) -> None:
-        self._corpus = None  # the towers train on; the next evaluation recomputes the corpus
-        self.log_dict(metrics.compute())
-        metrics.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """The ids of the ``max(recall_ks)`` best-scoring corpus items per query, best first."""

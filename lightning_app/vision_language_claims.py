@@ -1,0 +1,208 @@
+"""Claim protocols of the vision-language family's prediction rules and heads, registered with ``reglab bench effects``.
+
+``unseen_classes`` (Loki, paper 24): per seed a digits CNN (:class:`~reglab.tasks.ClassificationModule`,
+ten outputs) is fitted on the ``seen_classes`` of :class:`~reglab.datamodules.OpenWorldDigitsDataModule`
+(uniform batches); the same weights are then evaluated by each arm's prediction rule with Lightning's
+``trainer.test`` on every image of the other classes (``unseen_acc``) and ``trainer.validate`` on the
+held-out images of the seen ones (``seen_acc``); ``trainer.predict`` on the unseen images gives the
+paper's own error, the mean squared label distance ``|y_hat - y|^2`` (``unseen_sq_distance``). An arm
+without technique is argmax; an arm's ``technique`` is a prediction rule such as
+:class:`~reglab.callbacks.vision_language.Loki`. The model is fitted once per seed and shared by the
+arms, so the arms differ only in the rule.
+
+``linear_probe`` (naive Bayes vs logistic regression, paper 37): per seed a digits CNN is pretrained
+on the ``pretrain_classes`` of the digits' training split (:class:`~reglab.datamodules.ClassSplitDataModule`),
+frozen, and its features of the whole training split (all ten classes) train the arm's probe — a
+:class:`~reglab.callbacks.vision_language.probes.FrozenFeatureProbe` — on ``shots`` samples per class
+for each entry of ``shots`` (``null``: all), drawn with the seed; metrics ``acc_<k>shot`` (``acc_all``)
+are test-split accuracies. The figure draws both arms' curves and reports where logistic regression
+catches up (the crossing point). The paper's sweep is over ImageNet-pretrained models and CIFAR;
+here the pretrained model knows half of the classes it is probed on, the "transfer" situation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
+                                     register_protocol)
+from reglab.datamodules import ClassSplitDataModule, DigitsDataModule, OpenWorldDigitsDataModule
+from reglab.tasks import ClassificationModule
+from reglab.technique import dataset_features
+
+TRAINER = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+           "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+COMMON = {"backbone": "cnn", "backbone_kwargs": {}, "epochs": 15, "batch_size": 64, "lr": 1e-3, "trainer": {}}
+#: fitted models by (protocol, the settings they depend on, seed): the arms of a seed share one
+_MODELS: dict[tuple[str, str, int], ClassificationModule] = {}
+
+
+class SharedModelProtocol(Protocol):
+    """Arms are prediction rules or heads over one model per seed, fitted once (:meth:`model`).
+    A subclass gives the data the model is fitted on (:meth:`training_data`) and the settings
+    that data depends on (``data_settings``)."""
+
+    data_settings: tuple[str, ...] = ()
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        unknown = sorted(set(spec) - {"technique"})
+        if unknown:
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
+                             f"protocol {self.name!r} takes `technique` (and `label`).")
+        check_arm_techniques(self.claim_name, arm, spec)
+
+    def training_data(self, seed: int) -> L.LightningDataModule:
+        raise NotImplementedError
+
+    def model(self, seed: int) -> ClassificationModule:
+        s = self.settings
+        key = (self.name, json.dumps({k: s[k] for k in (*COMMON, *self.data_settings)}, sort_keys=True), seed)
+        if key not in _MODELS:
+            data = self.training_data(seed)
+            L.seed_everything(seed, verbose=False)
+            module = ClassificationModule(s["backbone"], num_classes=10, input_shape=data.input_shape, lr=s["lr"],
+                                          backbone_kwargs=s["backbone_kwargs"])
+            trainer = L.Trainer(**{**TRAINER, "max_epochs": s["epochs"], "limit_val_batches": 0, **s["trainer"]})
+            trainer.fit(module, datamodule=data)
+            _MODELS[key] = module
+        return _MODELS[key]
+
+
+@register_protocol("unseen_classes")
+class UnseenClassesProtocol(SharedModelProtocol):
+    """Fit on the seen classes, predict every class with the arm's rule (module docstring)."""
+
+    defaults = {**COMMON, "seen_classes": [0, 3, 6, 9]}
+    data_settings = ("seen_classes", "batch_size")
+
+    def check_settings(self) -> None:
+        self.training_data(0)  # the DataModule's own checks of seen_classes
+
+    def training_data(self, seed: int) -> OpenWorldDigitsDataModule:
+        try:
+            return OpenWorldDigitsDataModule(seen_classes=self.settings["seen_classes"], m_per_class=None,
+                                             batch_size=self.settings["batch_size"], seed=seed)
+        except ValueError as error:
+            raise ClaimError(f"claim {self.claim_name}: {error}") from error
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        module, data = self.model(seed), self.training_data(seed)
+
+        def trainer() -> L.Trainer:
+            return L.Trainer(**{**TRAINER, **self.settings["trainer"]},
+                             callbacks=[instantiate(t) for t in arm_techniques(spec)])
+        (tested,) = trainer().test(module, datamodule=data, verbose=False)
+        (validated,) = trainer().validate(module, datamodule=data, verbose=False)
+        predicted = torch.cat(trainer().predict(module, datamodule=data)).argmax(-1)
+        labels = data.test_dataset.targets[: len(predicted)]  # a smoke run predicts a few batches only
+        # the paper's error in the label metric: the mean squared distance |y_hat - y|^2, whatever the arm's own metric
+        distance = (predicted - labels).double().square().mean().item()
+        return {"unseen_acc": tested["test/acc"], "seen_acc": validated["val/acc"], "unseen_sq_distance": distance}
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        unseen = sorted(set(range(10)) - set(s["seen_classes"]))
+        return [f"Prediction of classes never trained on (`reglab.vision_language_claims`, protocol `unseen_classes`): "
+                f"a ten-output {s['backbone']} `ClassificationModule` is fitted on digits {s['seen_classes']} for "
+                f"{s['epochs']} epochs (batches of {s['batch_size']}); the same weights are then evaluated by each "
+                f"arm's prediction rule on every image of digits {unseen} (`unseen_acc`; argmax, trained on none of "
+                "them, sits at about 0) and on held-out images of the seen digits (`seen_acc`); "
+                "`unseen_sq_distance` is the mean of |prediction - digit|^2 on the unseen images (the paper's error "
+                "in the label metric).", ""]
+
+
+def _shots_key(shots: int | None) -> str:
+    return "acc_all" if shots is None else f"acc_{shots}shot"
+
+
+@register_protocol("linear_probe")
+class LinearProbeProtocol(SharedModelProtocol):
+    """Pretrain on some classes, probe the frozen features of all with k shots per class (module docstring)."""
+
+    defaults = {**COMMON, "pretrain_classes": [0, 1, 2, 3, 4], "shots": [1, 2, 5, 10, 20, None]}
+    data_settings = ("pretrain_classes", "batch_size")
+
+    def check_settings(self) -> None:
+        shots = self.settings["shots"]
+        if not shots or any(k is not None and (not isinstance(k, int) or k < 1) for k in shots):
+            raise ClaimError(f"claim {self.claim_name}: shots {shots} must be sample counts per class >= 1 (or null "
+                             "for the whole training split). Fix: e.g. shots: [1, 5, 20, null].")
+
+    def training_data(self, seed: int) -> ClassSplitDataModule:
+        classes = sorted(self.settings["pretrain_classes"])
+        if not classes or classes != list(range(len(classes))) or len(classes) >= 10:
+            raise ClaimError(f"claim {self.claim_name}: pretrain_classes {classes} must be the digits 0..m-1 for some "
+                             "m < 10 (the first of two class groups). Fix: e.g. pretrain_classes: [0, 1, 2, 3, 4].")
+        base = DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed)
+        return ClassSplitDataModule(base, task=0, num_tasks=2, first_task_classes=len(classes))
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        super().check_arm(arm, spec)
+        if len(arm_techniques(spec)) != 1:
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: a linear_probe arm names one probe as `technique`, "
+                             f"got {len(arm_techniques(spec))}. Fix: e.g. technique: {{class_path: "
+                             "reglab.callbacks.vision_language.GaussianNaiveBayesProbe}.")
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        (technique,) = arm_techniques(spec)
+        module = self.model(seed)
+        probe_data = DigitsDataModule(seed=seed)
+        probe_data.setup("fit")
+        train_features, train_labels = dataset_features(module, probe_data.train_dataset)
+        test_features, test_labels = dataset_features(module, probe_data.test_dataset)
+        metrics = {}
+        for shots in self.settings["shots"]:
+            args = {**technique.get("init_args", {}), "shots_per_class": shots, "seed": seed}
+            head = instantiate({"class_path": technique["class_path"], "init_args": args}).fit(
+                train_features, train_labels, 10)
+            metrics[_shots_key(shots)] = (head(test_features).argmax(-1) == test_labels).double().mean().item()
+        return metrics
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        return [f"Linear evaluation in the few-shot regime (`reglab.vision_language_claims`, protocol `linear_probe`): "
+                f"a {s['backbone']} `ClassificationModule` is pretrained on digits {s['pretrain_classes']} of the "
+                f"training split for {s['epochs']} epochs and frozen; each arm's head is fitted on its min-max scaled "
+                f"features of {s['shots']} training images per class (null: all) of all ten digits, drawn with the "
+                "seed, and scored on the test split (`acc_<k>shot`, `acc_all`).", ""]
+
+    def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        shots = self.settings["shots"]
+        keys = [_shots_key(k) for k in shots]
+        means = {arm: [float(np.mean([run[key] for run in arm_runs])) for key in keys]
+                 for arm, arm_runs in runs.items()}
+        path = out_dir / f"{claim_name}_shots.png"
+        if path.exists():
+            raise FileExistsError(f"{path} exists. Fix: write the results to a new --out folder.")
+        ticks = [str(k) if k is not None else "all" for k in shots]
+        figure, axes = plt.subplots(figsize=(5, 3.2))
+        for arm, values in means.items():
+            axes.plot(range(len(keys)), values, marker="o", label=arm)
+        axes.set_xticks(range(len(keys)), ticks)
+        axes.set_xlabel("training images per class")
+        axes.set_ylabel("test accuracy")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        lines = [f"![test accuracy vs shots per class]({path.name})", ""]
+        arms = sorted(means)
+        if len(arms) == 2:
+            first, second = arms
+            ahead = [a > b for a, b in zip(means[first], means[second])]
+            changes = [ticks[i] for i in range(1, len(ahead)) if ahead[i] != ahead[i - 1]]
+            where = f"the lead changes at {', '.join(changes)} shots per class" if changes else "the lead never changes"
+            lines += [f"Crossing point (means over seeds): {first} ahead of {second} at "
+                      f"{[t for t, a in zip(ticks, ahead) if a]} shots per class; {where}.", ""]
+        return lines
