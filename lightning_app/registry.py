@@ -47,8 +47,9 @@ HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "e
 #: the harness's generated recommendation data (~5 training steps per epoch at 256, like the digits)
 EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
 #: the harness's generated query–passage corpus (a step encodes every query's passages with a transformer):
-#: 6 people, one hard negative, passages of at most 24 pieces: ~5 steps per epoch at a 64th of the batch size
-EXAMPLE_TEXT_RETRIEVAL = {"num_entities": 6, "paired_attributes": 3, "num_hard_negatives": 1, "max_query_length": 10,
+#: 6 people, two hard negatives (KaLM mixes pairs), passages of at most 24 pieces: ~5 steps per epoch at a 64th
+#: of the harness batch size
+EXAMPLE_TEXT_RETRIEVAL = {"num_entities": 6, "paired_attributes": 3, "num_hard_negatives": 2, "max_query_length": 10,
                           "max_passage_length": 24}
 METHOD_CARD_KEYS = ("what", "helps_when", "costs")
 SUFFIX = ".card.yaml"
