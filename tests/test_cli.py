@@ -122,9 +122,16 @@ def _smoke_sets() -> list[list[Path]]:
 
 
 @pytest.mark.parametrize("paths", _smoke_sets(), ids=lambda ps: str(ps[-1].relative_to(CONFIGS)))
-def test_every_config_runs(paths, tmp_path, monkeypatch):
-    # paths a config leaves relative (a ModelCheckpoint's dirpath) land in the test's folder, not the checkout
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture(scope="module")
+def config_folder(tmp_path_factory):
+    """One working folder for every config run: paths a config leaves relative (a ModelCheckpoint's dirpath,
+    the pretrained-backbone cache under runs/) land there, not in the checkout, and configs that pretrain
+    the same backbone still share one cached fit."""
+    return tmp_path_factory.mktemp("config_runs")
+
+
+def test_every_config_runs(paths, tmp_path, monkeypatch, config_folder):
+    monkeypatch.chdir(config_folder)
     args = ["fit"]
     for path in paths:
         args += ["--config", str(path)]
