@@ -121,7 +121,6 @@ def _smoke_sets() -> list[list[Path]]:
     return sets
 
 
-@pytest.mark.parametrize("paths", _smoke_sets(), ids=lambda ps: str(ps[-1].relative_to(CONFIGS)))
 @pytest.fixture(scope="module")
 def config_folder(tmp_path_factory):
     """One working folder for every config run: paths a config leaves relative (a ModelCheckpoint's dirpath,
@@ -130,6 +129,7 @@ def config_folder(tmp_path_factory):
     return tmp_path_factory.mktemp("config_runs")
 
 
+@pytest.mark.parametrize("paths", _smoke_sets(), ids=lambda ps: str(ps[-1].relative_to(CONFIGS)))
 def test_every_config_runs(paths, tmp_path, monkeypatch, config_folder):
     monkeypatch.chdir(config_folder)
     args = ["fit"]
