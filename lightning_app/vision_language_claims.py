@@ -306,8 +306,8 @@ class BaseToNovelProtocol(Protocol):
         config["trainer"] = {**config.get("trainer", {}), "max_epochs": s["pretrain_epochs"], **s["pretrain_trainer"]}
         text = yaml.safe_dump(config, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        derived = Path(s["cache_dir"]) / "configs" / f"{source.stem}-seed{seed}-{digest}.yaml"
-        if not derived.is_file():  # named by its content: an existing file already holds this text
+        derived = Path(s["cache_dir"]) / "configs" / digest / f"{source.stem}-seed{seed}.yaml"
+        if not derived.is_file():  # in a folder named by its content: an existing file already holds this text
             derived.parent.mkdir(parents=True, exist_ok=True)
             derived.write_text(text)
         return pretrained_checkpoint_for(derived, s["cache_dir"])
