@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import lightning as L
@@ -97,6 +98,7 @@ class PromptTuning(Technique):
             self._hook = None
 
 
+@functools.cache  # one load per process: every setup (each fit and evaluation) reads it
 def _tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
