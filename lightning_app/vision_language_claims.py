@@ -18,6 +18,13 @@ for each entry of ``shots`` (``null``: all), drawn with the seed; metrics ``acc_
 are test-split accuracies. The figure draws both arms' curves and reports where logistic regression
 catches up (the crossing point). The paper's sweep is over ImageNet-pretrained models and CIFAR;
 here the pretrained model knows half of the classes it is probed on, the "transfer" situation.
+
+``base_to_novel`` (CoOp's protocol, issue 13): per seed the tiny CLIP (:class:`~reglab.tasks.CLIPModule`)
+is pretrained once from ``pretrain_config`` on that seed's split; each arm adapts it few-shot on the base
+classes (zero-shot, a linear probe, or a fine-tune with the arm's techniques: CoOp's
+:class:`~reglab.callbacks.baselines.PromptTuning`, LoRA, none = full fine-tuning) and is scored by
+prompts over the base classes and over the novel ones (``base_acc``, ``novel_acc``, harmonic mean
+``hm``); see :class:`BaseToNovelProtocol`.
 """
 
 from __future__ import annotations
