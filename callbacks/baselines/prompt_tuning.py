@@ -12,7 +12,8 @@ The context is initialised from the embeddings of ``ctx_init`` (CoOp's ``"a phot
 initialisation; here the pretraining prompt "a photo of the digit"), so at step 0 the tuned
 prompt is a hand-written one. Classes come from the DataModule's ``class_names`` at every
 ``setup``, so the same learned context classifies classes never tuned on (base-to-novel).
-Written by hand (neither peft nor transformers has CoOp); follows the paper's method text.
+Written by hand (neither peft nor transformers has CoOp); follows the paper's method text and the
+construction of CoOp's official code (KaiyangZhou/CoOp) as recalled, not re-read for this module.
 
 Method card (what it does, when it helps, what it costs): ``prompt_tuning.card.yaml`` beside this module.
 
