@@ -92,6 +92,8 @@ class CaptionedDigitsDataModule(ClassificationDataModule):
 
     num_classes = 10
     input_shape = (3, 8, 8)
+    #: the class names prompts are written with (prompt-learning techniques read them)
+    class_names = CLASS_WORDS
 
     def __init__(
         self,

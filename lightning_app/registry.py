@@ -43,7 +43,7 @@ OPTIONAL = ("kind", "note", "build", "method_card", "harness")
 HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data", "backbone_kwargs")
 #: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
 HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "embedding", "text_retrieval",
-                "dense_text_retrieval")
+                "dense_text_retrieval", "captions")
 #: the harness's generated recommendation data (~5 training steps per epoch at 256, like the digits)
 EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
 #: the harness's generated query–passage corpus (a step encodes every query's passages with a transformer):
@@ -249,7 +249,8 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     ``data="hinted_digits"`` a ``MultiInputRetrievalModule`` over the MLP (lr 1e-2); for ``data="embedding"``
     an ``EmbeddingModule`` on the same MLP (16-d embedding, lr 1e-2); for ``data="text_retrieval"`` a one-layer
     ``SparseRetrievalModule`` with frozen word embeddings (lr 1e-4); for ``data="dense_text_retrieval"`` a one-layer
-    ``DenseRetrievalModule`` (lr 1e-4)."""
+    ``DenseRetrievalModule`` (lr 1e-4); for ``data="captions"`` a ``CLIPModule`` (``objective: classification``, a
+    one-layer text tower from MiniLM, 16-d embeddings, lr 1e-3)."""
     import lightning as L
 
     from reglab.tasks import ClassificationModule, EmbeddingModule, TwoTowerModule
@@ -263,6 +264,11 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
         from reglab.tasks import DenseRetrievalModule
 
         return DenseRetrievalModule(num_layers=1, lr=1e-4)
+    if data == "captions":
+        from reglab.tasks import CLIPModule
+
+        return CLIPModule("tiny", num_classes=10, input_shape=(3, 8, 8), objective="classification", lr=1e-3,
+                          model_kwargs={"embed_dim": 16, "text_config": {"num_hidden_layers": 1}})
     if data == "recommendation":
         from reglab.datamodules import RecommendationDataModule
 
@@ -289,7 +295,8 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     digits with text hints (for multi-input retrieval techniques); ``data="embedding"`` the flat digits
     without noise (for metric-learning techniques); ``data="text_retrieval"``
     a tiny generated query–passage corpus in batches of ``batch_size // 64`` queries (for sparse retrieval techniques;
-    ``data="dense_text_retrieval"``: the same corpus, for dense retrieval techniques)."""
+    ``data="dense_text_retrieval"``: the same corpus, for dense retrieval techniques); ``data="captions"`` the
+    upright digits with captions and class prompts (for prompt-learning techniques on a CLIP)."""
     from reglab.datamodules import (DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule,
                                     TextRetrievalDataModule)
 
@@ -306,6 +313,10 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
         return HintedDigitsDataModule(batch_size=batch_size)
     if data == "embedding":
         return DigitsDataModule(flatten=True, batch_size=batch_size)
+    if data == "captions":
+        from reglab.datamodules import CaptionedDigitsDataModule
+
+        return CaptionedDigitsDataModule(domains=["upright"], batch_size=batch_size)
     if data in ("text_retrieval", "dense_text_retrieval"):
         return TextRetrievalDataModule(batch_size=max(1, batch_size // 64), **EXAMPLE_TEXT_RETRIEVAL)
     return DigitsDataModule(flatten=True, batch_size=batch_size, label_noise=LabelNoise(rate=0.4))

@@ -18,21 +18,34 @@ for each entry of ``shots`` (``null``: all), drawn with the seed; metrics ``acc_
 are test-split accuracies. The figure draws both arms' curves and reports where logistic regression
 catches up (the crossing point). The paper's sweep is over ImageNet-pretrained models and CIFAR;
 here the pretrained model knows half of the classes it is probed on, the "transfer" situation.
+
+``base_to_novel`` (CoOp's protocol, issue 13): per seed the tiny CLIP (:class:`~reglab.tasks.CLIPModule`)
+is pretrained once from ``pretrain_config`` on that seed's split; each arm adapts it few-shot on the base
+classes (zero-shot, a linear probe, or a fine-tune with the arm's techniques: CoOp's
+:class:`~reglab.callbacks.baselines.PromptTuning`, LoRA, none = full fine-tuning) and is scored by
+prompts over the base classes and over the novel ones (``base_acc``, ``novel_acc``, harmonic mean
+``hm``); see :class:`BaseToNovelProtocol`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 
 from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
                                      register_protocol)
-from reglab.datamodules import ClassSplitDataModule, DigitsDataModule, OpenWorldDigitsDataModule
-from reglab.tasks import ClassificationModule
+from reglab.checkpoints import pretrained_checkpoint_for
+from reglab.datamodules import (CaptionedDigitsDataModule, ClassSplitDataModule, DigitsDataModule,
+                                OpenWorldDigitsDataModule)
+from reglab.datamodules.base import DictDataModule, DictDataset
+from reglab.datamodules.domains import DOMAINS
+from reglab.tasks import ClassificationModule, CLIPModule
 from reglab.technique import dataset_features
 
 TRAINER = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
@@ -206,3 +219,162 @@ class LinearProbeProtocol(SharedModelProtocol):
             lines += [f"Crossing point (means over seeds): {first} ahead of {second} at "
                       f"{[t for t, a in zip(ticks, ahead) if a]} shots per class; {where}.", ""]
         return lines
+
+
+# -- base-to-novel on the tiny CLIP (CoOp's protocol) ---------------------------------------------
+
+class ClassSubsetData(DictDataModule):
+    """Fixed image splits of some classes, relabelled ``0..k-1``, with those classes' prompts and names
+    (what :class:`~reglab.tasks.CLIPModule` and prompt-learning techniques read from a DataModule)."""
+
+    input_shape = CaptionedDigitsDataModule.input_shape
+
+    def __init__(self, source: CaptionedDigitsDataModule, classes: list[int], train: Tensor, test: Tensor,
+                 batch_size: int, seed: int) -> None:
+        super().__init__(batch_size=batch_size, seed=seed)
+        self.num_classes = len(classes)
+        self.class_names = tuple(source.class_names[c] for c in classes)
+        self.tokenizer, self.max_length = source.tokenizer, source.max_length
+        self.class_prompts = {key: value[classes] for key, value in source.class_prompts.items()}
+        relabel = torch.full((10,), -1, dtype=torch.long)
+        relabel[classes] = torch.arange(len(classes))
+        for split, dataset, positions in (("train", source.train_dataset, train), ("test", source.test_dataset, test)):
+            setattr(self, f"{split}_dataset", DictDataset(dataset.inputs[positions], relabel[dataset.targets[positions]]))
+
+    def setup(self, stage: str) -> None:
+        """The splits are given at construction."""
+
+
+@register_protocol("base_to_novel")
+class BaseToNovelProtocol(Protocol):
+    """Fine-tune the tiny CLIP few-shot on base classes, classify base and novel classes by prompts.
+
+    Per seed the CLIP of ``pretrain_config`` is pretrained once (its ``seed``, ``split_seed`` and
+    the trainer's ``max_epochs`` set to the seed and ``pretrain_epochs``, cached by content with
+    :func:`reglab.checkpoints.pretrained_checkpoint_for`), so its test images are never seen in
+    pretraining. Each arm then adapts a copy on ``shots`` training images per base class (drawn with
+    the seed, every domain of ``domains``) and is scored on the test split (CoOp's base-to-novel
+    protocol): ``base_acc`` is accuracy over the base classes only, ``novel_acc`` over the novel
+    classes only (each a ``len(classes)``-way zero-shot classification by their prompts), ``hm``
+    their harmonic mean. An arm's ``adapt``:
+
+    * ``none`` — zero-shot (no tuning);
+    * ``fine_tune`` (default) — ``epochs`` of ``objective: classification`` on the base classes'
+      prompts (cross-entropy over base classes, as CoOp trains) with the arm's techniques (e.g.
+      :class:`~reglab.callbacks.baselines.PromptTuning`, :class:`~reglab.callbacks.peft.LoRA`;
+      none: every parameter trains — full fine-tuning), then the same module classifies the novel
+      classes by their prompts;
+    * ``probe`` — the arm's technique is a linear-evaluation head
+      (:class:`~reglab.callbacks.vision_language.LogisticRegressionProbe`) fitted on the frozen
+      image features of the base shots, scoring base; a probe has no weights for unseen classes,
+      so novel accuracy is the frozen model's text classifier over the novel classes (CoOp's
+      papers report no linear probe in base-to-novel; this is the choice made here).
+    """
+
+    defaults = {"pretrain_config": "configs/experiment/tiny_clip_pretrain.yaml", "pretrain_epochs": 4,
+                "pretrain_trainer": {}, "cache_dir": "runs/pretrained", "domains": list(DOMAINS),
+                "base_classes": [0, 1, 2, 3, 4], "shots": 16, "epochs": 10, "batch_size": 32, "lr": 2e-3,
+                "trainer": {}}
+
+    def check_settings(self) -> None:
+        s = self.settings
+        base = s["base_classes"]
+        if not base or len(set(base)) != len(base) or not set(base) < set(range(10)):
+            raise ClaimError(f"claim {self.claim_name}: base_classes {base} must be some digits, not all. "
+                             "Fix: e.g. base_classes: [0, 1, 2, 3, 4].")
+        if not Path(s["pretrain_config"]).is_file():
+            raise ClaimError(f"claim {self.claim_name}: pretrain_config {s['pretrain_config']} is not a file. "
+                             "Fix: give a `reglab fit` config of a CLIPModule (configs/experiment/tiny_clip_pretrain.yaml).")
+        if s["shots"] < 1:
+            raise ClaimError(f"claim {self.claim_name}: shots={s['shots']} leaves nothing to train on. Fix: shots >= 1.")
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        unknown = sorted(set(spec) - {"technique", "adapt"})
+        adapt = spec.get("adapt", "fine_tune")
+        if unknown or adapt not in ADAPTATIONS:
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: fields {unknown} / adapt {adapt!r}. Fix: an arm of "
+                             f"protocol base_to_novel takes `technique` and `adapt` (one of {list(ADAPTATIONS)}).")
+        check_arm_techniques(self.claim_name, arm, spec)
+        count = len(arm_techniques(spec))
+        if (adapt == "probe" and count != 1) or (adapt == "none" and count):
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: adapt {adapt!r} takes "
+                             f"{'one probe' if adapt == 'probe' else 'no'} technique, got {count}. Fix: e.g. "
+                             "technique: {class_path: reglab.callbacks.vision_language.LogisticRegressionProbe} with "
+                             "adapt: probe.")
+
+    def pretrained(self, seed: int) -> Path:
+        import yaml
+
+        s = self.settings
+        source = Path(s["pretrain_config"])
+        config = yaml.safe_load(source.read_text())
+        config["seed_everything"] = seed
+        config["data"]["init_args"].update(seed=seed, split_seed=seed)
+        config["trainer"] = {**config.get("trainer", {}), "max_epochs": s["pretrain_epochs"], **s["pretrain_trainer"]}
+        text = yaml.safe_dump(config, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        derived = Path(s["cache_dir"]) / "configs" / digest / f"{source.stem}-seed{seed}.yaml"
+        if not derived.is_file():  # in a folder named by its content: an existing file already holds this text
+            derived.parent.mkdir(parents=True, exist_ok=True)
+            derived.write_text(text)
+        return pretrained_checkpoint_for(derived, s["cache_dir"])
+
+    def data(self, seed: int) -> tuple[ClassSubsetData, ClassSubsetData]:
+        s = self.settings
+        source = CaptionedDigitsDataModule(domains=s["domains"], split_seed=seed, seed=seed)
+        source.setup("fit")
+        base = sorted(s["base_classes"])
+        novel = sorted(set(range(10)) - set(base))
+        generator = torch.Generator().manual_seed(seed)
+        train_targets = source.train_dataset.targets
+        shots = torch.cat([torch.nonzero(train_targets == c).flatten()[
+            torch.randperm(int((train_targets == c).sum()), generator=generator)[: s["shots"]]] for c in base])
+        test_targets = source.test_dataset.targets
+
+        def test_of(classes: list[int]) -> Tensor:
+            return torch.nonzero(torch.isin(test_targets, torch.tensor(classes))).flatten()
+
+        return (ClassSubsetData(source, base, shots, test_of(base), s["batch_size"], seed),
+                ClassSubsetData(source, novel, shots[:0], test_of(novel), s["batch_size"], seed))
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        s = self.settings
+        base, novel = self.data(seed)
+        adapt = spec.get("adapt", "fine_tune")
+        pretrained = CLIPModule.load_from_checkpoint(self.pretrained(seed), map_location="cpu")
+        L.seed_everything(seed, verbose=False)
+        module = CLIPModule(**{**pretrained.hparams, "num_classes": base.num_classes, "objective": "classification",
+                               "lr": s["lr"], "text_lr": s["lr"]})
+        module.clip.load_state_dict(pretrained.clip.state_dict())
+        techniques = [] if adapt == "probe" else [instantiate(t) for t in arm_techniques(spec)]
+
+        def trainer(**extra: Any) -> L.Trainer:
+            return L.Trainer(**{**TRAINER, "limit_val_batches": 0, **extra, **s["trainer"]}, callbacks=techniques)
+        if adapt == "fine_tune":
+            trainer(max_epochs=s["epochs"]).fit(module, datamodule=base)
+        module.eval()
+        (novel_tested,) = trainer().test(module, datamodule=novel, verbose=False)
+        if adapt == "probe":
+            (technique,) = arm_techniques(spec)
+            train_features, train_labels = dataset_features(module, base.train_dataset)
+            test_features, test_labels = dataset_features(module, base.test_dataset)
+            head = instantiate(technique).fit(train_features, train_labels, base.num_classes)
+            base_acc = (head(test_features).argmax(-1) == test_labels).double().mean().item()
+        else:
+            (base_tested,) = trainer().test(module, datamodule=base, verbose=False)
+            base_acc = base_tested["test/acc"]
+        novel_acc = novel_tested["test/acc"]
+        hm = 2 * base_acc * novel_acc / (base_acc + novel_acc) if base_acc + novel_acc > 0 else 0.0
+        return {"base_acc": base_acc, "novel_acc": novel_acc, "hm": hm}
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        return [f"Base-to-novel generalization (`reglab.vision_language_claims`, protocol `base_to_novel`, CoOp's "
+                f"protocol): the tiny CLIP of `{s['pretrain_config']}` pretrained per seed for {s['pretrain_epochs']} "
+                f"epochs on that seed's split; each arm adapts it on {s['shots']} training images per base class "
+                f"{s['base_classes']} (domains {s['domains']}) for {s['epochs']} epochs; `base_acc` / `novel_acc` are "
+                "test accuracies of zero-shot classification by prompts over the base / the novel classes only, "
+                "`hm` their harmonic mean. The linear probe's novel accuracy is the frozen text classifier's.", ""]
+
+
+ADAPTATIONS = ("none", "fine_tune", "probe")
