@@ -95,11 +95,11 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
 #: need: S²FT selects attention heads and FFN channels of Linear layers (the CNN has none outside its head);
 #: correlated feature masking trains a two-tower model's item tower; TCM regularizes, and ECAML confuses, a
 #: metric-learning embedding; T-JEPA reads flat tabular features; text dropout drops the text of a multi-input
-#: retrieval model's queries; the sparse-retrieval techniques regularize a sparse retriever's passage vectors;
-#: KaLM-Embedding-V2 replaces a dense retriever's InfoNCE (it needs mined hard negatives);
-#: FPGM's consistency reads unlabelled images, which only the shifted scenes have;
-#: the domain-generalization techniques need batches that carry `domain`; a segmentation model file overrides
-#: its segmentation experiment (the dense-module claims' baselines).
+#: retrieval model's queries; CoOp's prompt tuning learns a CLIP text tower's context; the sparse-retrieval
+#: techniques regularize a sparse retriever's passage vectors and KaLM-Embedding-V2 reweights a dense one's loss;
+#: FPGM's consistency reads unlabelled images, which only the shifted scenes have; the domain-generalization
+#: techniques need batches that carry `domain`; a segmentation model file overrides its segmentation experiment
+#: (the dense-module claims' baselines).
 NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml",
                     "tcm.yaml": "digits_retrieval.yaml", "ecaml.yaml": "digits_retrieval.yaml",
                     "t_jepa.yaml": "tabular_t_jepa.yaml", "text_dropout.yaml": "hinted_digits_retrieval.yaml",
@@ -108,7 +108,7 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                        for t in ("coral", "irm", "vrex", "fish", "fishr", "hessian_alignment", "drm")},
                     **{f"{t}.yaml": "text_sparse_retrieval.yaml" for t in ("flops_regularizer", "inference_free_sparse_retrieval")},
                     "unet_fusion_add.yaml": "scenes_freqfusion.yaml", "unet_dilated.yaml": "scenes_fadc.yaml",
-                    "kalm_embedding_v2.yaml": "text_dense_retrieval.yaml"}
+                    "kalm_embedding_v2.yaml": "text_dense_retrieval.yaml", "prompt_tuning.yaml": "tiny_clip_prompt_tuning.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:
