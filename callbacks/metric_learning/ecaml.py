@@ -59,6 +59,13 @@ def energy(embeddings: Tensor, labels: Tensor, include_positives: bool = False) 
     """Half the mean squared distance over the pairs ``i < j`` of different classes (plus, with
     ``include_positives``, half that over the same-class pairs, when there are any); ``nan`` when the
     batch has no pair of different classes. Computed in fp32."""
+    total, defined = energy_where_defined(embeddings, labels, include_positives)
+    return torch.where(defined, total, torch.full_like(total, float("nan")))
+
+
+def energy_where_defined(embeddings: Tensor, labels: Tensor, include_positives: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`energy` without the ``nan``: the energy (0 where undefined) and whether the batch has a pair
+    of different classes, both tensors, so a caller can branch on the device (no host sync)."""
     z = embeddings.float()
     squared_norms = z.pow(2).sum(1)
     # from the Gram matrix: no (N, N, D) difference tensor; the clamp removes round-off below zero
@@ -67,11 +74,12 @@ def energy(embeddings: Tensor, labels: Tensor, include_positives: bool = False) 
     same = (labels[:, None] == labels[None, :]).float()
     # masked means rather than boolean indexing: no data-dependent shapes (no device sync)
     negatives = upper * (1 - same)
-    total = 0.5 * (distances * negatives).sum() / negatives.sum()
+    pairs = negatives.sum()
+    total = 0.5 * (distances * negatives).sum() / pairs.clamp_min(1)
     if include_positives:
         positives = upper * same
         total = total + 0.5 * (distances * positives).sum() / positives.sum().clamp_min(1)
-    return total
+    return total, pairs > 0
 
 
 class ECAML(Technique):
@@ -106,7 +114,8 @@ class ECAML(Technique):
                             "extras", "use reglab.tasks.EmbeddingModule, whose step output carries them")
         # detached: the confusion reaches the embedding layer only, as the official code's propagate_down: 0
         metric = module.projection(features.detach())
-        e = energy(metric, out.labels, self.include_positives)
-        if e.isnan():  # one class in the batch: nothing to confuse
-            return {"energy_confusion": metric.sum() * 0.0}
-        return {"energy_confusion": self.weight * e.log()}
+        e, defined = energy_where_defined(metric, out.labels, self.include_positives)
+        # one class in the batch: nothing to confuse, a zero term; chosen on the device (no host sync per step),
+        # and the log never sees the undefined 0, so no nan reaches the gradient either
+        confusion = self.weight * torch.where(defined, e, torch.ones_like(e)).log()
+        return {"energy_confusion": torch.where(defined, confusion, torch.zeros_like(confusion))}
