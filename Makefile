@@ -5,6 +5,9 @@ STAMP := $(VENV)/.reglab-installed
 # pip on the project machines serves these two from a local copy; override elsewhere if needed.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# one pytest worker per core of the project machines; a test file stays on one worker (its module fixtures,
+# such as the every-config test's shared pretraining cache, are built once)
+TEST_WORKERS ?= 2
 
 .PHONY: quickstart test install bench-effects
 
@@ -20,7 +23,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/reglab fit --config configs/experiment/quickstart.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench-effects: $(STAMP)
 	$(VENV)/bin/reglab bench effects --seeds 3

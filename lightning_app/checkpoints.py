@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -96,21 +98,31 @@ def copy_pretrained_weights(module: nn.Module, pretrained: StateDict, prefixes: 
     return sorted(wanted)
 
 
+#: extra ``reglab fit`` arguments for every cached pretraining fit, e.g. a smoke budget
+#: (``--trainer.max_epochs=1 --trainer.limit_train_batches=2``) to try a config's whole chain in seconds;
+#: they are part of the cache key, so a shortened fit never stands in for the full one
+PRETRAIN_ARGS_ENV = "REGLAB_PRETRAIN_ARGS"
+
+
 def pretrained_checkpoint_for(config: str | Path, cache_dir: str | Path) -> Path:
-    """The checkpoint a fit of ``config`` produces: cached by the config's content, fitted on a miss."""
+    """The checkpoint a fit of ``config`` produces: cached by the config's content (and the arguments
+    in ``$REGLAB_PRETRAIN_ARGS``), fitted on a miss."""
     config = Path(config)
-    digest = hashlib.sha256(config.read_bytes()).hexdigest()[:12]
+    extra = shlex.split(os.environ.get(PRETRAIN_ARGS_ENV, ""))
+    digest = hashlib.sha256(config.read_bytes() + "\0".join(extra).encode()).hexdigest()[:12]
     cached = Path(cache_dir) / f"{config.stem}-{digest}.ckpt"
     if cached.is_file():
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="reglab-pretrain-") as runs_dir:
         command = [sys.executable, "-m", "reglab", "fit", "--config", str(config), f"--runs_dir={runs_dir}",
-                   "--run_name=pretrain", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
-        print(f"pretraining once with {config} -> {cached}", flush=True)
+                   "--run_name=pretrain", "--trainer.enable_progress_bar=false", "--trainer.logger=false", *extra]
+        print(f"pretraining once with {config}{' ' + ' '.join(extra) if extra else ''} -> {cached}", flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         produced = Path(runs_dir) / "pretrain" / "version_0" / "checkpoints" / "last.ckpt"
-        partial = cached.with_suffix(".partial")
+        # a name of this process's own: two processes that missed the same entry at once (two test
+        # workers, two users' runs) never write one file together; the later rename wins, same weights
+        partial = cached.with_name(f"{cached.name}.{os.getpid()}.partial")
         shutil.copyfile(produced, partial)
         partial.replace(cached)  # atomic: a crash never leaves a truncated cache entry
     return cached

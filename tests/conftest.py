@@ -8,6 +8,10 @@ import torch
 # tests import their shared helpers (harness.py) by module name, also in spawned DDP workers
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test` runs one pytest worker per core: a second intra-op thread in each would only
+    # spin-wait against the other worker's (the tests' models are tiny)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

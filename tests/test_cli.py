@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from reglab.callbacks import ELR, LabelSmoothing
+from reglab.checkpoints import PRETRAIN_ARGS_ENV
 from reglab.cli import ReglabCLI, main, merge_technique_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +133,7 @@ def config_folder(tmp_path_factory):
 @pytest.mark.parametrize("paths", _smoke_sets(), ids=lambda ps: str(ps[-1].relative_to(CONFIGS)))
 def test_every_config_runs(paths, tmp_path, monkeypatch, config_folder):
     monkeypatch.chdir(config_folder)
+    monkeypatch.setenv(PRETRAIN_ARGS_ENV, " ".join(FAST))  # a config's pretraining runs at the same budget
     args = ["fit"]
     for path in paths:
         args += ["--config", str(path)]

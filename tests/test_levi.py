@@ -151,6 +151,11 @@ def test_a_pretraining_config_is_fitted_once_and_cached_by_its_content(tmp_path,
     config.write_text("seed_everything: 1\n")
     changed = checkpoints.pretrained_checkpoint_for(config, tmp_path / "cache")
     assert changed != first and len(fits) == 2 and not list((tmp_path / "cache").glob("*.partial"))
+    # extra pretraining arguments reach the fit and key the cache: a smoke-budget fit is its own entry
+    monkeypatch.setenv(checkpoints.PRETRAIN_ARGS_ENV, "--trainer.max_epochs=1 --trainer.limit_train_batches=2")
+    short = checkpoints.pretrained_checkpoint_for(config, tmp_path / "cache")
+    assert short != changed and len(fits) == 3 and fits[-1][-2:] == ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
+    assert checkpoints.pretrained_checkpoint_for(config, tmp_path / "cache") == short and len(fits) == 3
 
 
 def test_docstring_examples_run():
