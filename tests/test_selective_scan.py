@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
+import triton_interpreter
 import torch
-import torch.nn.functional as F
 
 from reglab.kernels import selective_scan, selective_scan_reference, selective_scan_triton
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RUN_INTERPRETER_CHECKS_FLAG = "--run-interpreter-checks"
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # Both accumulate in fp32 from the same inputs; the output is rounded once to its dtype. fp32: the
 # GPU's exp is an approximation (relative error ~2^-22) compounded over long scans.
 RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -110,7 +104,7 @@ def test_invalid_arguments_raise_clear_errors(change: dict, message: str) -> Non
         selective_scan(**arguments)
 
 
-@pytest.mark.skipif(not TRITON_INSTALLED, reason="triton is not installed")
+@pytest.mark.skipif(not triton_interpreter.TRITON_INSTALLED, reason="triton is not installed")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter accepts CPU tensors")
 def test_forcing_triton_on_cpu_without_the_interpreter_raises() -> None:
     inputs, _ = two_step_example(gate=False)
@@ -196,28 +190,9 @@ INTERPRETER_CHECKS: dict[str, Callable[[str], None]] = {
 INTERPRETER_CHECKS["kernel_refuses_inputs_that_require_grad"] = check_kernel_refuses_inputs_that_require_grad
 
 
-def _run_interpreter_checks() -> dict[str, str | None]:
-    verdicts: dict[str, str | None] = {}
-    for name, check in INTERPRETER_CHECKS.items():
-        try:
-            check("cpu")
-        except Exception as error:  # noqa: BLE001 - every failure becomes that check's verdict
-            verdicts[name] = f"{type(error).__name__}: {error}"
-        else:
-            verdicts[name] = None
-    return verdicts
-
-
 @pytest.fixture(scope="module")
 def interpreter_verdicts() -> dict[str, str | None]:
-    if not TRITON_INSTALLED:
-        pytest.skip("triton is not installed")
-    completed = subprocess.run(
-        [sys.executable, __file__, RUN_INTERPRETER_CHECKS_FLAG], cwd=REPO_ROOT,
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, f"interpreter subprocess failed:\n{completed.stderr[-4000:]}"
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return triton_interpreter.verdicts(__file__)
 
 
 @pytest.mark.parametrize("check_name", list(INTERPRETER_CHECKS))
@@ -226,7 +201,7 @@ def test_triton_kernel_in_interpreter(check_name: str, interpreter_verdicts: dic
     assert failure is None, failure
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and TRITON_INSTALLED), reason="needs a CUDA GPU and triton")
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_interpreter.TRITON_INSTALLED), reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("dim", "d_state", "length"), [(640, 256, 4), (1536, 16, 1024)], ids=["fscil", "lm"])
 def test_triton_kernel_on_cuda_with_default_launch_config(dtype: torch.dtype, dim: int, d_state: int, length: int) -> None:
@@ -234,7 +209,7 @@ def test_triton_kernel_on_cuda_with_default_launch_config(dtype: torch.dtype, di
                                             block_dim=None, through_dispatcher=True), "cuda")
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and TRITON_INSTALLED), reason="needs a CUDA GPU and triton")
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_interpreter.TRITON_INSTALLED), reason="needs a CUDA GPU and triton")
 def test_auto_takes_the_kernel_on_cuda_without_grad_and_the_reference_with_grad() -> None:
     inputs = make_inputs(ScanCase(dim=64, d_state=16, length=8), "cuda")
     with torch.no_grad():
@@ -245,5 +220,5 @@ def test_auto_takes_the_kernel_on_cuda_without_grad_and_the_reference_with_grad(
     assert inputs["u"].grad is not None
 
 
-if __name__ == "__main__" and sys.argv[1:] == [RUN_INTERPRETER_CHECKS_FLAG]:
-    print(json.dumps(_run_interpreter_checks()))
+if __name__ == "__main__":
+    triton_interpreter.main(INTERPRETER_CHECKS)
