@@ -3,6 +3,7 @@ and the few-shot sessions (what trains, the memory, exact resume at a session bo
 
 from __future__ import annotations
 
+import doctest
 import math
 from types import SimpleNamespace
 
@@ -168,3 +169,11 @@ def test_bad_arguments_and_a_module_without_a_head_are_refused():
     trainer = SimpleNamespace(callbacks=[], datamodule=SimpleNamespace(batch_keys=None), strategy=None)
     with pytest.raises(TechniqueConfigError, match="no `head` module"):
         MambaFSCIL().setup(trainer, module, "predict")
+
+
+def test_docstring_examples_run():
+    import reglab.callbacks.continual.mamba_fscil as technique_module
+    import reglab.kernels.selective_scan as scan_module
+
+    for module in (technique_module, scan_module):
+        assert doctest.testmod(module, verbose=False).failed == 0
