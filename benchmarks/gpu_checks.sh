@@ -6,6 +6,9 @@
 #   2. benchmarks/kernel_soft_cross_entropy.py, fused Triton kernel vs the torch reference, in bf16
 #      and in fp32 -> docs/results/kernel_soft_cross_entropy_gpu.md; it fails if the two
 #      implementations disagree beyond the tolerances below;
+#   2b. tests/test_selective_scan.py with its CUDA tests (fp32/bf16, default launch) and one speed
+#      table, the forward-only Triton selective scan vs the torch reference under no_grad ->
+#      docs/results/kernel_selective_scan_gpu.md; it fails if they disagree beyond the tolerances;
 #   3. `reglab bench overhead --accelerator gpu` -> docs/results/overhead_gpu.md (the step contract vs a plain training_step, every technique on resnet18 and on the harness model:
 #      step time and peak memory against no technique; our EMA against timm's and Lightning's);
 #   4. the PEFT claims' arms on a smoke budget, peak training memory per arm on the GPU ->
@@ -142,6 +145,46 @@ for dtype in bf16 fp32; do
     ' "$LOG_DIR/kernel_$dtype.log"
 done
 
+step="selective-scan kernel"
+timeout 300 "$PYTHON" -m pytest tests/test_selective_scan.py -q -rs -p no:cacheprovider | tee "$LOG_DIR/scan_tests.log"
+if grep -q "needs a CUDA GPU" "$LOG_DIR/scan_tests.log"; then
+    echo "gpu_checks.sh: the selective-scan CUDA tests were skipped on a GPU machine" >&2
+    false
+fi
+timeout 180 "$PYTHON" - <<'EOF' | tee "$RESULTS/kernel_selective_scan_gpu.md"
+import torch
+from reglab.kernels import selective_scan_reference, selective_scan_triton
+
+def milliseconds(step, repeats=20):
+    for _ in range(3):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+print(f"# Selective scan: Triton kernel vs torch reference, forward under no_grad, {torch.cuda.get_device_name()}\n")
+print("Produced by `bash benchmarks/gpu_checks.sh` (mean of 20 after 3 warm-up runs; D, z, delta_bias, softplus on).\n")
+print("| dtype | batch x dim x L, d_state | torch ms | triton ms | speedup | max diff / max |\n|---|---|---:|---:|---:|---:|")
+generator = torch.Generator(device="cuda").manual_seed(0)
+for dtype in (torch.bfloat16, torch.float32):
+    for b, d, l, n in ((256, 640, 4, 256), (8, 1536, 1024, 16)):  # Mamba-FSCIL's CIFAR neck; a language-model layer
+        rand = lambda *shape: torch.randn(*shape, device="cuda", generator=generator)
+        inputs = dict(u=rand(b, d, l).to(dtype), delta=rand(b, d, l).to(dtype), A=-rand(d, n).abs(), B=rand(b, n, l).to(dtype),
+                      C=rand(b, n, l).to(dtype), D=rand(d), z=rand(b, d, l).to(dtype), delta_bias=rand(d), delta_softplus=True)
+        with torch.no_grad():
+            reference, kernel = selective_scan_reference(**inputs).float(), selective_scan_triton(**inputs).float()
+            difference = ((kernel - reference).abs().max() / reference.abs().max()).item()
+            torch_ms = milliseconds(lambda: selective_scan_reference(**inputs))
+            triton_ms = milliseconds(lambda: selective_scan_triton(**inputs))
+        print(f"| {str(dtype).removeprefix('torch.')} | {b}x{d}x{l}, {n} | {torch_ms:.3f} | {triton_ms:.3f} "
+              f"| {torch_ms / triton_ms:.1f}x | {difference:.1e} |", flush=True)
+        assert difference < (1.6e-2 if dtype == torch.bfloat16 else 1e-4), f"kernel and reference disagree: {difference}"
+EOF
+
 step="overhead benchmark"
 timeout 300 "$PYTHON" -m reglab bench overhead --accelerator gpu --repeats 3 --realistic_repeats 3 --steps 20 --out "$RESULTS/overhead_gpu.md"
 test -s "$RESULTS/overhead_gpu.md"
@@ -172,4 +215,4 @@ print("\n".join(rows))
 EOF
 
 [[ $sharded_status -eq 0 ]] || { echo "gpu_checks.sh: the sharded and compiled models step failed (see above)" >&2; exit 1; }
-echo "gpu_checks.sh: all checks passed; wrote $kernel_md, $RESULTS/overhead_gpu.md and $RESULTS/peft_memory_gpu.md"
+echo "gpu_checks.sh: all checks passed; wrote $kernel_md, $RESULTS/kernel_selective_scan_gpu.md, $RESULTS/overhead_gpu.md and $RESULTS/peft_memory_gpu.md"

@@ -48,7 +48,20 @@ def ist_with_scores() -> Technique:
     return ist
 
 
-FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores}
+def mamba_fscil_session() -> Technique:
+    """Mamba-FSCIL as after a base session of classes 0-5 of the harness digits: its memory holds
+    one made-up mean feature per base class (the harness MLP's 32-d features), so a plain fit is an
+    incremental session on all ten classes (the new branch trains under every loss term)."""
+    card = registry.card("mamba_fscil")
+    technique = card.load()(**card.harness["init_args"])
+    technique.base_classes = list(range(6))
+    technique.memory_features = torch.rand(6, 32, generator=torch.Generator().manual_seed(3))
+    technique.memory_labels = torch.arange(6)
+    return technique
+
+
+FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores,
+                                                 "mamba_fscil_session": mamba_fscil_session}
 
 
 def make(technique_id: str) -> Technique:

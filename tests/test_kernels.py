@@ -1,11 +1,8 @@
 """Tests for reglab.kernels.soft_cross_entropy.
 
-The Triton kernel is exercised on CPU through triton's interpreter, which only
-takes effect if TRITON_INTERPRET=1 is set before the kernel is first imported.
-Rather than depend on nothing else in the pytest session importing triton
-first, one subprocess runs this file as a script with the variable set, runs
-every interpreter check and prints a JSON verdict per check; the parametrised
-test then asserts its own verdict. bf16 is absent from the interpreter checks
+The Triton kernel is exercised on CPU through triton's interpreter, in one
+subprocess that runs this file as a script with TRITON_INTERPRET=1
+(tests/triton_interpreter.py); the parametrised test asserts each check's verdict. bf16 is absent from the interpreter checks
 because the interpreter computes with numpy, which has no bf16: the CUDA test
 at the end covers bf16 (and default block sizes) when a GPU is present.
 """
@@ -15,23 +12,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable, Literal
 
 import pytest
+import triton_interpreter
 import torch
 import torch.nn.functional as F
 
 from reglab.kernels import soft_cross_entropy, soft_cross_entropy_reference, soft_cross_entropy_triton
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RUN_INTERPRETER_CHECKS_FLAG = "--run-interpreter-checks"
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 # Small enough for the interpreter, and 3 * 16 + 7 classes make every row span
 # four blocks, the last one partly masked.
@@ -192,33 +185,9 @@ INTERPRETER_CHECKS["forced_triton_rejects_targets_that_require_grad"] = (
 )
 
 
-def _run_interpreter_checks() -> dict[str, str | None]:
-    """Run every interpreter check on CPU; map its name to a failure message or None."""
-    verdicts: dict[str, str | None] = {}
-    for name, check in INTERPRETER_CHECKS.items():
-        try:
-            check("cpu")
-        except Exception as error:  # noqa: BLE001 - every failure becomes that check's verdict
-            verdicts[name] = f"{type(error).__name__}: {error}"
-        else:
-            verdicts[name] = None
-    return verdicts
-
-
 @pytest.fixture(scope="module")
 def interpreter_verdicts() -> dict[str, str | None]:
-    if not TRITON_INSTALLED:
-        pytest.skip("triton is not installed")
-    completed = subprocess.run(
-        [sys.executable, __file__, RUN_INTERPRETER_CHECKS_FLAG],
-        cwd=REPO_ROOT,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, f"interpreter subprocess failed:\n{completed.stderr[-4000:]}"
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return triton_interpreter.verdicts(__file__)
 
 
 @pytest.mark.parametrize("check_name", list(INTERPRETER_CHECKS))
@@ -228,7 +197,7 @@ def test_triton_kernel_in_interpreter(check_name: str, interpreter_verdicts: dic
 
 
 @pytest.mark.skipif(
-    not (torch.cuda.is_available() and TRITON_INSTALLED), reason="needs a CUDA GPU and triton"
+    not (torch.cuda.is_available() and triton_interpreter.TRITON_INSTALLED), reason="needs a CUDA GPU and triton"
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_classes", [1000, 32000 + 7], ids=lambda c: f"C{c}")
@@ -366,7 +335,7 @@ def test_integer_targets_are_rejected() -> None:
         soft_cross_entropy(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.long))
 
 
-@pytest.mark.skipif(not TRITON_INSTALLED, reason="triton is not installed")
+@pytest.mark.skipif(not triton_interpreter.TRITON_INSTALLED, reason="triton is not installed")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter accepts CPU tensors")
 def test_forcing_triton_on_cpu_without_the_interpreter_raises() -> None:
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -386,5 +355,5 @@ def test_benchmark_script_parses_arguments_and_asks_for_a_gpu() -> None:
         benchmark.main([])
 
 
-if __name__ == "__main__" and sys.argv[1:] == [RUN_INTERPRETER_CHECKS_FLAG]:
-    print(json.dumps(_run_interpreter_checks()))
+if __name__ == "__main__":
+    triton_interpreter.main(INTERPRETER_CHECKS)

@@ -188,8 +188,9 @@ class TaskSequenceRunner:
         self.datamodule.load_state_dict(checkpoint[type(self.datamodule).__qualname__])
         if self.progress.tasks_done <= self.datamodule.task:
             return self.datamodule.task, path  # inside a task: Lightning restores the rest
-        self.module.load_state_dict(checkpoint["state_dict"])
+        # first: the hooks a checkpoint names add what a technique's setup added (Mamba-FSCIL's projector)
         self.module.on_load_checkpoint(checkpoint)
+        self.module.load_state_dict(checkpoint["state_dict"])
         for technique in self.techniques:
             if technique.state_key in checkpoint["callbacks"]:
                 technique.load_state_dict(checkpoint["callbacks"][technique.state_key])
