@@ -1,8 +1,10 @@
 """Claim protocols of the continual family, registered with ``reglab bench effects``.
 
 * ``task_sequence``: a :class:`TaskSequenceRunner` run per arm and seed on split digits; the
-  accuracy matrix gives ``average_accuracy``, ``forgetting`` (max − last) and
-  ``backward_transfer``. Optionally every arm of a seed starts from one backbone pretrained on a
+  accuracy matrix gives ``average_accuracy``, ``forgetting`` (max − last),
+  ``backward_transfer`` and ``forward_transfer``, also under both evaluation rules
+  (``class_il/...``, ``task_il/...``), and the run's costs (``cost/fit_s``,
+  ``cost/peak_memory_bytes``, ``cost/stored_bytes``): :meth:`TaskSequenceRunner.scores`. Optionally every arm of a seed starts from one backbone pretrained on a
   disjoint, class-stratified share of the training images (``pretrain_epochs`` > 0), frozen
   (``freeze_backbone``), with only the current task's logits live while it trains
   (``current_task_logits``, as OVOR's official learners).
@@ -29,7 +31,6 @@ import lightning as L
 import torch
 
 from reglab.bench.protocols import ClaimError, Protocol, instantiate, register_protocol
-from reglab.continual.metrics import summary
 from reglab.continual.online import AnytimeAccuracy
 from reglab.continual.runner import TaskSequenceRunner
 from reglab.datamodules import DigitsDataModule, SiBlurryDataModule, TaskSequenceDataModule
@@ -113,7 +114,7 @@ class TaskSequenceProtocol(Protocol):
         pretrain_fraction = self.settings["pretrain_fraction"] if self.settings["pretrain_epochs"] else 0.0
         return TaskSequenceDataModule(base, joint=joint, pretrain_fraction=pretrain_fraction, **data)
 
-    def run_matrix(self, spec: dict[str, Any], seed: int, workdir: Path) -> torch.Tensor:
+    def run_sequence(self, spec: dict[str, Any], seed: int, workdir: Path) -> TaskSequenceRunner:
         settings = self.settings
         backbone = pretrained_backbone(json.dumps(settings, sort_keys=True), seed) if settings["pretrain_epochs"] else None
         L.seed_everything(seed, verbose=False)
@@ -125,10 +126,11 @@ class TaskSequenceProtocol(Protocol):
         runner = TaskSequenceRunner(module, self.sequence(seed, spec.get("joint", False)), build_techniques(spec),
                                     {**QUIET, "max_epochs": settings["epochs"], **settings["trainer"]},
                                     callbacks=callbacks, run_dir=tempfile.mkdtemp(dir=workdir), log=False)
-        return runner.run()
+        runner.run()
+        return runner
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        return summary(self.run_matrix(spec, seed, workdir))
+        return self.run_sequence(spec, seed, workdir).scores()
 
     def describe(self) -> list[str]:
         return ["Split digits through `reglab.continual.TaskSequenceRunner` (one fit per task, accuracy on every "
@@ -148,9 +150,10 @@ class FewShotSessionsProtocol(TaskSequenceProtocol):
             raise ClaimError(f"claim {claim_name}: few_shot_sessions needs data.shots (samples per new class)")
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        matrix = self.run_matrix(spec, seed, workdir)
+        runner = self.run_sequence(spec, seed, workdir)
+        matrix = runner.matrix
         return {"novel_accuracy": float(matrix[-1, 1:].mean()), "base_accuracy": float(matrix[-1, 0]),
-                **summary(matrix)}
+                **runner.scores()}
 
     def describe(self) -> list[str]:
         return ["Few-shot sessions through `reglab.continual.TaskSequenceRunner`: a base session, then sessions of "
