@@ -229,11 +229,11 @@ class GRCL(ExperienceReplay):
         parameters = trainable_parameters(module)
         if not self.anchor:
             self.anchor = {name: p.detach().float().clone() for name, p in parameters.items()}
-            self.age = {name: torch.full_like(p, self.gate_slots, dtype=torch.int16) for name, p in parameters.items()}
+            self.age = {name: torch.full_like(p, self.gate_slots, dtype=torch.int32) for name, p in parameters.items()}
         self.anchor, self.age = tensors_on(self.anchor, device), tensors_on(self.age, device)
         for name, p in parameters.items():
             gate = top_fraction(importance[name], self.gate_fraction)
-            self.age[name] = torch.where(gate, 0, (self.age[name] + 1).clamp_max(self.gate_slots)).to(torch.int16)
+            self.age[name] = torch.where(gate, 0, (self.age[name] + 1).clamp_max(self.gate_slots)).to(torch.int32)
             self.anchor[name] = torch.where(gate, p.detach().float(), self.anchor[name])
         if trainer is not None and trainer.world_size > 1:
             self.anchor = {name: trainer.strategy.broadcast(t, src=0) for name, t in self.anchor.items()}
