@@ -27,6 +27,7 @@ _MODULES = {
         "render_domain", "rotate_images",
     ],
     "hinted_digits": ["HINT_TEMPLATES", "HintedDigitsDataModule", "VARIANTS"],
+    "drifting_stream": ["DriftingDigitsDataModule", "drifting_order", "rotate_each"],
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],

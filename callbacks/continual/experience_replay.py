@@ -110,13 +110,18 @@ class ExperienceReplay(Technique):
         rank = trainer.global_rank if trainer is not None else 0
         mixed = dict(batch)
         if self.filled:
-            drawn = torch.randint(0, self.filled, (self.replay_batch_size or size,), generator=self._generator(REPLAY_STREAM, rank))
+            drawn = self.replay_positions(samples, self.replay_batch_size or size, module, rank)
             for key, value in samples.items():
                 mixed[key] = torch.cat([value, self.buffer[key][drawn.to(self.buffer[key].device)].to(value.device)])
         if trainer is not None and trainer.world_size > 1:
             samples = {key: module.all_gather(value).flatten(0, 1) for key, value in samples.items()}
         self._store(samples)
         return mixed
+
+    def replay_positions(self, samples: dict[str, Tensor], count: int, module: L.LightningModule, rank: int) -> Tensor:
+        """Which ``count`` buffer slots to replay with this step's ``samples``: uniform, with
+        replacement (a subclass may choose by the samples and the model)."""
+        return torch.randint(0, self.filled, (count,), generator=self._generator(REPLAY_STREAM, rank))
 
     def _store(self, samples: dict[str, Tensor]) -> None:
         """Reservoir update with the (gathered) samples of one step."""

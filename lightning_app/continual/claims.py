@@ -1,16 +1,19 @@
 """Claim protocols of the continual family, registered with ``reglab bench effects``.
 
 * ``task_sequence``: a :class:`TaskSequenceRunner` run per arm and seed on split digits; the
-  accuracy matrix gives ``average_accuracy``, ``forgetting`` (max − last) and
-  ``backward_transfer``. Optionally every arm of a seed starts from one backbone pretrained on a
+  accuracy matrix gives ``average_accuracy``, ``forgetting`` (max − last),
+  ``backward_transfer`` and ``forward_transfer``, also under both evaluation rules
+  (``class_il/...``, ``task_il/...``), and the run's costs (``cost/fit_s``,
+  ``cost/peak_memory_bytes``, ``cost/stored_bytes``): :meth:`TaskSequenceRunner.scores`. Optionally every arm of a seed starts from one backbone pretrained on a
   disjoint, class-stratified share of the training images (``pretrain_epochs`` > 0), frozen
   (``freeze_backbone``), with only the current task's logits live while it trains
   (``current_task_logits``, as OVOR's official learners).
 * ``few_shot_sessions``: the same with a base session and few-shot sessions (``data.shots``);
   adds ``novel_accuracy`` (after the last session, mean over the sessions' tasks) and
   ``base_accuracy``.
-* ``online_stream``: one online pass over the Si-Blurry stream with :class:`AnytimeAccuracy`
-  (``online/A_auc``, ``online/A_last``).
+* ``online_stream``: one online pass over a stream with :class:`AnytimeAccuracy`
+  (``online/A_auc``, ``online/A_last``): ``stream: si_blurry`` (default) or ``drifting``
+  (:class:`~reglab.datamodules.DriftingDigitsDataModule`), ``stream_args`` to its constructor.
 
 An arm's spec: ``techniques`` (a list of ``{class_path, init_args}``) and, for a task sequence,
 ``joint`` (train every task on all seen tasks' data: the upper bound). Data, class order and
@@ -29,10 +32,9 @@ import lightning as L
 import torch
 
 from reglab.bench.protocols import ClaimError, Protocol, instantiate, register_protocol
-from reglab.continual.metrics import summary
 from reglab.continual.online import AnytimeAccuracy
 from reglab.continual.runner import TaskSequenceRunner
-from reglab.datamodules import DigitsDataModule, SiBlurryDataModule, TaskSequenceDataModule
+from reglab.datamodules import DigitsDataModule, DriftingDigitsDataModule, SiBlurryDataModule, TaskSequenceDataModule
 from reglab.tasks import ClassificationModule
 
 QUIET = dict(accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
@@ -113,7 +115,7 @@ class TaskSequenceProtocol(Protocol):
         pretrain_fraction = self.settings["pretrain_fraction"] if self.settings["pretrain_epochs"] else 0.0
         return TaskSequenceDataModule(base, joint=joint, pretrain_fraction=pretrain_fraction, **data)
 
-    def run_matrix(self, spec: dict[str, Any], seed: int, workdir: Path) -> torch.Tensor:
+    def run_sequence(self, spec: dict[str, Any], seed: int, workdir: Path) -> TaskSequenceRunner:
         settings = self.settings
         backbone = pretrained_backbone(json.dumps(settings, sort_keys=True), seed) if settings["pretrain_epochs"] else None
         L.seed_everything(seed, verbose=False)
@@ -125,10 +127,11 @@ class TaskSequenceProtocol(Protocol):
         runner = TaskSequenceRunner(module, self.sequence(seed, spec.get("joint", False)), build_techniques(spec),
                                     {**QUIET, "max_epochs": settings["epochs"], **settings["trainer"]},
                                     callbacks=callbacks, run_dir=tempfile.mkdtemp(dir=workdir), log=False)
-        return runner.run()
+        runner.run()
+        return runner
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        return summary(self.run_matrix(spec, seed, workdir))
+        return self.run_sequence(spec, seed, workdir).scores()
 
     def describe(self) -> list[str]:
         return ["Split digits through `reglab.continual.TaskSequenceRunner` (one fit per task, accuracy on every "
@@ -148,9 +151,10 @@ class FewShotSessionsProtocol(TaskSequenceProtocol):
             raise ClaimError(f"claim {claim_name}: few_shot_sessions needs data.shots (samples per new class)")
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        matrix = self.run_matrix(spec, seed, workdir)
+        runner = self.run_sequence(spec, seed, workdir)
+        matrix = runner.matrix
         return {"novel_accuracy": float(matrix[-1, 1:].mean()), "base_accuracy": float(matrix[-1, 0]),
-                **summary(matrix)}
+                **runner.scores()}
 
     def describe(self) -> list[str]:
         return ["Few-shot sessions through `reglab.continual.TaskSequenceRunner`: a base session, then sessions of "
@@ -158,17 +162,34 @@ class FewShotSessionsProtocol(TaskSequenceProtocol):
                 "their test accuracy among all classes; base_accuracy: the base session's.", ""]
 
 
+STREAMS = ("si_blurry", "drifting")
+
+
 @register_protocol("online_stream")
 class OnlineStreamProtocol(Protocol):
-    defaults = {"batch_size": 16, "lr": 5e-3, "eval_period": 50, "hidden_sizes": [128, 128], "trainer": {}}
+    defaults = {"batch_size": 16, "lr": 5e-3, "eval_period": 50, "hidden_sizes": [128, 128], "stream": "si_blurry",
+                "stream_args": {}, "trainer": {}}
+
+    def check_settings(self) -> None:
+        if self.settings["stream"] not in STREAMS:
+            raise ClaimError(f"claim {self.claim_name}: stream {self.settings['stream']!r} is not one of {list(STREAMS)}. "
+                             f"Fix: set stream to one of them.")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         check_technique_specs(self.claim_name, arm, spec, {"techniques"})
 
+    def stream(self, seed: int) -> L.LightningDataModule:
+        """The stream of a seed: Si-Blurry over the digits, or the drifting digits (stream seed = seed)."""
+        settings = self.settings
+        if settings["stream"] == "drifting":
+            return DriftingDigitsDataModule(batch_size=settings["batch_size"], seed=seed, **settings["stream_args"])
+        base = DigitsDataModule(flatten=True, batch_size=settings["batch_size"], seed=seed)
+        return SiBlurryDataModule(base, seed=seed, **settings["stream_args"])
+
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         settings = self.settings
         L.seed_everything(seed, verbose=False)
-        data = SiBlurryDataModule(DigitsDataModule(flatten=True, batch_size=settings["batch_size"], seed=seed), seed=seed)
+        data = self.stream(seed)
         module = mlp({"hidden_sizes": settings["hidden_sizes"], "lr": settings["lr"]})
         curve = AnytimeAccuracy(eval_period=settings["eval_period"])
         trainer = L.Trainer(**{**QUIET, "max_epochs": 1, **settings["trainer"]}, logger=False,
@@ -177,6 +198,9 @@ class OnlineStreamProtocol(Protocol):
         return curve.summary()
 
     def describe(self) -> list[str]:
-        return ["One online pass over the Si-Blurry digits stream (`reglab.datamodules.SiBlurryDataModule`, stream "
-                "seed = seed); `reglab.continual.online.AnytimeAccuracy` evaluates on the seen classes' test samples "
-                "every eval_period samples (unseen classes masked in every arm).", ""]
+        stream = ("the drifting digits stream (`reglab.datamodules.DriftingDigitsDataModule`: gradual class and "
+                  "rotation drift)" if self.settings["stream"] == "drifting"
+                  else "the Si-Blurry digits stream (`reglab.datamodules.SiBlurryDataModule`)")
+        return [f"One online pass over {stream}, stream seed = seed; `reglab.continual.online.AnytimeAccuracy` "
+                "evaluates on the seen classes' test samples every eval_period samples (unseen classes masked in "
+                "every arm).", ""]

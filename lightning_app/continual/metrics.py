@@ -6,17 +6,30 @@ upper triangle is NaN). With T tasks:
 * average accuracy (Chaudhry et al. 2018):  ``A = mean_j R[T-1, j]``;
 * forgetting, the max − last definition (Chaudhry et al. 2018):
   ``F = mean_{j < T-1} ( max_{i < T-1} R[i, j] − R[T-1, j] )``;
-* backward transfer (Lopez-Paz & Ranzato 2017): ``BWT = mean_{j < T-1} ( R[T-1, j] − R[j, j] )``.
+* backward transfer (Lopez-Paz & Ranzato 2017): ``BWT = mean_{j < T-1} ( R[T-1, j] − R[j, j] )``;
+* forward transfer (Lopez-Paz & Ranzato 2017, as Avalanche's ``ForwardTransfer``):
+  ``FWT = mean_{1 <= j < T} ( R[j-1, j] − b_j )``, the accuracy on task j *before* it is trained
+  (after task j-1) minus ``b_j``, the accuracy on task j of the model before the first task (its
+  random initialisation). ``R[j-1, j]`` and ``b_j`` use the candidate classes that ``R[j, j]`` will
+  use, so the three are the same test at three times.
+
+Both evaluation rules are kept side by side, as Mammoth reports them: *class-incremental* (predict
+among every class seen so far, no task label) and *task-incremental* (the logits masked to the
+task's own classes). A run's own scenario decides which one its accuracy matrix ``R`` is; the
+other is reported beside it (:func:`incremental_scores`).
 
 Example:
     >>> import torch
     >>> R = accuracy_matrix([[0.9], [0.5, 0.8]])
     >>> round(average_accuracy(R), 2), round(forgetting(R), 2), round(backward_transfer(R), 2)
     (0.65, 0.4, -0.4)
+    >>> round(forward_transfer(next_task=[0.3], initial=[0.5, 0.1]), 2)   # 0.3 − 0.1
+    0.2
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,6 +66,35 @@ def backward_transfer(matrix: Tensor) -> float:
     return float((matrix[last, :last] - matrix.diagonal()[:last]).mean())
 
 
+RULES = ("class_il", "task_il")  # the two evaluation rules, class- and task-incremental
+
+
+def forward_transfer(next_task: Sequence[float], initial: Sequence[float]) -> float:
+    """FWT from ``next_task[j-1]`` (accuracy on task j after training tasks 0..j-1) and
+    ``initial[j]`` (on task j before any training); 0 for a single task, like :func:`backward_transfer`."""
+    if len(initial) != len(next_task) + 1:
+        raise ValueError(
+            f"forward_transfer: {len(next_task)} next-task accuracies need {len(next_task) + 1} initial ones "
+            f"(one per task), got {len(initial)}."
+        )
+    if not next_task:
+        return 0.0
+    return float((torch.tensor(next_task, dtype=torch.float64) - torch.tensor(initial[1:], dtype=torch.float64)).mean())
+
+
+def incremental_scores(rows: dict[str, list[list[float]]], next_task: dict[str, list[float]],
+                       initial: dict[str, list[float]]) -> dict[str, float]:
+    """Average accuracy, forgetting, BWT and FWT under each evaluation rule (``class_il``,
+    ``task_il``), keyed ``<rule>/<score>``; FWT only where the initial accuracies were measured."""
+    scores: dict[str, float] = {}
+    for rule, rule_rows in rows.items():
+        matrix = accuracy_matrix(rule_rows)
+        scores.update({f"{rule}/{name}": value for name, value in summary(matrix).items()})
+        if len(initial.get(rule, [])) == len(rule_rows) and len(next_task.get(rule, [])) == len(rule_rows) - 1:
+            scores[f"{rule}/forward_transfer"] = forward_transfer(next_task[rule], initial[rule])
+    return scores
+
+
 def summary(matrix: Tensor) -> dict[str, float]:
     return {
         "average_accuracy": average_accuracy(matrix),
@@ -72,6 +114,17 @@ def markdown_table(matrix: Tensor) -> str:
     scores = summary(matrix)
     lines += ["", f"Average accuracy {scores['average_accuracy']:.4f}, forgetting (max − last) "
               f"{scores['forgetting']:.4f}, backward transfer {scores['backward_transfer']:.4f}."]
+    return "\n".join(lines)
+
+
+def rules_table(scores: dict[str, float]) -> str:
+    """The scores of both evaluation rules side by side (keys ``<rule>/<score>``, as
+    :func:`incremental_scores` gives them)."""
+    names = ("average_accuracy", "forgetting", "backward_transfer", "forward_transfer")
+    lines = ["| rule | " + " | ".join(name.replace("_", " ") for name in names) + " |", "|---|" + "---|" * len(names)]
+    for rule, label in zip(RULES, ("class-incremental", "task-incremental")):
+        cells = [f"{scores[f'{rule}/{name}']:.4f}" if f"{rule}/{name}" in scores else "" for name in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

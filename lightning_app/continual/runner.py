@@ -8,8 +8,17 @@ Per task t the runner
 2. builds a fresh ``Trainer`` — loops, early stopping, checkpointing, LR schedules and the
    optimizer start anew (the optimizer is rebuilt by ``configure_optimizers``);
 3. calls every technique's ``on_task_start``, fits, calls ``on_task_end``;
-4. tests on every task seen so far (one row of the accuracy matrix) and saves
-   ``checkpoints/task_<t>_end.ckpt``.
+4. tests on every task seen so far (one row of the accuracy matrix) and on the next task (for
+   forward transfer) and saves ``checkpoints/task_<t>_end.ckpt``.
+
+Before the first task it tests the untrained model on every task (the initial accuracies of
+forward transfer). Each test is scored under both evaluation rules of
+:mod:`reglab.continual.metrics`, class-incremental and task-incremental (the logits masked to the
+task's classes), from one forward pass; the scenario's rule gives the accuracy matrix, the other
+is reported beside it. Per task it also records the cost of the experience
+(:mod:`reglab.continual.costs`: fit and evaluation wall time, peak memory, bytes the techniques
+store). Results: ``accuracy_matrix.{md,json,png}`` (deterministic, so a resumed run writes the same
+JSON) and ``experiences.json`` (the costs; a resumed task counts only its resumed part).
 
 Every checkpoint is an ordinary Lightning checkpoint; :class:`TaskProgress` (a callback) puts
 the number of finished tasks and the accuracy rows into it, the DataModule its task index, the
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,25 +49,40 @@ from torch import Tensor
 
 from reglab.datamodules.tasks import TaskSequenceDataModule
 from reglab.resume import RunCheckpoint
-from reglab.continual.metrics import accuracy_matrix, markdown_table, plot_heatmap, summary
+from reglab.continual.costs import ExperienceMeter, experiences_table, state_bytes
+from reglab.continual.metrics import RULES, accuracy_matrix, incremental_scores, markdown_table, plot_heatmap, rules_table, summary
 from reglab.nonfinite import NonFiniteGuard
 from reglab.run_folder import run_loggers
 from reglab.technique import Technique
 
 
 class TaskProgress(L.Callback):
-    """The runner's own state, saved in every checkpoint: finished tasks and accuracy rows."""
+    """The runner's own state, saved in every checkpoint: finished tasks, and per evaluation rule
+    (``class_il``, ``task_il``) the accuracy rows, the next-task accuracies and the initial ones;
+    the cost of each finished experience."""
 
     def __init__(self) -> None:
         self.tasks_done = 0
-        self.rows: list[list[float]] = []
+        self.rows: dict[str, list[list[float]]] = {rule: [] for rule in RULES}
+        self.next_task: dict[str, list[float]] = {rule: [] for rule in RULES}
+        self.initial: dict[str, list[float]] = {rule: [] for rule in RULES}
+        self.experiences: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tasks_done": self.tasks_done, "rows": [list(row) for row in self.rows]}
+        return {"tasks_done": self.tasks_done, "rows": copy.deepcopy(self.rows), "next_task": copy.deepcopy(self.next_task),
+                "initial": copy.deepcopy(self.initial), "experiences": copy.deepcopy(self.experiences)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict["rows"], dict):
+            raise ValueError(
+                "TaskProgress: this checkpoint comes from a runner before the class-/task-incremental rows "
+                "(its rows are one list); resume it with that reglab version, or start the sequence again."
+            )
         self.tasks_done = int(state_dict["tasks_done"])
-        self.rows = [list(row) for row in state_dict["rows"]]
+        self.rows = copy.deepcopy(state_dict["rows"])
+        self.next_task = copy.deepcopy(state_dict["next_task"])
+        self.initial = copy.deepcopy(state_dict["initial"])
+        self.experiences = copy.deepcopy(state_dict["experiences"])
 
 
 class TaskSequenceRunner:
@@ -103,23 +128,58 @@ class TaskSequenceRunner:
         start, resume_fit_from = 0, None
         if ckpt_path is not None:
             start, resume_fit_from = self._restore(Path(ckpt_path))
+        else:
+            self.progress.initial = self._accuracies(range(self.datamodule.num_tasks), after_task=None)
         for task in range(start, self.datamodule.num_tasks):
             self._show_task(task)
             trainer = self._trainer_for(task)
             for technique in self.techniques:
                 technique.on_task_start(trainer, self.module, task)
+            fit = ExperienceMeter(self.module.device)
             try:
-                trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=resume_fit_from if task == start else None)
+                with fit:
+                    trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=resume_fit_from if task == start else None)
             finally:
                 self.trained_any = self.trained_any or trainer.global_step > 0
             for technique in self.techniques:
                 technique.on_task_end(trainer, self.module, task)
-            self.progress.rows.append(self.evaluate(task))
+            clock = time.perf_counter()
+            self._record_evaluation(task)
+            self.progress.experiences.append({
+                "task": task, "fit_s": fit.seconds, "eval_s": time.perf_counter() - clock,
+                "peak_memory_bytes": fit.peak_memory_bytes, "memory_kind": fit.memory_kind,
+                "stored_bytes": {technique.state_key: state_bytes(technique) for technique in self.techniques},
+            })
             self.progress.tasks_done = task + 1
             trainer.save_checkpoint(self.run_dir / "checkpoints" / f"task_{task}_end.ckpt")
-        matrix = accuracy_matrix(self.progress.rows)
+        matrix = self.matrix
         self._write_results(matrix)
         return matrix
+
+    @property
+    def rule(self) -> str:
+        """The evaluation rule of the scenario: ``class_il`` or ``task_il``."""
+        return "class_il" if self.datamodule.scenario == "class" else "task_il"
+
+    @property
+    def matrix(self) -> Tensor:
+        """The accuracy matrix of the tasks finished so far, under the scenario's rule."""
+        return accuracy_matrix(self.progress.rows[self.rule])
+
+    def scores(self) -> dict[str, float]:
+        """The finished sequence's scores: ``summary`` of the matrix, ``forward_transfer``, the same
+        under each rule (``class_il/...``, ``task_il/...``), and its costs summed over the tasks
+        (``cost/fit_s``), at their peak (``cost/peak_memory_bytes``) and at the end
+        (``cost/stored_bytes``: all techniques)."""
+        progress = self.progress
+        rules = incremental_scores(progress.rows, progress.next_task, progress.initial)
+        costs = {
+            "cost/fit_s": sum(e["fit_s"] for e in progress.experiences),
+            "cost/peak_memory_bytes": float(max(e["peak_memory_bytes"] for e in progress.experiences)),
+            "cost/stored_bytes": float(sum(progress.experiences[-1]["stored_bytes"].values())),
+        }
+        own_fwt = rules.get(f"{self.rule}/forward_transfer")
+        return {**summary(self.matrix), **({"forward_transfer": own_fwt} if own_fwt is not None else {}), **rules, **costs}
 
     def _show_task(self, task: int) -> None:
         self.datamodule.set_task(task)
@@ -147,36 +207,58 @@ class TaskSequenceRunner:
                          callbacks=callbacks, logger=logger)
 
     # -- evaluation -------------------------------------------------------------------------------
+    def _record_evaluation(self, task: int) -> None:
+        """After ``task``: a row of accuracies on tasks 0..task and the accuracy on the next task."""
+        last = task + 1 == self.datamodule.num_tasks
+        accuracies = self._accuracies(range(task + 1 if last else task + 2), after_task=task)
+        for rule, values in accuracies.items():
+            self.progress.rows[rule].append(values[: task + 1])
+            if not last:
+                self.progress.next_task[rule].append(values[task + 1])
+
     @torch.no_grad()
-    def evaluate(self, after_task: int) -> list[float]:
-        """Test accuracy on every task 0..``after_task``: among all seen classes (class-incremental)
-        or among the task's own classes (task-incremental)."""
+    def _accuracies(self, tasks: range, after_task: int | None) -> dict[str, list[float]]:
+        """Test accuracy on each of ``tasks`` after ``after_task`` (``None``: before any training),
+        under both rules: among the classes seen through ``max(after_task, j)`` for task j
+        (class-incremental: a task not trained yet is tested among the classes it will be tested
+        among once trained) and among task j's own classes (task-incremental). One forward pass with
+        every class live; each rule masks the logits itself."""
         module, data = self.module, self.datamodule
         training_mask, was_training = module.active_classes.clone(), module.training
         module.eval()
-        row = []
+        module.active_classes.fill_(True)
+        accuracies: dict[str, list[float]] = {rule: [] for rule in RULES}
         try:
-            for task in range(after_task + 1):
-                classes = data.classes_seen(after_task) if data.scenario == "class" else data.tasks[task]
-                module.active_classes.copy_(self._mask(classes))
-                correct = total = 0
+            for task in tasks:
+                candidates = {"class_il": self._mask(data.classes_seen(task if after_task is None else max(after_task, task))),
+                              "task_il": self._mask(data.tasks[task])}
+                correct, total = dict.fromkeys(RULES, 0), 0
                 for batch in data.task_dataloader("test", task):
                     batch = {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                    predicted = module.forward_step(batch).logits.argmax(-1)
-                    correct += int((predicted == batch["target"]).sum())
-                    total += len(predicted)
-                row.append(correct / total)
+                    logits = module.forward_step(batch).logits
+                    for rule, mask in candidates.items():
+                        predicted = logits.masked_fill(~mask, float("-inf")).argmax(-1)
+                        correct[rule] += int((predicted == batch["target"]).sum())
+                    total += len(batch["target"])
+                for rule in RULES:
+                    accuracies[rule].append(correct[rule] / total)
         finally:
             module.active_classes.copy_(training_mask)
             module.train(was_training)
-        return row
+        return accuracies
 
     def _write_results(self, matrix: Tensor) -> None:
+        progress = self.progress
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "accuracy_matrix.md").write_text(markdown_table(matrix) + "\n")
-        (self.run_dir / "accuracy_matrix.json").write_text(
-            json.dumps({"matrix": self.progress.rows, **summary(matrix)}, indent=1)
+        scores = {k: v for k, v in self.scores().items() if not k.startswith("cost/")}
+        (self.run_dir / "accuracy_matrix.md").write_text(
+            markdown_table(matrix) + "\n\n" + rules_table(scores) + "\n\n" + experiences_table(progress.experiences) + "\n"
         )
+        (self.run_dir / "accuracy_matrix.json").write_text(json.dumps({
+            "matrix": progress.rows[self.rule], "rule": self.rule, **scores,
+            "rows": progress.rows, "next_task": progress.next_task, "initial": progress.initial,
+        }, indent=1))
+        (self.run_dir / "experiences.json").write_text(json.dumps(progress.experiences, indent=1))
         plot_heatmap(matrix, self.run_dir / "accuracy_matrix.png")
 
     # -- resume -----------------------------------------------------------------------------------
