@@ -354,12 +354,13 @@ class CLIPAdaptationProtocol(Protocol):
         techniques = [] if adapt == "probe" else [instantiate(t) for t in arm_techniques(spec)]
         if adapt == "fine_tune":
             self.trainer(techniques, max_epochs=s["epochs"]).fit(module, datamodule=train)
+        module.eval()
         head = None
         if adapt == "probe":
             (technique,) = arm_techniques(spec)
-            features, labels = dataset_features(module, train.train_dataset)
-            head = instantiate(technique).fit(features, labels, train.num_classes)
-        return module.eval(), head, techniques
+            dataset = train.train_dataset
+            head = instantiate(technique).fit(image_features(module, dataset), dataset.targets, train.num_classes)
+        return module, head, techniques
 
     def trainer(self, techniques: list, **extra: Any) -> L.Trainer:
         return L.Trainer(**{**TRAINER, "limit_val_batches": 0, **extra, **self.settings["trainer"]},
@@ -371,10 +372,10 @@ class CLIPAdaptationProtocol(Protocol):
         if head is None:
             (tested,) = self.trainer(techniques).test(module, datamodule=data, verbose=False)
             return {key.removeprefix("test/"): value for key, value in tested.items() if key.startswith("test/acc")}
-        features, labels = dataset_features(module, data.test_dataset)
-        predicted = head(features).argmax(-1)
+        dataset = data.test_dataset
+        predicted, labels = head(image_features(module, dataset)).argmax(-1), dataset.targets
         groups = GroupAccuracy(len(data.domain_names))
-        groups.update(predicted, labels, data.test_dataset.extras["domain"])
+        groups.update(predicted, labels, dataset.extras["domain"])
         return {"acc": (predicted == labels).double().mean().item(),
                 **{f"acc_{name}": value for name, value in zip(data.domain_names, groups.compute().reshape(-1).tolist())
                    if not math.isnan(value)}}  # a domain without test images, as the module's own test run
@@ -433,6 +434,14 @@ class BaseToNovelProtocol(CLIPAdaptationProtocol):
                 "epochs; `base_acc` / `novel_acc` are test accuracies of zero-shot classification by prompts over the "
                 "base / the novel classes only, `hm` their harmonic mean. The linear probe's novel accuracy is the "
                 "frozen text classifier's.", ""]
+
+
+def image_features(module: CLIPModule, dataset: DictDataset) -> Tensor:
+    """The normalised image embeddings of every image of ``dataset`` (a probe's inputs), in one batch: the
+    splits here are a few thousand 8x8 images. Not ``dataset_features``: its ``forward_step`` would score
+    the images against class prompts, which a probe neither needs nor, before any evaluation run, has."""
+    with torch.no_grad():
+        return module.image_features(dataset.inputs.to(module.device)).float()
 
 
 def _pretraining_domains(settings: dict[str, Any]) -> str:
