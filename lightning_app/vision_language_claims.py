@@ -24,7 +24,12 @@ is pretrained once from ``pretrain_config`` on that seed's split; each arm adapt
 classes (zero-shot, a linear probe, or a fine-tune with the arm's techniques: CoOp's
 :class:`~reglab.callbacks.baselines.PromptTuning`, LoRA, none = full fine-tuning) and is scored by
 prompts over the base classes and over the novel ones (``base_acc``, ``novel_acc``, harmonic mean
-``hm``); see :class:`BaseToNovelProtocol`.
+``hm``); see :class:`BaseToNovelProtocol`. ``pretrain_domains`` holds domains out of the pretraining
+(the claims pretrain on upright and coloured digits only and evaluate on domains it never saw).
+
+``cross_domain`` (CoOp's domain-generalization protocol, issue 13): the same pretraining and arms; each
+arm adapts on ``shots`` images per class, all ten, of ``source_domain`` only and is scored per test
+domain (``acc_<domain>``, ``source_acc``, ``target_acc``); see :class:`CrossDomainProtocol`.
 """
 
 from __future__ import annotations
