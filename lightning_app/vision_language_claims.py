@@ -242,6 +242,8 @@ class ClassSubsetData(DictDataModule):
         super().__init__(batch_size=batch_size, seed=seed)
         self.num_classes = len(classes)
         self.class_names = tuple(source.class_names[c] for c in classes)
+        #: the names of the classes this subset leaves out (OGEN synthesises their features from them)
+        self.unseen_class_names = tuple(name for c, name in enumerate(source.class_names) if c not in classes)
         self.domain_names = source.domain_names
         self.tokenizer, self.max_length = source.tokenizer, source.max_length
         self.class_prompts = {key: value[classes] for key, value in source.class_prompts.items()}
