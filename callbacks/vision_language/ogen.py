@@ -99,6 +99,9 @@ class OGEN(Technique):
         unseen_class_names: the names of the classes to synthesise; the DataModule's ``unseen_class_names``
             when not given (the base-to-novel protocol's base data names the novel classes; for a model
             tuned on every class, names of none, e.g. ``[ten, eleven, twelve]``).
+        prompt_learner: the prompt learner OGEN owns and sets up itself (e.g. a
+            :class:`~reglab.callbacks.baselines.PromptTuning`), so OGEN alone is the whole method; when not
+            given, the one stacked beside it among the trainer's callbacks.
         heads, dropout: the generator's attention (official 4, 0.1).
         total_epochs: the epochs the warm-up is a share of; the trainer's ``max_epochs`` when not given.
     """
@@ -107,23 +110,31 @@ class OGEN(Technique):
     needs = frozenset({"features"})
 
     def __init__(self, k: int = 3, warmup_fraction: float = 0.2, unseen_class_names: Sequence[str] | None = None,
-                 heads: int = 4, dropout: float = 0.1, total_epochs: int | None = None) -> None:
+                 prompt_learner: Technique | None = None, heads: int = 4, dropout: float = 0.1,
+                 total_epochs: int | None = None) -> None:
         if k < 1 or not 0.0 <= warmup_fraction < 1.0:
             raise self.fail(f"k={k} and warmup_fraction={warmup_fraction}", "use k >= 1 and 0 <= warmup_fraction < 1")
         self.k, self.warmup_fraction, self.heads, self.dropout = k, warmup_fraction, heads, dropout
         self.total_epochs = total_epochs
         self.unseen_class_names = None if unseen_class_names is None else tuple(unseen_class_names)
+        if prompt_learner is not None and not callable(getattr(prompt_learner, "context_prompts", None)):
+            raise self.fail(f"prompt_learner {type(prompt_learner).__name__} has no context_prompts",
+                            "pass a reglab.callbacks.baselines.PromptTuning")
+        self.prompt_learner = prompt_learner
         self.unseen_prompts: dict[str, Tensor] | None = None
         self.warming_up = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self.prompt_learner is not None:  # owned: set up at every stage, as the trainer would
+            self.prompt_learner.setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        learners = [c for c in trainer.callbacks if callable(getattr(c, "context_prompts", None))]
+        learners = [self.prompt_learner] if self.prompt_learner is not None else [
+            c for c in trainer.callbacks if callable(getattr(c, "context_prompts", None))]
         if not learners:
             raise self.fail("it trains a learned prompt context, and no prompt learner is among the techniques",
-                            "stack it with reglab.callbacks.baselines.PromptTuning")
+                            "stack it with reglab.callbacks.baselines.PromptTuning, or pass one as prompt_learner")
         if not hasattr(pl_module, "prompt_context"):
             # the learner's setup is repeatable (each fit and test sets it up again); run first, it freezes
             # the towers before the generator is added, whatever the techniques' order
@@ -196,3 +207,7 @@ class OGEN(Technique):
         """``(C', D)`` normalised text features of the unseen classes' context prompts (with gradient)."""
         tokens = {key: value[:, 0].to(module.device) for key, value in self.unseen_prompts.items()}
         return module.text_features(tokens)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.prompt_learner is not None:
+            self.prompt_learner.teardown(trainer, pl_module, stage)
