@@ -120,6 +120,16 @@ def test_cross_domain_shots_come_from_the_source_domain_and_tests_keep_domains()
     for settings in ({"source_domain": "inverted", "domains": ["upright", "noisy"]}, {"domains": ["upright"]}):
         with pytest.raises(ClaimError, match="source_domain"):
             CrossDomainProtocol("c", settings)
+    # a probe head that always says "zero" is right on exactly each domain's zeros
+    test = torch.nonzero((source.test_dataset.extras["domain"] == 0) | (source.test_dataset.targets < 2)).flatten()
+    subset = ClassSubsetData(source, list(range(10)), shots, test, 8, 0)
+    always_zero = lambda features: torch.nn.functional.one_hot(torch.zeros(len(features), dtype=torch.long), 10)
+    scores = protocol.accuracies(clip().eval(), always_zero, [], subset)
+    targets, domains = subset.test_dataset.targets, subset.test_dataset.extras["domain"]
+    assert scores["acc"] == pytest.approx((targets == 0).double().mean().item())
+    for index, name in enumerate(("upright", "noisy")):
+        assert scores[f"acc_{name}"] == pytest.approx((targets[domains == index] == 0).double().mean().item())
+    assert scores["acc_noisy"] > 3 * scores["acc_upright"]  # noisy kept zeros and ones only, upright all ten digits
 
 
 def test_docstring_example_runs():
