@@ -24,13 +24,19 @@ is pretrained once from ``pretrain_config`` on that seed's split; each arm adapt
 classes (zero-shot, a linear probe, or a fine-tune with the arm's techniques: CoOp's
 :class:`~reglab.callbacks.baselines.PromptTuning`, LoRA, none = full fine-tuning) and is scored by
 prompts over the base classes and over the novel ones (``base_acc``, ``novel_acc``, harmonic mean
-``hm``); see :class:`BaseToNovelProtocol`.
+``hm``); see :class:`BaseToNovelProtocol`. ``pretrain_domains`` holds domains out of the pretraining
+(the claims pretrain on upright and coloured digits only and evaluate on domains it never saw).
+
+``cross_domain`` (CoOp's domain-generalization protocol, issue 13): the same pretraining and arms; each
+arm adapts on ``shots`` images per class, all ten, of ``source_domain`` only and is scored per test
+domain (``acc_<domain>``, ``source_acc``, ``target_acc``); see :class:`CrossDomainProtocol`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ from reglab.datamodules import (CaptionedDigitsDataModule, ClassSplitDataModule,
                                 OpenWorldDigitsDataModule)
 from reglab.datamodules.base import DictDataModule, DictDataset
 from reglab.datamodules.domains import DOMAINS
+from reglab.metrics import GroupAccuracy
 from reglab.tasks import ClassificationModule, CLIPModule
 from reglab.technique import dataset_features
 
@@ -221,11 +228,12 @@ class LinearProbeProtocol(SharedModelProtocol):
         return lines
 
 
-# -- base-to-novel on the tiny CLIP (CoOp's protocol) ---------------------------------------------
+# -- base-to-novel and cross-domain on the tiny CLIP (CoOp's protocols) -------------------------
 
 class ClassSubsetData(DictDataModule):
     """Fixed image splits of some classes, relabelled ``0..k-1``, with those classes' prompts and names
-    (what :class:`~reglab.tasks.CLIPModule` and prompt-learning techniques read from a DataModule)."""
+    (what :class:`~reglab.tasks.CLIPModule` and prompt-learning techniques read from a DataModule) and
+    each image's ``domain`` among the source's ``domain_names`` (the module's per-domain test accuracy)."""
 
     input_shape = CaptionedDigitsDataModule.input_shape
 
@@ -234,57 +242,60 @@ class ClassSubsetData(DictDataModule):
         super().__init__(batch_size=batch_size, seed=seed)
         self.num_classes = len(classes)
         self.class_names = tuple(source.class_names[c] for c in classes)
+        #: the names of the classes this subset leaves out (OGEN synthesises their features from them)
+        self.unseen_class_names = tuple(name for c, name in enumerate(source.class_names) if c not in classes)
+        self.domain_names = source.domain_names
         self.tokenizer, self.max_length = source.tokenizer, source.max_length
         self.class_prompts = {key: value[classes] for key, value in source.class_prompts.items()}
         relabel = torch.full((10,), -1, dtype=torch.long)
         relabel[classes] = torch.arange(len(classes))
         for split, dataset, positions in (("train", source.train_dataset, train), ("test", source.test_dataset, test)):
-            setattr(self, f"{split}_dataset", DictDataset(dataset.inputs[positions], relabel[dataset.targets[positions]]))
+            setattr(self, f"{split}_dataset", DictDataset(dataset.inputs[positions], relabel[dataset.targets[positions]],
+                                                          {"domain": dataset.extras["domain"][positions]}))
 
     def setup(self, stage: str) -> None:
         """The splits are given at construction."""
 
 
-@register_protocol("base_to_novel")
-class BaseToNovelProtocol(Protocol):
-    """Fine-tune the tiny CLIP few-shot on base classes, classify base and novel classes by prompts.
+ADAPTATIONS = ("none", "fine_tune", "probe")
+
+
+class CLIPAdaptationProtocol(Protocol):
+    """Adapt the tiny CLIP few-shot with each arm's method and score it by prompts; a subclass gives the
+    data (:meth:`data`) and the scores (:meth:`run_arm`).
 
     Per seed the CLIP of ``pretrain_config`` is pretrained once (its ``seed``, ``split_seed`` and
-    the trainer's ``max_epochs`` set to the seed and ``pretrain_epochs``, cached by content with
+    the trainer's ``max_epochs`` set to the seed and ``pretrain_epochs``, its data's ``domains`` to
+    ``pretrain_domains`` unless null; cached by content with
     :func:`reglab.checkpoints.pretrained_checkpoint_for`), so its test images are never seen in
-    pretraining. Each arm then adapts a copy on ``shots`` training images per base class (drawn with
-    the seed, every domain of ``domains``) and is scored on the test split (CoOp's base-to-novel
-    protocol): ``base_acc`` is accuracy over the base classes only, ``novel_acc`` over the novel
-    classes only (each a ``len(classes)``-way zero-shot classification by their prompts), ``hm``
-    their harmonic mean. An arm's ``adapt``:
+    pretraining. An arm's ``adapt``:
 
     * ``none`` — zero-shot (no tuning);
-    * ``fine_tune`` (default) — ``epochs`` of ``objective: classification`` on the base classes'
-      prompts (cross-entropy over base classes, as CoOp trains) with the arm's techniques (e.g.
+    * ``fine_tune`` (default) — ``epochs`` of ``objective: classification`` on the training classes'
+      prompts (cross-entropy, as CoOp trains) with the arm's techniques (e.g.
       :class:`~reglab.callbacks.baselines.PromptTuning`, :class:`~reglab.callbacks.peft.LoRA`;
-      none: every parameter trains — full fine-tuning), then the same module classifies the novel
-      classes by their prompts;
+      none: every parameter trains — full fine-tuning);
     * ``probe`` — the arm's technique is a linear-evaluation head
       (:class:`~reglab.callbacks.vision_language.LogisticRegressionProbe`) fitted on the frozen
-      image features of the base shots, scoring base; a probe has no weights for unseen classes,
-      so novel accuracy is the frozen model's text classifier over the novel classes (CoOp's
-      papers report no linear probe in base-to-novel; this is the choice made here).
+      image features of the shots; it scores the classes it was fitted on, and classes it has no
+      weights for are scored by the frozen model's text classifier.
     """
 
     defaults = {"pretrain_config": "configs/experiment/tiny_clip_pretrain.yaml", "pretrain_epochs": 4,
-                "pretrain_trainer": {}, "cache_dir": "runs/pretrained", "domains": list(DOMAINS),
-                "base_classes": [0, 1, 2, 3, 4], "shots": 16, "epochs": 10, "batch_size": 32, "lr": 2e-3,
-                "trainer": {}}
+                "pretrain_trainer": {}, "pretrain_domains": None, "cache_dir": "runs/pretrained",
+                "domains": list(DOMAINS), "shots": 16, "epochs": 10, "batch_size": 32, "lr": 2e-3, "trainer": {}}
 
     def check_settings(self) -> None:
         s = self.settings
-        base = s["base_classes"]
-        if not base or len(set(base)) != len(base) or not set(base) < set(range(10)):
-            raise ClaimError(f"claim {self.claim_name}: base_classes {base} must be some digits, not all. "
-                             "Fix: e.g. base_classes: [0, 1, 2, 3, 4].")
         if not Path(s["pretrain_config"]).is_file():
             raise ClaimError(f"claim {self.claim_name}: pretrain_config {s['pretrain_config']} is not a file. "
                              "Fix: give a `reglab fit` config of a CLIPModule (configs/experiment/tiny_clip_pretrain.yaml).")
+        for key in ("domains", "pretrain_domains"):
+            domains = s[key]
+            if domains is not None and (not domains or not set(domains) <= set(DOMAINS)):
+                raise ClaimError(f"claim {self.claim_name}: {key} {domains} must name some of {list(DOMAINS)}. "
+                                 f"Fix: e.g. {key}: [upright, coloured]" + (" (or null: the pretraining config's)."
+                                                                           if key == "pretrain_domains" else "."))
         if s["shots"] < 1:
             raise ClaimError(f"claim {self.claim_name}: shots={s['shots']} leaves nothing to train on. Fix: shots >= 1.")
 
@@ -293,7 +304,7 @@ class BaseToNovelProtocol(Protocol):
         adapt = spec.get("adapt", "fine_tune")
         if unknown or adapt not in ADAPTATIONS:
             raise ClaimError(f"claim {self.claim_name}, arm {arm}: fields {unknown} / adapt {adapt!r}. Fix: an arm of "
-                             f"protocol base_to_novel takes `technique` and `adapt` (one of {list(ADAPTATIONS)}).")
+                             f"protocol {self.name} takes `technique` and `adapt` (one of {list(ADAPTATIONS)}).")
         check_arm_techniques(self.claim_name, arm, spec)
         count = len(arm_techniques(spec))
         if (adapt == "probe" and count != 1) or (adapt == "none" and count):
@@ -310,6 +321,8 @@ class BaseToNovelProtocol(Protocol):
         config = yaml.safe_load(source.read_text())
         config["seed_everything"] = seed
         config["data"]["init_args"].update(seed=seed, split_seed=seed)
+        if s["pretrain_domains"] is not None:
+            config["data"]["init_args"]["domains"] = list(s["pretrain_domains"])
         config["trainer"] = {**config.get("trainer", {}), "max_epochs": s["pretrain_epochs"], **s["pretrain_trainer"]}
         text = yaml.safe_dump(config, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -319,16 +332,90 @@ class BaseToNovelProtocol(Protocol):
             derived.write_text(text)
         return pretrained_checkpoint_for(derived, s["cache_dir"])
 
+    def source(self, seed: int) -> CaptionedDigitsDataModule:
+        """The captioned digits of ``domains`` on the seed's split (the pretraining's split)."""
+        source = CaptionedDigitsDataModule(domains=self.settings["domains"], split_seed=seed, seed=seed)
+        source.setup("fit")
+        return source
+
+    def shots(self, source: CaptionedDigitsDataModule, classes: list[int], seed: int, domain: int | None = None) -> Tensor:
+        """Positions of ``shots`` training images per class of ``classes`` (of ``domain`` only, if given), drawn
+        with the seed."""
+        generator = torch.Generator().manual_seed(seed)
+        targets, domains = source.train_dataset.targets, source.train_dataset.extras["domain"]
+        pool = torch.ones_like(targets, dtype=torch.bool) if domain is None else domains == domain
+        return torch.cat([torch.nonzero(pool & (targets == c)).flatten()[
+            torch.randperm(int((pool & (targets == c)).sum()), generator=generator)[: self.settings["shots"]]]
+            for c in classes])
+
+    def adapted(self, spec: dict[str, Any], seed: int, train: ClassSubsetData) -> tuple[CLIPModule, Any, list]:
+        """The seed's pretrained CLIP adapted on ``train`` by the arm (eval mode), its probe head (``None``
+        unless ``adapt: probe``) and the arm's techniques (callbacks of the scoring runs)."""
+        s = self.settings
+        adapt = spec.get("adapt", "fine_tune")
+        pretrained = CLIPModule.load_from_checkpoint(self.pretrained(seed), map_location="cpu")
+        L.seed_everything(seed, verbose=False)
+        module = CLIPModule(**{**pretrained.hparams, "num_classes": train.num_classes, "objective": "classification",
+                               "lr": s["lr"], "text_lr": s["lr"]})
+        module.clip.load_state_dict(pretrained.clip.state_dict())
+        techniques = [] if adapt == "probe" else [instantiate(t) for t in arm_techniques(spec)]
+        if adapt == "fine_tune":
+            self.trainer(techniques, max_epochs=s["epochs"]).fit(module, datamodule=train)
+        module.eval()
+        head = None
+        if adapt == "probe":
+            (technique,) = arm_techniques(spec)
+            dataset = train.train_dataset
+            head = instantiate(technique).fit(image_features(module, dataset), dataset.targets, train.num_classes)
+        return module, head, techniques
+
+    def trainer(self, techniques: list, **extra: Any) -> L.Trainer:
+        return L.Trainer(**{**TRAINER, "limit_val_batches": 0, **extra, **self.settings["trainer"]},
+                         callbacks=techniques)
+
+    def accuracies(self, module: CLIPModule, head: Any, techniques: list, data: ClassSubsetData) -> dict[str, float]:
+        """Test accuracy of ``data`` (``acc``) and of each of its domains (``acc_<domain>``): the module's
+        zero-shot test run, or the probe ``head`` on the module's image features."""
+        if head is None:
+            (tested,) = self.trainer(techniques).test(module, datamodule=data, verbose=False)
+            return {key.removeprefix("test/"): value for key, value in tested.items() if key.startswith("test/acc")}
+        dataset = data.test_dataset
+        predicted, labels = head(image_features(module, dataset)).argmax(-1), dataset.targets
+        groups = GroupAccuracy(len(data.domain_names))
+        groups.update(predicted, labels, dataset.extras["domain"])
+        return {"acc": (predicted == labels).double().mean().item(),
+                **{f"acc_{name}": value for name, value in zip(data.domain_names, groups.compute().reshape(-1).tolist())
+                   if not math.isnan(value)}}  # a domain without test images, as the module's own test run
+
+
+@register_protocol("base_to_novel")
+class BaseToNovelProtocol(CLIPAdaptationProtocol):
+    """Fine-tune the tiny CLIP few-shot on base classes, classify base and novel classes by prompts.
+
+    Each arm adapts the seed's pretrained CLIP (:class:`CLIPAdaptationProtocol`) on ``shots`` training
+    images per base class (drawn with the seed, every domain of ``domains``) and is scored on the test
+    split (CoOp's base-to-novel protocol): ``base_acc`` is accuracy over the base classes only,
+    ``novel_acc`` over the novel classes only (each a ``len(classes)``-way zero-shot classification by
+    their prompts), ``hm`` their harmonic mean. A probe has no weights for unseen classes, so its
+    novel accuracy is the frozen model's text classifier over the novel classes (CoOp's papers
+    report no linear probe in base-to-novel; this is the choice made here).
+    """
+
+    defaults = {**CLIPAdaptationProtocol.defaults, "base_classes": [0, 1, 2, 3, 4]}
+
+    def check_settings(self) -> None:
+        base = self.settings["base_classes"]
+        if not base or len(set(base)) != len(base) or not set(base) < set(range(10)):
+            raise ClaimError(f"claim {self.claim_name}: base_classes {base} must be some digits, not all. "
+                             "Fix: e.g. base_classes: [0, 1, 2, 3, 4].")
+        super().check_settings()
+
     def data(self, seed: int) -> tuple[ClassSubsetData, ClassSubsetData]:
         s = self.settings
-        source = CaptionedDigitsDataModule(domains=s["domains"], split_seed=seed, seed=seed)
-        source.setup("fit")
+        source = self.source(seed)
         base = sorted(s["base_classes"])
         novel = sorted(set(range(10)) - set(base))
-        generator = torch.Generator().manual_seed(seed)
-        train_targets = source.train_dataset.targets
-        shots = torch.cat([torch.nonzero(train_targets == c).flatten()[
-            torch.randperm(int((train_targets == c).sum()), generator=generator)[: s["shots"]]] for c in base])
+        shots = self.shots(source, base, seed)
         test_targets = source.test_dataset.targets
 
         def test_of(classes: list[int]) -> Tensor:
@@ -338,32 +425,10 @@ class BaseToNovelProtocol(Protocol):
                 ClassSubsetData(source, novel, shots[:0], test_of(novel), s["batch_size"], seed))
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        s = self.settings
         base, novel = self.data(seed)
-        adapt = spec.get("adapt", "fine_tune")
-        pretrained = CLIPModule.load_from_checkpoint(self.pretrained(seed), map_location="cpu")
-        L.seed_everything(seed, verbose=False)
-        module = CLIPModule(**{**pretrained.hparams, "num_classes": base.num_classes, "objective": "classification",
-                               "lr": s["lr"], "text_lr": s["lr"]})
-        module.clip.load_state_dict(pretrained.clip.state_dict())
-        techniques = [] if adapt == "probe" else [instantiate(t) for t in arm_techniques(spec)]
-
-        def trainer(**extra: Any) -> L.Trainer:
-            return L.Trainer(**{**TRAINER, "limit_val_batches": 0, **extra, **s["trainer"]}, callbacks=techniques)
-        if adapt == "fine_tune":
-            trainer(max_epochs=s["epochs"]).fit(module, datamodule=base)
-        module.eval()
-        (novel_tested,) = trainer().test(module, datamodule=novel, verbose=False)
-        if adapt == "probe":
-            (technique,) = arm_techniques(spec)
-            train_features, train_labels = dataset_features(module, base.train_dataset)
-            test_features, test_labels = dataset_features(module, base.test_dataset)
-            head = instantiate(technique).fit(train_features, train_labels, base.num_classes)
-            base_acc = (head(test_features).argmax(-1) == test_labels).double().mean().item()
-        else:
-            (base_tested,) = trainer().test(module, datamodule=base, verbose=False)
-            base_acc = base_tested["test/acc"]
-        novel_acc = novel_tested["test/acc"]
+        module, head, techniques = self.adapted(spec, seed, base)
+        novel_acc = self.accuracies(module, None, techniques, novel)["acc"]
+        base_acc = self.accuracies(module, head, techniques, base)["acc"]
         hm = 2 * base_acc * novel_acc / (base_acc + novel_acc) if base_acc + novel_acc > 0 else 0.0
         return {"base_acc": base_acc, "novel_acc": novel_acc, "hm": hm}
 
@@ -371,10 +436,68 @@ class BaseToNovelProtocol(Protocol):
         s = self.settings
         return [f"Base-to-novel generalization (`reglab.vision_language_claims`, protocol `base_to_novel`, CoOp's "
                 f"protocol): the tiny CLIP of `{s['pretrain_config']}` pretrained per seed for {s['pretrain_epochs']} "
-                f"epochs on that seed's split; each arm adapts it on {s['shots']} training images per base class "
-                f"{s['base_classes']} (domains {s['domains']}) for {s['epochs']} epochs; `base_acc` / `novel_acc` are "
-                "test accuracies of zero-shot classification by prompts over the base / the novel classes only, "
-                "`hm` their harmonic mean. The linear probe's novel accuracy is the frozen text classifier's.", ""]
+                f"epochs on that seed's split ({_pretraining_domains(s)}); each arm adapts it on {s['shots']} "
+                f"training images per base class {s['base_classes']} (domains {s['domains']}) for {s['epochs']} "
+                "epochs; `base_acc` / `novel_acc` are test accuracies of zero-shot classification by prompts over the "
+                "base / the novel classes only, `hm` their harmonic mean. The linear probe's novel accuracy is the "
+                "frozen text classifier's.", ""]
 
 
-ADAPTATIONS = ("none", "fine_tune", "probe")
+def image_features(module: CLIPModule, dataset: DictDataset) -> Tensor:
+    """The normalised image embeddings of every image of ``dataset`` (a probe's inputs), in one batch: the
+    splits here are a few thousand 8x8 images. Not ``dataset_features``: its ``forward_step`` would score
+    the images against class prompts, which a probe neither needs nor, before any evaluation run, has."""
+    with torch.no_grad():
+        return module.image_features(dataset.inputs.to(module.device)).float()
+
+
+def _pretraining_domains(settings: dict[str, Any]) -> str:
+    domains = settings["pretrain_domains"]
+    return "the pretraining config's domains" if domains is None else f"pretraining domains {domains}"
+
+
+@register_protocol("cross_domain")
+class CrossDomainProtocol(CLIPAdaptationProtocol):
+    """Fine-tune the tiny CLIP few-shot on one domain, classify every domain's test images by prompts.
+
+    CoOp's domain-generalization protocol: each arm adapts the seed's pretrained CLIP
+    (:class:`CLIPAdaptationProtocol`) on ``shots`` training images per class, all ten classes, of
+    ``source_domain`` only, and is scored on the test images of every domain of ``domains``
+    (:class:`reglab.metrics.GroupAccuracy` through the module's per-domain test accuracy):
+    ``acc_<domain>`` each, ``source_acc`` the source domain's, ``target_acc`` the mean over the other
+    domains (each domain weighs the same). The linear probe scores every domain (it was fitted on all
+    ten classes).
+    """
+
+    defaults = {**CLIPAdaptationProtocol.defaults, "source_domain": "upright"}
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        s = self.settings
+        if s["source_domain"] not in s["domains"] or len(s["domains"]) < 2:
+            raise ClaimError(f"claim {self.claim_name}: source_domain {s['source_domain']!r} must be one of domains "
+                             f"{s['domains']}, beside at least one other to test on. Fix: e.g. source_domain: upright "
+                             "with domains: [upright, rotated, noisy].")
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        s = self.settings
+        source = self.source(seed)
+        classes = list(range(source.num_classes))
+        shots = self.shots(source, classes, seed, domain=source.domain_names.index(s["source_domain"]))
+        data = ClassSubsetData(source, classes, shots, torch.arange(len(source.test_dataset)), s["batch_size"], seed)
+        module, head, techniques = self.adapted(spec, seed, data)
+        scores = self.accuracies(module, head, techniques, data)
+        per_domain = {name: scores[f"acc_{name}"] for name in s["domains"] if f"acc_{name}" in scores}
+        targets = [value for name, value in per_domain.items() if name != s["source_domain"]]
+        return {"source_acc": per_domain[s["source_domain"]], "target_acc": sum(targets) / len(targets),
+                **{f"acc_{name}": value for name, value in per_domain.items()}}
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        return [f"Cross-domain generalization (`reglab.vision_language_claims`, protocol `cross_domain`, CoOp's "
+                f"domain-generalization protocol): the tiny CLIP of `{s['pretrain_config']}` pretrained per seed for "
+                f"{s['pretrain_epochs']} epochs on that seed's split ({_pretraining_domains(s)}); each arm adapts it on "
+                f"{s['shots']} training images per class, all ten digits, of the {s['source_domain']} domain only, "
+                f"for {s['epochs']} epochs; `acc_<domain>` are zero-shot test accuracies by prompts on each domain of "
+                f"{s['domains']}, `source_acc` the {s['source_domain']} domain's, `target_acc` the mean over the "
+                "others.", ""]

@@ -60,8 +60,15 @@ def mamba_fscil_session() -> Technique:
     return technique
 
 
+def ogen_with_coop() -> Technique:
+    """OGEN owning CoOp's prompt learner (it trains CoOp's context, which alone it cannot make)."""
+    from reglab.callbacks.baselines import PromptTuning
+
+    return registry.card("ogen").load()(**registry.card("ogen").harness["init_args"], prompt_learner=PromptTuning())
+
+
 FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores,
-                                                 "mamba_fscil_session": mamba_fscil_session}
+                                                 "mamba_fscil_session": mamba_fscil_session, "ogen_with_coop": ogen_with_coop}
 
 
 def make(technique_id: str) -> Technique:

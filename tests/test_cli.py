@@ -109,7 +109,8 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                        for t in ("coral", "irm", "vrex", "fish", "fishr", "hessian_alignment", "drm")},
                     **{f"{t}.yaml": "text_sparse_retrieval.yaml" for t in ("flops_regularizer", "inference_free_sparse_retrieval")},
                     "unet_fusion_add.yaml": "scenes_freqfusion.yaml", "unet_dilated.yaml": "scenes_fadc.yaml",
-                    "kalm_embedding_v2.yaml": "text_dense_retrieval.yaml", "prompt_tuning.yaml": "tiny_clip_prompt_tuning.yaml"}
+                    "kalm_embedding_v2.yaml": "text_dense_retrieval.yaml", "prompt_tuning.yaml": "tiny_clip_prompt_tuning.yaml",
+                    "ogen.yaml": "tiny_clip_prompt_tuning.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:

@@ -14,7 +14,8 @@ from reglab.callbacks.baselines import PromptTuning
 from reglab.callbacks.baselines import prompt_tuning as prompt_tuning_module
 from reglab.datamodules import CaptionedDigitsDataModule
 from reglab.technique import TechniqueConfigError
-from reglab.vision_language_claims import BaseToNovelProtocol, ClassSubsetData
+from reglab import vision_language_claims
+from reglab.vision_language_claims import BaseToNovelProtocol, ClassSubsetData, CrossDomainProtocol
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,47 @@ def test_base_to_novel_refuses_bad_settings_and_arms():
         protocol.check_arm("zs", {"adapt": "none", "technique": {"class_path": "a.B"}})
     with pytest.raises(ClaimError, match="adapt"):
         protocol.check_arm("x", {"adapt": "sometimes"})
+
+
+def test_pretraining_domains_reach_the_derived_config(tmp_path, monkeypatch):
+    import yaml
+
+    derived = []
+    monkeypatch.setattr(vision_language_claims, "pretrained_checkpoint_for", lambda config, cache: derived.append(config))
+    for domains in (["upright", "coloured"], None):
+        BaseToNovelProtocol("c", {"pretrain_domains": domains, "cache_dir": str(tmp_path)}).pretrained(3)
+    held_out, default = (yaml.safe_load(path.read_text()) for path in derived)
+    assert held_out["data"]["init_args"]["domains"] == ["upright", "coloured"]
+    assert "domains" not in default["data"]["init_args"]  # null: the pretraining config's own
+    assert held_out["data"]["init_args"]["split_seed"] == 3 and derived[0].parent != derived[1].parent
+    with pytest.raises(ClaimError, match="pretrain_domains"):
+        BaseToNovelProtocol("c", {"pretrain_domains": ["sideways"]})
+
+
+def test_cross_domain_shots_come_from_the_source_domain_and_tests_keep_domains():
+    protocol = CrossDomainProtocol("c", {"domains": ["upright", "noisy"], "source_domain": "noisy", "shots": 3})
+    source = CaptionedDigitsDataModule(domains=["upright", "noisy"], batch_size=8)
+    source.setup("fit")
+    shots = protocol.shots(source, list(range(10)), seed=0, domain=1)
+    assert torch.equal(source.train_dataset.extras["domain"][shots], torch.ones(30, dtype=torch.long))
+    assert torch.equal(source.train_dataset.targets[shots], torch.arange(10).repeat_interleave(3))
+    assert torch.equal(shots, protocol.shots(source, list(range(10)), seed=0, domain=1))  # drawn with the seed
+    subset = ClassSubsetData(source, list(range(10)), shots, torch.arange(len(source.test_dataset)), 8, 0)
+    assert subset.domain_names == ("upright", "noisy")
+    assert torch.equal(subset.test_dataset.extras["domain"], source.test_dataset.extras["domain"])
+    for settings in ({"source_domain": "inverted", "domains": ["upright", "noisy"]}, {"domains": ["upright"]}):
+        with pytest.raises(ClaimError, match="source_domain"):
+            CrossDomainProtocol("c", settings)
+    # a probe head that always says "zero" is right on exactly each domain's zeros
+    test = torch.nonzero((source.test_dataset.extras["domain"] == 0) | (source.test_dataset.targets < 2)).flatten()
+    subset = ClassSubsetData(source, list(range(10)), shots, test, 8, 0)
+    always_zero = lambda features: torch.nn.functional.one_hot(torch.zeros(len(features), dtype=torch.long), 10)
+    scores = protocol.accuracies(clip().eval(), always_zero, [], subset)
+    targets, domains = subset.test_dataset.targets, subset.test_dataset.extras["domain"]
+    assert scores["acc"] == pytest.approx((targets == 0).double().mean().item())
+    for index, name in enumerate(("upright", "noisy")):
+        assert scores[f"acc_{name}"] == pytest.approx((targets[domains == index] == 0).double().mean().item())
+    assert scores["acc_noisy"] > 3 * scores["acc_upright"]  # noisy kept zeros and ones only, upright all ten digits
 
 
 def test_docstring_example_runs():

@@ -75,17 +75,23 @@ class PromptTuning(Technique):
         if not hasattr(pl_module, "prompt_context"):
             pl_module.requires_grad_(False)
             pl_module.prompt_context = nn.Parameter(self._initial_context(tokenizer, embedding))
-        n_ctx = len(pl_module.prompt_context)
-        prefix = " ".join([PLACEHOLDER] * n_ctx)
-        encoded = tokenizer([f"{prefix} {name}." for name in names], padding="max_length",
-                            max_length=datamodule.max_length, truncation=False, return_tensors="pt")
-        if encoded["input_ids"].shape[1] > datamodule.max_length:
-            raise self.fail(f"a prompt of {n_ctx} context tokens and a class name exceeds max_length="
-                            f"{datamodule.max_length}", "shorten ctx_init or raise the DataModule's max_length")
-        pl_module.set_class_prompts({key: encoded[key].unsqueeze(1) for key in ("input_ids", "attention_mask")})
+        pl_module.set_class_prompts(self.context_prompts(pl_module, datamodule, names))
         if self._hook is not None:
             self._hook.remove()
         self._hook = embedding.register_forward_hook(_context_hook(pl_module, placeholder[0]))
+
+    def context_prompts(self, pl_module: L.LightningModule, datamodule: Any, names: Any) -> dict[str, Tensor]:
+        """``(len(names), 1, max_length)`` tokens of the prompts ``X ... X <name>.`` that the learned context
+        fills (after :meth:`setup` made the context); a subclass prompts other class names the same way."""
+        n_ctx = len(pl_module.prompt_context)
+        prefix = " ".join([PLACEHOLDER] * n_ctx)
+        encoded = _tokenizer(datamodule.tokenizer)([f"{prefix} {name}." for name in names], padding="max_length",
+                                                   max_length=datamodule.max_length, truncation=False,
+                                                   return_tensors="pt")
+        if encoded["input_ids"].shape[1] > datamodule.max_length:
+            raise self.fail(f"a prompt of {n_ctx} context tokens and a class name exceeds max_length="
+                            f"{datamodule.max_length}", "shorten ctx_init or raise the DataModule's max_length")
+        return {key: encoded[key].unsqueeze(1) for key in ("input_ids", "attention_mask")}
 
     def _initial_context(self, tokenizer: Any, embedding: nn.Embedding) -> Tensor:
         if not self.ctx_init:
