@@ -55,8 +55,12 @@ def test_initial_context_is_the_hand_written_prompt(data):
 def test_only_the_context_trains_and_contrastive_is_refused(data):
     module, coop = clip(), PromptTuning(ctx_init="a photo of the digit")
     before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    statistics = {name: b.clone() for name, b in module.clip.named_buffers()}
+    assert any("running_mean" in name for name in statistics)  # the image tower has batch norm
     trainer = registry.example_trainer(max_steps=2, callbacks=[coop], limit_val_batches=0)
     trainer.fit(module, datamodule=data)
+    # the frozen towers ran as fixed functions: no running statistic moved
+    assert all(torch.equal(b, statistics[name]) for name, b in module.clip.named_buffers())
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
     assert trainable == ["prompt_context"]
     assert all(torch.equal(p, before[name]) for name, p in module.named_parameters() if name in before)

@@ -80,6 +80,12 @@ class PromptTuning(Technique):
             self._hook.remove()
         self._hook = embedding.register_forward_hook(_context_hook(pl_module, placeholder[0]))
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the frozen towers are fixed functions, as CLIP's are in CoOp: CLIP has neither batch norm nor
+        # dropout, the tiny CLIP's CNN and MiniLM have both, and in train mode they would move the image
+        # tower's running statistics and drop tokens of the prompts while the context trains
+        pl_module.clip.eval()
+
     def context_prompts(self, pl_module: L.LightningModule, datamodule: Any, names: Any) -> dict[str, Tensor]:
         """``(len(names), 1, max_length)`` tokens of the prompts ``X ... X <name>.`` that the learned context
         fills (after :meth:`setup` made the context); a subclass prompts other class names the same way."""

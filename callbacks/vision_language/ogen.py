@@ -167,6 +167,8 @@ class OGEN(Technique):
             generator.ready.fill_(True)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.prompt_learner is not None:  # owned: its hooks are OGEN's to call
+            self.prompt_learner.on_train_epoch_start(trainer, pl_module)
         epochs = schedule_epochs(self, trainer, self.total_epochs)
         self.warming_up = trainer.current_epoch < int(epochs * self.warmup_fraction)
 
