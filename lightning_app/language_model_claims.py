@@ -51,8 +51,8 @@ GENERATION_BATCH = 64
 class HyperfittingProtocol(Protocol):
     """Pretrain once per seed, fine-tune (or not) on a few blocks, measure greedy generations (module docstring)."""
 
-    defaults = {"pretrain_config": "configs/experiment/pydoc_lm.yaml", "pretrain_epochs": 6, "pretrain_trainer": {},
-                "cache_dir": "runs/pretrained", "train_blocks": 32, "batch_size": 8, "lr": 3e-4,
+    defaults = {"pretrain_config": "configs/experiment/pydoc_lm.yaml", "pretrain_epochs": 4, "pretrain_trainer": {},
+                "cache_dir": "runs/pretrained", "train_blocks": 32, "batch_size": 8, "lr": 3e-3,
                 "weight_decay": 0.01, "max_epochs": 60, "prompts": 64, "prompt_length": 32, "new_tokens": 96,
                 "repetition_n": 4, "trainer": {}}
 
