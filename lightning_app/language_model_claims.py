@@ -14,6 +14,9 @@ greedily ``new_tokens`` tokens from the first ``prompt_length`` tokens of each o
 * ``distinct_1``, ``distinct_2`` — :class:`~reglab.metrics.DistinctN` over all generations;
 * ``entropy`` — :class:`~reglab.metrics.PredictiveEntropy` of the distributions the greedy tokens
   were chosen from;
+* ``copied_8`` — the share of generated 8-grams that occur in the arm's small training set (the
+  paper asks whether hyperfitted models recite their training sequences; the pretrained arm's
+  value is the baseline rate on the same set);
 
 and ``val_ppl`` (perplexity on the validation documents), ``train_loss`` (the mean loss on the
 arm's small set after its fit, in eval mode) and ``epochs`` (epochs trained). An arm's
@@ -32,17 +35,21 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from torch import Tensor
 
 from reglab.bench.protocols import ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate, register_protocol
 from reglab.checkpoints import pretrained_checkpoint_for
 from reglab.datamodules import PydocTopicsDataModule
 from reglab.metrics import DistinctN, NgramRepetition, PredictiveEntropy
+from reglab.metrics.generation import ngrams
 from reglab.tasks import LanguageModelModule
 
 TRAINER = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
 #: continuations per arm shown on the results page (first seed)
 SHOWN_SAMPLES = 2
+#: n of the n-grams checked against the small training set (``copied_<n>``)
+COPY_N = 8
 #: prompts generated from at once (bounds the (prompts, new tokens, vocabulary) logits in memory)
 GENERATION_BATCH = 64
 
@@ -65,9 +72,9 @@ class HyperfittingProtocol(Protocol):
         for key in ("train_blocks", "batch_size", "prompts", "prompt_length", "new_tokens", "repetition_n"):
             if not isinstance(s[key], int) or s[key] < 1:
                 raise ClaimError(f"claim {self.claim_name}: {key}={s[key]!r} must be an integer >= 1.")
-        if s["new_tokens"] < max(2, s["repetition_n"]):
-            raise ClaimError(f"claim {self.claim_name}: new_tokens={s['new_tokens']} leaves no {s['repetition_n']}-grams "
-                             "to count. Fix: generate more tokens than repetition_n.")
+        if s["new_tokens"] < max(COPY_N, s["repetition_n"]):
+            raise ClaimError(f"claim {self.claim_name}: new_tokens={s['new_tokens']} leaves no {s['repetition_n']}- or "
+                             f"{COPY_N}-grams to count. Fix: new_tokens >= {max(COPY_N, s['repetition_n'])}.")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         unknown = sorted(set(spec) - {"technique", "epochs"})
@@ -134,15 +141,25 @@ class HyperfittingProtocol(Protocol):
         n = s["repetition_n"]
         measures = {f"rep_{n}": NgramRepetition(n), "distinct_1": DistinctN(1), "distinct_2": DistinctN(2)}
         entropy = PredictiveEntropy()
-        samples = []
+        samples, tokens_of = [], []
         for batch in prompts.split(GENERATION_BATCH):
             tokens, logits = module.generate(batch.to(module.device), max_new_tokens=s["new_tokens"], do_sample=False)
+            tokens_of.append(tokens.cpu())
             for measure in measures.values():
                 measure.update(tokens.cpu())
             entropy.update(logits)
             samples += [(data.decode(p), data.decode(t)) for p, t in zip(batch[:SHOWN_SAMPLES - len(samples)], tokens)]
         values = {name: float(measure.compute()) for name, measure in measures.items()}
-        return {**values, "entropy": float(entropy.compute()), "samples": [list(pair) for pair in samples]}
+        return {**values, "entropy": float(entropy.compute()), f"copied_{COPY_N}": self.copied(tokens_of, data),
+                "samples": [list(pair) for pair in samples]}
+
+    @staticmethod
+    def copied(generations: list[Tensor], data: PydocTopicsDataModule) -> float:
+        """The share of generated ``COPY_N``-grams that occur in the small training set (the paper's
+        question whether hyperfitted models just recite what they were fitted on)."""
+        seen = {tuple(gram) for gram in ngrams(data.train_dataset.inputs, COPY_N).reshape(-1, COPY_N).tolist()}
+        grams = torch.cat([ngrams(tokens, COPY_N).reshape(-1, COPY_N) for tokens in generations]).tolist()
+        return sum(tuple(gram) in seen for gram in grams) / len(grams)
 
     @staticmethod
     @torch.no_grad()
@@ -161,7 +178,7 @@ class HyperfittingProtocol(Protocol):
                 f"test blocks greedily for {s['new_tokens']} tokens. `rep_{s['repetition_n']}`: share of repeated "
                 f"{s['repetition_n']}-grams per continuation; `distinct_1` / `distinct_2`: distinct uni- / bigrams over "
                 "all continuations; `entropy`: mean entropy (nats) of the distributions the greedy tokens came from; "
-                "`val_ppl`: validation perplexity; `train_loss`: loss on the arm's small set after its fit.", ""]
+                "`copied_8`: share of generated 8-grams found in the small set; `val_ppl`: validation perplexity; `train_loss`: loss on the arm's small set after its fit.", ""]
 
     def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
         lines = ["## Greedy continuations (first seed; the prompt, then ` ▶ ` and the continuation)", ""]

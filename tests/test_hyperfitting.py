@@ -113,3 +113,14 @@ def test_a_tiny_language_model_is_hyperfitted_to_near_zero_loss_on_two_blocks():
     assert technique.epoch_losses[-1] <= 0.1 < technique.epoch_losses[0]
     module.eval()
     assert module.task_loss(module.forward_step({"input": blocks})).mean().item() < 0.2  # memorized
+
+
+def test_the_protocol_counts_generated_8grams_found_in_the_small_set():
+    from types import SimpleNamespace
+
+    from reglab.language_model_claims import HyperfittingProtocol
+
+    data = SimpleNamespace(train_dataset=SimpleNamespace(inputs=torch.arange(20).view(1, 20)))
+    # 8-grams of 0..9, 50, 51: the three starting at 0, 1, 2 occur in the set, the two that reach 50 do not
+    generations = [torch.tensor([list(range(10)) + [50, 51]])]
+    assert HyperfittingProtocol.copied(generations, data) == pytest.approx(3 / 5)
