@@ -76,11 +76,11 @@ def test_dropout_is_off_during_the_fit_and_restored_after():
 
 def test_state_round_trips_and_bad_settings_are_refused():
     technique = Hyperfitting()
-    technique.running += torch.tensor([3.0, 2.0], dtype=torch.float64)
+    technique.totals += torch.tensor([[3.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
     technique.epoch_losses, technique.reached_epoch = [2.0, 0.05], 1
     restored = Hyperfitting()
     restored.load_state_dict(technique.state_dict())
-    assert torch.equal(restored.running, technique.running)
+    assert torch.equal(restored.totals, technique.totals)
     assert (restored.epoch_losses, restored.reached_epoch) == ([2.0, 0.05], 1)
     with pytest.raises(ValueError, match="target_loss must be > 0"):
         Hyperfitting(target_loss=0.0)

@@ -70,8 +70,9 @@ class Hyperfitting(Technique):
             raise ValueError(f"Hyperfitting: target_loss must be > 0 (a loss of exactly 0 is never reached), "
                              f"got {target_loss}")
         self.target_loss, self.stop_at_target, self.disable_dropout = target_loss, stop_at_target, disable_dropout
-        #: (sum of per-sample task losses, samples) of the current epoch, over all processes
-        self.running = torch.zeros(2, dtype=torch.float64)
+        #: (sum of per-sample task losses, samples) over all processes: row 0 since the fit began,
+        #: row 1 when the current epoch began (the epoch's are their difference)
+        self.totals = torch.zeros(2, 2, dtype=torch.float64)
         self.epoch_losses: list[float] = []
         self.reached_epoch: int | None = None
         self._dropout_p: dict[nn.Module, float] = {}
@@ -99,11 +100,12 @@ class Hyperfitting(Technique):
                            batch_idx: int) -> None:
         loss = outputs["step_output"].task_loss
         step = torch.stack([loss.double().sum(), torch.tensor(float(len(loss)), dtype=torch.float64, device=loss.device)])
-        self.running = self.running.to(loss.device) + trainer.strategy.reduce(step, reduce_op="sum")
+        self.totals = self.totals.to(loss.device)
+        self.totals[0] += trainer.strategy.reduce(step, reduce_op="sum")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        total, samples = self.running.tolist()
-        self.running = torch.zeros_like(self.running)
+        total, samples = (self.totals[0] - self.totals[1]).tolist()
+        self.totals[1] = self.totals[0]
         if samples == 0:
             return
         mean = total / samples
@@ -122,10 +124,10 @@ class Hyperfitting(Technique):
                            "learning rate, or fit fewer samples.")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"running": self.running.clone(), "epoch_losses": list(self.epoch_losses),
+        return {"totals": self.totals.clone(), "epoch_losses": list(self.epoch_losses),
                 "reached_epoch": self.reached_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.running = state_dict["running"].clone()
+        self.totals = state_dict["totals"].clone()
         self.epoch_losses = list(state_dict["epoch_losses"])
         self.reached_epoch = state_dict["reached_epoch"]
