@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning as L
@@ -105,3 +106,25 @@ def test_module_refuses_what_cannot_work():
     small_vocab = tiny(vocab_size=300)
     with pytest.raises(ValueError, match="Fix: leave vocab_size unset"):
         L.Trainer(max_steps=1, **QUIET).fit(small_vocab, datamodule=PydocTopicsDataModule(block_size=32, vocab_size=512))
+
+
+def test_generate_command_writes_continuations_and_measures_and_never_overwrites(data, tmp_path):
+    from reglab.cli import main
+
+    module = tiny()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, **QUIET)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    config = tmp_path / "train.yaml"
+    config.write_text("data:\n  class_path: reglab.datamodules.PydocTopicsDataModule\n"
+                      "  init_args: {block_size: 32, vocab_size: 512}\n")
+    args = ["generate", "--ckpt", str(tmp_path / "lm.ckpt"), "--config", str(config), "--out", str(tmp_path / "out"),
+            "--prompts", "3"]
+    main(args)
+    page = (tmp_path / "out/generations.md").read_text()
+    assert page.count("▶") == 3 and data.decode(data.test_dataset.inputs[0, :8]) in page
+    measured = json.loads((tmp_path / "out/generations.json").read_text())
+    assert 0 <= measured["rep_4"] <= 1 and 0 < measured["distinct_1"] <= 1 and measured["entropy"] > 0
+    with pytest.raises(SystemExit, match="already holds generations. Fix: give a new --out folder"):
+        main(args)
+    assert (tmp_path / "out/generations.md").read_text() == page

@@ -11,10 +11,16 @@ Validation and test log the loss and torchmetrics' perplexity over all their tok
 Generation is transformers' ``generate`` (greedy by default, sampling with ``do_sample``), for a
 fixed number of new tokens: the end-of-text token is an ordinary token here (a document
 boundary), so a generation never stops early and every generation has the same length.
+``reglab generate`` (:func:`main`) writes a checkpoint's continuations of test prompts as text,
+with their repetition, distinct-n and entropy.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -149,3 +155,54 @@ class LanguageModelModule(RegularizedMixin, L.LightningModule):
         others = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         return torch.optim.AdamW([{"params": matrices, "weight_decay": h.weight_decay},
                                   {"params": others, "weight_decay": 0.0}], lr=h.lr, betas=tuple(h.betas))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``reglab generate``: a checkpoint's continuations of the first test blocks, as text, and their measures.
+
+    Rebuilds the DataModule of the training config (``--config``: its ``data`` section, so the
+    same split and tokenizer), continues the first ``prompt_length`` tokens of the first
+    ``--prompts`` test blocks and writes ``<out>/generations.md`` (prompt, then ``▶`` and the
+    continuation) and ``<out>/generations.json`` (``rep_4``, ``distinct_1``, ``distinct_2``,
+    ``entropy``). An existing output file is never overwritten.
+
+    Example (shell)::
+
+        reglab generate --ckpt runs/pydoc_lm/version_0/checkpoints/last.ckpt \\
+            --config configs/experiment/pydoc_lm.yaml --out generations/
+    """
+    from reglab.metrics import DistinctN, NgramRepetition, PredictiveEntropy
+
+    parser = argparse.ArgumentParser(prog="reglab generate", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="a LanguageModelModule checkpoint")
+    parser.add_argument("--config", required=True, help="the `reglab fit` config it was trained with (its data)")
+    parser.add_argument("--out", required=True, help="folder for generations.md and generations.json")
+    parser.add_argument("--prompts", type=int, default=8, help="test blocks to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the module's")
+    parser.add_argument("--sample", action="store_true", help="sample (the module's temperature / top_p), not greedy")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    written = [out / "generations.md", out / "generations.json"]
+    if any(path.exists() for path in written):
+        raise SystemExit(f"reglab generate: {out} already holds generations. Fix: give a new --out folder.")
+    import yaml
+
+    spec = yaml.safe_load(Path(args.config).read_text())["data"]
+    module_name, _, name = spec["class_path"].rpartition(".")
+    data = getattr(importlib.import_module(module_name), name)(**spec.get("init_args", {}))
+    data.setup("predict")
+    module = LanguageModelModule.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    prompts = data.test_dataset.inputs[: args.prompts, : module.hparams.prompt_length]
+    tokens, logits = module.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    measures = {"rep_4": NgramRepetition(4), "distinct_1": DistinctN(1), "distinct_2": DistinctN(2),
+                "entropy": PredictiveEntropy()}
+    for key, measure in measures.items():
+        measure.update(logits if key == "entropy" else tokens)
+    values = {key: float(measure.compute()) for key, measure in measures.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Continuations of {len(prompts)} test prompts ({'sampled' if args.sample else 'greedy'})", ""]
+    for prompt, continuation in zip(prompts, tokens):
+        lines += ["```text", f"{data.decode(prompt)} ▶ {data.decode(continuation)}", "```", ""]
+    written[0].write_text("\n".join(lines))
+    written[1].write_text(json.dumps({"checkpoint": str(args.ckpt), **values}, indent=2) + "\n")
+    print(f"wrote {written[0]} and {written[1]}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
