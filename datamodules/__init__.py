@@ -32,6 +32,7 @@ _MODULES = {
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
     "open_world": ["OpenWorldDigitsDataModule"],
+    "pydoc_text": ["PydocTopicsDataModule", "pydoc_topics"],
     "recommendation": ["ITEM_FIELDS", "QUERY_FIELDS", "RecommendationDataModule"],
     "retrieval_text": ["RetrievalCorpus", "TextRetrievalDataModule", "generate_corpus", "token_overlap"],
     "sampling": ["MPerClassSampler", "RepeatFactorSampler", "ResumableSampler", "repeat_factors_irfs", "repeat_factors_rfs"],

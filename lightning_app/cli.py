@@ -370,6 +370,7 @@ COMMANDS = {
     "condense": "reglab.condensation.pipeline:main",
     "docs": "reglab.docs:main",
     "fit-tasks": "reglab.continual.cli:main",
+    "generate": "reglab.tasks.language_model:main",
     "ridge-risk": "reglab.analysis.ridge_risk:main",
     "saliency": "reglab.analysis.saliency:main",
     "smoothers": "reglab.analysis.smoothers:main",

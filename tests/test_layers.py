@@ -31,6 +31,7 @@ FAMILY_APP_MODULES = {
     "reglab.discovery": "reglab.callbacks.category_discovery",
     "reglab.domain_claims": "reglab.callbacks.domain_generalization",
     "reglab.generative": "reglab.callbacks.generative",
+    "reglab.language_model_claims": "reglab.callbacks.fine_tuning",
     "reglab.peft_claims": "reglab.callbacks.peft",
     "reglab.peft_surgery": "reglab.callbacks.peft",
     "reglab.retrieval_claims": "reglab.callbacks.metric_learning",
