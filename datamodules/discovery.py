@@ -105,7 +105,7 @@ class DiscoveryDataModule(DictDataModule):
         generated_classes: int = 6,
         generated_features: int = 8,
         generated_samples: int = 900,
-        cluster_std: float = 2.0,
+        cluster_std: float = 4.0,
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
