@@ -3,7 +3,6 @@ classes (NCD) or known and novel classes mixed (GCD), on the embedded digits and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
@@ -213,7 +212,7 @@ class DiscoveryDataModule(DictDataModule):
         chosen = []
         for cls in range(self.num_known_classes):
             members = train[labels[train] == cls]
-            count = math.floor(self.labelled_fraction * len(members) + 0.5)
+            count = round(self.labelled_fraction * len(members))
             if count == 0 or (self.mode == "gcd" and count == len(members)):
                 raise ValueError(
                     f"{type(self).__name__}: known class {self.classes[cls]} has {len(members)} training samples, so "
