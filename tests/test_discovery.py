@@ -187,11 +187,12 @@ def quiet(**kwargs):
 
 @pytest.mark.parametrize("module_kwargs", [{}, {"sup_weight": 1.0, "assign": "kmeans", "kmeans_init": 1}])
 def test_a_fit_logs_every_term_and_clustering_accuracy_of_its_predictions(module_kwargs):
-    """SimGCD (stacked with SAM from another family: the contract's second pass) or the k-means
-    arm; test logs all / old / new of the pool and of the held-out split, and the head's values
-    are the metric of the head's own argmax."""
+    """SimGCD (stacked with SAM from another family: the contract's second pass; bf16-mixed, two
+    micro-batches per step) or the k-means arm; test logs all / old / new of the pool and of the
+    held-out split, and the head's values are the metric of the head's own argmax."""
     L.seed_everything(0)
-    data, trainer = blobs(), quiet(max_steps=4, limit_val_batches=0, callbacks=[SAM(rho=0.05)])
+    data, trainer = blobs(), quiet(max_steps=2, accumulate_grad_batches=2, precision="bf16-mixed",
+                                   limit_val_batches=0, callbacks=[SAM(rho=0.05)])
     module = module_for(data, **module_kwargs)
     trainer.fit(module, datamodule=data)
     terms = {"ce", "supcon"} | (set() if module_kwargs else {"distill", "memax", "infonce"})
@@ -202,7 +203,7 @@ def test_a_fit_logs_every_term_and_clustering_accuracy_of_its_predictions(module
     if not module_kwargs:
         test = data.test_dataset
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             preds = module(test.inputs).argmax(-1)
         direct = ClusteringAccuracy(data.num_classes, data.num_known_classes)
         held_out = ~test.extras["pool"]
