@@ -72,6 +72,15 @@ def test_two_processes_merged_equal_one_process():
     assert float(single["all"]) == pytest.approx(3 / 6) and per_shard == pytest.approx(1.0)
 
 
+def test_update_leaves_the_tensor_a_spawned_process_received_alone():
+    """ddp_spawn hands every process the state in shared memory: an in-place add would sum all
+    ranks' counts (and the parent's) into one tensor, so each rank's sum would count them twice."""
+    metric = ClusteringAccuracy(2, 1)
+    received = metric.contingency.share_memory_()
+    metric.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert int(received.sum()) == 0 and int(metric.contingency.sum()) == 2
+
+
 def test_bad_metric_input_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="not the -1 of unlabelled"):
         accuracy([0, 1], [0, -1])

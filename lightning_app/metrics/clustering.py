@@ -77,7 +77,10 @@ class ClusteringAccuracy(Metric):
                                  f"{int(values.max())}). Fix: pass true classes, not the -1 of unlabelled samples, "
                                  "and cluster ids below num_clusters.")
         cells = preds * self.num_classes + target
-        self.contingency += torch.bincount(cells, minlength=self.num_clusters * self.num_classes).view_as(self.contingency)
+        counts = torch.bincount(cells, minlength=self.num_clusters * self.num_classes).view_as(self.contingency)
+        # not in place: under ddp_spawn the processes receive the state in shared memory, and an
+        # in-place add would write every rank's counts (and the parent's copy) into one tensor
+        self.contingency = self.contingency + counts
 
     def compute(self) -> dict[str, Tensor]:
         """``{"all", "old", "new"}`` accuracies of the one assignment over all samples."""

@@ -254,11 +254,19 @@ class DiscoveryModule(RegularizedMixin, L.LightningModule):
             return
         if self.trainer.world_size > 1:
             rows = self.all_gather(rows).flatten(0, 1)
-        rows = rows[torch.tensor(_first_positions(rows[:, -1].long()), device=rows.device)]
+        # in dataset order, each sample once (a padded distributed sampler repeats some): k-means++
+        # seeding depends on the order, so DDP then clusters exactly as one process does
+        index = rows[:, -1].long()
+        order = torch.argsort(index, stable=True)
+        rows, index = rows[order], index[order]
+        rows = rows[torch.cat([index.new_ones(1, dtype=torch.bool), index[1:] != index[:-1]])]
         features, pool, true = rows[:, :-3].cpu().numpy(), rows[:, -3].bool(), rows[:, -2].long()
         kmeans = KMeans(self.hparams.num_classes, n_init=self.hparams.kmeans_init, random_state=0)
         kmeans.fit(features[pool.cpu().numpy()])
         preds = torch.as_tensor(kmeans.predict(features), device=true.device).long()
+        # every rank clustered all samples alike; each counts its share, which the metric's sync sums
+        share = slice(self.global_rank, None, self.trainer.world_size)
+        preds, pool, true = preds[share], pool[share], true[share]
         self.metrics[f"{stage}_pool"].update(preds[pool], true[pool])
         self.metrics[f"{stage}_heldout"].update(preds[~pool], true[~pool])
 
@@ -280,10 +288,3 @@ class DiscoveryModule(RegularizedMixin, L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
-
-def _first_positions(keys: Tensor) -> list[int]:
-    """Positions of the first occurrence of each key (a padded distributed sampler repeats samples)."""
-    seen: dict[int, int] = {}
-    for position, key in enumerate(keys.tolist()):
-        seen.setdefault(key, position)
-    return sorted(seen.values())
