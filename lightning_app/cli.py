@@ -139,7 +139,7 @@ class ReglabCLI(LightningCLI):
         print_run_summary(self.trainer, metrics, self._run_dir)
 
 
-DATA_SHAPE_KEYS = ("num_classes", "input_shape", "query_cardinalities", "item_cardinalities", "num_items", "vocab_size",
+DATA_SHAPE_KEYS = ("num_classes", "num_known_classes", "input_shape", "query_cardinalities", "item_cardinalities", "num_items", "vocab_size",
                    "max_text_length")
 
 

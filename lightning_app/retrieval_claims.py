@@ -52,8 +52,7 @@ from typing import Any
 import lightning as L
 
 from reglab.bench.fit import FitProtocol
-from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
-                                     register_protocol)
+from reglab.bench.protocols import ClaimError, Protocol, check_arm_techniques, fit_then_test, register_protocol
 from reglab.datamodules import OpenWorldDigitsDataModule
 from reglab.tasks import EmbeddingModule
 
@@ -102,13 +101,7 @@ class RetrievalProtocol(Protocol):
         L.seed_everything(seed, verbose=False)
         module = self.module(spec, data.input_shape)
         # no validation loop: the last epoch is reported (no model selection, module docstring)
-        trainer = L.Trainer(**{"max_epochs": self.settings["epochs"], "accelerator": "auto", "devices": 1,
-                               "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-                               "enable_model_summary": False, "limit_val_batches": 0, **self.settings["trainer"]},
-                            callbacks=[instantiate(technique) for technique in arm_techniques(spec)])
-        trainer.fit(module, datamodule=data)
-        (logged,) = trainer.test(module, datamodule=data, verbose=False)
-        return {name.removeprefix("test/"): value for name, value in logged.items() if name != "test/loss"}
+        return fit_then_test(module, data, spec, self.settings["epochs"], self.settings["trainer"])
 
     def describe(self) -> list[str]:
         s = self.settings

@@ -88,6 +88,23 @@ def check_arm_techniques(claim_name: str, arm: str, spec: dict[str, Any]) -> Non
                              f"{{...}}}}` (or a list of them to stack), got {technique!r}.")
 
 
+def fit_then_test(module: Any, data: Any, spec: dict[str, Any], max_epochs: int,
+                  trainer: dict[str, Any]) -> dict[str, float]:
+    """Fit ``module`` on ``data`` for ``max_epochs`` with the arm's techniques attached and no
+    validation loop (the last epoch is reported: no arm profits from more looks), then
+    ``trainer.test`` it: what the test logs, less ``test/loss``, without the ``test/`` prefix.
+    ``trainer`` holds further ``L.Trainer`` arguments (a claim's ``trainer`` setting)."""
+    import lightning as L  # here: loading a claim file (and `reglab bench --help`) needs no Lightning
+
+    fitter = L.Trainer(**{"max_epochs": max_epochs, "accelerator": "auto", "devices": 1, "logger": False,
+                          "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                          "limit_val_batches": 0, **trainer},
+                       callbacks=[instantiate(technique) for technique in arm_techniques(spec)])
+    fitter.fit(module, datamodule=data)
+    (logged,) = fitter.test(module, datamodule=data, verbose=False)
+    return {name.removeprefix("test/"): value for name, value in logged.items() if name != "test/loss"}
+
+
 class Protocol:
     """Runs one arm of a claim for one seed.
 

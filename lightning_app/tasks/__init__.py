@@ -3,6 +3,7 @@
 from reglab.tasks.classification import ClassificationModule
 from reglab.tasks.clip import CLIPModule
 from reglab.tasks.dense_retrieval import DenseRetrievalModule
+from reglab.tasks.discovery import DiscoveryModule
 from reglab.tasks.embedding import EmbeddingModule
 from reglab.tasks.language_model import LanguageModelModule
 from reglab.tasks.levi import LEVIModule
@@ -11,5 +12,6 @@ from reglab.tasks.segmentation import SegmentationModule
 from reglab.tasks.sparse_retrieval import SparseRetrievalModule
 from reglab.tasks.two_tower import TwoTowerModule
 
-__all__ = ["CLIPModule", "ClassificationModule", "DenseRetrievalModule", "EmbeddingModule", "LanguageModelModule", "LEVIModule",
+__all__ = ["CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiscoveryModule", "EmbeddingModule",
+           "LanguageModelModule", "LEVIModule",
            "MultiInputRetrievalModule", "SegmentationModule", "SparseRetrievalModule", "TwoTowerModule"]
