@@ -372,6 +372,7 @@ COMMANDS = {
     "fit-tasks": "reglab.continual.cli:main",
     "ridge-risk": "reglab.analysis.ridge_risk:main",
     "saliency": "reglab.analysis.saliency:main",
+    "sample": "reglab.generative.sample:main",
     "smoothers": "reglab.analysis.smoothers:main",
     "soup": "reglab.soups:main",
 }

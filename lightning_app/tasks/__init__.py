@@ -3,6 +3,7 @@
 from reglab.tasks.classification import ClassificationModule
 from reglab.tasks.clip import CLIPModule
 from reglab.tasks.dense_retrieval import DenseRetrievalModule
+from reglab.tasks.diffusion import DiffusionModule
 from reglab.tasks.embedding import EmbeddingModule
 from reglab.tasks.levi import LEVIModule
 from reglab.tasks.multi_input import MultiInputRetrievalModule
@@ -10,5 +11,5 @@ from reglab.tasks.segmentation import SegmentationModule
 from reglab.tasks.sparse_retrieval import SparseRetrievalModule
 from reglab.tasks.two_tower import TwoTowerModule
 
-__all__ = ["CLIPModule", "ClassificationModule", "DenseRetrievalModule", "EmbeddingModule", "LEVIModule",
+__all__ = ["CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiffusionModule", "EmbeddingModule", "LEVIModule",
            "MultiInputRetrievalModule", "SegmentationModule", "SparseRetrievalModule", "TwoTowerModule"]
