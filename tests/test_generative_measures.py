@@ -76,4 +76,6 @@ def test_sample_quality_reports_every_measure_beside_its_reference():
     assert result["nearest_train_distance"] == 0.0 < result["reference_nearest_train_distance"]
     assert "not Inception" in result["feature_extractor"]
     assert {"fd_classifier_features", "conditional_accuracy", "reference_accuracy"} <= set(result)
+    assert result["reference_fd_classifier_features"] == pytest.approx(
+        frechet_distance(reference, training, ClassifierFeatures(Readout(3))))
     assert "conditional_accuracy" not in sample_quality(copies, None, Readout(3), training, reference)

@@ -108,14 +108,18 @@ def sample_quality(samples: Tensor, labels: Tensor | None, classifier: nn.Module
     """All measures of ``samples`` (in [0, 1]; ``labels`` the classes they were sampled for, ``None`` for
     unconditional ones) with the in-repo ``classifier``; ``reference_images`` are held-out real images.
 
-    Returns ``fd_classifier_features`` (Fréchet distance to the reference images),
+    Returns ``fd_classifier_features`` (Fréchet distance to the reference images) beside
+    ``reference_fd_classifier_features`` (the training images' distance to them: what a perfect model
+    would score, up to the sample counts),
     ``conditional_accuracy`` (when ``labels``; with ``reference_labels`` also the classifier's accuracy
     on the real reference images, ``reference_accuracy``, its ceiling), ``nearest_train_distance`` (mean
     over the samples) and ``reference_nearest_train_distance`` (the same for the reference images).
     """
+    features = ClassifierFeatures(classifier)
     measures: dict[str, Any] = {
         "feature_extractor": "in-repo digits classifier (penultimate features), not Inception",
-        "fd_classifier_features": frechet_distance(reference_images, samples, ClassifierFeatures(classifier)),
+        "fd_classifier_features": frechet_distance(reference_images, samples, features),
+        "reference_fd_classifier_features": frechet_distance(reference_images, training_images, features),
         "nearest_train_distance": float(nearest_training_distance(samples, training_images).mean()),
         "reference_nearest_train_distance": float(nearest_training_distance(reference_images, training_images).mean()),
     }

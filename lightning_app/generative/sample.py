@@ -59,7 +59,8 @@ def save_grid(samples: Tensor, path: Path, columns: int, rows: Sequence[str] | N
     height = samples.shape[-2] + pad
     count = -(-len(samples) // columns)
     fig, ax = plt.subplots(figsize=(0.5 * columns + 1.2, 0.5 * count + 0.6))
-    ax.imshow(grid.permute(1, 2, 0).squeeze(-1) if grid.shape[0] == 3 else grid[0], cmap="gray", vmin=0, vmax=1)
+    # make_grid gives three channels (a grey image repeated): drawn as RGB
+    ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy())
     ax.set_xticks([])
     if rows:
         ax.set_yticks([pad + height * i + (height - pad) / 2 for i in range(len(rows))], list(rows), fontsize=7)
