@@ -5,7 +5,8 @@
     reglab sample --ckpt runs/digits_diffusion/version_0/checkpoints/last.ckpt --out samples/ --measures
 
 loads the checkpoint (:class:`~reglab.tasks.DiffusionModule` by default, ``--model-class`` for any
-module with the same ``sample(labels, num_samples, steps, sampler, guidance_scale, seed)``), samples
+module with ``sample(labels, num_samples, seed)``: :class:`~reglab.tasks.VAEModule`; ``--steps``,
+``--sampler`` and ``--guidance`` go to a module whose ``sample`` takes them), samples
 ``--per-class`` images of every class (a conditional model: one row per class) or ``--num-samples``
 (an unconditional one), seeded, and writes into ``--out``, which must not exist or be empty (nothing
 is overwritten):
@@ -119,14 +120,16 @@ def main(argv: list[str] | None = None) -> None:
     from reglab.cli import import_class
 
     module = import_class(args.model_class).load_from_checkpoint(args.ckpt, map_location="cpu").eval()
-    settings = {"steps": args.steps, "sampler": args.sampler, "guidance_scale": args.guidance, "seed": args.seed}
+    # only what was given: a module without a sampler (a VAE) takes just the seed
+    given = {"steps": args.steps, "sampler": args.sampler, "guidance_scale": args.guidance, "seed": args.seed}
+    settings = {key: value for key, value in given.items() if value is not None}
     labels = class_labels(module, args.per_class)
     samples = module.sample(labels, num_samples=args.num_samples if labels is None else None, **settings)
     out.mkdir(parents=True, exist_ok=True)
     rows = row_names(module) if labels is not None else None
     columns = args.per_class if labels is not None else int(args.num_samples ** 0.5) or 1
     used = {k: v for k, v in {**dict(module.hparams), **settings}.items()
-            if k in ("sampler", "sample_steps", "steps", "guidance_scale", "seed") and v is not None}
+            if k in ("sampler", "sample_steps", "steps", "guidance_scale", "seed")}
     save_grid(samples, out / "grid.png", columns, rows, title=f"{Path(args.ckpt).name}: {used}")
     torch.save({"samples": samples.cpu(), "labels": labels, "settings": settings, "checkpoint": str(args.ckpt)},
                out / "samples.pt")

@@ -10,6 +10,7 @@ from reglab.tasks.multi_input import MultiInputRetrievalModule
 from reglab.tasks.segmentation import SegmentationModule
 from reglab.tasks.sparse_retrieval import SparseRetrievalModule
 from reglab.tasks.two_tower import TwoTowerModule
+from reglab.tasks.vae import VAEModule
 
 __all__ = ["CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiffusionModule", "EmbeddingModule", "LEVIModule",
-           "MultiInputRetrievalModule", "SegmentationModule", "SparseRetrievalModule", "TwoTowerModule"]
+           "MultiInputRetrievalModule", "SegmentationModule", "SparseRetrievalModule", "TwoTowerModule", "VAEModule"]
