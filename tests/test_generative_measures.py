@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from reglab.bench.protocols import ClaimError
 from reglab.generative.measures import (ClassifierFeatures, conditional_accuracy, frechet_distance,
                                         nearest_training_distance, sample_quality)
 
@@ -79,3 +80,24 @@ def test_sample_quality_reports_every_measure_beside_its_reference():
     assert result["reference_fd_classifier_features"] == pytest.approx(
         frechet_distance(reference, training, ClassifierFeatures(Readout(3))))
     assert "conditional_accuracy" not in sample_quality(copies, None, Readout(3), training, reference)
+
+
+def test_the_sample_quality_protocol_fits_samples_and_measures(one_thread, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import reglab.generative.measures as measures
+    from reglab.generative.protocols import SampleQualityProtocol
+    from reglab.tasks import ClassificationModule
+
+    repo = Path(__file__).resolve().parents[1]
+    classifier = ClassificationModule(backbone="cnn", num_classes=10, input_shape=(1, 8, 8))
+    monkeypatch.setattr(measures, "digits_classifier", lambda config, cache_dir: classifier)
+    fast = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    protocol = SampleQualityProtocol("smoke", {"configs": [str(repo / "configs/experiment/digits_diffusion.yaml")],
+                                               "overrides": fast, "per_class": 2, "sample": {"steps": 2},
+                                               "classifier_config": str(repo / "configs/experiment/clean_digits.yaml")})
+    result = protocol.run_arm("conditional", {}, 0, tmp_path)
+    assert {"test/loss", "fd_classifier_features", "conditional_accuracy", "nearest_train_distance"} <= set(result)
+    assert 0.0 <= result["conditional_accuracy"] <= 1.0 and result["nearest_train_distance"] > 0
+    with pytest.raises(ClaimError, match="sample setting"):
+        SampleQualityProtocol("bad", {"sample": {"eta": 0.0}})
