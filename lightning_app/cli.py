@@ -373,6 +373,7 @@ COMMANDS = {
     "generate": "reglab.tasks.language_model:main",
     "ridge-risk": "reglab.analysis.ridge_risk:main",
     "saliency": "reglab.analysis.saliency:main",
+    "sample": "reglab.generative.sample:main",
     "smoothers": "reglab.analysis.smoothers:main",
     "soup": "reglab.soups:main",
 }

@@ -3,6 +3,7 @@
 from reglab.tasks.classification import ClassificationModule
 from reglab.tasks.clip import CLIPModule
 from reglab.tasks.dense_retrieval import DenseRetrievalModule
+from reglab.tasks.diffusion import DiffusionModule
 from reglab.tasks.discovery import DiscoveryModule
 from reglab.tasks.embedding import EmbeddingModule
 from reglab.tasks.language_model import LanguageModelModule
@@ -11,7 +12,8 @@ from reglab.tasks.multi_input import MultiInputRetrievalModule
 from reglab.tasks.segmentation import SegmentationModule
 from reglab.tasks.sparse_retrieval import SparseRetrievalModule
 from reglab.tasks.two_tower import TwoTowerModule
+from reglab.tasks.vae import VAEModule
 
-__all__ = ["CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiscoveryModule", "EmbeddingModule",
-           "LanguageModelModule", "LEVIModule",
-           "MultiInputRetrievalModule", "SegmentationModule", "SparseRetrievalModule", "TwoTowerModule"]
+__all__ = ["CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiffusionModule", "DiscoveryModule",
+           "EmbeddingModule", "LanguageModelModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule",
+           "SparseRetrievalModule", "TwoTowerModule", "VAEModule"]
