@@ -4,13 +4,14 @@ that use them. The claims' smoke runs (tests/test_claims.py) train both through 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from reglab.models.unet import LateralFusion, TinyUNet
-from reglab.nn.fadc import FrequencyAdaptiveDilatedConv, FrequencySelection, band_windows
+from reglab.nn.fadc import FrequencyAdaptiveDilatedConv, FrequencySelection, band_windows, dilation_stats
 from reglab.nn.freqfusion import FreqFusion, _OffsetResampler, carafe, local_similarity, normalize_kernels
 
 
@@ -153,3 +154,17 @@ def test_both_modules_train_under_bf16_autocast():
         loss = features.float().square().mean()
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_dilation_stats_reads_the_learnt_dilation_of_every_fadc_layer():
+    net = TinyUNet((1, 32, 32), bottleneck_dilation=2, dilated_conv="fadc")
+    data = SimpleNamespace(test_dataloader=lambda: [{"input": torch.rand(2, 1, 32, 32)}])
+    assert dilation_stats(net, data) == pytest.approx({"fadc/dilation_mean": 1.0, "fadc/dilation_max": 1.0}, abs=1e-3)
+    first, second = [m for m in net.down[-1] if isinstance(m, FrequencyAdaptiveDilatedConv)]
+    # zero offset weights: D = |bias| · rate everywhere, 1.5·2 = 3 in the first layer, 1 in the second
+    torch.nn.init.zeros_(first.conv_offset.weight)
+    torch.nn.init.constant_(first.conv_offset.bias, -1.5)
+    net.train()
+    assert dilation_stats(net, data) == pytest.approx({"fadc/dilation_mean": 2.0, "fadc/dilation_max": 3.0}, abs=1e-3)
+    assert net.training  # measured in eval mode, the mode restored
+    assert dilation_stats(TinyUNet((1, 32, 32), bottleneck_dilation=2), data) == {}

@@ -152,3 +152,29 @@ def test_experiment_yaml_runs_end_to_end_with_reglab_fit(tmp_path: Path, capsys,
 @pytest.mark.parametrize("module_under_test", [segmentation_module, unet_module], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module_under_test):
     assert doctest.testmod(module_under_test, verbose=False).failed == 0
+
+
+def test_prediction_grid_shows_each_scene_its_mask_and_the_prediction(module):
+    data = DigitScenesDataModule(num_train=4, num_val=2, num_test=3, batch_size=2)
+    data.setup()
+    batch = next(iter(data.test_dataloader()))
+    figure = segmentation_module.prediction_grid(module, data, num_images=2)
+    rows = [[ax.images[0].get_array() for ax in figure.axes[i * 2:(i + 1) * 2]] for i in range(3)]
+    with torch.no_grad():
+        expected = module.eval()(batch["input"][:2]).argmax(1)
+    module.train()
+    for shown, truth, predicted, image, mask, prediction in zip(*rows, batch["input"], batch["target"], expected):
+        assert (torch.as_tensor(shown) == image[0]).all() and (torch.as_tensor(truth) == mask).all()
+        assert (torch.as_tensor(predicted) == prediction).all()
+
+
+def test_fit_protocol_hooks_are_imported_at_load_and_a_bad_name_says_the_fix():
+    from reglab.bench.fit import FitProtocol
+    from reglab.bench.protocols import ClaimError
+
+    protocol = FitProtocol("c", {"figures": ["reglab.tasks.segmentation.prediction_grid"],
+                                 "measures": ["reglab.nn.fadc.dilation_stats"]})
+    assert protocol.figure_fns == {"prediction_grid": segmentation_module.prediction_grid}
+    assert [f.__name__ for f in protocol.measures] == ["dilation_stats"]
+    with pytest.raises(ClaimError, match="cannot import 'reglab.nn.fadc.no_such'.*Fix"):
+        FitProtocol("c", {"measures": ["reglab.nn.fadc.no_such"]})

@@ -4,13 +4,18 @@ Settings: ``configs`` (shared by every arm), ``overrides`` (extra CLI arguments 
 e.g. ``--trainer.max_epochs=1`` in a smoke run), ``extra_seed_keys`` (CLI keys also set to the
 seed, e.g. the label-noise seed), ``curves`` (per-epoch series to plot), ``means`` (derived
 metrics, each the mean of logged test metrics: ``{test/rare_miou: [test/iou_class_8, ...]}``, e.g.
-a group of classes chosen in advance). An arm's spec is ``configs`` (added to the shared ones).
-Each run sets ``seed_everything`` and the data seed to the seed and measures what ``trainer.test``
-logs.
+a group of classes chosen in advance), ``measures`` (dotted names of functions
+``fn(model, datamodule) -> {metric: float}`` measured on every run's trained model after its test,
+e.g. ``reglab.nn.fadc.dilation_stats``), ``figures`` (dotted names of functions
+``fn(model, datamodule) -> matplotlib Figure`` drawn from each arm's first seed, e.g.
+``reglab.tasks.segmentation.prediction_grid``; the claim file names them, so the protocol imports no
+family). An arm's spec is ``configs`` (added to the shared ones). Each run sets ``seed_everything``
+and the data seed to the seed and measures what ``trainer.test`` logs.
 """
 
 from __future__ import annotations
 
+import io
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -18,7 +23,7 @@ from typing import Any
 
 import lightning as L
 
-from reglab.bench.protocols import ClaimError, Protocol, register_protocol
+from reglab.bench.protocols import ClaimError, Protocol, import_object, register_protocol
 
 
 PER_CLASS_KEY = re.compile(r".+_class_\d+")
@@ -50,7 +55,8 @@ class EpochHistory(L.Callback):
 
 @register_protocol("fit")
 class FitProtocol(Protocol):
-    defaults = {"configs": [], "overrides": [], "extra_seed_keys": [], "curves": [], "means": {}}
+    defaults = {"configs": [], "overrides": [], "extra_seed_keys": [], "curves": [], "means": {}, "measures": [],
+                "figures": []}
 
     def __init__(self, claim_name: str, settings: dict[str, Any]) -> None:
         super().__init__(claim_name, settings)
@@ -63,6 +69,10 @@ class FitProtocol(Protocol):
                 f" metrics, got {means!r}. Fix: write e.g. `means: {{test/rare_miou: [test/iou_class_9,"
                 " test/iou_class_10]}`."
             )
+        self.measures = [import_object(path) for path in self.settings["measures"]]
+        self.figure_fns = {path.rpartition(".")[2]: import_object(path) for path in self.settings["figures"]}
+        # arm -> figure name -> PNG bytes of its first run: drawn while the model exists, written by figures()
+        self.drawn: dict[str, dict[str, bytes]] = {}
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         if set(spec) - {"configs"}:
@@ -74,7 +84,10 @@ class FitProtocol(Protocol):
                                  "repository root or correct the path.")
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-        return self.fit_and_test(self.arguments(spec, seed, workdir))[1]
+        cli, metrics = self.fit_and_test(self.arguments(spec, seed, workdir))
+        if arm not in self.drawn and self.figure_fns:
+            self.drawn[arm] = {name: _png(fn(cli.model, cli.datamodule), arm) for name, fn in self.figure_fns.items()}
+        return metrics
 
     def arguments(self, spec: dict[str, Any], seed: int, workdir: Path) -> list[str]:
         """The ``reglab fit`` arguments of an arm's run at ``seed`` (a protocol built on this one adds to them)."""
@@ -122,10 +135,23 @@ class FitProtocol(Protocol):
                 raise ClaimError(f"claim {self.claim_name}: `means` {name} needs {missing}, which the test did not log"
                                  f" (logged: {sorted(logged)}). Fix: name logged test metrics.")
             metrics[name] = sum(logged[key] for key in keys) / len(keys)
+        for measure in self.measures:
+            metrics.update({key: float(value) for key, value in measure(cli.model, cli.datamodule).items()})
         last = {f"{key} (last epoch)": series[-1] for key, series in history.values.items() if series}
         return {**metrics, **last, **{f"curve:{key}": series for key, series in history.values.items()}}
 
     def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
+        lines = self.curve_figure(runs, out_dir, claim_name)
+        drawn = [(arm, name, png) for arm in runs for name, png in self.drawn.get(arm, {}).items()]
+        if drawn:
+            lines += ["## Figures (each arm's first seed)", ""]
+        for arm, name, png in drawn:
+            (out_dir / f"{claim_name}_{arm}_{name}.png").write_bytes(png)
+            lines += [f"![{arm}: {name}]({claim_name}_{arm}_{name}.png)", ""]
+        return lines
+
+    def curve_figure(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
+        """The per-epoch ``curves`` of every arm, mean ± std over seeds."""
         if not self.settings["curves"]:
             return []
         import matplotlib
@@ -156,3 +182,14 @@ class FitProtocol(Protocol):
         fig.savefig(out_dir / f"{claim_name}_curves.png", dpi=110)
         plt.close(fig)
         return ["## Per-epoch curves", "", f"![per-epoch curves]({claim_name}_curves.png)", ""]
+
+
+def _png(figure: Any, title: str) -> bytes:
+    """``figure`` (matplotlib) titled ``title`` as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -67,9 +67,16 @@ def instantiate(spec: dict[str, Any]) -> Any:
     """Build an object from ``{class_path: a.b.C, init_args: {...}}`` (the configs' spelling)."""
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ClaimError(f"expected a mapping with class_path (and init_args), got {spec!r}")
-    module_name, _, attr = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), attr)
-    return cls(**spec.get("init_args", {}))
+    return import_object(spec["class_path"])(**spec.get("init_args", {}))
+
+
+def import_object(path: str) -> Any:
+    """The object a dotted ``package.module.name`` names (a class, a function), imported on use."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ClaimError(f"cannot import {path!r} ({error}). Fix: name an importable object as package.module.name.") from error
 
 
 def arm_techniques(spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -209,3 +209,38 @@ class FrequencyAdaptiveDilatedConv(nn.Module):
             padded.float(), offset.float(), weight.float(), None if bias is None else bias.float(), mask=mask.float()
         )
         return out.reshape(n, self.out_channels, h, w).to(x.dtype)
+
+
+def dilation_stats(model: nn.Module, datamodule: object) -> dict[str, float]:
+    """Mean and max of the learnt ``D`` (taps at ``(1 + D)·(i, j)``) over the first test batch, all
+    pixels and every :class:`FrequencyAdaptiveDilatedConv` of ``model``; ``{}`` when it has none.
+    A plain dilated convolution of rate ``d`` is ``D = d - 1`` everywhere, so a runaway (``D`` far
+    above it, taps beyond the map) shows here. The ``fit`` claims protocol measures it after each
+    run's test when a claim names it in ``measures``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> net = nn.Sequential(FrequencyAdaptiveDilatedConv(1, 4, dilation=2, k_list=None))
+        >>> data = SimpleNamespace(test_dataloader=lambda: [{"input": torch.zeros(2, 1, 8, 8)}])
+        >>> {k: round(v, 3) for k, v in dilation_stats(net, data).items()}
+        {'fadc/dilation_mean': 1.0, 'fadc/dilation_max': 1.0}
+    """
+    layers = [m for m in model.modules() if isinstance(m, FrequencyAdaptiveDilatedConv)]
+    if not layers:
+        return {}
+    maps: list[Tensor] = []
+    hooks = [layer.conv_offset.register_forward_hook(
+        lambda _module, _inputs, out, d=layer.dilation: maps.append(out.abs().flatten() * d)) for layer in layers]
+    batch = next(iter(datamodule.test_dataloader()))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch["input"].to(device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    values = torch.cat(maps)
+    return {"fadc/dilation_mean": values.mean().item(), "fadc/dilation_max": values.max().item()}

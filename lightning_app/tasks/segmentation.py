@@ -213,3 +213,47 @@ class SegmentationModule(TaskMetricsMixin, RegularizedMixin, L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def prediction_grid(model: L.LightningModule, datamodule: L.LightningDataModule, num_images: int = 6) -> Any:
+    """A matplotlib figure of the first ``num_images`` test images: per column the input, the ground
+    truth and ``model``'s argmax prediction (one colour per class, background black, ignored pixels
+    white). The ``fit`` claims protocol draws it per arm when a claim names it in ``figures``.
+
+    Example:
+        >>> from reglab.datamodules import DigitScenesDataModule
+        >>> data = DigitScenesDataModule(num_train=4, num_val=2, num_test=3)
+        >>> data.setup()
+        >>> figure = prediction_grid(SegmentationModule(num_classes=11, input_shape=(1, 32, 32)), data, 3)
+        >>> len(figure.axes)
+        9
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = next(iter(datamodule.test_dataloader()))
+    images, target = batch["input"][:num_images], batch["target"][:num_images]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        prediction = model(images.to(model.device)).argmax(1).cpu()
+    model.train(was_training)
+    num_classes = model.num_classes
+    # class c at c / (num_classes - 1) of the map: background (0) black, each digit its own colour
+    colours = plt.get_cmap("nipy_spectral", num_classes)
+    colours.set_over("white")
+    shown = {"input": images[:, 0].numpy(), "ground truth": target.numpy(), "prediction": prediction.numpy()}
+    figure, axes = plt.subplots(3, len(images), figsize=(1.4 * len(images), 4.6), squeeze=False)
+    for row, (name, maps) in zip(axes, shown.items()):
+        row[0].set_ylabel(name)
+        for ax, values in zip(row, maps):
+            if name == "input":
+                ax.imshow(values, cmap="gray")
+            else:
+                ax.imshow(values, cmap=colours, vmin=0, vmax=num_classes - 1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    figure.tight_layout(rect=(0, 0, 1, 0.93))
+    return figure
