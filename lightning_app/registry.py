@@ -43,7 +43,7 @@ OPTIONAL = ("kind", "note", "build", "method_card", "harness")
 HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data", "backbone_kwargs")
 #: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
 HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "embedding", "text_retrieval",
-                "dense_text_retrieval", "captions", "diffusion")
+                "dense_text_retrieval", "captions", "diffusion", "text_diffusion")
 #: the harness's generated recommendation data (~5 training steps per epoch at 256, like the digits)
 EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
 #: the harness's generated query–passage corpus (a step encodes every query's passages with a transformer):
@@ -251,7 +251,8 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     ``SparseRetrievalModule`` with frozen word embeddings (lr 1e-4); for ``data="dense_text_retrieval"`` a one-layer
     ``DenseRetrievalModule`` (lr 1e-4); for ``data="captions"`` a ``CLIPModule`` (``objective: classification``, a
     one-layer text tower from MiniLM, 16-d embeddings, lr 1e-3); for ``data="diffusion"`` a class-conditional
-    ``DiffusionModule`` with a tiny U-Net (channels 8, 16, no attention, 2 sampling steps, lr 1e-3)."""
+    ``DiffusionModule`` with a tiny U-Net (channels 8, 16, no attention, 2 sampling steps, lr 1e-3); for
+    ``data="text_diffusion"`` the same U-Net text-conditional with cross-attention (personalization techniques)."""
     import lightning as L
 
     from reglab.tasks import ClassificationModule, EmbeddingModule, TwoTowerModule
@@ -265,11 +266,13 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
         from reglab.tasks import DenseRetrievalModule
 
         return DenseRetrievalModule(num_layers=1, lr=1e-4)
-    if data == "diffusion":
+    if data in ("diffusion", "text_diffusion"):
         from reglab.tasks import DiffusionModule
 
+        text = data == "text_diffusion"
         return DiffusionModule(input_shape=(1, 8, 8), num_classes=10, block_out_channels=(8, 16), norm_num_groups=4,
-                               attention_head_dim=4, attention=False, sample_steps=2, lr=1e-3)
+                               attention_head_dim=4, attention=text, conditioning="text" if text else "class",
+                               sample_steps=2, lr=1e-3)
     if data == "captions":
         from reglab.tasks import CLIPModule
 
@@ -303,7 +306,7 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     a tiny generated query–passage corpus in batches of ``batch_size // 64`` queries (for sparse retrieval techniques;
     ``data="dense_text_retrieval"``: the same corpus, for dense retrieval techniques); ``data="captions"`` the
     upright digits with captions and class prompts (for prompt-learning techniques on a CLIP); ``data="diffusion"``
-    the clean digits as images (1x8x8, for techniques on a diffusion model)."""
+    the clean digits as images (1x8x8, for techniques on a diffusion model; ``"text_diffusion"`` the same)."""
     from reglab.datamodules import (DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule,
                                     TextRetrievalDataModule)
 
@@ -320,7 +323,7 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
         return HintedDigitsDataModule(batch_size=batch_size)
     if data == "embedding":
         return DigitsDataModule(flatten=True, batch_size=batch_size)
-    if data == "diffusion":
+    if data in ("diffusion", "text_diffusion"):
         return DigitsDataModule(batch_size=batch_size)
     if data == "captions":
         from reglab.datamodules import CaptionedDigitsDataModule
