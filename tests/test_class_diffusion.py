@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from reglab.callbacks.generative import ClassDiffusion
+from reglab.callbacks.generative import ClassDiffusion, PlainPersonalization
 from reglab.callbacks.generative.class_diffusion import MODIFIER, semantic_preservation_loss, sentence_embedding
 from reglab.datamodules.base import DictDataset
 from reglab.technique import TechniqueConfigError
@@ -36,7 +36,7 @@ def test_negative_weight_is_refused():
         ClassDiffusion(spl_weight=-1.0)
 
 
-def tuned(spl_weight: float):
+def tuned(technique: ClassDiffusion):
     from reglab.tasks import DiffusionModule
 
     L.seed_everything(0, verbose=False)
@@ -45,7 +45,6 @@ def tuned(spl_weight: float):
     unet_before = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
     images = torch.rand(4, 1, 8, 8)
     data = L.LightningDataModule.from_datasets(DictDataset(images, torch.full((4,), 3)), batch_size=4)
-    technique = ClassDiffusion(spl_weight=spl_weight)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[technique])
     trainer.fit(module, datamodule=data)
@@ -53,7 +52,7 @@ def tuned(spl_weight: float):
 
 
 def test_tuning_trains_the_modifier_and_cross_attention_kv_only():
-    module, technique, before = tuned(1.0)
+    module, technique, before = tuned(ClassDiffusion(spl_weight=1.0))
     moved = {n for n, p in module.unet.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in moved)
     # the table holds the class prompts, the null prompt and the ten personalized prompts, without a graph
@@ -62,5 +61,5 @@ def test_tuning_trains_the_modifier_and_cross_attention_kv_only():
     samples = module.sample(technique.personalized(torch.tensor([3, 7])), steps=2, seed=0)
     assert samples.shape == (2, 1, 8, 8)
     # the SPL pulls the modifier: with weight 0 it ends elsewhere
-    plain, _, _ = tuned(0.0)
+    plain, _, _ = tuned(PlainPersonalization())
     assert not torch.allclose(getattr(module, MODIFIER), getattr(plain, MODIFIER))

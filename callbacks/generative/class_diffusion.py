@@ -20,7 +20,8 @@ word alone ("dog"); MiniLM's sentence embedding is the masked mean of its token 
 all-MiniLM-L6-v2 was trained), and the class phrase here is the class's own prompt ("a handwritten digit
 three"), so that the two phrases differ by the modifier only. Official defaults: ``spl_weight`` 1 (kept),
 lr 1e-5 x batch size for 500 steps on Stable Diffusion (scaled down: the claim's tuning settings).
-``spl_weight=0`` is plain personalization tuning (the baseline card ``plain_personalization``).
+Plain personalization tuning, the baseline, is :class:`~reglab.callbacks.generative.PlainPersonalization`: this
+class at ``spl_weight=0`` under its own name.
 
 Mechanism in the step contract: ``transform_batch`` encodes the personalized prompts of every class with the
 current modifier (one small batched MiniLM forward, differentiable in the modifier), appends them to the
@@ -33,7 +34,6 @@ Method card (what it does, when it helps, what it costs): ``class_diffusion.card
 Example:
     >>> from reglab.callbacks.generative import ClassDiffusion
     >>> spl = ClassDiffusion(spl_weight=1.0)
-    >>> plain = ClassDiffusion(spl_weight=0.0)   # plain personalization tuning
 """
 
 from __future__ import annotations
@@ -116,8 +116,9 @@ class ClassDiffusion(Technique):
         prompts = [pl_module.hparams.prompt_template.format(f"{self.modifier} {name}") for name in names]
         self._tokens = dict(tokenizer(prompts, padding=True, return_tensors="pt"))
         self._modifier_id = tokenizer.convert_tokens_to_ids(pieces[0])
-        if self._base is None:
-            self._base = (pl_module.prompt_states.detach().clone(), pl_module.prompt_mask.detach().clone())
+        # the class prompts and the null prompt: the first rows, also of a table a technique already extended
+        rows = self._num_classes + 1
+        self._base = (pl_module.prompt_states[:rows].detach().clone(), pl_module.prompt_mask[:rows].detach().clone())
         if not hasattr(pl_module, MODIFIER):
             pl_module.requires_grad_(False)
             for parameter in tuned:
@@ -171,7 +172,7 @@ class ClassDiffusion(Technique):
         condition = out.extras["condition"]
         first = self.personalized(0)
         kept = condition >= first  # rows the module's condition dropout left personalized
-        if not self.spl_weight or not bool(kept.any()):
+        if not bool(kept.any()):
             return {}
         return {"spl": self.spl_weight * self._spl[condition[kept] - first].mean()}
 
