@@ -39,7 +39,7 @@ Example:
     >>> import torch
     >>> round(float(image_correlation(torch.tensor([[1., 2., 3.]]), torch.tensor([[2., 4., 7.]]))[0]), 3)
     0.993
-    >>> crossover_size([8, 32, 128], [0.2, 0.6, 1.4], level=1.0)
+    >>> round(crossover_size([8, 32, 128], [0.2, 0.6, 1.4], level=1.0), 6)
     64.0
 """
 
