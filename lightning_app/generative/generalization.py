@@ -28,7 +28,12 @@ Per N and seed (:func:`generalization_curves`) the measures are:
 * ``sample_similarity`` — the mean correlation of the two models' samples from the same noise;
 * ``nearest_ratio`` — the mean nearest-training distance of model A's samples to subset A
   (:func:`~reglab.generative.measures.nearest_training_distance`) over that of held-out test images
-  to subset A: near 0 when the samples are copies, about 1 when they are as novel as real images.
+  to subset A: near 0 when the samples are copies, about 1 when they are as novel as real images
+  (above 1: farther from the digits than real digits are, an undertrained model's blur or noise).
+
+Once per seed, ``untrained_sample_similarity`` is the sample similarity of two *untrained* models
+(the seeds of the two models): the floor that similarity from the shared initial noise alone gives,
+so a large-N similarity above it is agreement the training produced.
 
 The claim protocol ``denoiser_generalization`` (:class:`DenoiserGeneralizationProtocol`) turns the
 curves into per-seed numbers: the gain of each similarity from the smallest to the largest N
@@ -107,19 +112,25 @@ def disjoint_subsets(count: int, sizes: Sequence[int], seed: int) -> dict[int, t
     return {n: (order[:n], order[half:half + n]) for n in sizes}
 
 
-def fit_denoiser(images: Tensor, seed: int, settings: dict[str, Any]) -> Any:
-    """An unconditional :class:`~reglab.tasks.DiffusionModule` fitted on ``images`` (in [0, 1]) for
-    ``settings["train_steps"]`` optimizer steps of batches drawn with replacement (the module
-    docstring: the same budget for every N)."""
+def new_denoiser(shape: Sequence[int], seed: int, settings: dict[str, Any]) -> Any:
+    """A freshly initialised (seeded) unconditional :class:`~reglab.tasks.DiffusionModule` of the settings' U-Net."""
     import lightning as L
-    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
     from reglab.tasks import DiffusionModule
 
     L.seed_everything(seed, verbose=False)
-    module = DiffusionModule(input_shape=tuple(images.shape[1:]), conditioning="none", attention=False,
-                             block_out_channels=tuple(settings["block_out_channels"]),
-                             norm_num_groups=settings["norm_num_groups"], lr=settings["lr"])
+    return DiffusionModule(input_shape=tuple(shape), conditioning="none", attention=False,
+                           block_out_channels=tuple(settings["block_out_channels"]),
+                           norm_num_groups=settings["norm_num_groups"], lr=settings["lr"])
+
+
+def fit_denoiser(images: Tensor, seed: int, settings: dict[str, Any]) -> Any:
+    """:func:`new_denoiser` fitted on ``images`` (in [0, 1]) for ``settings["train_steps"]`` optimizer
+    steps of batches drawn with replacement (the module docstring: the same budget for every N)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    module = new_denoiser(images.shape[1:], seed, settings)
     steps, batch = settings["train_steps"], settings["batch_size"]
     sampler = RandomSampler(range(len(images)), replacement=True, num_samples=steps * batch)
     loader = DataLoader(TensorDataset(images), batch_size=batch, sampler=sampler,
@@ -168,13 +179,18 @@ def generalization_curves(seed: int, settings: dict[str, Any]) -> dict[str, Any]
         for t, value in zip(timesteps, per_level):
             curves[f"denoised_similarity/t={t}"].append(value)
         curves["denoised_similarity"].append(sum(per_level) / len(per_level))
-        samples = [model.sample(num_samples=settings["samples"], sampler="ddim", steps=settings["sample_steps"],
-                                seed=seed) for model in models]
+        samples = [_samples(model, seed, settings) for model in models]
         curves["sample_similarity"].append(float(image_correlation(*samples).mean()))
         own = train[first]
         curves["nearest_ratio"].append(float(nearest_training_distance(samples[0], own).mean()
                                              / nearest_training_distance(test, own).mean()))
-    return {"sizes": sizes, "curves": curves}
+    untrained = [_samples(new_denoiser(train.shape[1:], seed * 1000 + k, settings), seed, settings) for k in (0, 1)]
+    return {"sizes": sizes, "curves": curves, "untrained_sample_similarity": float(image_correlation(*untrained).mean())}
+
+
+def _samples(model: Any, seed: int, settings: dict[str, Any]) -> Tensor:
+    # the same seed for every model: the same initial noise, and DDIM (eta 0) adds none after it
+    return model.sample(num_samples=settings["samples"], sampler="ddim", steps=settings["sample_steps"], seed=seed)
 
 
 def plot_curves(sizes: Sequence[int], runs: list[dict[str, list[float]]], level: float, path: Path, title: str) -> None:
@@ -211,7 +227,8 @@ class DenoiserGeneralizationProtocol(Protocol):
     """One arm (``{}``, or ``{label}``); per seed the curves of :func:`generalization_curves` and the
     metrics ``sample_similarity_gain``, ``denoised_similarity_gain``, ``nearest_ratio_gain`` (largest
     N minus smallest, :func:`gain`), ``crossover_n`` (:func:`crossover_size` of the nearest ratio at
-    ``crossover_level``, NaN when not reached) and each measure at the smallest and largest N. A claim
+    ``crossover_level``, NaN when not reached), ``untrained_sample_similarity`` and each measure at the
+    smallest and largest N. A claim
     file names ``module: reglab.generative.generalization``."""
 
     defaults = {"sizes": [8, 32, 128, 539], "train_steps": 400, "batch_size": 64, "lr": 1e-3,
@@ -255,6 +272,7 @@ class DenoiserGeneralizationProtocol(Protocol):
         for name in ("sample_similarity", "denoised_similarity", "nearest_ratio"):
             metrics |= {f"{name}_gain": gain(curves[name]), f"{name}_smallest_n": curves[name][0],
                         f"{name}_largest_n": curves[name][-1]}
+        metrics["untrained_sample_similarity"] = result["untrained_sample_similarity"]
         metrics["crossover_n"] = crossover_size(result["sizes"], curves["nearest_ratio"],
                                                 self.settings["crossover_level"])
         return metrics
