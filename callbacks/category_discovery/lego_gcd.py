@@ -141,8 +141,9 @@ class LegoGCD(Technique):
         log_prior = self.qhat.to(out.logits.device).log()
         ler = local_entropy(out.extras["cosine"], mask, self.ler_temperature, log_prior, self.debias)
         dkl_weight = 1.0 - h.sup_weight if self.dkl_weight is None else self.dkl_weight
-        module.log(f"train/{self.name}/confident_known", mask.float().mean(), on_step=False, on_epoch=True,
-                   batch_size=len(mask))
+        if module._trainer is not None:
+            module.log(f"train/{self.name}/confident_known", mask.float().mean(), on_step=False, on_epoch=True,
+                       batch_size=len(mask))
         return {"ler": self.ler_weight * ler, "dkl": dkl_weight * dual_view_kl(out.logits)}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
