@@ -11,8 +11,9 @@ import torch
 
 from reglab.callbacks.category_discovery import cr_kd
 from reglab.callbacks.category_discovery.cr_kd import CrKD, class_relation_kd
-from reglab.tasks import ClassificationModule, DiscoveryModule
+from reglab.tasks import ClassificationModule
 from reglab.technique import TechniqueConfigError
+from test_lego_gcd import tiny_module_and_batch
 
 
 def test_class_relation_kd_by_hand():
@@ -26,22 +27,13 @@ def test_class_relation_kd_by_hand():
     torch.testing.assert_close(class_relation_kd(2 * teacher, 2 * student, 2, 2.0), 4 * torch.tensor(expected))
 
 
-def _module_and_batch():
-    torch.manual_seed(0)
-    module = DiscoveryModule("mlp", input_shape=(4,), num_classes=4, num_known_classes=2,
-                             backbone_kwargs={"hidden_sizes": (8,)}, projection_dim=4, projection_hidden_dim=8)
-    batch = {"view1": torch.randn(6, 4), "view2": torch.randn(6, 4), "target": torch.tensor([0, 1, -1, -1, -1, -1]),
-             "labelled": torch.tensor([True, True, False, False, False, False])}
-    return module, batch
-
-
 def _set_up(technique, module):
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, callbacks=[technique])
     technique.setup(trainer, module, "fit")
 
 
 def test_distils_from_the_model_as_the_fit_started():
-    module, batch = _module_and_batch()
+    module, batch = tiny_module_and_batch()
     technique = CrKD(alpha=0.5, temperature=4.0)
     _set_up(technique, module)
     out = module.forward_step(batch)
@@ -59,7 +51,7 @@ def test_distils_from_the_model_as_the_fit_started():
 
     restored = CrKD()
     restored.load_state_dict(technique.state_dict())  # before set-up: applied when the teacher is built
-    fresh, _ = _module_and_batch()
+    fresh, _ = tiny_module_and_batch()
     with torch.no_grad():
         fresh.classifier.weight.mul_(-1.0)
     _set_up(restored, fresh)

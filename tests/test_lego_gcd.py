@@ -46,7 +46,8 @@ def test_dual_view_kl_by_hand():
     assert dual_view_kl(logits.flip(0)).item() == pytest.approx(0.5 * math.log(2 / 3) + 0.5 * math.log(2))
 
 
-def _module_and_batch():
+def tiny_module_and_batch():
+    """A 4-class (2 known) DiscoveryModule on 4 features and a two-view batch of 2 labelled, 4 unlabelled rows."""
     torch.manual_seed(0)
     module = DiscoveryModule("mlp", input_shape=(4,), num_classes=4, num_known_classes=2,
                              backbone_kwargs={"hidden_sizes": (8,)}, projection_dim=4, projection_hidden_dim=8)
@@ -56,7 +57,7 @@ def _module_and_batch():
 
 
 def test_terms_are_weighted_and_the_prior_follows_the_batches():
-    module, batch = _module_and_batch()
+    module, batch = tiny_module_and_batch()
     technique = LegoGCD(threshold=0.3, ler_weight=2.0, prior_momentum=0.9)
     technique.qhat = torch.full((4,), 0.25)
     out = module.forward_step(batch)
