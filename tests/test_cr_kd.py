@@ -30,6 +30,7 @@ def test_class_relation_kd_by_hand():
 def _set_up(technique, module):
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, callbacks=[technique])
     technique.setup(trainer, module, "fit")
+    technique.on_fit_start(trainer, module)
 
 
 def test_distils_from_the_model_as_the_fit_started():
@@ -38,7 +39,7 @@ def test_distils_from_the_model_as_the_fit_started():
     _set_up(technique, module)
     out = module.forward_step(batch)
     unlabelled = ~out.extras["labelled"]
-    # the teacher is a copy of the model at set-up: its known-class logits are the model's
+    # the teacher is a copy of the model at the fit's start: its known-class logits are the model's
     student = out.logits[unlabelled]
     expected = 0.5 * class_relation_kd(student[:, :2], student, 2, 4.0).mean()
     torch.testing.assert_close(technique.loss_terms(out, module)["kd"], expected)
@@ -50,7 +51,7 @@ def test_distils_from_the_model_as_the_fit_started():
     torch.testing.assert_close(after, before)  # frozen: the model's training does not move it
 
     restored = CrKD()
-    restored.load_state_dict(technique.state_dict())  # before set-up: applied when the teacher is built
+    restored.load_state_dict(technique.state_dict())  # before the fit: applied when the teacher is built
     fresh, _ = tiny_module_and_batch()
     with torch.no_grad():
         fresh.classifier.weight.mul_(-1.0)

@@ -45,10 +45,10 @@ class CrKD(Technique):
     known-class model into the discovery training (:func:`class_relation_kd` on the unlabelled
     samples of both views, weighted ``alpha``; logged as ``train/cr_kd/kd``).
 
-    The known-class model is the module as it stands when the fit starts: train it on the known
-    classes first (the official code loads its supervised pre-training checkpoint into both the
-    model and the frozen teacher; here e.g. a first fit with ``sup_weight: 1.0``, the labelled
-    terms only). Its backbone and classifier are copied at set-up, frozen and kept in the
+    The known-class model is the module as it stands when the technique's first fit starts: train
+    it on the known classes first (the official code loads its supervised pre-training checkpoint
+    into both the model and the frozen teacher; here e.g. a first fit with ``sup_weight: 1.0``, the
+    labelled terms only). Its backbone and classifier are copied then, frozen and kept in the
     technique's state (checkpoints hold it, so a resumed fit distils from the same model).
 
     Follows the official code (github.com/kleinzcy/Cr-KD-NCD, ``rKD.py``, ``model/losses.py``,
@@ -92,17 +92,16 @@ class CrKD(Technique):
             raise self.fail(f"it needs a DiscoveryModule (its backbone, cosine classifier and views), got "
                             f"{type(pl_module).__name__}", "train a reglab.tasks.DiscoveryModule")
         super().setup(trainer, pl_module, stage)
-        if stage != "fit" or self.teacher is not None:
-            return
-        # copied before a resumed fit restores its checkpoint, which then loads the saved teacher
-        teacher = nn.ModuleDict({"backbone": copy.deepcopy(pl_module.backbone),
-                                 "classifier": copy.deepcopy(pl_module.classifier)})
-        teacher.requires_grad_(False).eval()
-        self.teacher = teacher
-        if self._pending is not None:
-            self.load_state_dict(self._pending)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # here, not in setup: DDP has broadcast rank 0's weights, so every rank copies the same model;
+        # a resumed fit has restored its checkpoint by now, whose saved teacher is waiting in _pending
+        if self.teacher is None:
+            teacher = nn.ModuleDict({"backbone": copy.deepcopy(pl_module.backbone),
+                                     "classifier": copy.deepcopy(pl_module.classifier)})
+            self.teacher = teacher.requires_grad_(False)
+            if self._pending is not None:
+                self.load_state_dict(self._pending)
         self.teacher.to(pl_module.device).eval()
 
     @torch.no_grad()
@@ -133,7 +132,7 @@ class CrKD(Technique):
         weights = {key.removeprefix("teacher."): value for key, value in state_dict.items() if key.startswith("teacher.")}
         if not weights:
             return
-        if self.teacher is None:  # applied when set-up builds the teacher
+        if self.teacher is None:  # applied when the fit's start builds the teacher
             self._pending = state_dict
             return
         self.teacher.load_state_dict(weights)
