@@ -67,8 +67,16 @@ def ogen_with_coop() -> Technique:
     return registry.card("ogen").load()(**registry.card("ogen").harness["init_args"], prompt_learner=PromptTuning())
 
 
+def glad_with_lora() -> Technique:
+    """GLAD owning LoRA (its gradient regularizes LoRA's adapters, which alone it cannot add)."""
+    from reglab.callbacks.peft import LoRA
+
+    return registry.card("glad").load()(**registry.card("glad").harness["init_args"], lora=LoRA(r=2, lora_alpha=2))
+
+
 FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores,
-                                                 "mamba_fscil_session": mamba_fscil_session, "ogen_with_coop": ogen_with_coop}
+                                                 "mamba_fscil_session": mamba_fscil_session, "ogen_with_coop": ogen_with_coop,
+                                                 "glad_with_lora": glad_with_lora}
 
 
 def make(technique_id: str) -> Technique:

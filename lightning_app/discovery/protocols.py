@@ -11,8 +11,12 @@ Lightning's ``trainer.test``. Metrics (Hungarian clustering accuracy,
 SimGCD report) and ``acc_all``, ``acc_old``, ``acc_new`` on the held-out test split. No model
 selection: the last epoch is reported, as SimGCD's code reports its last epoch.
 
-An arm is ``{module, data, backbone, backbone_kwargs, epochs, technique}`` (all optional), so one
-claim can hold arms on two scenarios (the digits images and a tabular set)::
+An arm is ``{module, data, backbone, backbone_kwargs, epochs, pretrain_epochs, technique}`` (all
+optional), so one claim can hold arms on two scenarios (the digits images and a tabular set).
+``pretrain_epochs`` (a setting or an arm's, default 0) first trains the module on the labelled
+samples only (``sup_weight: 1.0``: SimGCD's supervised terms), without the arm's techniques, and
+starts the arm's fit from those weights: the known-class model that NCD methods such as Cr-KD
+start from and distil (both arms of a claim get the same one)::
 
     name: simgcd
     protocol: discovery
@@ -36,7 +40,7 @@ from reglab.bench.protocols import ClaimError, Protocol, check_arm_techniques, f
 from reglab.datamodules import DiscoveryDataModule
 from reglab.tasks import DiscoveryModule
 
-ARM_FIELDS = ("module", "data", "backbone", "backbone_kwargs", "epochs", "technique")
+ARM_FIELDS = ("module", "data", "backbone", "backbone_kwargs", "epochs", "pretrain_epochs", "technique")
 
 
 @register_protocol("discovery")
@@ -44,7 +48,7 @@ class DiscoveryProtocol(Protocol):
     """Fit on labelled known classes and the unlabelled pool, score the clusters (module docstring)."""
 
     defaults = {"data": {"source": "digits", "known_classes": [0, 1, 2, 3, 4], "mode": "gcd"}, "backbone": "cnn",
-                "backbone_kwargs": {}, "epochs": 10, "batch_size": 64, "lr": 1e-3, "module": {}, "trainer": {}}
+                "backbone_kwargs": {}, "epochs": 10, "pretrain_epochs": 0, "batch_size": 64, "lr": 1e-3, "module": {}, "trainer": {}}
 
     def check_settings(self) -> None:
         self.data({}, seed=0)  # the DataModule's own checks: classes, fractions, mode
@@ -79,6 +83,12 @@ class DiscoveryProtocol(Protocol):
         data = self.data(spec, seed)
         L.seed_everything(seed, verbose=False)
         module = self.module(spec, data)
+        pretrain_epochs = spec.get("pretrain_epochs", self.settings["pretrain_epochs"])
+        if pretrain_epochs:
+            known = self.module({**spec, "module": {**spec.get("module", {}), "sup_weight": 1.0}}, data)
+            # the known-class model's own test scores are not reported (its fit has no technique: spec {})
+            fit_then_test(known, data, {}, pretrain_epochs, self.settings["trainer"])
+            module.load_state_dict(known.state_dict())
         # no validation loop: the last epoch is reported (no model selection, module docstring)
         return fit_then_test(module, data, spec, spec.get("epochs", self.settings["epochs"]), self.settings["trainer"])
 
@@ -90,7 +100,10 @@ class DiscoveryProtocol(Protocol):
                 "unlabelled rest and every novel-class training sample; NCD: novel classes only). A "
                 f"`DiscoveryModule` ({s['backbone']} backbone unless the arm names another; the arm's `module` "
                 f"arguments) trains for {s['epochs']} epochs of batches of {s['batch_size']} (labelled and unlabelled "
-                "samples in equal shares, two augmented views each) and the last weights are scored by Hungarian "
+                "samples in equal shares, two augmented views each)"
+                + (f", starting from {s['pretrain_epochs']} epochs on the labelled samples only (SimGCD's supervised "
+                   "terms: the known-class model)" if s["pretrain_epochs"] else "")
+                + ", and the last weights are scored by Hungarian "
                 "clustering accuracy (one assignment of clusters to classes over all classes, then accuracy on all "
                 "samples, on those of old and of new classes): `pool_acc_*` on the unlabelled pool, `acc_*` on the "
                 "held-out test split. The k-means arm trains on the labelled samples only and clusters the "
