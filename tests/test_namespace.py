@@ -6,6 +6,7 @@ fresh folder (not the editable checkout)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: the folders setup.py installs (as reglab, reglab.callbacks, reglab.datamodules)
+PACKAGE_FOLDERS = ("lightning_app", "callbacks", "datamodules")
 
 USER_MODULES = {
     # names a Lightning project commonly has next to its training script
@@ -59,8 +62,15 @@ techniques:
 def installed(tmp_path_factory) -> Path:
     """The project built as a wheel and installed (without dependencies) into its own folder."""
     root = tmp_path_factory.mktemp("install")
+    # built from a copy of what the wheel is made of: setuptools builds in the source folder's build/, and a
+    # build/ left in the checkout by an earlier build would put files since moved or deleted into the wheel
+    source = root / "source"
+    for name in PACKAGE_FOLDERS:
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "wheel"), str(REPO)],
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "wheel"), str(source)],
                    check=True, capture_output=True, text=True)
     (wheel,) = (root / "wheel").glob("reglab-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--target", str(root / "site"), str(wheel)],

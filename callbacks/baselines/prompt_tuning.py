@@ -80,10 +80,11 @@ class PromptTuning(Technique):
             self._hook.remove()
         self._hook = embedding.register_forward_hook(_context_hook(pl_module, placeholder[0]))
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         # the frozen towers are fixed functions, as CLIP's are in CoOp: CLIP has neither batch norm nor
         # dropout, the tiny CLIP's CNN and MiniLM have both, and in train mode they would move the image
-        # tower's running statistics and drop tokens of the prompts while the context trains
+        # tower's running statistics and drop tokens of the prompts while the context trains. Every batch,
+        # since the loops set train mode again after a validation and at a resumed run's start
         pl_module.clip.eval()
 
     def context_prompts(self, pl_module: L.LightningModule, datamodule: Any, names: Any) -> dict[str, Tensor]:

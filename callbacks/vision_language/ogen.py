@@ -54,6 +54,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -166,9 +167,11 @@ class OGEN(Technique):
                 generator.std[c] = members.std(0, unbiased=False)
             generator.ready.fill_(True)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.prompt_learner is not None:  # owned: its hooks are OGEN's to call
-            self.prompt_learner.on_train_epoch_start(trainer, pl_module)
+            self.prompt_learner.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epochs = schedule_epochs(self, trainer, self.total_epochs)
         self.warming_up = trainer.current_epoch < int(epochs * self.warmup_fraction)
 
