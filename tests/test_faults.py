@@ -334,7 +334,10 @@ def test_a_checkpoint_that_skips_the_rest_of_a_stopped_epoch_is_refused(tmp_path
 def test_resume_after_ctrl_c_is_exact_and_keeps_the_logs(tmp_path):
     args = ["fit", *tiny_config(tmp_path), "--trainer.max_epochs=-1", "--trainer.max_steps=100000"]
     run = run_dir(tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "reglab", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Ctrl-C's default action in the child: a pytest-xdist worker ignores SIGINT, and an ignored signal stays
+    # ignored across exec (Python then installs no KeyboardInterrupt handler)
+    process = subprocess.Popen([sys.executable, "-m", "reglab", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not (run / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
