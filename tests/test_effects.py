@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reglab.bench.effects import Check, Claim, Provenance, load_claims, verdict, write_results
+from reglab.bench.effects import Check, Claim, Provenance, load_claims, mean_std, verdict, write_results
 from reglab.bench.protocols import ClaimError, Protocol, get_protocol, register_protocol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,3 +249,10 @@ def test_overhead_bench_writes_the_contract_realistic_and_harness_tables(tmp_pat
     assert "failed" not in page
     assert page.count("| elr |") == 2
 
+
+
+def test_mean_std_says_a_metric_is_undefined_instead_of_failing():
+    # NCD's pool has no known-class sample: its old-class accuracy is nan on every seed
+    assert mean_std([float("nan")] * 3) == "nan (3 of 3 seeds)"
+    assert mean_std([0.5, float("nan")]) == "nan (1 of 2 seeds)"
+    assert mean_std([0.5, 0.7]) == "0.6000 ± 0.1414"

@@ -267,6 +267,8 @@ def per_arm_values(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
 
 
 def mean_std(values: list[float]) -> str:
+    if any(math.isnan(v) for v in values):  # a metric undefined on some seed (no sample of that group)
+        return f"nan ({sum(math.isnan(v) for v in values)} of {len(values)} seeds)"
     mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
     if abs(mean) >= 100:  # counts (parameters): no decimals
         return f"{mean:,.0f} ± {std:,.0f}"
