@@ -128,6 +128,20 @@ def pretrained_checkpoint_for(config: str | Path, cache_dir: str | Path) -> Path
     return cached
 
 
+def pretrained_checkpoint_of(config: Mapping[str, Any], name: str, cache_dir: str | Path) -> Path:
+    """:func:`pretrained_checkpoint_for` of a config built in code (a protocol's per-seed pretraining): it is
+    written once as ``<cache_dir>/configs/<content hash>/<name>.yaml`` (a folder named by its content, so an
+    existing file already holds this text) and fitted once."""
+    import yaml
+
+    text = yaml.safe_dump(dict(config), sort_keys=True)
+    derived = Path(cache_dir) / "configs" / hashlib.sha256(text.encode()).hexdigest()[:12] / f"{name}.yaml"
+    if not derived.is_file():
+        derived.parent.mkdir(parents=True, exist_ok=True)
+        derived.write_text(text)
+    return pretrained_checkpoint_for(derived, cache_dir)
+
+
 def fitted_checkpoint(trainer: L.Trainer, config: str | Path, cache_dir: str | Path) -> Path:
     """:func:`pretrained_checkpoint_for` inside a run: rank 0 fits, the other ranks wait for it."""
     if trainer.is_global_zero:

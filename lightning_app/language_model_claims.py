@@ -28,7 +28,6 @@ Every fine-tune is full-parameter AdamW at ``lr`` (constant, ``weight_decay``) o
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import yaml
 from torch import Tensor
 
 from reglab.bench.protocols import ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate, register_protocol
-from reglab.checkpoints import pretrained_checkpoint_for
+from reglab.checkpoints import pretrained_checkpoint_of
 from reglab.datamodules import PydocTopicsDataModule
 from reglab.metrics import DistinctN, NgramRepetition, PredictiveEntropy
 from reglab.metrics.generation import ngrams
@@ -99,13 +98,7 @@ class HyperfittingProtocol(Protocol):
     def pretrained(self, seed: int) -> Path:
         """The seed's pretrained checkpoint, fitted once and cached (a derived config named by its content)."""
         s = self.settings
-        text = yaml.safe_dump(self.pretraining(seed), sort_keys=True)
-        folder = Path(s["cache_dir"]) / "configs" / hashlib.sha256(text.encode()).hexdigest()[:12]
-        derived = folder / f"{Path(s['pretrain_config']).stem}-seed{seed}.yaml"
-        if not derived.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            derived.write_text(text)
-        return pretrained_checkpoint_for(derived, s["cache_dir"])
+        return pretrained_checkpoint_of(self.pretraining(seed), f"{Path(s['pretrain_config']).stem}-seed{seed}", s["cache_dir"])
 
     def data(self, seed: int) -> PydocTopicsDataModule:
         """The pretraining's data (same split, so the same tokenizer), cut to the arm's small training set."""

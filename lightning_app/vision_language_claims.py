@@ -34,7 +34,6 @@ domain (``acc_<domain>``, ``source_acc``, ``target_acc``); see :class:`CrossDoma
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -46,7 +45,7 @@ from torch import Tensor
 
 from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
                                      register_protocol)
-from reglab.checkpoints import pretrained_checkpoint_for
+from reglab.checkpoints import pretrained_checkpoint_of
 from reglab.datamodules import (CaptionedDigitsDataModule, ClassSplitDataModule, DigitsDataModule,
                                 OpenWorldDigitsDataModule)
 from reglab.datamodules.base import DictDataModule, DictDataset
@@ -324,13 +323,7 @@ class CLIPAdaptationProtocol(Protocol):
         if s["pretrain_domains"] is not None:
             config["data"]["init_args"]["domains"] = list(s["pretrain_domains"])
         config["trainer"] = {**config.get("trainer", {}), "max_epochs": s["pretrain_epochs"], **s["pretrain_trainer"]}
-        text = yaml.safe_dump(config, sort_keys=True)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        derived = Path(s["cache_dir"]) / "configs" / digest / f"{source.stem}-seed{seed}.yaml"
-        if not derived.is_file():  # in a folder named by its content: an existing file already holds this text
-            derived.parent.mkdir(parents=True, exist_ok=True)
-            derived.write_text(text)
-        return pretrained_checkpoint_for(derived, s["cache_dir"])
+        return pretrained_checkpoint_of(config, f"{source.stem}-seed{seed}", s["cache_dir"])
 
     def source(self, seed: int) -> CaptionedDigitsDataModule:
         """The captioned digits of ``domains`` on the seed's split (the pretraining's split)."""

@@ -8,13 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from reglab import registry
+from reglab import checkpoints, registry
 from reglab.bench.protocols import ClaimError
 from reglab.callbacks.baselines import PromptTuning
 from reglab.callbacks.baselines import prompt_tuning as prompt_tuning_module
 from reglab.datamodules import CaptionedDigitsDataModule
 from reglab.technique import TechniqueConfigError
-from reglab import vision_language_claims
 from reglab.vision_language_claims import BaseToNovelProtocol, ClassSubsetData, CrossDomainProtocol
 
 
@@ -99,7 +98,7 @@ def test_pretraining_domains_reach_the_derived_config(tmp_path, monkeypatch):
     import yaml
 
     derived = []
-    monkeypatch.setattr(vision_language_claims, "pretrained_checkpoint_for", lambda config, cache: derived.append(config))
+    monkeypatch.setattr(checkpoints, "pretrained_checkpoint_for", lambda config, cache: derived.append(config))
     for domains in (["upright", "coloured"], None):
         BaseToNovelProtocol("c", {"pretrain_domains": domains, "cache_dir": str(tmp_path)}).pretrained(3)
     held_out, default = (yaml.safe_load(path.read_text()) for path in derived)

@@ -27,7 +27,6 @@ fitted from the pretrained model for ``steps`` steps of batches of ``batch_size`
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +87,7 @@ class PersonalizationProtocol(Protocol):
         """The seed's text-conditional model, fitted once (cached by the derived config's content)."""
         import yaml
 
-        from reglab.checkpoints import pretrained_checkpoint_for
+        from reglab.checkpoints import pretrained_checkpoint_of
 
         s = self.settings
         source = Path(s["pretrain_config"])
@@ -98,13 +97,7 @@ class PersonalizationProtocol(Protocol):
         config["model"]["init_args"]["conditioning"] = "text"
         config["trainer"] = {**config.get("trainer", {}), "max_epochs": s["pretrain_epochs"], **s["pretrain_trainer"]}
         config.pop("run_name", None)
-        text = yaml.safe_dump(config, sort_keys=True)
-        derived = Path(s["cache_dir"]) / "configs" / hashlib.sha256(text.encode()).hexdigest()[:12]
-        derived = derived / f"{source.stem}-text-seed{seed}.yaml"
-        if not derived.is_file():  # in a folder named by its content: an existing file already holds this text
-            derived.parent.mkdir(parents=True, exist_ok=True)
-            derived.write_text(text)
-        return pretrained_checkpoint_for(derived, s["cache_dir"])
+        return pretrained_checkpoint_of(config, f"{source.stem}-text-seed{seed}", s["cache_dir"])
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         import lightning as L
