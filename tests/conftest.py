@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# tests import their shared helpers (harness.py) by module name, also in spawned DDP workers
+# tests import their shared helpers (harness.py) by module name, also in DDP workers started by spawn
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 if "PYTEST_XDIST_WORKER" in os.environ:

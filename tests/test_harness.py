@@ -143,7 +143,7 @@ def test_ddp_two_processes_keep_identical_state(tmp_path):
     """One 2-process DDP group fits every stateful technique in turn: each tensor of its state
     must be identical on both ranks and have been updated."""
     torch.multiprocessing.start_processes(
-        ddp_worker, args=(STATEFUL, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+        ddp_worker, args=(STATEFUL, _free_port(), str(tmp_path)), nprocs=2, start_method="fork"
     )
     assert len(STATEFUL) > 5
     for name in STATEFUL:

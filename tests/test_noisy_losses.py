@@ -285,7 +285,7 @@ def test_ddp_peer_is_one_network_on_both_ranks(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     report = str(tmp_path / "peer.pt")
-    torch.multiprocessing.start_processes(_ddp_worker, args=(port, report), nprocs=2, start_method="spawn")
+    torch.multiprocessing.start_processes(_ddp_worker, args=(port, report), nprocs=2, start_method="fork")
     result = torch.load(report)
     assert result, "no peer state"
     for key, (same, trained) in result.items():

@@ -179,7 +179,7 @@ def test_ddp_ranks_adapt_alike(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.start_processes(ddp_test_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    torch.multiprocessing.start_processes(ddp_test_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert all(report["same"] and report["moved"] > 0 for report in reports), reports
 
