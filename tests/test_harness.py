@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import socket
 
 import pytest
@@ -25,6 +26,13 @@ def test_every_harness_case_builds_its_technique():
         assert type(make(technique_id)) is registry.card(technique_id).load(), technique_id
     named = {registry.card(t).harness.get("factory") for t in TECHNIQUES} - {None}
     assert named == set(FACTORIES), f"factories named by cards {sorted(named)} vs defined {sorted(FACTORIES)}"
+
+
+def test_every_technique_pickles_as_ddp_spawn_sends_it():
+    # the suite's DDP tests fork their ranks; under ddp_spawn Lightning pickles the trainer's callbacks to each child
+    for technique_id in TECHNIQUES:
+        technique = make(technique_id)
+        assert type(pickle.loads(pickle.dumps(technique))) is type(technique), technique_id
 
 
 def _weights(module) -> dict[str, torch.Tensor]:
