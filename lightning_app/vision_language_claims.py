@@ -19,6 +19,9 @@ are test-split accuracies. The figure draws both arms' curves and reports where 
 catches up (the crossing point). The paper's sweep is over ImageNet-pretrained models and CIFAR;
 here the pretrained model knows half of the classes it is probed on, the "transfer" situation.
 
+``clip_linear_probe`` (paper 37 on the image-text model): the same sweep (:class:`ShotsSweep`) on the
+frozen image embeddings of the seed's pretrained tiny CLIP; see :class:`CLIPLinearProbeProtocol`.
+
 ``base_to_novel`` (CoOp's protocol, issue 13): per seed the tiny CLIP (:class:`~reglab.tasks.CLIPModule`)
 is pretrained once from ``pretrain_config`` on that seed's split; each arm adapts it few-shot on the base
 classes (zero-shot, a linear probe, or a fine-tune with the arm's techniques: CoOp's
@@ -139,56 +142,36 @@ def _shots_key(shots: int | None) -> str:
     return "acc_all" if shots is None else f"acc_{shots}shot"
 
 
-@register_protocol("linear_probe")
-class LinearProbeProtocol(SharedModelProtocol):
-    """Pretrain on some classes, probe the frozen features of all with k shots per class (module docstring)."""
+class ShotsSweep:
+    """A probe fitted on ``shots`` frozen features per class for each entry of the ``shots`` setting
+    (``null``: all), scored on the test features (``acc_<k>shot``, ``acc_all``), and the figure of both
+    arms' curves with the crossing point. Shared by the probe protocols of the digits CNN and of the
+    tiny CLIP; a protocol gives the features."""
 
-    defaults = {**COMMON, "pretrain_classes": [0, 1, 2, 3, 4], "shots": [1, 2, 5, 10, 20, None]}
-    data_settings = ("pretrain_classes", "batch_size")
-
-    def check_settings(self) -> None:
+    def check_shots(self) -> None:
         shots = self.settings["shots"]
         if not shots or any(k is not None and (not isinstance(k, int) or k < 1) for k in shots):
             raise ClaimError(f"claim {self.claim_name}: shots {shots} must be sample counts per class >= 1 (or null "
                              "for the whole training split). Fix: e.g. shots: [1, 5, 20, null].")
 
-    def training_data(self, seed: int) -> ClassSplitDataModule:
-        classes = sorted(self.settings["pretrain_classes"])
-        if not classes or classes != list(range(len(classes))) or len(classes) >= 10:
-            raise ClaimError(f"claim {self.claim_name}: pretrain_classes {classes} must be the digits 0..m-1 for some "
-                             "m < 10 (the first of two class groups). Fix: e.g. pretrain_classes: [0, 1, 2, 3, 4].")
-        base = DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed)
-        return ClassSplitDataModule(base, task=0, num_tasks=2, first_task_classes=len(classes))
-
-    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        super().check_arm(arm, spec)
+    def check_probe_arm(self, arm: str, spec: dict[str, Any]) -> None:
         if len(arm_techniques(spec)) != 1:
-            raise ClaimError(f"claim {self.claim_name}, arm {arm}: a linear_probe arm names one probe as `technique`, "
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: a {self.name} arm names one probe as `technique`, "
                              f"got {len(arm_techniques(spec))}. Fix: e.g. technique: {{class_path: "
                              "reglab.callbacks.vision_language.GaussianNaiveBayesProbe}.")
 
-    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+    def sweep(self, spec: dict[str, Any], seed: int, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
+              num_classes: int) -> dict[str, float]:
+        """The arm's probe fitted on ``train`` (features, labels) at every shot count, scored on ``test``."""
         (technique,) = arm_techniques(spec)
-        module = self.model(seed)
-        probe_data = DigitsDataModule(seed=seed)
-        probe_data.setup("fit")
-        train_features, train_labels = dataset_features(module, probe_data.train_dataset)
-        test_features, test_labels = dataset_features(module, probe_data.test_dataset)
+        (train_features, train_labels), (test_features, test_labels) = train, test
         metrics = {}
         for shots in self.settings["shots"]:
             args = {**technique.get("init_args", {}), "shots_per_class": shots, "seed": seed}
             head = instantiate({"class_path": technique["class_path"], "init_args": args}).fit(
-                train_features, train_labels, 10)
+                train_features, train_labels, num_classes)
             metrics[_shots_key(shots)] = (head(test_features).argmax(-1) == test_labels).double().mean().item()
         return metrics
-
-    def describe(self) -> list[str]:
-        s = self.settings
-        return [f"Linear evaluation in the few-shot regime (`reglab.vision_language_claims`, protocol `linear_probe`): "
-                f"a {s['backbone']} `ClassificationModule` is pretrained on digits {s['pretrain_classes']} of the "
-                f"training split for {s['epochs']} epochs and frozen; each arm's head is fitted on its min-max scaled "
-                f"features of {s['shots']} training images per class (null: all) of all ten digits, drawn with the "
-                "seed, and scored on the test split (`acc_<k>shot`, `acc_all`).", ""]
 
     def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
         import matplotlib
@@ -225,6 +208,44 @@ class LinearProbeProtocol(SharedModelProtocol):
             lines += [f"Crossing point (means over seeds): {first} ahead of {second} at "
                       f"{[t for t, a in zip(ticks, ahead) if a]} shots per class; {where}.", ""]
         return lines
+
+
+@register_protocol("linear_probe")
+class LinearProbeProtocol(ShotsSweep, SharedModelProtocol):
+    """Pretrain on some classes, probe the frozen features of all with k shots per class (module docstring)."""
+
+    defaults = {**COMMON, "pretrain_classes": [0, 1, 2, 3, 4], "shots": [1, 2, 5, 10, 20, None]}
+    data_settings = ("pretrain_classes", "batch_size")
+
+    def check_settings(self) -> None:
+        self.check_shots()
+
+    def training_data(self, seed: int) -> ClassSplitDataModule:
+        classes = sorted(self.settings["pretrain_classes"])
+        if not classes or classes != list(range(len(classes))) or len(classes) >= 10:
+            raise ClaimError(f"claim {self.claim_name}: pretrain_classes {classes} must be the digits 0..m-1 for some "
+                             "m < 10 (the first of two class groups). Fix: e.g. pretrain_classes: [0, 1, 2, 3, 4].")
+        base = DigitsDataModule(batch_size=self.settings["batch_size"], seed=seed)
+        return ClassSplitDataModule(base, task=0, num_tasks=2, first_task_classes=len(classes))
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        super().check_arm(arm, spec)
+        self.check_probe_arm(arm, spec)
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        module = self.model(seed)
+        probe_data = DigitsDataModule(seed=seed)
+        probe_data.setup("fit")
+        return self.sweep(spec, seed, dataset_features(module, probe_data.train_dataset),
+                          dataset_features(module, probe_data.test_dataset), 10)
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        return [f"Linear evaluation in the few-shot regime (`reglab.vision_language_claims`, protocol `linear_probe`): "
+                f"a {s['backbone']} `ClassificationModule` is pretrained on digits {s['pretrain_classes']} of the "
+                f"training split for {s['epochs']} epochs and frozen; each arm's head is fitted on its min-max scaled "
+                f"features of {s['shots']} training images per class (null: all) of all ten digits, drawn with the "
+                "seed, and scored on the test split (`acc_<k>shot`, `acc_all`).", ""]
 
 
 # -- base-to-novel and cross-domain on the tiny CLIP (CoOp's protocols) -------------------------
@@ -285,6 +306,12 @@ class CLIPAdaptationProtocol(Protocol):
                 "domains": list(DOMAINS), "shots": 16, "epochs": 10, "batch_size": 32, "lr": 2e-3, "trainer": {}}
 
     def check_settings(self) -> None:
+        self.check_pretraining()
+        if self.settings["shots"] < 1:
+            raise ClaimError(f"claim {self.claim_name}: shots={self.settings['shots']} leaves nothing to train on. "
+                             "Fix: shots >= 1.")
+
+    def check_pretraining(self) -> None:
         s = self.settings
         if not Path(s["pretrain_config"]).is_file():
             raise ClaimError(f"claim {self.claim_name}: pretrain_config {s['pretrain_config']} is not a file. "
@@ -295,8 +322,6 @@ class CLIPAdaptationProtocol(Protocol):
                 raise ClaimError(f"claim {self.claim_name}: {key} {domains} must name some of {list(DOMAINS)}. "
                                  f"Fix: e.g. {key}: [upright, coloured]" + (" (or null: the pretraining config's)."
                                                                            if key == "pretrain_domains" else "."))
-        if s["shots"] < 1:
-            raise ClaimError(f"claim {self.claim_name}: shots={s['shots']} leaves nothing to train on. Fix: shots >= 1.")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         unknown = sorted(set(spec) - {"technique", "adapt"})
@@ -494,3 +519,47 @@ class CrossDomainProtocol(CLIPAdaptationProtocol):
                 f"for {s['epochs']} epochs; `acc_<domain>` are zero-shot test accuracies by prompts on each domain of "
                 f"{s['domains']}, `source_acc` the {s['source_domain']} domain's, `target_acc` the mean over the "
                 "others.", ""]
+
+
+@register_protocol("clip_linear_probe")
+class CLIPLinearProbeProtocol(ShotsSweep, CLIPAdaptationProtocol):
+    """Naive Bayes vs logistic regression (paper 37) on the frozen image features of the tiny CLIP.
+
+    Per seed the CLIP of ``pretrain_config`` is pretrained once (:meth:`CLIPAdaptationProtocol.pretrained`)
+    and frozen; each arm's probe is fitted on its normalised image embeddings of ``shots`` training
+    images per class, all ten, of ``domains`` (the seed's split, never seen in pretraining as test
+    images), and scored on the test images of the same domains (:class:`ShotsSweep`). The paper's
+    setting in miniature: the linear evaluation of a contrastively pretrained image-text model.
+    """
+
+    defaults = {key: CLIPAdaptationProtocol.defaults[key]
+                for key in ("pretrain_config", "pretrain_epochs", "pretrain_trainer", "pretrain_domains", "cache_dir")}
+    defaults.update(domains=["upright"], shots=[1, 2, 5, 10, 20, None])
+
+    def check_settings(self) -> None:
+        self.check_pretraining()
+        self.check_shots()
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        unknown = sorted(set(spec) - {"technique"})
+        if unknown:
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
+                             f"protocol {self.name!r} takes `technique` (and `label`).")
+        check_arm_techniques(self.claim_name, arm, spec)
+        self.check_probe_arm(arm, spec)
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        module = CLIPModule.load_from_checkpoint(self.pretrained(seed), map_location="cpu").eval()
+        source = self.source(seed)
+        train, test = source.train_dataset, source.test_dataset
+        return self.sweep(spec, seed, (image_features(module, train), train.targets),
+                          (image_features(module, test), test.targets), source.num_classes)
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        return [f"Linear evaluation of the tiny CLIP in the few-shot regime (`reglab.vision_language_claims`, protocol "
+                f"`clip_linear_probe`): the CLIP of `{s['pretrain_config']}` pretrained per seed for "
+                f"{s['pretrain_epochs']} epochs on that seed's split ({_pretraining_domains(s)}) and frozen; each "
+                f"arm's head is fitted on its min-max scaled image embeddings of {s['shots']} training images per "
+                f"class (null: all) of all ten digits in domains {s['domains']}, drawn with the seed, and scored on "
+                "the test images of those domains (`acc_<k>shot`, `acc_all`).", ""]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,11 +137,14 @@ def test_probe_reports_the_head_fitted_on_frozen_training_features(probe):
         assert torch.equal(value, before[key]), key
 
 
-def test_linear_probe_protocol_reports_the_crossing_point(tmp_path):
+@pytest.mark.parametrize("protocol_class", ["LinearProbeProtocol", "CLIPLinearProbeProtocol"])
+def test_linear_probe_protocols_report_the_crossing_point(protocol_class, tmp_path, monkeypatch):
+    from reglab import vision_language_claims
     from reglab.bench.protocols import ClaimError
-    from reglab.vision_language_claims import LinearProbeProtocol
 
-    protocol = LinearProbeProtocol("c", {"shots": [1, 5, None]})
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the CLIP's pretraining config is named from the root
+    protocol_type = getattr(vision_language_claims, protocol_class)
+    protocol = protocol_type("c", {"shots": [1, 5, None]})
     runs = {"lr": [dict(acc_1shot=0.5, acc_5shot=0.8, acc_all=0.9), dict(acc_1shot=0.6, acc_5shot=0.8, acc_all=0.9)],
             "nb": [dict(acc_1shot=0.7, acc_5shot=0.7, acc_all=0.8), dict(acc_1shot=0.7, acc_5shot=0.75, acc_all=0.8)]}
     lines = protocol.figures(runs, tmp_path, "c")
@@ -149,7 +153,7 @@ def test_linear_probe_protocol_reports_the_crossing_point(tmp_path):
     with pytest.raises(FileExistsError):  # never overwrites a figure
         protocol.figures(runs, tmp_path, "c")
     with pytest.raises(ClaimError, match="shots"):
-        LinearProbeProtocol("c", {"shots": [0]})
+        protocol_type("c", {"shots": [0]})
     with pytest.raises(ClaimError, match="one probe"):
         protocol.check_arm("two", {"technique": [{"class_path": "a.B"}, {"class_path": "a.C"}]})
 
