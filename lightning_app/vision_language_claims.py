@@ -22,6 +22,10 @@ here the pretrained model knows half of the classes it is probed on, the "transf
 ``clip_linear_probe`` (paper 37 on the image-text model): the same sweep (:class:`ShotsSweep`) on the
 frozen image embeddings of the seed's pretrained tiny CLIP; see :class:`CLIPLinearProbeProtocol`.
 
+``clip_unseen_classes`` (Loki, paper 24, on the image-text model): the seed's pretrained tiny CLIP is
+given the prompts of the ``seen_classes`` only and each arm's prediction rule labels every test image
+of the other classes; see :class:`CLIPUnseenClassesProtocol`.
+
 ``base_to_novel`` (CoOp's protocol, issue 13): per seed the tiny CLIP (:class:`~reglab.tasks.CLIPModule`)
 is pretrained once from ``pretrain_config`` on that seed's split; each arm adapts it few-shot on the base
 classes (zero-shot, a linear probe, or a fine-tune with the arm's techniques: CoOp's
@@ -37,6 +41,7 @@ domain (``acc_<domain>``, ``source_acc``, ``target_acc``); see :class:`CrossDoma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -54,8 +59,9 @@ from reglab.datamodules import (CaptionedDigitsDataModule, ClassSplitDataModule,
 from reglab.datamodules.base import DictDataModule, DictDataset
 from reglab.datamodules.domains import DOMAINS
 from reglab.metrics import GroupAccuracy
+from reglab.mixins import StepOutput
 from reglab.tasks import ClassificationModule, CLIPModule
-from reglab.technique import dataset_features
+from reglab.technique import Technique, dataset_features
 
 TRAINER = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
@@ -563,3 +569,84 @@ class CLIPLinearProbeProtocol(ShotsSweep, CLIPAdaptationProtocol):
                 f"arm's head is fitted on its min-max scaled image embeddings of {s['shots']} training images per "
                 f"class (null: all) of all ten digits in domains {s['domains']}, drawn with the seed, and scored on "
                 "the test images of those domains (`acc_<k>shot`, `acc_all`).", ""]
+
+
+class PromptsOfObservedClasses(Technique):
+    """The CLIP as if given the prompts of ``observed`` classes only: the other classes' logits are
+    ``-inf`` in evaluation runs, so argmax picks an observed class and a rule after it (Loki) sees
+    probabilities over the observed classes. Protocol-internal: it stands for the data a user would
+    have, not for a technique."""
+
+    name = "prompts_of_observed_classes"
+
+    def __init__(self, observed: list[int]) -> None:
+        self.observed = sorted(observed)
+
+    def transform_predictions(self, out: StepOutput, module: L.LightningModule) -> StepOutput:
+        mask = torch.ones(out.logits.shape[-1], dtype=torch.bool, device=out.logits.device)
+        mask[self.observed] = False
+        return dataclasses.replace(out, logits=out.logits.masked_fill(mask, float("-inf")))
+
+
+@register_protocol("clip_unseen_classes")
+class CLIPUnseenClassesProtocol(CLIPAdaptationProtocol):
+    """Loki's partially observed label space on the tiny CLIP (the official ``clip_exp``'s setting).
+
+    Per seed the CLIP of ``pretrain_config`` is pretrained once (:meth:`CLIPAdaptationProtocol.pretrained`)
+    and used zero-shot, with the prompts of ``seen_classes`` only (:class:`PromptsOfObservedClasses`);
+    each arm's prediction rule (none: argmax) labels the test images of ``domains``: ``unseen_acc`` on
+    the other digits' images (argmax, which can only name a seen digit, scores 0 there), ``seen_acc``
+    on the seen digits' images, ``unseen_sq_distance`` the mean of ``|prediction - digit|^2`` on the
+    unseen ones (the paper's error in the label metric). Nothing is tuned, so the arms differ only in
+    the rule. The arm's rule reads the seen classes from the data's ``seen_classes``, as it does from
+    :class:`~reglab.datamodules.OpenWorldDigitsDataModule` in protocol ``unseen_classes``.
+    """
+
+    defaults = {key: CLIPAdaptationProtocol.defaults[key]
+                for key in ("pretrain_config", "pretrain_epochs", "pretrain_trainer", "pretrain_domains", "cache_dir",
+                            "batch_size", "trainer")}
+    defaults.update(domains=["upright"], seen_classes=[0, 3, 6, 9])
+
+    def check_settings(self) -> None:
+        self.check_pretraining()
+        seen = self.settings["seen_classes"]
+        if not seen or len(set(seen)) != len(seen) or not set(seen) < set(range(10)):
+            raise ClaimError(f"claim {self.claim_name}: seen_classes {seen} must be some digits, not all. "
+                             "Fix: e.g. seen_classes: [0, 3, 6, 9].")
+
+    def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
+        unknown = sorted(set(spec) - {"technique"})
+        if unknown:
+            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
+                             f"protocol {self.name!r} takes `technique` (and `label`).")
+        check_arm_techniques(self.claim_name, arm, spec)
+
+    def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+        s = self.settings
+        module = CLIPModule.load_from_checkpoint(self.pretrained(seed), map_location="cpu").eval()
+        source = self.source(seed)
+        seen = sorted(s["seen_classes"])
+        scores = {}
+        for group, classes in (("seen", seen), ("unseen", sorted(set(range(10)) - set(seen)))):
+            positions = torch.nonzero(torch.isin(source.test_dataset.targets, torch.tensor(classes))).flatten()
+            data = ClassSubsetData(source, list(range(10)), positions[:0], positions, s["batch_size"], seed)
+            data.seen_classes = seen
+            techniques = [PromptsOfObservedClasses(seen), *(instantiate(t) for t in arm_techniques(spec))]
+            (tested,) = self.trainer(techniques).test(module, datamodule=data, verbose=False)
+            scores[f"{group}_acc"] = tested["test/acc"]
+            if group == "unseen":
+                probabilities = torch.cat(self.trainer(techniques).predict(module, datamodule=data))
+                labels = data.test_dataset.targets[: len(probabilities)]  # a smoke run predicts a few batches only
+                scores["unseen_sq_distance"] = (probabilities.argmax(-1) - labels).double().square().mean().item()
+        return scores
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        unseen = sorted(set(range(10)) - set(s["seen_classes"]))
+        return [f"Prediction of classes without prompts (`reglab.vision_language_claims`, protocol "
+                f"`clip_unseen_classes`, Loki's partially observed label space): the tiny CLIP of "
+                f"`{s['pretrain_config']}` pretrained per seed for {s['pretrain_epochs']} epochs on that seed's split "
+                f"({_pretraining_domains(s)}) classifies zero-shot with the prompts of digits {s['seen_classes']} only; "
+                f"each arm's rule labels the test images of domains {s['domains']}: `unseen_acc` on digits {unseen} "
+                "(argmax can only name a seen digit: 0), `seen_acc` on the seen digits, `unseen_sq_distance` the mean "
+                "of |prediction - digit|^2 on the unseen images.", ""]

@@ -3,6 +3,7 @@ hand-computed cases, and the evaluation-only hook (``transform_predictions``) th
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import importlib
 import math
@@ -163,3 +164,22 @@ def test_docstring_examples_run(name):
     module = importlib.import_module(f"reglab.callbacks.vision_language.{name}")
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_clip_unseen_classes_masks_the_unprompted_classes_before_the_rule(monkeypatch):
+    from reglab.bench.protocols import ClaimError
+    from reglab.mixins import StepOutput
+    from reglab.vision_language_claims import CLIPUnseenClassesProtocol, PromptsOfObservedClasses
+
+    out = StepOutput(logits=torch.tensor([[0.0, 5.0, 1.0, 2.0]]), target=torch.tensor([1]))
+    masked = PromptsOfObservedClasses([0, 2]).transform_predictions(out, None).logits
+    assert masked.argmax(-1).item() == 2 and torch.isinf(masked[0, [1, 3]]).all()
+    # Loki after the mask: P(0), P(2) = 0.269, 0.731 (e^0 : e^1) whatever class 1 scored, and the Fréchet variances
+    # of 0..3 are 2.92, 1.00, 1.08, 3.15: the unprompted 1 between them
+    loki = Loki(observed_classes=[0, 2])
+    loki._observed, loki._rows = torch.tensor([0, 2]), absolute_distances(4)[[0, 2]]
+    scores = loki.transform_predictions(dataclasses.replace(out, logits=masked), None).logits
+    torch.testing.assert_close(scores, -torch.tensor([[2.9242, 1.0, 1.0758, 3.1515]]), atol=1e-4, rtol=0)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(ClaimError, match="seen_classes"):
+        CLIPUnseenClassesProtocol("c", {"seen_classes": list(range(10))})
