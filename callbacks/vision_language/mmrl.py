@@ -201,9 +201,9 @@ class MMRL(Technique):
         names = tuple(getattr(trainer.datamodule, "class_names", None) or ())
         if stage == "fit":
             self.base_classes = names
-            if pl_module.mmrl.zero_shot_text.shape[0] != pl_module.num_classes:  # a resumed run keeps its own
-                pl_module.mmrl.zero_shot_text = torch.zeros(pl_module.num_classes, clip.embed_dim,
-                                                            device=pl_module.device)
+            # this fit's classes, embedded at its start; set-up runs before a checkpoint is restored, so a
+            # resumed run gets its own back
+            pl_module.mmrl.zero_shot_text = torch.zeros(pl_module.num_classes, clip.embed_dim, device=pl_module.device)
         # decoupled inference: the tuned (base) classes get both features, any other classes the class features
         self.fused = not self.decoupled or (bool(names) and names == self.base_classes)
         self._remove_hooks()
@@ -220,7 +220,7 @@ class MMRL(Technique):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         learner = pl_module.mmrl
-        if not learner.zero_shot_text.abs().sum() > 0:  # a resumed run has them from its checkpoint
+        if not learner.zero_shot_text.abs().sum() > 0:  # unit features, so zeros mean not yet embedded
             with torch.no_grad(), self.zero_shot():
                 learner.zero_shot_text.copy_(pl_module.class_embeddings())
 
