@@ -45,8 +45,8 @@ def test_mask_widening_copies_the_first_position():
     widened = with_token_positions(square, 2, 3)
     row = [True, True, True, True, False]  # the two tokens' columns copy position 0's, their rows its row
     assert widened.shape == (1, 1, 5, 5) and widened[0, 0].tolist() == [row] * 5
-    additive = torch.tensor([[0.0, -1e9]])  # (batch, keys): a padding mask
-    assert with_token_positions(additive, 1, 2).tolist() == [[0.0, 0.0, -1e9]]
+    additive = torch.tensor([[0.0, -1e9], [0.0, 0.0]])  # (batch, keys): a padding mask, as many rows as keys
+    assert with_token_positions(additive, 1, 2).tolist() == [[0.0, 0.0, -1e9], [0.0, 0.0, 0.0]]
     assert with_token_positions(None, 2, 3) is None
     assert with_token_positions(square, 2, 4) is square  # a mask of another length is not the tower's
 
@@ -142,6 +142,12 @@ def test_refused_on_contrastive_training_and_on_bad_arguments(data):
     trainer = registry.example_trainer(max_steps=1, callbacks=[MMRL()])
     with pytest.raises(TechniqueConfigError, match="objective"):
         trainer.fit(contrastive, datamodule=data)
+    from test_clip import TINY_HF_CLIP  # rootdir-relative, as test_harness imports harness
+
+    real_clip_path = CLIPModule("hf", num_classes=10, input_shape=(3, 8, 8), objective="classification",
+                                model_kwargs=TINY_HF_CLIP)
+    with pytest.raises(TechniqueConfigError, match="tiny CLIP"):
+        MMRL().setup(SimpleNamespace(datamodule=data), real_clip_path, "test")
 
 
 def test_docstring_example_runs():

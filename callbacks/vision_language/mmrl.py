@@ -83,13 +83,14 @@ def upper_layer_count(depth: int, share: float) -> int:
 
 def with_token_positions(mask: Any, n: int, length: int) -> Any:
     """An attention mask over ``length`` positions, widened for ``n`` tokens inserted after position 0: the
-    tokens' columns (and rows, for a square mask) copy position 0's, the first token's, which every
-    query may attend, so the mask's format (boolean, additive, 2-d or 4-d) does not matter."""
+    tokens' columns (and rows, for a ``(..., queries, keys)`` mask of three or more dimensions; a 2-d one is
+    ``(batch, keys)``) copy position 0's, the first token's, which every query may attend, so the mask's
+    format (boolean or additive) does not matter."""
     if not isinstance(mask, Tensor) or mask.dim() < 2 or mask.shape[-1] != length:
         return mask
     first = mask[..., :1]
     mask = torch.cat([first, first.expand(*mask.shape[:-1], n), mask[..., 1:]], dim=-1)
-    if mask.shape[-2] == length:
+    if mask.dim() >= 3 and mask.shape[-2] == length:
         row = mask[..., :1, :]
         mask = torch.cat([row, row.expand(*mask.shape[:-2], n, mask.shape[-1]), mask[..., 1:, :]], dim=-2)
     return mask
