@@ -115,7 +115,14 @@ def test_tokens_enter_the_upper_vit_blocks_and_leave_before_the_read_out(data):
             assert torch.allclose(module.image_features(images), plain_image, atol=1e-6)
             module._class_embeddings = None
             assert torch.allclose(module.class_embeddings(), plain_text, atol=1e-6)
-        assert not torch.allclose(module.class_embeddings(), plain_text, atol=1e-4)  # the text tower's top layer
+        text_seen = []
+        (layer,) = module.clip.text_encoder.encoder.layer  # one layer: the top one takes the tokens
+        layer.register_forward_pre_hook(lambda layer, args: text_seen.append(args), prepend=False)
+        assert not torch.allclose(module.class_embeddings(), plain_text, atol=1e-4)
+        hidden, mask = text_seen[0][:2]
+        length = data.class_prompts["input_ids"].shape[-1]
+        assert hidden.shape[1] == length + 2 and mask.shape[-1] == length + 2  # the mask widened with them
+        assert torch.allclose(hidden[:, 1:3], learner.mapped("text", 0).expand(len(hidden), -1, -1))
     technique.teardown(None, module, "test")
 
 
