@@ -133,7 +133,7 @@ def test_only_the_representation_space_trains_and_starts_from_the_zero_shot_text
     module.set_class_prompts(data.class_prompts)
     with torch.no_grad():
         plain_text = module.eval().class_embeddings()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module.train(), datamodule=data)  # a module in train mode, as a fit gets one: no dropout in them
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {f"mmrl.{n}" for n, _ in module.mmrl.named_parameters()}
     assert module.mmrl.tokens.shape == (3, 16) and len(module.mmrl.to_text) == 1 and len(module.mmrl.to_image) == 1

@@ -222,6 +222,7 @@ class MMRL(Technique):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         learner = pl_module.mmrl
         if not learner.zero_shot_text.abs().sum() > 0:  # unit features, so zeros mean not yet embedded
+            pl_module.clip.eval()  # the frozen towers, without dropout, as every step runs them
             with torch.no_grad(), self.zero_shot():
                 learner.zero_shot_text.copy_(pl_module.class_embeddings())
 
@@ -312,7 +313,7 @@ class MMRL(Technique):
 
     def transform_predictions(self, out: StepOutput, module: L.LightningModule) -> StepOutput:
         """Decoupled inference: ``a logits_c + (1 - a) logits_r`` on the tuned classes, ``logits_c`` on others."""
-        rep = self.representation_logits(out, module)
+        rep = self.representation_logits(out, module)  # consumed either way: the next forward makes its own
         if self.fused:
             out.logits = self.alpha * out.logits + (1 - self.alpha) * rep.to(out.logits.dtype)
         return out
