@@ -111,7 +111,7 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                     **{f"{t}.yaml": "text_sparse_retrieval.yaml" for t in ("flops_regularizer", "inference_free_sparse_retrieval")},
                     "unet_fusion_add.yaml": "scenes_freqfusion.yaml", "unet_dilated.yaml": "scenes_fadc.yaml",
                     "kalm_embedding_v2.yaml": "text_dense_retrieval.yaml", "prompt_tuning.yaml": "tiny_clip_prompt_tuning.yaml",
-                    "ogen.yaml": "tiny_clip_prompt_tuning.yaml",
+                    "ogen.yaml": "tiny_clip_prompt_tuning.yaml", "mmrl.yaml": "tiny_clip_prompt_tuning.yaml",
                     **{f"{t}.yaml": "digits_text_diffusion.yaml" for t in ("class_diffusion", "plain_personalization")},
                     **{f"{t}.yaml": "discovery_digits.yaml" for t in ("cr_kd", "lego_gcd")}}
 

@@ -43,7 +43,8 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
 
     Validation, test and predict are zero-shot: ``logits`` are ``(N, C)`` scaled cosine
     similarities to the class embeddings (each class the normalised mean of its prompts'
-    normalised text embeddings), computed once per evaluation epoch. ``val/acc`` and ``test/acc``
+    normalised text embeddings), computed once per evaluation epoch and passed along as the step's
+    ``extras["class_embeddings"]`` (what a technique scores other image features against). ``val/acc`` and ``test/acc``
     are top-1 accuracy, ``test/acc_<domain>`` per domain when batches carry ``domain`` and the
     DataModule names its ``domain_names``; ``predict`` returns class probabilities. ``features``
     are the normalised image embeddings.
@@ -145,14 +146,18 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
     def text_features(self, tokens: dict[str, Tensor]) -> Tensor:
         return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
-    def zero_shot_logits(self, image_features: Tensor) -> Tensor:
+    def scored_class_embeddings(self) -> Tensor:
+        """The ``(C, D)`` class embeddings the logits are scored against: embedded afresh at every
+        training step on them (the prompts train), else once per evaluation epoch."""
         if self.training and self.hparams.objective == "classification":
-            classes = self.class_embeddings()
-        else:
-            if self._class_embeddings is None:
-                with torch.no_grad():
-                    self._class_embeddings = self.class_embeddings()
-            classes = self._class_embeddings
+            return self.class_embeddings()
+        if self._class_embeddings is None:
+            with torch.no_grad():
+                self._class_embeddings = self.class_embeddings()
+        return self._class_embeddings
+
+    def zero_shot_logits(self, image_features: Tensor, classes: Tensor | None = None) -> Tensor:
+        classes = self.scored_class_embeddings() if classes is None else classes
         return self.clip.logit_scale() * image_features @ classes.T.to(image_features.dtype)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -168,8 +173,9 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
             return StepOutput(logits=logits, target=torch.arange(len(image), device=image.device),
                               labels=batch["target"], features=image, index=batch.get("index"), batch=batch,
                               extras={"text_features": text})
-        return StepOutput(logits=self.zero_shot_logits(image), target=batch["target"], features=image,
-                          index=batch.get("index"), batch=batch)
+        classes = self.scored_class_embeddings()
+        return StepOutput(logits=self.zero_shot_logits(image, classes), target=batch["target"], features=image,
+                          index=batch.get("index"), batch=batch, extras={"class_embeddings": classes})
 
     def task_loss(self, out: StepOutput) -> Tensor:
         if "text_features" not in out.extras:
