@@ -153,7 +153,8 @@ class KernelContinualLearning(Technique):
     coreset of each task (see the module docstring).
 
     Args:
-        core_size: coreset samples kept per task (split evenly over the task's classes).
+        core_size: coreset samples kept per task, split evenly over the task's classes (rounded down,
+            at least one per class).
         kernel: ``linear``, ``rbf`` or ``rff``.
         ridge: the ridge of the closed-form solution.
         scale: the scores' factor before the softmax (the code's per-task ``gamma``, at its initial value).
