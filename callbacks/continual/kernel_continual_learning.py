@@ -270,7 +270,10 @@ class KernelContinualLearning(Technique):
 
     def task_scores(self, features: Tensor, support_features: Tensor, targets: Tensor) -> Tensor:
         """``scale`` times the kernel ridge prediction of ``features`` from the support (in fp32)."""
-        query, support = features.float(), support_features.float()
+        with torch.autocast(features.device.type, enabled=False):  # a solve in bf16 loses the classifier
+            return self.scale * self._kernel_ridge(features.float(), support_features.float(), targets)
+
+    def _kernel_ridge(self, query: Tensor, support: Tensor, targets: Tensor) -> Tensor:
         if self.kernel == "linear":
             support_kernel, cross_kernel = linear_kernel(support, support), linear_kernel(query, support)
         else:
@@ -282,7 +285,7 @@ class KernelContinualLearning(Technique):
                 phi_s = random_fourier_features(support, bases, bias, bandwidth)
                 phi_q = random_fourier_features(query, bases, bias, bandwidth)
                 support_kernel, cross_kernel = linear_kernel(phi_s, phi_s), linear_kernel(phi_q, phi_s)
-        return self.scale * kernel_ridge_predict(support_kernel, cross_kernel, targets, self.ridge)
+        return kernel_ridge_predict(support_kernel, cross_kernel, targets, self.ridge)
 
     def _random_bases(self, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """The ``rff`` bases and phases: drawn from ``seed`` once (not state: they are redrawn alike)."""
