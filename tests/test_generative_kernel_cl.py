@@ -155,6 +155,20 @@ def test_kernel_cl_scores_each_task_from_its_coreset_and_stores_exactly_the_core
         assert logits[:, torch.tensor(data.tasks[other])].abs().sum() > 0
 
 
+def test_a_module_loaded_from_a_boundary_checkpoint_gets_its_kernel_classifier_back(tmp_path):
+    kcl = KernelContinualLearning(core_size=10, kernel="rff", num_random_features=32)
+    module, runner = _run(kcl, tmp_path)
+    loaded = ClassificationModule.load_from_checkpoint(tmp_path / "checkpoints" / "task_1_end.ckpt")
+    batch = next(iter(runner.datamodule.task_dataloader("test", 0)))
+    for m in (module, loaded):
+        m.eval()
+        m.active_classes.fill_(True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_step(batch).logits, module.forward_step(batch).logits)
+    restored = loaded._reglab_kernel_classifier
+    assert restored is not kcl and restored.kernel == "rff" and restored.coresets.keys() == kcl.coresets.keys()
+
+
 def test_the_current_tasks_coreset_is_not_trained_on():
     kcl = KernelContinualLearning(core_size=4)
     kcl.set_aside = torch.tensor([3, 8])

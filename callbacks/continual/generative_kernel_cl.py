@@ -138,6 +138,9 @@ class GenerativeKernelCL(KernelContinualLearning):
                              f"contrastive_weight >= 0 and contrastive_temperature > 0; got {support_per_class}, "
                              f"{rank}, {contrastive_weight}, {contrastive_temperature}")
         self.support_per_class, self.rank = support_per_class, rank
+        self.arguments = {"support_per_class": support_per_class, "rank": rank, "contrastive_weight": contrastive_weight,
+                          "contrastive_temperature": contrastive_temperature,
+                          **{k: v for k, v in self.arguments.items() if k != "core_size"}}
         self.contrastive_weight, self.contrastive_temperature = contrastive_weight, contrastive_temperature
         self.generator: dict[str, Tensor] = {}  # means (C, d), basis (d, rank), noise ()
         self.input_shape: tuple[int, ...] = ()

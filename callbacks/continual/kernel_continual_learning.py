@@ -52,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -60,9 +61,12 @@ import torch
 from torch import Tensor
 
 from reglab.anchors import flatten_state, unflatten_state
+from reglab.checkpoints import add_restore_hook
 from reglab.technique import Technique
 
 KERNELS = ("linear", "rbf", "rff")
+CLASSIFIER_ATTR = "_reglab_kernel_classifier"  # the module's attached classifier (a plain attribute)
+STATE_KEY = "reglab_kernel_classifier"  # the classifier's class and arguments, in the checkpoint, for the restore hook
 
 
 # -- the maths: small pure functions ----------------------------------------------------------------
@@ -167,6 +171,7 @@ class KernelContinualLearning(Technique):
 
     needs = frozenset({"index"})
     stateful = True
+    conflicts_with = ("KernelContinualLearning", "GenerativeKernelCL")  # one classifier replaces the head
     fsdp_unsupported = "its classifier calls the backbone on the support set inside the head's forward hook"
 
     def __init__(self, core_size: int = 20, kernel: str = "rff", ridge: float = 0.1, scale: float = 1.0,
@@ -179,13 +184,16 @@ class KernelContinualLearning(Technique):
                              f"{scale}, {bandwidth}")
         self.core_size, self.kernel, self.ridge, self.scale = core_size, kernel, ridge, scale
         self.num_random_features, self.bandwidth, self.seed = num_random_features, bandwidth, seed
+        self.arguments = {"core_size": core_size, "kernel": kernel, "ridge": ridge, "scale": scale,
+                          "num_random_features": num_random_features, "bandwidth": bandwidth, "seed": seed}
         # (num_classes,) 1 + the task of each class, 0 before it (a tensor of state the harness sees updated)
         self.class_task: Tensor | None = None
         self.coresets: dict[str, Tensor] = {}  # "<task>.input", "<task>.target"
         # the current task's coreset positions (not trained on); dropped at the task's end, not memory
         self.set_aside = torch.empty(0, dtype=torch.long)
         self.task = 0
-        self._hooked: Any = None
+        self._hooked: Any = None  # the module whose head this classifier scores
+        self._handle: Any = None
         self._bases: tuple[Tensor, Tensor] | None = None
 
     # -- memory of a task (the generative variant overrides these two) ------------------------------
@@ -216,9 +224,19 @@ class KernelContinualLearning(Technique):
                             "use TaskSequenceDataModule(scenario='task')")
         # the head's weights take no part: frozen before DDP wraps the module (no unused-parameter wait)
         head.requires_grad_(False)
-        if self._hooked is not pl_module:
-            head.register_forward_hook(self._kernel_scores_hook)
-            self._hooked = pl_module
+        self.attach(pl_module)
+
+    def attach(self, module: L.LightningModule, replace: bool = True) -> None:
+        """Make ``module.head``'s output this classifier's scores; a classifier attached before (the
+        one a checkpoint's restore hook rebuilt) is detached, unless ``replace`` is off."""
+        previous = getattr(module, CLASSIFIER_ATTR, None)
+        if previous is self or (previous is not None and not replace):
+            return
+        if previous is not None:
+            previous._handle.remove()
+        self._handle = module.head.register_forward_hook(self._kernel_scores_hook)
+        self._hooked = module
+        setattr(module, CLASSIFIER_ATTR, self)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after a resume's state restore: a task whose memory came back from the checkpoint is not redrawn
@@ -296,6 +314,11 @@ class KernelContinualLearning(Technique):
         return self._bases[0].to(device), self._bases[1].to(device)
 
     # -- state ---------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[STATE_KEY] = {"class_path": f"{type(self).__module__}:{type(self).__qualname__}",
+                                 "init_args": dict(self.arguments), "state_key": self.state_key}
+        add_restore_hook(checkpoint, "reglab.callbacks.continual.kernel_continual_learning:restore_classifier")
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"task": self.task, "set_aside": self.set_aside.clone(),
                                  **flatten_state("coreset", self.coresets)}
@@ -308,3 +331,14 @@ class KernelContinualLearning(Technique):
         self.set_aside = state_dict["set_aside"].clone()
         self.class_task = state_dict["class_task"].clone() if "class_task" in state_dict else None
         self.coresets = unflatten_state("coreset", state_dict)
+
+
+def restore_classifier(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Restore hook: a module loaded from a checkpoint (``load_from_checkpoint``, a task runner resumed
+    at a boundary) gets the checkpoint's kernel classifier back, with its memory; a classifier already
+    attached (a fit resumed with ``ckpt_path``, whose technique is live) is left in place."""
+    spec = checkpoint[STATE_KEY]
+    module_name, _, class_name = spec["class_path"].partition(":")
+    classifier = getattr(importlib.import_module(module_name), class_name)(**spec["init_args"])
+    classifier.load_state_dict(checkpoint["callbacks"][spec["state_key"]])
+    classifier.attach(module, replace=False)
