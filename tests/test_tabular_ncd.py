@@ -124,9 +124,9 @@ def test_projection_loss_by_hand():
 def test_decoder_mirrors_the_encoder():
     module = DiscoveryModule("mlp", input_shape=(10,), num_classes=4, num_known_classes=2,
                              backbone_kwargs={"hidden_sizes": [8, 6, 4]})
-    decoder = mirrored_decoder(module.backbone, 4, 10)
+    decoder = mirrored_decoder(module.backbone, 3, 10)  # from a 3-d latent on the backbone's 4-d features
     widths = [(m.in_features, m.out_features) for m in decoder if isinstance(m, torch.nn.Linear)]
-    assert widths == [(4, 6), (6, 8), (8, 10)]
+    assert widths == [(3, 4), (4, 6), (6, 8), (8, 10)]
 
 
 class _Trainer:
@@ -135,7 +135,7 @@ class _Trainer:
 
 
 def test_technique_refuses_bad_arguments_gcd_pools_and_other_modules():
-    for kwargs, match in (({"w": 1.5}, "w 1.5"), ({"clustering": "dbscan"}, "clustering"), ({"k_min": 1}, "range"),
+    for kwargs, match in (({"w": 1.5}, "w 1.5"), ({"latent_dim": 0}, "latent_dim"), ({"clustering": "dbscan"}, "clustering"), ({"k_min": 1}, "range"),
                           ({"min_dist": 0.0}, "min_dist")):
         with pytest.raises(TechniqueConfigError, match=match):
             TabularNCD(**kwargs)

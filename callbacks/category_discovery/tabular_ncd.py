@@ -19,7 +19,7 @@ from reglab.step import StepOutput
 from reglab.tasks import DiscoveryModule
 from reglab.technique import Technique
 
-DECODER = "tabular_ncd_decoder"  # the decoder's attribute on the module: its checkpoint keys start with it
+HEADS = "tabular_ncd_pbn"  # PBN's layers' attribute on the module: their checkpoint keys start with it
 
 
 def projection_loss(known_logits: Tensor, target: Tensor, labelled: Tensor, reconstruction: Tensor, inputs: Tensor,
@@ -41,42 +41,48 @@ def projection_loss(known_logits: Tensor, target: Tensor, labelled: Tensor, reco
     return weight * ce * share + (1 - weight) * mse
 
 
-def mirrored_decoder(encoder: nn.Module, width: int, out_features: int) -> nn.Sequential:
-    """The encoder's Linear widths in reverse, from its ``width``-d features back to ``out_features``
+def mirrored_decoder(encoder: nn.Module, latent_dim: int, out_features: int) -> nn.Sequential:
+    """The encoder's Linear widths in reverse, from the ``latent_dim``-d latent back to ``out_features``
     inputs (Linear-ReLU blocks, a plain Linear last), as the code mirrors its encoder."""
-    hidden = [m.out_features for m in encoder.modules() if isinstance(m, nn.Linear)][:-1][::-1]
+    hidden = [m.out_features for m in encoder.modules() if isinstance(m, nn.Linear)][::-1]
     layers: list[nn.Module] = []
+    width = latent_dim
     for size in hidden:
         layers += [nn.Linear(width, size), nn.ReLU()]
         width = size
     return nn.Sequential(*layers, nn.Linear(width, out_features))
 
 
-def add_decoder(module: DiscoveryModule) -> nn.Module:
-    """Register ``module.tabular_ncd_decoder`` (:func:`mirrored_decoder`), or return the one it has."""
-    if not hasattr(module, DECODER):
-        module.add_module(DECODER, mirrored_decoder(module.backbone, module.backbone.feature_dim,
-                                                    math.prod(module.hparams.input_shape)))
-    return getattr(module, DECODER)
+def add_heads(module: DiscoveryModule, latent_dim: int) -> nn.ModuleDict:
+    """Register PBN's layers on the module as ``module.tabular_ncd_pbn`` (or return those it has):
+    ``latent`` (a Linear from the backbone's features: the code's encoder ends in a linear layer),
+    ``classifier`` (a Linear over the known classes) and ``decoder`` (:func:`mirrored_decoder`)."""
+    if not hasattr(module, HEADS):
+        known, inputs = module.hparams.num_known_classes, math.prod(module.hparams.input_shape)
+        module.add_module(HEADS, nn.ModuleDict({
+            "latent": nn.Linear(module.backbone.feature_dim, latent_dim), "classifier": nn.Linear(latent_dim, known),
+            "decoder": mirrored_decoder(module.backbone, latent_dim, inputs)}))
+    return getattr(module, HEADS)
 
 
-def restore_decoder(module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Restore hook (:func:`reglab.checkpoints.add_restore_hook`): a bare module gets the decoder
-    before the checkpoint's weights are loaded."""
-    add_decoder(module)
+def restore_heads(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Restore hook (:func:`reglab.checkpoints.add_restore_hook`): a bare module gets PBN's layers,
+    shaped as in the checkpoint, before the checkpoint's weights are loaded."""
+    add_heads(module, checkpoint["state_dict"][f"{HEADS}.latent.weight"].shape[0])
 
 
 class TabularNCD(Technique):
     """PBN on :class:`~reglab.tasks.DiscoveryModule` for novel class discovery in tabular data, and
     the discovery at test time: the novel classes counted and clustered in its latent space.
 
-    Training replaces the module's loss (:func:`projection_loss`, logged as ``train/tabular_ncd/ce``
-    and ``.../mse``): the labelled rows' cross-entropy over the known classes (the first
-    ``num_known_classes`` outputs of the module's cosine classifier) weighted ``w``, and the
-    reconstruction of every row, labelled or not, from its L2-normalized latent by a decoder that
-    mirrors the backbone (a submodule of the module, ``tabular_ncd_decoder``: in the optimizer, the
-    checkpoints and DDP's gradient sync), weighted ``1 - w``. PBN trains on the rows themselves, so
-    the training batches' two views are replaced by the input.
+    PBN's encoder is the module's backbone and a linear ``latent_dim``-d layer on its features, and
+    the latent is L2-normalized; a linear classifier over the known classes and a decoder that
+    mirrors the encoder read it (:func:`add_heads`: submodules of the module, ``tabular_ncd_pbn``, so
+    they are in the optimizer, the checkpoints and DDP's gradient sync). Training replaces the
+    module's loss (:func:`projection_loss`, logged as ``train/tabular_ncd/ce`` and ``.../mse``): the
+    labelled rows' cross-entropy over the known classes weighted ``w``, and the reconstruction of
+    every row, labelled or not, weighted ``1 - w``. PBN trains on the rows themselves, so the
+    training batches' two views are replaced by the input; the module's own heads take no part.
 
     At the end of ``trainer.test`` (not in the fit's validation: the count estimate fits a k-means
     for every candidate ``k``), the L2-normalized latents of the unlabelled pool are clustered into
@@ -95,14 +101,14 @@ class TabularNCD(Technique):
     notebooks): batches of 512 and AdamW there (the DataModule's batches and the module's optimizer
     here), ``w`` tuned per set (0.06 to 0.97 in its ``hyperparameters.json``; 0.5 by default here,
     :func:`~reglab.discovery.tabular.select_on_hidden_classes` tunes it on hidden known classes), the
-    clustering k-means on the latent (the code's PBN default), ``k`` estimated in 2..30. Differences:
-    the code's classifier is a linear layer over the known classes on the normalized latent, here
-    the module's cosine classifier (its known-class outputs); the code's encoder ends in a linear
-    layer, the module's MLP in a ReLU; the code clusters the unnormalized latent but estimates ``k``
-    on the normalized one, here both use the normalized latent.
+    clustering k-means on the latent (the code's PBN default), ``k`` estimated in 2..30. The code's
+    latent size is tuned per set (11 to 768); 16 by default here. One difference: the code clusters
+    the unnormalized latent but estimates ``k`` on the normalized one; here both use the normalized
+    latent, on which the model is trained.
 
     Args:
         w: the weight of the cross-entropy (``1 - w``: the reconstruction).
+        latent_dim: the size of PBN's latent.
         clustering: ``"kmeans"``, ``"ncd_kmeans"`` or ``"ncd_spectral"``.
         estimate_num_novel: estimate the number of novel classes (else the data's count is used).
         k_min, k_max: the estimate's range.
@@ -125,10 +131,13 @@ class TabularNCD(Technique):
 
     name = "tabular_ncd"
 
-    def __init__(self, w: float = 0.5, clustering: Clustering = "kmeans", estimate_num_novel: bool = True,
-                 k_min: int = 2, k_max: int = 30, min_dist: float = 0.6, n_init: int = 10, seed: int = 0) -> None:
+    def __init__(self, w: float = 0.5, latent_dim: int = 16, clustering: Clustering = "kmeans",
+                 estimate_num_novel: bool = True, k_min: int = 2, k_max: int = 30, min_dist: float = 0.6,
+                 n_init: int = 10, seed: int = 0) -> None:
         if not 0.0 <= w <= 1.0:
             raise self.fail(f"w {w} must lie in [0, 1]", "use e.g. 0.5, or tune it on hidden known classes")
+        if latent_dim < 1:
+            raise self.fail(f"latent_dim {latent_dim} must be at least 1", "use e.g. 16")
         if clustering not in CLUSTERINGS:
             raise self.fail(f"clustering {clustering!r} is not one of {list(CLUSTERINGS)}", "pick one")
         if not 2 <= k_min <= k_max:
@@ -136,7 +145,7 @@ class TabularNCD(Technique):
                             "needs two clusters)", "use e.g. the code's 2..30")
         if not 0.0 < min_dist < 1.0:
             raise self.fail(f"min_dist {min_dist} must lie in (0, 1)", "use e.g. the code's 0.6")
-        self.w, self.clustering, self.estimate_num_novel = w, clustering, estimate_num_novel
+        self.w, self.latent_dim, self.clustering, self.estimate_num_novel = w, latent_dim, clustering, estimate_num_novel
         self.k_min, self.k_max, self.min_dist, self.n_init, self.seed = k_min, k_max, min_dist, n_init, seed
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -149,7 +158,7 @@ class TabularNCD(Technique):
                             f"{type(trainer.datamodule).__name__} with mode {mode!r}",
                             "use DiscoveryDataModule(mode='ncd')")
         super().setup(trainer, pl_module, stage)
-        add_decoder(pl_module)
+        add_heads(pl_module, self.latent_dim)
 
     def transform_batch(self, batch: dict[str, Any], module: L.LightningModule) -> dict[str, Any]:
         if "view1" not in batch:
@@ -160,13 +169,16 @@ class TabularNCD(Technique):
         views = out.extras["views"]
         if views == 1:  # an evaluation batch: the module's known-class cross-entropy
             return module.task_loss(out)
-        known = module.hparams.num_known_classes
+        heads = getattr(module, HEADS)
         labelled = out.extras["labelled"] & (out.target >= 0)
         inputs = out.batch["input"].flatten(1).repeat(views, 1)
-        reconstruction = getattr(module, DECODER)(F.normalize(out.features, dim=-1))
-        rows = projection_loss(out.logits[:, :known], out.target, labelled, reconstruction, inputs, self.w)
+        latent = F.normalize(heads["latent"](out.features), dim=-1)
+        known_logits, reconstruction = heads["classifier"](latent), heads["decoder"](latent)
+        rows = projection_loss(known_logits, out.target, labelled, reconstruction, inputs, self.w)
+        # the module's heads are computed but untrained: a zero term keeps DDP from finding them unused
+        rows = rows + 0.0 * (out.logits.sum() + out.extras["projections"].sum())
         if module._trainer is not None:
-            ce = F.cross_entropy(out.logits[labelled, :known].float(), out.target[labelled]) if labelled.any() else rows.new_zeros(())
+            ce = F.cross_entropy(known_logits[labelled].float(), out.target[labelled]) if labelled.any() else rows.new_zeros(())
             mse = (reconstruction.float() - inputs.float()).pow(2).sum(-1).mean()
             module.log_dict({"train/tabular_ncd/ce": ce.detach(), "train/tabular_ncd/mse": mse.detach()},
                             on_step=False, on_epoch=True, batch_size=len(rows))
@@ -174,8 +186,9 @@ class TabularNCD(Technique):
 
     @torch.no_grad()
     def latents(self, module: DiscoveryModule, inputs: Tensor) -> np.ndarray:
-        """The L2-normalized backbone features of ``inputs``, in chunks, as float64 rows."""
-        features = [F.normalize(module.backbone(chunk.to(module.device)).float(), dim=-1).cpu()
+        """PBN's L2-normalized latents of ``inputs``, in chunks, as float64 rows."""
+        layer = getattr(module, HEADS)["latent"]
+        features = [F.normalize(layer(module.backbone(chunk.to(module.device))).float(), dim=-1).cpu()
                     for chunk in inputs.split(1024)]
         return torch.cat(features).double().numpy()
 
@@ -191,4 +204,4 @@ class TabularNCD(Technique):
         pl_module.log_dict({f"test/tabular_ncd/{name}": value for name, value in scores.items()})
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        add_restore_hook(checkpoint, "reglab.callbacks.category_discovery.tabular_ncd:restore_decoder")
+        add_restore_hook(checkpoint, "reglab.callbacks.category_discovery.tabular_ncd:restore_heads")

@@ -59,7 +59,7 @@ class TabularNCDProtocol(DiscoveryProtocol):
     """Cluster the rows, or fit TabularNCD (tuned on hidden known classes), and score the pool (module docstring)."""
 
     defaults = {"data": {"source": "digits", "flatten": True, "known_classes": [0, 1, 2, 3, 4], "mode": "ncd"},
-                "backbone": "mlp", "backbone_kwargs": {"hidden_sizes": [48, 32, 16], "norm": "batch"}, "epochs": 30, "batch_size": 256,
+                "backbone": "mlp", "backbone_kwargs": {"hidden_sizes": [48, 32], "norm": "batch"}, "epochs": 30, "batch_size": 256,
                 "lr": 1e-3, "module": {}, "trainer": {}, "folds": 2, "k_max": 30}
 
     def check_settings(self) -> None:
