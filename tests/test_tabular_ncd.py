@@ -12,7 +12,8 @@ import torch
 
 from reglab.bench.protocols import ClaimError
 from reglab.callbacks.category_discovery import tabular_ncd
-from reglab.callbacks.category_discovery.tabular_ncd import TabularNCD, mirrored_decoder, projection_loss
+from reglab.callbacks.category_discovery.tabular_ncd import (
+    TabularNCD, add_heads, mirrored_decoder, projection_loss, restore_heads)
 from reglab.datamodules import DiscoveryDataModule
 from reglab.discovery import tabular
 from reglab.discovery.tabular import (
@@ -127,6 +128,19 @@ def test_decoder_mirrors_the_encoder():
     decoder = mirrored_decoder(module.backbone, 3, 10)  # from a 3-d latent on the backbone's 4-d features
     widths = [(m.in_features, m.out_features) for m in decoder if isinstance(m, torch.nn.Linear)]
     assert widths == [(3, 4), (4, 6), (6, 8), (8, 10)]
+
+
+def test_a_bare_module_gets_the_checkpoint_s_heads_back():
+    def module():
+        return DiscoveryModule("mlp", input_shape=(10,), num_classes=4, num_known_classes=2)
+
+    trained = module()
+    add_heads(trained, latent_dim=5)
+    checkpoint = {"state_dict": trained.state_dict()}
+    bare = module()
+    restore_heads(bare, checkpoint)
+    bare.load_state_dict(checkpoint["state_dict"])  # strict: every key has its place, shapes included
+    assert bare.tabular_ncd_pbn["latent"].out_features == 5 and bare.tabular_ncd_pbn["classifier"].out_features == 2
 
 
 class _Trainer:
