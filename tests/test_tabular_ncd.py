@@ -149,8 +149,8 @@ class _Trainer:
 
 
 def test_technique_refuses_bad_arguments_gcd_pools_and_other_modules():
-    for kwargs, match in (({"w": 1.5}, "w 1.5"), ({"latent_dim": 0}, "latent_dim"), ({"clustering": "dbscan"}, "clustering"), ({"k_min": 1}, "range"),
-                          ({"min_dist": 0.0}, "min_dist")):
+    for kwargs, match in (({"w": 1.5}, "w 1.5"), ({"latent_dim": 0}, "latent_dim"), ({"clustering": "dbscan"}, "clustering"),
+                          ({"k_min": 1}, "range"), ({"min_dist": 0.0}, "min_dist")):
         with pytest.raises(TechniqueConfigError, match=match):
             TabularNCD(**kwargs)
     module = DiscoveryModule("mlp", input_shape=(8,), num_classes=6, num_known_classes=3)

@@ -178,7 +178,8 @@ class TabularNCD(Technique):
         # the module's heads are computed but untrained: a zero term keeps DDP from finding them unused
         rows = rows + 0.0 * (out.logits.sum() + out.extras["projections"].sum())
         if module._trainer is not None:
-            ce = F.cross_entropy(known_logits[labelled].float(), out.target[labelled]) if labelled.any() else rows.new_zeros(())
+            ce = (F.cross_entropy(known_logits[labelled].float(), out.target[labelled]) if labelled.any()
+                  else rows.new_zeros(()))
             mse = (reconstruction.float() - inputs.float()).pow(2).sum(-1).mean()
             module.log_dict({"train/tabular_ncd/ce": ce.detach(), "train/tabular_ncd/mse": mse.detach()},
                             on_step=False, on_epoch=True, batch_size=len(rows))

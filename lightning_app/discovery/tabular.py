@@ -198,7 +198,8 @@ def discovery_scores(features: np.ndarray, known_features: np.ndarray, known_lab
                         **options)
     metric = ClusteringAccuracy(count, [], num_clusters=k)
     metric.update(torch.as_tensor(preds), torch.as_tensor(true_novel))
-    return {"pool_acc_new": float(metric.compute()["all"]), "num_novel": float(k), "num_novel_error": float(abs(k - count))}
+    return {"pool_acc_new": float(metric.compute()["all"]), "num_novel": float(k),
+            "num_novel_error": float(abs(k - count))}
 
 
 def hidden_class_folds(known_classes: Sequence[int], n_folds: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:

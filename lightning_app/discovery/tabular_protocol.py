@@ -59,8 +59,8 @@ class TabularNCDProtocol(DiscoveryProtocol):
     """Cluster the rows, or fit TabularNCD (tuned on hidden known classes), and score the pool (module docstring)."""
 
     defaults = {"data": {"source": "digits", "flatten": True, "known_classes": [0, 1, 2, 3, 4], "mode": "ncd"},
-                "backbone": "mlp", "backbone_kwargs": {"hidden_sizes": [48, 32], "norm": "batch"}, "epochs": 30, "batch_size": 256,
-                "lr": 1e-3, "module": {}, "trainer": {}, "folds": 2, "k_max": 30}
+                "backbone": "mlp", "backbone_kwargs": {"hidden_sizes": [48, 32], "norm": "batch"}, "epochs": 30,
+                "batch_size": 256, "lr": 1e-3, "module": {}, "trainer": {}, "folds": 2, "k_max": 30}
 
     def check_settings(self) -> None:
         if self.settings["data"].get("mode", "ncd") != "ncd":
@@ -106,10 +106,10 @@ class TabularNCDProtocol(DiscoveryProtocol):
         data = self.data(spec, seed)
         data.setup("fit")
         pool, train = data.pool_dataset, data.train_dataset
-        labelled = train.extras["labelled"]
+        labelled, known = train.extras["labelled"], data.num_known_classes
         return discovery_scores(pool.inputs.flatten(1).double().numpy(), train.inputs[labelled].flatten(1).double().numpy(),
-                                train.targets[labelled].numpy(), (pool.extras["true_target"] - data.num_known_classes).numpy(),
-                                data.num_classes - data.num_known_classes, spec.get("clustering", "kmeans"),
+                                train.targets[labelled].numpy(), (pool.extras["true_target"] - known).numpy(),
+                                data.num_classes - known, spec.get("clustering", "kmeans"),
                                 spec.get("estimate_num_novel", False), k_max=self.settings["k_max"], seed=seed)
 
     def fit(self, spec: dict[str, Any], arguments: dict[str, Any], seed: int,
