@@ -28,7 +28,9 @@ paper's method text. Where this differs from the code, and why:
 * the spectral embedding is scikit-learn's ``spectral_embedding`` (normalized Laplacian, first
   eigenvector dropped), whose rows are the eigenvectors divided by the square root of the degree
   (the code keeps the eigenvectors themselves);
-* the class-count estimate fits one k-means (10 restarts) per ``k`` instead of averaging three.
+* the class-count estimate fits one k-means (10 restarts) per ``k`` instead of averaging three, and
+  is made on the features given (a model's latent, or the rows) for every clustering: the code's NCD
+  spectral clustering estimates it in its spectral embedding.
 
 Example:
     >>> import numpy as np
