@@ -17,7 +17,7 @@ from reglab.callbacks.category_discovery.tabular_ncd import (
 from reglab.datamodules import DiscoveryDataModule
 from reglab.discovery import tabular
 from reglab.discovery.tabular import (
-    estimate_class_count, hidden_class_folds, mst_rbf_width, ncd_kmeans, ncd_kmeans_seeds, ncd_spectral_clustering,
+    discovery_scores, estimate_class_count, hidden_class_folds, mst_rbf_width, ncd_kmeans, ncd_kmeans_seeds, ncd_spectral_clustering,
     select_on_hidden_classes)
 from reglab.discovery.tabular_protocol import TabularNCDProtocol
 from reglab.tasks import ClassificationModule, DiscoveryModule
@@ -110,6 +110,41 @@ def test_selection_averages_over_folds_and_keeps_the_first_best():
     assert tie == {"w": 0.2}
     with pytest.raises(ValueError, match="no candidate"):
         select_on_hidden_classes({"w": []}, folds, score)
+
+
+def test_scores_read_only_the_scored_rows_labels():
+    rows = np.array([[0.0], [0.1], [5.0], [5.1], [9.0], [9.1]])
+    scored = np.array([True, True, True, True, False, False])
+    # 3 clusters; the scored rows (classes 0 and 1) are clustered right; the last two rows' labels vary
+    for unscored in ([2, 2], [0, 1]):
+        scores = discovery_scores(rows, rows[:0], np.empty(0), np.array([0, 0, 1, 1, *unscored]), 3, "kmeans", False,
+                                  scored)
+        assert scores == {"pool_acc_new": 1.0, "num_novel": 3.0, "num_novel_error": 0.0}
+    # scoring every row: the third cluster's rows (classes 0 and 1, both matched to the first two clusters
+    # already) count as wrong: 4 of 6
+    assert discovery_scores(rows, rows[:0], np.empty(0), np.array([0, 0, 1, 1, 0, 1]), 3, "kmeans",
+                            False)["pool_acc_new"] == pytest.approx(4 / 6)
+
+
+def test_tuning_hides_known_classes_beside_the_novel_ones_and_scores_them_alone(monkeypatch):
+    protocol = TabularNCDProtocol("t", {"data": {"source": "blobs", "generated_classes": 8, "known_classes": [0, 1, 2, 3]},
+                                        "folds": 2})
+    calls = []
+
+    def fit(spec, arguments, seed, classes=None):
+        calls.append((arguments, classes))
+        return {"pool_acc_new": arguments["w"] if classes else 0.5, "num_novel": 4.0, "num_novel_error": 0.0}
+
+    monkeypatch.setattr(protocol, "fit", fit)
+    spec = {"technique": {"class_path": "reglab.callbacks.category_discovery.TabularNCD"}, "tune": {"w": [0.2, 0.8]}}
+    result = protocol.run_arm("a", spec, seed=0, workdir=None)
+    folds = [classes for _, classes in calls if classes]
+    assert len(folds) == 4 and result["tuned_w"] == 0.8 and calls[-1] == ({"w": 0.8}, None)
+    for classes in folds:
+        hidden = [c for c in classes["novel_classes"] if c < 4]
+        assert classes["novel_classes"] == hidden + [4, 5, 6, 7]  # hidden first, then the real novel classes
+        assert sorted(classes["known_classes"] + hidden) == [0, 1, 2, 3]
+    assert all(arguments["scored_classes"] == [0, 1] for arguments, classes in calls if classes)
 
 
 def test_projection_loss_by_hand():

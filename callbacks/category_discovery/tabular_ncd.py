@@ -5,7 +5,8 @@ counted and clustered in its latent space."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
@@ -115,6 +116,9 @@ class TabularNCD(Technique):
         min_dist: the spectral graph's affinity on its longest spanning-tree edge.
         n_init: k-means restarts.
         seed: of the clustering.
+        scored_classes: score ``pool_acc_new`` on the pool rows of these classes only (indices among the
+            data's novel classes, ``0`` the first), the assignment of clusters to classes made on them
+            alone: the hidden-class tuning passes its hidden classes, so no novel label is read.
 
     Example:
         >>> from reglab.datamodules import DiscoveryDataModule
@@ -133,7 +137,7 @@ class TabularNCD(Technique):
 
     def __init__(self, w: float = 0.5, latent_dim: int = 16, clustering: Clustering = "kmeans",
                  estimate_num_novel: bool = True, k_min: int = 2, k_max: int = 30, min_dist: float = 0.6,
-                 n_init: int = 10, seed: int = 0) -> None:
+                 n_init: int = 10, seed: int = 0, scored_classes: Optional[Sequence[int]] = None) -> None:
         if not 0.0 <= w <= 1.0:
             raise self.fail(f"w {w} must lie in [0, 1]", "use e.g. 0.5, or tune it on hidden known classes")
         if latent_dim < 1:
@@ -147,6 +151,7 @@ class TabularNCD(Technique):
             raise self.fail(f"min_dist {min_dist} must lie in (0, 1)", "use e.g. the code's 0.6")
         self.w, self.latent_dim, self.clustering, self.estimate_num_novel = w, latent_dim, clustering, estimate_num_novel
         self.k_min, self.k_max, self.min_dist, self.n_init, self.seed = k_min, k_max, min_dist, n_init, seed
+        self.scored_classes = None if scored_classes is None else [int(c) for c in scored_classes]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, DiscoveryModule):
@@ -196,12 +201,13 @@ class TabularNCD(Technique):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data, known = trainer.datamodule, pl_module.hparams.num_known_classes
         pool, train = data.pool_dataset, data.train_dataset
-        labelled = train.extras["labelled"]
+        labelled, true_novel = train.extras["labelled"], (pool.extras["true_target"] - known).numpy()
+        scored = None if self.scored_classes is None else np.isin(true_novel, self.scored_classes)
         scores = discovery_scores(
             self.latents(pl_module, pool.inputs), self.latents(pl_module, train.inputs[labelled]),
-            train.targets[labelled].numpy(), (pool.extras["true_target"] - known).numpy(),
-            pl_module.hparams.num_classes - known, self.clustering, self.estimate_num_novel, k_min=self.k_min,
-            k_max=self.k_max, min_dist=self.min_dist, n_init=self.n_init, seed=self.seed)
+            train.targets[labelled].numpy(), true_novel, pl_module.hparams.num_classes - known, self.clustering,
+            self.estimate_num_novel, scored, k_min=self.k_min, k_max=self.k_max, min_dist=self.min_dist,
+            n_init=self.n_init, seed=self.seed)
         pl_module.log_dict({f"test/tabular_ncd/{name}": value for name, value in scores.items()})
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -184,12 +184,14 @@ def discover(features: np.ndarray, known_features: np.ndarray, known_labels: np.
 
 def discovery_scores(features: np.ndarray, known_features: np.ndarray, known_labels: np.ndarray,
                      true_novel: np.ndarray, count: int, clustering: Clustering, estimate_num_novel: bool,
-                     **options: Any) -> dict[str, float]:
+                     scored: Optional[np.ndarray] = None, **options: Any) -> dict[str, float]:
     """:func:`discover` on the novel rows ``features`` (true classes ``true_novel`` in ``0..count-1``,
     read only to score them; ``count`` clusters unless ``estimate_num_novel``), scored:
-    ``pool_acc_new`` (Hungarian accuracy, :class:`~reglab.metrics.ClusteringAccuracy`),
-    ``num_novel`` (the clusters used) and ``num_novel_error`` (``|num_novel - count|``). ``options``:
-    :func:`discover`'s ``k_min``, ``k_max``, ``min_dist``, ``n_init``, ``seed``.
+    ``pool_acc_new`` (Hungarian accuracy, :class:`~reglab.metrics.ClusteringAccuracy`, on the rows
+    of the boolean mask ``scored``, default all: the assignment of clusters to classes is made on
+    those rows alone, so the other rows' labels are never read), ``num_novel`` (the clusters used)
+    and ``num_novel_error`` (``|num_novel - count|``). ``options``: :func:`discover`'s ``k_min``,
+    ``k_max``, ``min_dist``, ``n_init``, ``seed``.
 
     Example:
         >>> rows = np.array([[0.0], [0.1], [5.0], [5.1]])
@@ -198,8 +200,9 @@ def discovery_scores(features: np.ndarray, known_features: np.ndarray, known_lab
     """
     preds, k = discover(features, known_features, known_labels, clustering, None if estimate_num_novel else count,
                         **options)
+    rows = np.ones(len(features), dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
     metric = ClusteringAccuracy(count, [], num_clusters=k)
-    metric.update(torch.as_tensor(preds), torch.as_tensor(true_novel))
+    metric.update(torch.as_tensor(preds[rows]), torch.as_tensor(true_novel[rows]))
     return {"pool_acc_new": float(metric.compute()["all"]), "num_novel": float(k),
             "num_novel_error": float(abs(k - count))}
 

@@ -13,9 +13,9 @@ Per arm and seed, a :class:`~reglab.datamodules.DiscoveryDataModule` in NCD mode
   (``{init argument: [values]}``) the technique's arguments are first chosen without novel labels:
   the known classes are cut into ``folds`` folds
   (:func:`~reglab.discovery.tabular.hidden_class_folds`); for each candidate and fold a model is
-  fitted on a split whose known classes are the other folds and whose novel classes are the hidden
-  fold (the real novel classes take no part), scored by its clustering accuracy on the hidden
-  classes, and the candidate of the best mean
+  fitted on a split whose known classes are the other folds and whose unlabelled pool holds the
+  hidden fold's classes beside the real novel ones (the paper's split), scored by its clustering
+  accuracy on the hidden classes' rows alone (no novel label is read), and the candidate of the best mean
   (:func:`~reglab.discovery.tabular.select_on_hidden_classes`) is fitted on the real split.
 
 Metrics, the same for every arm: ``pool_acc_new`` (Hungarian accuracy on the pool's novel classes),
@@ -93,12 +93,15 @@ class TabularNCDProtocol(DiscoveryProtocol):
             return self.cluster_rows(spec, seed)
         if not spec.get("tune"):
             return self.fit(spec, {}, seed)
-        known = self.data(spec, seed).known_classes
+        data = self.data(spec, seed)
 
         def score(candidate: dict[str, Any], kept: list[int], hidden: list[int]) -> float:
-            return self.fit(spec, candidate, seed, {"known_classes": kept, "novel_classes": hidden})["pool_acc_new"]
+            # the hidden classes join the real novel ones in the pool and are scored alone (the paper's split)
+            classes = {"known_classes": kept, "novel_classes": hidden + data.novel_classes}
+            return self.fit(spec, {**candidate, "scored_classes": list(range(len(hidden)))}, seed, classes)["pool_acc_new"]
 
-        best, _ = select_on_hidden_classes(spec["tune"], hidden_class_folds(known, self.settings["folds"], seed), score)
+        best, _ = select_on_hidden_classes(spec["tune"], hidden_class_folds(data.known_classes, self.settings["folds"], seed),
+                                           score)
         return {**self.fit(spec, best, seed), **{f"tuned_{name}": float(value) for name, value in best.items()}}
 
     def cluster_rows(self, spec: dict[str, Any], seed: int) -> dict[str, float]:
@@ -138,8 +141,8 @@ class TabularNCDProtocol(DiscoveryProtocol):
                 f"`DiscoveryModule` ({s['backbone']} {s['backbone_kwargs']}, Adam {s['lr']}, batches of {s['batch_size']}, "
                 f"{s['epochs']} epochs) with TabularNCD (PBN: known-class cross-entropy and reconstruction) and cluster the "
                 "pool in its latent space; a tuned arm first picks its arguments by "
-                f"{s['folds']}-fold cross-validation over the known classes (each fold's classes hidden as stand-in novel "
-                "classes, the real novel classes unused). The number of novel classes is the truth or, where the arm "
+                f"{s['folds']}-fold cross-validation over the known classes (each fold's classes hidden in the pool beside the "
+                "real novel ones, the score on the hidden classes' rows alone). The number of novel classes is the truth or, where the arm "
                 f"says so, the silhouette's choice in 2..{s['k_max']}. Scored: Hungarian accuracy on the pool's novel "
                 "classes (`pool_acc_new`), the cluster count used (`num_novel`) and its distance to the true count "
                 "(`num_novel_error`).", ""]
