@@ -43,7 +43,7 @@ OPTIONAL = ("kind", "note", "build", "method_card", "harness")
 HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data", "backbone_kwargs")
 #: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
 HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "embedding", "text_retrieval",
-                "dense_text_retrieval", "captions", "diffusion", "discovery", "text_diffusion")
+                "dense_text_retrieval", "captions", "diffusion", "discovery", "discovery_ncd", "text_diffusion")
 #: the harness's generated recommendation data (~5 training steps per epoch at 256, like the digits)
 EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
 #: the harness's generated query–passage corpus (a step encodes every query's passages with a transformer):
@@ -253,8 +253,8 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     one-layer text tower from MiniLM, 16-d embeddings, lr 1e-3); for ``data="diffusion"`` a class-conditional
     ``DiffusionModule`` with a tiny U-Net (channels 8, 16, no attention, 2 sampling steps, lr 1e-3); for
     ``data="text_diffusion"`` the same U-Net text-conditional with cross-attention (personalization techniques);
-    for ``data="discovery"`` a ``DiscoveryModule`` on the same MLP (5 known of 10 classes, a 32-32-16 projection
-    head, lr 1e-2)."""
+    for ``data="discovery"`` (and ``"discovery_ncd"``) a ``DiscoveryModule`` on the same MLP (5 known of 10
+    classes, a 32-32-16 projection head, lr 1e-2)."""
     import lightning as L
 
     from reglab.tasks import ClassificationModule, EmbeddingModule, TwoTowerModule
@@ -293,7 +293,7 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
         return MultiInputRetrievalModule(shapes.num_items, shapes.vocab_size, shapes.max_text_length, backbone="mlp",
                                          backbone_kwargs={"hidden_sizes": (32,)}, lr=1e-2)
     kwargs = {"hidden_sizes": (32,), **(backbone_kwargs or {})}
-    if data == "discovery":
+    if data in ("discovery", "discovery_ncd"):
         from reglab.tasks import DiscoveryModule
 
         return DiscoveryModule("mlp", input_shape=(64,), num_classes=10, num_known_classes=5, backbone_kwargs=kwargs,
@@ -315,7 +315,7 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     upright digits with captions and class prompts (for prompt-learning techniques on a CLIP); ``data="diffusion"``
     the clean digits as images (1x8x8, for techniques on a diffusion model; ``"text_diffusion"`` the same);
     ``data="discovery"`` the flat digits as a GCD split (0-4 known, half labelled; unbalanced batches, ~5 steps per epoch at 256, for discovery
-    techniques)."""
+    techniques; ``"discovery_ncd"`` the same as an NCD split, the pool of 5-9 only)."""
     from reglab.datamodules import (DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule,
                                     TextRetrievalDataModule)
 
@@ -332,10 +332,11 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
         return HintedDigitsDataModule(batch_size=batch_size)
     if data == "embedding":
         return DigitsDataModule(flatten=True, batch_size=batch_size)
-    if data == "discovery":
+    if data in ("discovery", "discovery_ncd"):
         from reglab.datamodules import DiscoveryDataModule
 
-        return DiscoveryDataModule("digits", flatten=True, balance_batches=False, batch_size=batch_size)
+        mode = "ncd" if data == "discovery_ncd" else "gcd"
+        return DiscoveryDataModule("digits", flatten=True, mode=mode, balance_batches=False, batch_size=batch_size)
     if data in ("diffusion", "text_diffusion"):
         return DigitsDataModule(batch_size=batch_size)
     if data == "captions":
