@@ -70,6 +70,23 @@ COMMON = {"backbone": "cnn", "backbone_kwargs": {}, "epochs": 15, "batch_size": 
 _MODELS: dict[tuple[str, str, int], ClassificationModule] = {}
 
 
+def check_technique_arm(protocol: Protocol, arm: str, spec: dict[str, Any]) -> None:
+    """An arm of the protocols whose arms are prediction rules or heads: ``technique`` (and ``label``) only."""
+    unknown = sorted(set(spec) - {"technique"})
+    if unknown:
+        raise ClaimError(f"claim {protocol.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
+                         f"protocol {protocol.name!r} takes `technique` (and `label`).")
+    check_arm_techniques(protocol.claim_name, arm, spec)
+
+
+def unseen_sq_distance(predictions: list[Tensor], data: DictDataModule) -> float:
+    """The paper's error in the label metric on ``data``'s test images, whatever the arm's own metric: the mean
+    of ``|y_hat - y|^2`` over the predicted batches (a smoke run predicts a few only)."""
+    predicted = torch.cat(predictions).argmax(-1)
+    labels = data.test_dataset.targets[: len(predicted)]
+    return (predicted - labels).double().square().mean().item()
+
+
 class SharedModelProtocol(Protocol):
     """Arms are prediction rules or heads over one model per seed, fitted once (:meth:`model`).
     A subclass gives the data the model is fitted on (:meth:`training_data`) and the settings
@@ -78,11 +95,7 @@ class SharedModelProtocol(Protocol):
     data_settings: tuple[str, ...] = ()
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        unknown = sorted(set(spec) - {"technique"})
-        if unknown:
-            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
-                             f"protocol {self.name!r} takes `technique` (and `label`).")
-        check_arm_techniques(self.claim_name, arm, spec)
+        check_technique_arm(self, arm, spec)
 
     def training_data(self, seed: int) -> L.LightningDataModule:
         raise NotImplementedError
@@ -126,10 +139,7 @@ class UnseenClassesProtocol(SharedModelProtocol):
                              callbacks=[instantiate(t) for t in arm_techniques(spec)])
         (tested,) = trainer().test(module, datamodule=data, verbose=False)
         (validated,) = trainer().validate(module, datamodule=data, verbose=False)
-        predicted = torch.cat(trainer().predict(module, datamodule=data)).argmax(-1)
-        labels = data.test_dataset.targets[: len(predicted)]  # a smoke run predicts a few batches only
-        # the paper's error in the label metric: the mean squared distance |y_hat - y|^2, whatever the arm's own metric
-        distance = (predicted - labels).double().square().mean().item()
+        distance = unseen_sq_distance(trainer().predict(module, datamodule=data), data)
         return {"unseen_acc": tested["test/acc"], "seen_acc": validated["val/acc"], "unseen_sq_distance": distance}
 
     def describe(self) -> list[str]:
@@ -547,11 +557,7 @@ class CLIPLinearProbeProtocol(ShotsSweep, CLIPAdaptationProtocol):
         self.check_shots()
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        unknown = sorted(set(spec) - {"technique"})
-        if unknown:
-            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
-                             f"protocol {self.name!r} takes `technique` (and `label`).")
-        check_arm_techniques(self.claim_name, arm, spec)
+        check_technique_arm(self, arm, spec)
         self.check_probe_arm(arm, spec)
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
@@ -615,11 +621,7 @@ class CLIPUnseenClassesProtocol(CLIPAdaptationProtocol):
                              "Fix: e.g. seen_classes: [0, 3, 6, 9].")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        unknown = sorted(set(spec) - {"technique"})
-        if unknown:
-            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
-                             f"protocol {self.name!r} takes `technique` (and `label`).")
-        check_arm_techniques(self.claim_name, arm, spec)
+        check_technique_arm(self, arm, spec)
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         s = self.settings
@@ -635,9 +637,8 @@ class CLIPUnseenClassesProtocol(CLIPAdaptationProtocol):
             (tested,) = self.trainer(techniques).test(module, datamodule=data, verbose=False)
             scores[f"{group}_acc"] = tested["test/acc"]
             if group == "unseen":
-                probabilities = torch.cat(self.trainer(techniques).predict(module, datamodule=data))
-                labels = data.test_dataset.targets[: len(probabilities)]  # a smoke run predicts a few batches only
-                scores["unseen_sq_distance"] = (probabilities.argmax(-1) - labels).double().square().mean().item()
+                scores["unseen_sq_distance"] = unseen_sq_distance(self.trainer(techniques).predict(module, datamodule=data),
+                                                                  data)
         return scores
 
     def describe(self) -> list[str]:
