@@ -113,24 +113,19 @@ class SessionPrompts(nn.Module):
         self._rows = (inputs[0][:, 1:1 + self.prompts.shape[1]] == self.placeholder).all(1)
         return self._replace(output, 0)
 
-    def layer_hook(self, layer: int) -> Any:
-        """Forward pre-hook of text layer ``layer``: its prompts replace the previous layer's outputs there."""
+    def layer_hook(self, layer: int, module: nn.Module, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """Forward pre-hook of text layer ``layer`` (bound with ``functools.partial``): its prompts replace the
+        previous layer's outputs there."""
+        if args:
+            return (self._replace(args[0], layer), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._replace(kwargs["hidden_states"], layer)}
 
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-            if args:
-                return (self._replace(args[0], layer), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": self._replace(kwargs["hidden_states"], layer)}
-
-        return hook
-
-    def conv_hook(self, layer: int) -> Any:
-        """Forward pre-hook of convolution ``layer``: the projected prompts shift its input's channels."""
-
-        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            shift = self.projections[layer](self.prompts[layer]).mean(0)
-            return (args[0] + shift.to(args[0].dtype)[None, :, None, None], *args[1:])
-
-        return hook
+    def conv_hook(self, layer: int, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Forward pre-hook of convolution ``layer`` (bound with ``functools.partial``): the projected prompts
+        shift its input's channels."""
+        shift = self.projections[layer](self.prompts[layer]).mean(0)
+        return (args[0] + shift.to(args[0].dtype)[None, :, None, None], *args[1:])
 
 
 def text_layers(clip: nn.Module) -> nn.ModuleList | None:
@@ -152,10 +147,11 @@ def attach_prompts(module: nn.Module, arguments: dict[str, Any]) -> SessionPromp
     prompts = module.cpe_clip = SessionPrompts(**arguments)
     depth = prompts.prompts.shape[0]
     module.clip.text_encoder.get_input_embeddings().register_forward_hook(prompts.embedding_hook)
+    # bound methods and partials of them, not closures: a deep copy of the module then hooks its own prompts
     for i, layer in enumerate(text_layers(module.clip)[1:depth], start=1):
-        layer.register_forward_pre_hook(prompts.layer_hook(i), with_kwargs=True)
+        layer.register_forward_pre_hook(functools.partial(prompts.layer_hook, i), with_kwargs=True)
     for i, conv in enumerate(image_convolutions(module.clip)[:depth]):
-        conv.register_forward_pre_hook(prompts.conv_hook(i))
+        conv.register_forward_pre_hook(functools.partial(prompts.conv_hook, i))
     return prompts
 
 

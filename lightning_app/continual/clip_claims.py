@@ -83,7 +83,7 @@ class CLIPSessionsProtocol(Protocol):
                                "lr": s["lr"], "text_lr": s["lr"]})
         module.clip.load_state_dict(pretrained.clip.state_dict())
         data = self.sessions(seed)
-        trainer = {**QUIET, "logger": False, "max_epochs": s["epochs"], **s["trainer"]}
+        trainer = {**QUIET, "max_epochs": s["epochs"], **s["trainer"]}
         if spec.get("train", True) is False:
             trainer["limit_train_batches"] = 0
         # the boundary checkpoints hold the whole CLIP (~94 MB each): a scratch folder, removed once scored
