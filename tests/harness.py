@@ -83,7 +83,8 @@ def cpe_clip_session() -> Technique:
     return technique
 
 
-FACTORIES: dict[str, Callable[[], Technique]] = {"cpe_clip_session": cpe_clip_session,"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores,
+FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores,
+                                                 "cpe_clip_session": cpe_clip_session,
                                                  "mamba_fscil_session": mamba_fscil_session, "ogen_with_coop": ogen_with_coop,
                                                  "glad_with_lora": glad_with_lora}
 
