@@ -14,6 +14,7 @@ from torch import nn
 
 from reglab.callbacks.continual import CPECLIP
 from reglab.callbacks.continual.cpe_clip import SessionPrompts, attach_prompts, image_convolutions, update_scale
+from reglab.continual.clip_claims import session_accuracies
 from reglab.datamodules import CaptionedDigitsDataModule, TaskSequenceDataModule
 from reglab.tasks import CLIPModule
 from reglab.technique import TechniqueConfigError
@@ -41,6 +42,11 @@ def test_update_scale_is_the_new_classes_over_all_seen():
     assert update_scale([6, 7], range(6)) == 2 / 8
     assert update_scale([8, 9], range(8)) == 2 / 10
     assert update_scale([4, 5, 6], [0, 1, 2, 3, 4]) == 2 / 7  # a class seen before is not new
+
+
+def test_a_session_accuracy_weights_each_seen_task_by_its_test_images():
+    # after session 1: 0.9 on 300 base images and 0.3 on 100 new ones -> 300 * 0.9 + 100 * 0.3 = 300 of 400
+    assert session_accuracies([[0.8], [0.9, 0.3]], [300, 100, 50]) == pytest.approx([0.8, 0.75])
 
 
 @pytest.mark.parametrize("scale", [0.25, 1.0])

@@ -181,7 +181,8 @@ class CPECLIP(Technique):
 
     name = "cpe_clip"
 
-    def __init__(self, prompt_length: int = 2, depth: int | None = None, regularization: str | None = "balance") -> None:
+    def __init__(self, prompt_length: int = 2, depth: int | None = None,
+                 regularization: str | None = "balance") -> None:
         if prompt_length < 1 or (depth is not None and depth < 1):
             raise self.fail(f"prompt_length={prompt_length}, depth={depth} prompt nothing",
                             "pass prompt_length >= 1 and depth >= 1 (or depth null: every layer)")
@@ -259,7 +260,8 @@ class CPECLIP(Technique):
             parameter.copy_(torch.lerp(before, parameter, self.scale))
         self._saved = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         # the frozen towers are fixed functions (CLIP has neither batch norm nor dropout); every batch, since the
         # loops set train mode again after a validation and at a resumed run's start
         pl_module.clip.eval()

@@ -34,6 +34,17 @@ from reglab.tasks import CLIPModule
 from reglab.tasks.clip import seed_pretraining
 
 
+def session_accuracies(rows: list[list[float]], test_sizes: list[int]) -> list[float]:
+    """Per session ``t``, the accuracy on the test images of every class seen after it: row ``t`` of the accuracy
+    matrix (one accuracy per task ``0..t``) weighted by each task's number of test images.
+
+    Example:
+        >>> session_accuracies([[0.9], [0.8, 0.5]], [300, 100])
+        [0.9, 0.725]
+    """
+    return [sum(acc * n for acc, n in zip(row, test_sizes)) / sum(test_sizes[: len(row)]) for row in rows]
+
+
 @register_protocol("clip_sessions")
 class CLIPSessionsProtocol(Protocol):
     """Few-shot class-incremental sessions on the seed's pretrained tiny CLIP (module docstring)."""
@@ -51,15 +62,16 @@ class CLIPSessionsProtocol(Protocol):
     def check_settings(self) -> None:
         s = self.settings
         if not Path(s["pretrain_config"]).is_file():
-            raise ClaimError(f"claim {self.claim_name}: pretrain_config {s['pretrain_config']} is not a file. Fix: give "
-                             "a `reglab fit` config of a CLIPModule (configs/experiment/tiny_clip_pretrain.yaml).")
+            raise ClaimError(f"claim {self.claim_name}: pretrain_config {s['pretrain_config']} is not a file. Fix: "
+                             "give a `reglab fit` config of a CLIPModule (configs/experiment/tiny_clip_pretrain.yaml).")
         for key in ("domains", "pretrain_domains"):
             if s[key] is not None and (not s[key] or not set(s[key]) <= set(DOMAINS)):
                 raise ClaimError(f"claim {self.claim_name}: {key} {s[key]} must name some of {list(DOMAINS)}. "
                                  f"Fix: e.g. {key}: [coloured, rotated, noisy].")
         if not s["data"]["shots"] or not s["data"]["first_task_classes"]:
-            raise ClaimError(f"claim {self.claim_name}: clip_sessions needs data.first_task_classes (the base session) "
-                             "and data.shots (images per new class). Fix: e.g. data: {first_task_classes: 4, shots: 5}.")
+            raise ClaimError(f"claim {self.claim_name}: clip_sessions needs data.first_task_classes (the base "
+                             "session) and data.shots (images per new class). Fix: e.g. data: {first_task_classes: 4, "
+                             "shots: 5}.")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         check_technique_specs(self.claim_name, arm, spec, {"techniques", "train"})
@@ -91,8 +103,7 @@ class CLIPSessionsProtocol(Protocol):
             runner = TaskSequenceRunner(module, data, build_techniques(spec), trainer, run_dir=run_dir, log=False)
             runner.run()
         sizes = [len(data.task_split("test", task)) for task in range(data.num_tasks)]
-        rows = runner.progress.rows["class_il"]
-        sessions = [sum(a * n for a, n in zip(row, sizes)) / sum(sizes[: len(row)]) for row in rows]
+        sessions = session_accuracies(runner.progress.rows["class_il"], sizes)
         return {**{f"session_{t}_acc": acc for t, acc in enumerate(sessions)},
                 "average_session_acc": sum(sessions) / len(sessions), "last_session_acc": sessions[-1],
                 **runner.scores()}
@@ -101,9 +112,9 @@ class CLIPSessionsProtocol(Protocol):
         s, data = self.settings, self.settings["data"]
         ways = (10 - data["first_task_classes"]) // (data["num_tasks"] - 1)
         return [f"Few-shot class-incremental sessions on the tiny CLIP (`reglab.continual.clip_claims`, protocol "
-                f"`clip_sessions`): the CLIP of `{s['pretrain_config']}` pretrained per seed for {s['pretrain_epochs']} "
-                f"epochs on that seed's split (domains {s['pretrain_domains']}); a base session of "
-                f"{data['first_task_classes']} digits with all their training images of {s['domains']}, then "
+                f"`clip_sessions`): the CLIP of `{s['pretrain_config']}` pretrained per seed for "
+                f"{s['pretrain_epochs']} epochs on that seed's split (domains {s['pretrain_domains']}); a base session "
+                f"of {data['first_task_classes']} digits with all their training images of {s['domains']}, then "
                 f"{data['num_tasks'] - 1} sessions of {ways} ways x {data['shots']} shots, {s['epochs']} epochs each "
                 f"(AdamW {s['lr']}, batches of {data['batch_size']}); class order drawn with the seed. "
                 "`session_<t>_acc`: zero-shot test accuracy over every class seen after session t; "

@@ -221,7 +221,8 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
         # evaluation outside Lightning's loops after a fit (the task runner's accuracy matrix)
         self._class_embeddings = None
 
-    on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = on_train_epoch_end = _forget_class_embeddings
+    on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = _forget_class_embeddings
+    on_train_epoch_end = _forget_class_embeddings
 
     def on_step_output(self, out: StepOutput, stage: str) -> None:
         if stage == "train":
