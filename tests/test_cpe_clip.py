@@ -18,6 +18,7 @@ from reglab.continual.clip_claims import session_accuracies
 from reglab.datamodules import CaptionedDigitsDataModule, TaskSequenceDataModule
 from reglab.tasks import CLIPModule
 from reglab.technique import TechniqueConfigError
+from test_clip import TINY_HF_CLIP
 
 QUIET = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
@@ -141,6 +142,9 @@ def test_bad_settings_are_refused_early(sessions):
         CPECLIP(regularization="freeze")
     with pytest.raises(TechniqueConfigError, match="prompt_length"):
         CPECLIP(prompt_length=0)
+    real_clip = CLIPModule("hf", num_classes=10, input_shape=(3, 8, 8), model_kwargs=TINY_HF_CLIP)
+    with pytest.raises(TechniqueConfigError, match="convolutional image tower"):  # a ViT: the official tokens
+        CPECLIP().setup(SimpleNamespace(datamodule=sessions), real_clip, "test")
     module = tiny_clip()
     module.hparams.objective = "contrastive"
     with pytest.raises(TechniqueConfigError, match="objective='classification'"):
