@@ -53,7 +53,6 @@ from torch import Tensor
 
 from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
                                      register_protocol)
-from reglab.checkpoints import pretrained_checkpoint_of
 from reglab.datamodules import (CaptionedDigitsDataModule, ClassSplitDataModule, DigitsDataModule,
                                 OpenWorldDigitsDataModule)
 from reglab.datamodules.base import DictDataModule, DictDataset
@@ -61,6 +60,7 @@ from reglab.datamodules.domains import DOMAINS
 from reglab.metrics import GroupAccuracy
 from reglab.mixins import StepOutput
 from reglab.tasks import ClassificationModule, CLIPModule
+from reglab.tasks.clip import seed_pretraining
 from reglab.technique import Technique, dataset_features
 
 TRAINER = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
@@ -354,17 +354,9 @@ class CLIPAdaptationProtocol(Protocol):
                              "adapt: probe.")
 
     def pretrained(self, seed: int) -> Path:
-        import yaml
-
         s = self.settings
-        source = Path(s["pretrain_config"])
-        config = yaml.safe_load(source.read_text())
-        config["seed_everything"] = seed
-        config["data"]["init_args"].update(seed=seed, split_seed=seed)
-        if s["pretrain_domains"] is not None:
-            config["data"]["init_args"]["domains"] = list(s["pretrain_domains"])
-        config["trainer"] = {**config.get("trainer", {}), "max_epochs": s["pretrain_epochs"], **s["pretrain_trainer"]}
-        return pretrained_checkpoint_of(config, f"{source.stem}-seed{seed}", s["cache_dir"])
+        return seed_pretraining(s["pretrain_config"], seed, s["pretrain_epochs"], s["pretrain_domains"],
+                                s["pretrain_trainer"], s["cache_dir"])
 
     def source(self, seed: int) -> CaptionedDigitsDataModule:
         """The captioned digits of ``domains`` on the seed's split (the pretraining's split)."""

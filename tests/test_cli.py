@@ -112,6 +112,7 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                     "unet_fusion_add.yaml": "scenes_freqfusion.yaml", "unet_dilated.yaml": "scenes_fadc.yaml",
                     "kalm_embedding_v2.yaml": "text_dense_retrieval.yaml", "prompt_tuning.yaml": "tiny_clip_prompt_tuning.yaml",
                     "ogen.yaml": "tiny_clip_prompt_tuning.yaml", "mmrl.yaml": "tiny_clip_prompt_tuning.yaml",
+                    "cpe_clip.yaml": "fewshot_captioned_digits_cpe_clip.yaml",
                     **{f"{t}.yaml": "digits_text_diffusion.yaml" for t in ("class_diffusion", "plain_personalization")},
                     **{f"{t}.yaml": "discovery_digits.yaml" for t in ("cr_kd", "lego_gcd")},
                     "tabular_ncd.yaml": "discovery_tabular_ncd.yaml"}
