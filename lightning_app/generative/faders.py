@@ -8,7 +8,9 @@ measured ``attributes`` (:class:`reglab.datamodules.MusicDataModule`):
   mean with the attribute: does the dimension move monotonically with it (the paper's claim);
 * ``slide_rho_<attribute>`` — sliding the fader from the 5th to the 95th percentile of its posterior means
   (``slide_steps`` values) with the other dimensions of ``slide_bases`` test samples' posterior means kept,
-  decoding, rounding the roll at 0.5 and measuring the attribute again: the Spearman correlation of fader
+  decoding (a Bernoulli draw of every cell, the same uniform draws along a slide: :func:`slides`; rounding at
+  0.5 would leave the MLP decoder's bars empty, whose cells are each unlikely where the exact onsets and
+  pitches of a bar are not recoverable from a few dimensions) and measuring the attribute again: the Spearman correlation of fader
   value and measured attribute, averaged over the bases (0 where the attribute does not change);
   ``slide_change_<attribute>`` the measured attribute at the top minus at the bottom of the slide;
 * ``*_mean`` the means over attributes; ``arousal_accuracy`` (a mixture-prior VAE) the accuracy of
@@ -67,13 +69,17 @@ def fader_choice(correlations: Tensor, faders: str, attribute_dims: Optional[Seq
 
 
 @torch.no_grad()
-def slides(module: nn.Module, means: Tensor, dim: int, values: Tensor) -> Tensor:
-    """``(len(values), N, P, T)`` rounded rolls decoded from ``(N, D)`` ``means`` with dimension ``dim`` set to
-    each of ``values``."""
+def slides(module: nn.Module, means: Tensor, dim: int, values: Tensor, seed: int = 0) -> Tensor:
+    """``(len(values), N, P, T)`` rolls decoded from ``(N, D)`` ``means`` with dimension ``dim`` set to each of
+    ``values``: Bernoulli draws of the decoder's cells from one seeded uniform per cell and base, the same for every
+    value (common random numbers), so that what changes along a slide is the decoder's output, not the noise."""
     z = means.unsqueeze(0).repeat(len(values), 1, 1)
     z[:, :, dim] = values.to(z).unsqueeze(1)
-    rolls = module.mean_output(z.flatten(0, 1)).float().round()
-    return rolls.view(len(values), len(means), *rolls.shape[-2:])
+    probabilities = module.mean_output(z.flatten(0, 1)).float()
+    probabilities = probabilities.view(len(values), len(means), *probabilities.shape[-2:])
+    generator = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(probabilities.shape[1:], generator=generator).to(probabilities.device)
+    return (uniform < probabilities).float()
 
 
 @torch.no_grad()
