@@ -113,7 +113,8 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                     "kalm_embedding_v2.yaml": "text_dense_retrieval.yaml", "prompt_tuning.yaml": "tiny_clip_prompt_tuning.yaml",
                     "ogen.yaml": "tiny_clip_prompt_tuning.yaml",
                     **{f"{t}.yaml": "digits_text_diffusion.yaml" for t in ("class_diffusion", "plain_personalization")},
-                    **{f"{t}.yaml": "discovery_digits.yaml" for t in ("cr_kd", "lego_gcd")}}
+                    **{f"{t}.yaml": "discovery_digits.yaml" for t in ("cr_kd", "lego_gcd")},
+                    "fadernets.yaml": "music_vae.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:

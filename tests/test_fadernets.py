@@ -189,3 +189,21 @@ def test_fader_measures_pick_and_slide_the_faders():
     # sliding z_0 from its 5th to 95th percentile adds notes on the beat and off it alike
     assert result["slide_rho_note_density"] == pytest.approx(1.0) and result["slide_change_note_density"] > 0
     assert "arousal_accuracy" not in result
+
+
+def test_a_fitted_gm_vae_samples_one_row_per_component_as_midi(one_thread, tmp_path):
+    from reglab import registry
+    from reglab.generative.sample import main as sample_main
+
+    module = VAEModule(input_shape=(1, 12, 16), latent_dim=3, hidden_dims=(8,), prior_components=2)
+    trainer = registry.example_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path,
+                                       callbacks=[FaderNets(labelled_fraction=0.5)])
+    trainer.fit(module, datamodule=MusicDataModule(num_samples=120, pitches=12, steps=16, max_notes=6, batch_size=16))
+    trainer.save_checkpoint(tmp_path / "fadernets.ckpt")
+    out = tmp_path / "samples"
+    sample_main(["--ckpt", str(tmp_path / "fadernets.ckpt"), "--model-class", "reglab.tasks.VAEModule", "--out",
+                 str(out), "--per-class", "2", "--midi", "--lowest-pitch", "48"])
+    saved = torch.load(out / "samples.pt", weights_only=True)
+    assert saved["labels"].tolist() == [0, 0, 1, 1] and saved["samples"].shape == (4, 1, 12, 16)
+    files = sorted((out / "midi").glob("*.mid"))
+    assert len(files) == 4 and all(48 <= note.pitch < 60 for path in files for note in midi_notes(path))
