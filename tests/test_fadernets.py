@@ -14,7 +14,7 @@ from reglab.callbacks.generative import FaderNets
 from reglab.callbacks.generative.fadernets import attribute_regularization
 from reglab.datamodules.music import (MusicDataModule, arousal, attributes, generate_rolls, note_density, onsets,
                                       pitch_range, rhythm_complexity)
-from reglab.generative.faders import fader_choice, fader_measures, rank_correlations
+from reglab.generative.faders import fader_choice, fader_measures, rank_correlations, slide_figure
 from reglab.generative.midi import midi_notes, roll_notes, roll_to_midi
 from reglab.tasks import VAEModule
 from reglab.tasks.vae import diagonal_kl, gaussian_kl, mixture_kl
@@ -189,6 +189,14 @@ def test_fader_measures_pick_and_slide_the_faders():
     # sliding z_0 from its 5th to 95th percentile adds notes on the beat and off it alike
     assert result["slide_rho_note_density"] == pytest.approx(1.0) and result["slide_change_note_density"] > 0
     assert "arousal_accuracy" not in result
+    # the figure's slide of the first bar spans the fader's range over all inputs: more notes bar after bar
+    figure, (joined,) = slide_figure(CountingFader(), inputs, [0], [1.0], slide_steps=5, names=("note_density",))
+    bars = joined.view(4, 5, 16).permute(1, 0, 2)
+    assert joined.shape == (4, 80) and note_density(bars).tolist() == sorted(note_density(bars).tolist())
+    assert float(note_density(bars[-1])) > float(note_density(bars[0]))
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
 
 
 def test_a_fitted_gm_vae_samples_one_row_per_component_as_midi(one_thread, tmp_path):

@@ -114,8 +114,9 @@ def fader_measures(module: nn.Module, inputs: Tensor, values: Tensor, targets: O
 
 def slide_figure(module: nn.Module, inputs: Tensor, dims: Sequence[int], signs: Sequence[float],
                  slide_steps: int = 9, names: Sequence[str] = ATTRIBUTES) -> tuple[Any, list[Tensor]]:
-    """A figure of each fader's slide of the first input (the decoded rolls side by side, bottom to top) and
-    each slide as one ``(P, steps · T)`` roll, for the MIDI files."""
+    """A figure of each fader's slide of the first input over the 5th-95th percentile of all ``inputs``'
+    posterior means (the decoded rolls side by side, the attribute's low end first) and each slide as one
+    ``(P, steps · T)`` roll, for the MIDI files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +167,7 @@ class AttributeControlProtocol(FitProtocol):
             means = cli.model.encode(test.inputs.to(cli.model.device))[0].detach().float().cpu()
             dims, signs = fader_choice(rank_correlations(means, test.extras["attributes"]), faders,
                                        self.settings["attribute_dims"])
-            figure, self.midi[arm] = slide_figure(cli.model, test.inputs[:1], dims, signs, self.settings["slide_steps"])
+            figure, self.midi[arm] = slide_figure(cli.model, test.inputs, dims, signs, self.settings["slide_steps"])
             self.drawn[arm] = {"slides": _png(figure, arm)}
         return {**metrics, **measures}
 
