@@ -215,3 +215,12 @@ def test_a_fitted_gm_vae_samples_one_row_per_component_as_midi(one_thread, tmp_p
     assert saved["labels"].tolist() == [0, 0, 1, 1] and saved["samples"].shape == (4, 1, 12, 16)
     files = sorted((out / "midi").glob("*.mid"))
     assert len(files) == 4 and all(48 <= note.pitch < 60 for path in files for note in midi_notes(path))
+
+
+@pytest.mark.parametrize("name", ["reglab.datamodules.music", "reglab.callbacks.generative.fadernets",
+                                  "reglab.generative.midi", "reglab.tasks.vae"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    assert doctest.testmod(importlib.import_module(name), verbose=False).failed == 0
