@@ -43,7 +43,7 @@ OPTIONAL = ("kind", "note", "build", "method_card", "harness")
 HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data", "backbone_kwargs")
 #: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
 HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "embedding", "text_retrieval",
-                "dense_text_retrieval", "captions", "diffusion", "discovery", "discovery_ncd", "text_diffusion")
+                "dense_text_retrieval", "captions", "diffusion", "discovery", "discovery_ncd", "text_diffusion", "music")
 #: the harness's generated recommendation data (~5 training steps per epoch at 256, like the digits)
 EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
 #: the harness's generated query–passage corpus (a step encodes every query's passages with a transformer):
@@ -254,7 +254,8 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     ``DiffusionModule`` with a tiny U-Net (channels 8, 16, no attention, 2 sampling steps, lr 1e-3); for
     ``data="text_diffusion"`` the same U-Net text-conditional with cross-attention (personalization techniques);
     for ``data="discovery"`` (and ``"discovery_ncd"``) a ``DiscoveryModule`` on the same MLP (5 known of 10
-    classes, a 32-32-16 projection head, lr 1e-2)."""
+    classes, a 32-32-16 projection head, lr 1e-2); for ``data="music"`` a ``VAEModule`` on the piano-roll bars (latent 4, one hidden
+    layer of 32, a two-component mixture prior: for fader techniques)."""
     import lightning as L
 
     from reglab.tasks import ClassificationModule, EmbeddingModule, TwoTowerModule
@@ -275,6 +276,10 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
         return DiffusionModule(input_shape=(1, 8, 8), num_classes=10, block_out_channels=(8, 16), norm_num_groups=4,
                                attention_head_dim=4, attention=text, conditioning="text" if text else "class",
                                sample_steps=2, lr=1e-3)
+    if data == "music":
+        from reglab.tasks import VAEModule
+
+        return VAEModule(input_shape=(1, 24, 32), latent_dim=4, hidden_dims=(32,), beta=0.2, prior_components=2)
     if data == "captions":
         from reglab.tasks import CLIPModule
 
@@ -315,7 +320,8 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     upright digits with captions and class prompts (for prompt-learning techniques on a CLIP); ``data="diffusion"``
     the clean digits as images (1x8x8, for techniques on a diffusion model; ``"text_diffusion"`` the same);
     ``data="discovery"`` the flat digits as a GCD split (0-4 known, half labelled; unbalanced batches, ~5 steps per epoch at 256, for discovery
-    techniques; ``"discovery_ncd"`` the same as an NCD split, the pool of 5-9 only)."""
+    techniques; ``"discovery_ncd"`` the same as an NCD split, the pool of 5-9 only); ``data="music"`` generated piano-roll bars with their
+    attributes and arousal (1,600 bars, ~5 steps per epoch at 256, for fader techniques on a VAE)."""
     from reglab.datamodules import (DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule,
                                     TextRetrievalDataModule)
 
@@ -339,6 +345,10 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
         return DiscoveryDataModule("digits", flatten=True, mode=mode, balance_batches=False, batch_size=batch_size)
     if data in ("diffusion", "text_diffusion"):
         return DigitsDataModule(batch_size=batch_size)
+    if data == "music":
+        from reglab.datamodules import MusicDataModule
+
+        return MusicDataModule(num_samples=1600, batch_size=batch_size)
     if data == "captions":
         from reglab.datamodules import CaptionedDigitsDataModule
 
