@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional import spearman_corrcoef
 
-from reglab.bench.fit import FitProtocol, _png
+from reglab.bench.fit import FitProtocol, figure_png
 from reglab.bench.protocols import ClaimError, register_protocol
 from reglab.datamodules.music import ATTRIBUTES, attributes as measured_attributes
 
@@ -168,7 +168,7 @@ class AttributeControlProtocol(FitProtocol):
             dims, signs = fader_choice(rank_correlations(means, test.extras["attributes"]), faders,
                                        self.settings["attribute_dims"])
             figure, self.midi[arm] = slide_figure(cli.model, test.inputs, dims, signs, self.settings["slide_steps"])
-            self.drawn[arm] = {"slides": _png(figure, arm)}
+            self.drawn[arm] = {"slides": figure_png(figure, arm)}
         return {**metrics, **measures}
 
     def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
