@@ -22,6 +22,8 @@ _MODULES = {
     "cifar": ["CIFARDataModule"],
     "class_split": ["ClassSplitDataModule"],
     "digits": ["DigitsDataModule"],
+    "anomaly_scenes": ["ANOMALY_KINDS", "AnomalyScenesDataModule", "add_noise", "changed_pixels", "cut_out", "paste_patch",
+                       "synthesize_anomaly"],
     "discovery": ["DiscoveryDataModule"],
     "domains": [
         "DOMAINS", "DomainBalancedSampler", "DomainDigitsDataModule", "PALETTE", "RotatedDigitsDataModule", "label_colours",
