@@ -209,9 +209,12 @@ class AnomalyScenesDataModule(DictDataModule):
         self.train_dataset, self.val_dataset, self.test_dataset = datasets["train"], datasets["val"], datasets["test"]
 
     def _scenes(self, digits: Tensor, labels: Tensor, digit: int, count: int, seed: int) -> np.ndarray:
+        """``count`` scenes of ``digit`` only (the pool cut to that class: the generator prepares every digit it is given)."""
         weights = torch.zeros(NUM_DIGITS)
         weights[digit] = 1.0
-        return make_digit_scenes(digits, labels, count, class_weights=weights, seed=seed, **self.layout).images[:, 0].numpy()
+        own = labels == digit
+        return make_digit_scenes(digits[own], labels[own], count, class_weights=weights, seed=seed,
+                                 **self.layout).images[:, 0].numpy()
 
     def _split(self, split: str, digits: Tensor, labels: Tensor, offset: int) -> DictDataset:
         classes, count = self.classes[split], self.num_scenes[split]
@@ -229,9 +232,9 @@ class AnomalyScenesDataModule(DictDataModule):
             members = np.flatnonzero(scene_class == digit)
             if len(members) == 0:
                 continue
-            seed = 1000 * (self.seed * 3 + offset) + digit
-            queries = self._scenes(digits, labels, digit, len(members), seed)
-            bank = self._scenes(digits, labels, digit, bank_size, seed + 100)
+            seed = 10 * (self.seed * 3 + offset) + digit
+            drawn = self._scenes(digits, labels, digit, len(members) + bank_size, seed)
+            queries, bank = drawn[: len(members)], drawn[len(members) :]
             foreign_pool = (labels != digit).nonzero().flatten().numpy()
             for query, position in zip(queries, members):
                 chosen = rng.choice(bank_size, self.shots, replace=False) if split == "train" else np.arange(self.shots)

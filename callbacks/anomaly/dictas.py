@@ -187,6 +187,8 @@ class DictAS(Technique):
     """
 
     name = "dictas"
+    #: both install the module's one lookup
+    conflicts_with = ("NearestNeighbourAnomaly",)
 
     def __init__(self, cqc_weight: float = 0.1, heads: int = 4, dropout: float = 0.1) -> None:
         if cqc_weight < 0 or heads < 1 or not 0 <= dropout < 1:

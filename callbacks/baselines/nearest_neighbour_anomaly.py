@@ -61,6 +61,8 @@ class NearestNeighbourAnomaly(Technique):
     """
 
     name = "nearest_neighbour_anomaly"
+    #: both install the module's one lookup
+    conflicts_with = ("DictAS",)
 
     def install(self, module: L.LightningModule) -> None:
         if not callable(getattr(module, "install_lookup", None)):

@@ -51,6 +51,13 @@ def patch_mask(target: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(target[:, None].float(), size=tuple(size), mode="bilinear", align_corners=True)[:, 0] > 0.5
 
 
+def _resized(features: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear up to a finer grid, mean-pooled down to a coarser one."""
+    if features.shape[-1] > size[-1]:
+        return F.adaptive_avg_pool2d(features, size)
+    return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
     """Few-shot anomaly segmentation over frozen patch features (see the module docstring).
 
@@ -59,8 +66,8 @@ class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
     :class:`~reglab.datamodules.AnomalyScenesDataModule` gives them. Patch features are the
     backbone's encoder levels ``layers`` (a dense backbone with ``down`` blocks and ``pool``, the
     tiny U-Net), each L2-normalised over channels, the coarser ones upsampled to the finest
-    chosen level's grid and concatenated (PatchCore's layer 2 + 3 features, without its random
-    projection). For each ``pooling`` kernel (DictAS's ``scale_list`` [1, 3]: a ``k``×``k`` mean of
+    chosen level's grid (or ``grid``) and concatenated (PatchCore's layer 2 + 3 features, without its
+    random projection). For each ``pooling`` kernel (DictAS's ``scale_list`` [1, 3]: a ``k``×``k`` mean of
     the neighbourhood, zero-padded), the query's patches are looked up in its references' patches
     of that scale; the anomaly map is the mean of the scales' patch scores, upsampled bilinearly to
     the image. The backbone stays frozen and in eval mode: only the lookup trains.
@@ -80,6 +87,8 @@ class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
             a ``PretrainedWeights`` callback with ``prefixes: [backbone]`` loads a pretrained one
             (e.g. the segmentation U-Net of ``configs/experiment/clean_scenes.yaml``).
         layers: encoder levels whose features are the patches (0 is the first, full resolution).
+        grid: side of the patch grid (``None``: the finest chosen level's); a finer level is mean-pooled
+            to it, a coarser one upsampled. The lookup's cost grows with the square of the patch count.
         pooling: neighbourhood sizes (odd), one lookup per size.
         lr, betas: the Adam optimizer of the lookup (DictAS's code: 1e-4, betas (0.5, 0.999)).
 
@@ -101,6 +110,7 @@ class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
         backbone: str = "unet",
         backbone_kwargs: dict[str, Any] | None = None,
         layers: Sequence[int] = (1, 2),
+        grid: int | None = None,
         pooling: Sequence[int] = (1, 3),
         lr: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),
@@ -118,7 +128,7 @@ class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
             raise ValueError(f"AnomalySegmentationModule: backbone {backbone!r} has no encoder levels {list(layers)}."
                              " Fix: use the 'unet' backbone and levels below its number of channel widths.")
         self.backbone.requires_grad_(False)
-        self.layers, self.pooling = sorted(layers), tuple(pooling)
+        self.layers, self.grid, self.pooling = sorted(layers), grid, tuple(pooling)
         with torch.no_grad():
             self.feature_dim = self.patch_features(torch.zeros(1, *input_shape)).shape[1]
         self.lookup: nn.Module | None = None
@@ -144,14 +154,14 @@ class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
         return self
 
     def patch_features(self, x: Tensor) -> Tensor:
-        """``(N, C, h, w)``: the chosen encoder levels, normalised, on the finest chosen level's grid."""
+        """``(N, C, h, w)``: the chosen encoder levels, normalised, on one grid (``grid``, or the finest level's)."""
         levels, features = [], x
         for i, block in enumerate(self.backbone.down[: self.layers[-1] + 1]):
             features = block(features if i == 0 else self.backbone.pool(features))
             if i in self.layers:
                 levels.append(F.normalize(features.float(), dim=1))
-        size = levels[0].shape[-2:]
-        return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in levels], dim=1)
+        size = levels[0].shape[-2:] if self.grid is None else (self.grid, self.grid)
+        return torch.cat([_resized(f, size) for f in levels], dim=1)
 
     def forward_step(self, batch: dict[str, Any]) -> StepOutput:
         query, reference = batch["input"], batch["reference"]
