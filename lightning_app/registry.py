@@ -257,7 +257,7 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     ``data="text_diffusion"`` the same U-Net text-conditional with cross-attention (personalization techniques);
     for ``data="discovery"`` a ``DiscoveryModule`` on the same MLP (5 known of 10 classes, a 32-32-16 projection
     head, lr 1e-2); for ``data="anomaly"`` an ``AnomalySegmentationModule`` on a random frozen U-Net (channels 8,
-    16, 32; lr 1e-3) whose lookup the technique installs."""
+    16, 32; lr 1e-3; its own lookup is the parameter-free nearest patch, which a technique replaces)."""
     import lightning as L
 
     from reglab.tasks import ClassificationModule, EmbeddingModule, TwoTowerModule

@@ -101,7 +101,7 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
 #: FPGM's consistency reads unlabelled images, which only the shifted scenes have; the domain-generalization
 #: techniques need batches that carry `domain`; a segmentation model file overrides its segmentation experiment
 #: (the dense-module claims' baselines); personalization tunes a text-conditional diffusion model; the discovery
-#: techniques read a DiscoveryModule's views and classifier.
+#: techniques read a DiscoveryModule's views and classifier; DictAS replaces the anomaly module's lookup.
 NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml",
                     "tcm.yaml": "digits_retrieval.yaml", "ecaml.yaml": "digits_retrieval.yaml",
                     "t_jepa.yaml": "tabular_t_jepa.yaml", "text_dropout.yaml": "hinted_digits_retrieval.yaml",
@@ -113,7 +113,8 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                     "kalm_embedding_v2.yaml": "text_dense_retrieval.yaml", "prompt_tuning.yaml": "tiny_clip_prompt_tuning.yaml",
                     "ogen.yaml": "tiny_clip_prompt_tuning.yaml",
                     **{f"{t}.yaml": "digits_text_diffusion.yaml" for t in ("class_diffusion", "plain_personalization")},
-                    **{f"{t}.yaml": "discovery_digits.yaml" for t in ("cr_kd", "lego_gcd")}}
+                    **{f"{t}.yaml": "discovery_digits.yaml" for t in ("cr_kd", "lego_gcd")},
+                    "dictas.yaml": "anomaly_scenes.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:

@@ -1,5 +1,6 @@
-"""DictAS (paper 19), its nearest-neighbour baseline, the anomaly scenes and the anomaly module: the maths
-against hand-computed cases (the shared harness covers accumulation, resume, bf16 and stacking)."""
+"""DictAS (paper 19), the anomaly scenes and the anomaly module with its nearest-neighbour lookup (the
+baseline): the maths against hand-computed cases (the shared harness covers accumulation, resume, bf16 and
+stacking)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import pytest
 import torch
 
 from reglab.callbacks.anomaly.dictas import DictAS, DictionaryLookup, contrastive_query_constraint, sparsemax
-from reglab.callbacks.baselines.nearest_neighbour_anomaly import NearestNeighbourAnomaly, NearestPatchLookup
 from reglab.datamodules.anomaly_scenes import (AnomalyScenesDataModule, add_noise, changed_pixels, cut_out, paste_patch,
                                                synthesize_anomaly)
-from reglab.tasks.anomaly import AnomalySegmentationModule, normal_patch_loss, patch_mask, patch_scores
+from reglab.tasks.anomaly import AnomalySegmentationModule, NearestPatchLookup, normal_patch_loss, patch_mask, patch_scores
 from reglab.technique import TechniqueConfigError
 
 # -- anomaly synthesis -------------------------------------------------------------------------------------
@@ -111,7 +111,8 @@ def test_sparsemax_and_its_jacobian_by_hand():
 
 def test_nearest_lookup_rebuilds_a_query_found_among_the_references():
     module = AnomalySegmentationModule(input_shape=(1, 32, 32), grid=8)
-    module.install_lookup(NearestPatchLookup())
+    assert isinstance(module.lookup, NearestPatchLookup) and not module.trains_anything()
+    assert module.configure_optimizers() is None
     query = torch.rand(1, 1, 32, 32)
     batch = {"input": query, "reference": torch.stack([torch.rand(1, 1, 32, 32), query], 1),
              "target": torch.zeros(1, 32, 32, dtype=torch.long)}
@@ -136,19 +137,20 @@ def test_dictas_trains_only_its_lookup_and_restores_from_a_checkpoint():
     checkpoint = {"state_dict": module.state_dict()}
     technique.on_save_checkpoint(None, module, checkpoint)
     bare = AnomalySegmentationModule(input_shape=(1, 32, 32), backbone_kwargs={"channels": [8, 16, 32]}, grid=4)
+    rng = torch.get_rng_state()
     bare.on_load_checkpoint(checkpoint)
+    assert torch.equal(torch.get_rng_state(), rng)  # a resumed run's restored RNG stream is left as it was
     bare.load_state_dict(checkpoint["state_dict"])
     assert isinstance(bare.lookup, DictionaryLookup)
     assert torch.equal(bare.lookup.key_generator.q.weight, module.lookup.key_generator.q.weight)
 
 
-def test_module_without_lookup_and_technique_on_another_module_fail_clearly():
-    module = AnomalySegmentationModule(input_shape=(1, 32, 32))
-    with pytest.raises(ValueError, match="no dictionary lookup"):
-        module.setup("fit")
+def test_bad_settings_and_another_module_fail_clearly():
     from reglab.tasks import SegmentationModule
 
     with pytest.raises(TechniqueConfigError, match="AnomalySegmentationModule"):
-        NearestNeighbourAnomaly().install(SegmentationModule(num_classes=11, input_shape=(1, 32, 32)))
+        DictAS().install(SegmentationModule(num_classes=11, input_shape=(1, 32, 32)))
     with pytest.raises(TechniqueConfigError, match="divisible"):
-        DictAS(heads=5).install(module)
+        DictAS(heads=5).install(AnomalySegmentationModule(input_shape=(1, 32, 32)))
+    with pytest.raises(ValueError, match="pooling"):
+        AnomalySegmentationModule(input_shape=(1, 32, 32), pooling=[2])

@@ -162,15 +162,20 @@ class DictionaryLookup(nn.Module):
 
 
 def install_dictas_lookup(module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Restore hook: a bare anomaly module loading a DictAS checkpoint gets its lookup (to load into) first."""
-    module.install_lookup(DictionaryLookup(module.feature_dim, **checkpoint[STATE_KEY]))
+    """Restore hook: a bare anomaly module loading a DictAS checkpoint gets its lookup (to load into) first.
+
+    A resumed fit already has it (the technique's ``setup``); a new one is initialised off the global
+    RNG, which the checkpoint has just restored (the weights it draws are overwritten anyway)."""
+    if not isinstance(module.lookup, DictionaryLookup):
+        with torch.random.fork_rng(devices=[]):
+            module.install_lookup(DictionaryLookup(module.feature_dim, **checkpoint[STATE_KEY]))
 
 
 class DictAS(Technique):
     """DictAS's learned dictionary lookup and its contrastive query constraint (see the module docstring).
 
-    Installs a :class:`DictionaryLookup` into an :class:`~reglab.tasks.AnomalySegmentationModule`
-    (whose task loss is the query loss on normal patches) and adds ``cqc_weight`` times
+    Installs a :class:`DictionaryLookup` into an :class:`~reglab.tasks.AnomalySegmentationModule` in
+    place of its nearest-patch lookup ; the module's task loss is the query loss on normal patches) and adds ``cqc_weight`` times
     :func:`contrastive_query_constraint` (logged as ``train/dictas/cqc``).
 
     Args:
@@ -187,8 +192,6 @@ class DictAS(Technique):
     """
 
     name = "dictas"
-    #: both install the module's one lookup
-    conflicts_with = ("NearestNeighbourAnomaly",)
 
     def __init__(self, cqc_weight: float = 0.1, heads: int = 4, dropout: float = 0.1) -> None:
         if cqc_weight < 0 or heads < 1 or not 0 <= dropout < 1:

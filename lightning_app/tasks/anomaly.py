@@ -1,11 +1,18 @@
 """Few-shot anomaly segmentation: a query's patches looked up in a dictionary of normal reference patches.
 
 The score of a patch is how badly the dictionary reconstructs it: ``(1 - cos(q, r)) / 2`` between
-the query patch ``q`` and what the lookup retrieves for it, ``r`` (DictAS's anomaly map; with the
-nearest reference patch as ``r`` it is PatchCore's nearest-neighbour distance in cosine form).
-The lookup is installed by a technique (:meth:`AnomalySegmentationModule.install_lookup`): the
-nearest-neighbour baseline or DictAS's learned sparse lookup. The module owns what every lookup
-shares: the frozen patch features, the multi-scale maps, the loss on normal patches and the metrics.
+the query patch ``q`` and what the lookup retrieves for it, ``r`` (DictAS's anomaly map). The
+module's own lookup, :class:`NearestPatchLookup`, retrieves the nearest reference patch, so its
+score is PatchCore's nearest-neighbour distance in cosine form: the plain module is the
+training-free baseline. A technique replaces the lookup (:meth:`AnomalySegmentationModule.install_lookup`:
+DictAS's learned sparse lookup); the module owns what every lookup shares: the frozen patch
+features, the multi-scale maps, the loss on normal patches and the metrics.
+
+What the baseline keeps of PatchCore (Roth et al., CVPR 2022): mid-level features of a frozen
+pretrained network, a local 3×3 neighbourhood mean, the nearest neighbour in the whole memory of
+the class's few normal images. What not: the coreset subsampling (the memory is a few hundred
+patches here, all kept), the random projection and the Euclidean distance (cosine on normalised
+features, the score DictAS reports its maps in), the re-weighting of the image score.
 """
 
 from __future__ import annotations
@@ -58,6 +65,21 @@ def _resized(features: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+class NearestPatchLookup(nn.Module):
+    """``(query (N, L, C), dictionary (N, M, C)) -> (N, L, C)``: each query row's most cosine-similar
+    dictionary row (a hard, one-hot lookup; no parameters).
+
+    Example:
+        >>> NearestPatchLookup()(torch.tensor([[[1.0, 0.1]]]), torch.tensor([[[0.0, 1.0], [3.0, 0.0]]]))
+        tensor([[[3., 0.]]])
+    """
+
+    def forward(self, query: Tensor, dictionary: Tensor) -> Tensor:
+        similarity = F.normalize(query.float(), dim=-1) @ F.normalize(dictionary.float(), dim=-1).transpose(1, 2)
+        nearest = similarity.argmax(-1)
+        return torch.gather(dictionary, 1, nearest[..., None].expand(-1, -1, dictionary.shape[-1]))
+
+
 class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
     """Few-shot anomaly segmentation over frozen patch features (see the module docstring).
 
@@ -70,13 +92,16 @@ class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
     random projection). For each ``pooling`` kernel (DictAS's ``scale_list`` [1, 3]: a ``k``×``k`` mean of
     the neighbourhood, zero-padded), the query's patches are looked up in its references' patches
     of that scale; the anomaly map is the mean of the scales' patch scores, upsampled bilinearly to
-    the image. The backbone stays frozen and in eval mode: only the lookup trains.
+    the image. The backbone stays frozen and in eval mode: only the lookup trains. The module's own
+    lookup is :class:`NearestPatchLookup` (no parameters, the nearest-neighbour baseline);
+    DictAS installs a learned one.
 
     :meth:`forward_step` gives ``logits`` = the anomaly map ``(N, 1, H, W)``, ``target`` the mask,
     ``extras["patch_scores"]`` (a list over scales of ``(N, h, w)``) and
     ``extras["patch_anomalous"]`` ``(N, h, w)`` bool (the mask on the patch grid); :meth:`task_loss`
-    is :func:`normal_patch_loss` summed over the scales (the official query loss). A lookup
-    without parameters (nearest neighbour) trains nothing: the fit then skips its steps.
+    is :func:`normal_patch_loss` summed over the scales (the official query loss). With a lookup
+    without parameters (the nearest neighbour) nothing trains: the fit then skips its steps (no
+    optimizer, ``training_step`` gives ``None``), so ``reglab fit`` runs the baseline too.
 
     Logs ``val/pixel_auroc``, ``test/pixel_auroc`` (torchmetrics' ``BinaryAUROC`` over every pixel of
     the split) and ``test/image_auroc`` (of each image's maximum score, against ``anomalous``).
@@ -93,9 +118,7 @@ class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
         lr, betas: the Adam optimizer of the lookup (DictAS's code: 1e-4, betas (0.5, 0.999)).
 
     Example:
-        >>> from reglab.callbacks.baselines.nearest_neighbour_anomaly import NearestPatchLookup
         >>> module = AnomalySegmentationModule(input_shape=(1, 32, 32))
-        >>> module.install_lookup(NearestPatchLookup())
         >>> batch = {"input": torch.rand(2, 1, 32, 32), "reference": torch.rand(2, 3, 1, 32, 32),
         ...          "target": torch.zeros(2, 32, 32, dtype=torch.long)}
         >>> tuple(module.forward_step(batch).logits.shape), module.feature_dim
@@ -131,22 +154,14 @@ class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
         self.layers, self.grid, self.pooling = sorted(layers), grid, tuple(pooling)
         with torch.no_grad():
             self.feature_dim = self.patch_features(torch.zeros(1, *input_shape)).shape[1]
-        self.lookup: nn.Module | None = None
+        self.lookup: nn.Module = NearestPatchLookup()
         self.pixel_auroc = nn.ModuleDict({"val": BinaryAUROC(), "test": BinaryAUROC()})
         self.image_auroc = BinaryAUROC()
 
     def install_lookup(self, lookup: nn.Module) -> None:
         """Make ``lookup(query (N, L, C), dictionary (N, M, C)) -> (N, L, C)`` this module's dictionary
-        lookup (a technique calls it in ``setup``, before the optimizer is built)."""
+        lookup in place of the nearest patch (a technique calls it in ``setup``, before the optimizer is built)."""
         self.lookup = lookup.to(self.device)
-
-    def setup(self, stage: str) -> None:
-        if self.lookup is None:
-            raise ValueError(
-                "AnomalySegmentationModule: no dictionary lookup is installed, so there is nothing to score patches"
-                " with. Fix: add a technique that installs one: configs/technique/nearest_neighbour_anomaly.yaml"
-                " (no training) or configs/technique/dictas.yaml."
-            )
 
     def train(self, mode: bool = True) -> AnomalySegmentationModule:
         super().train(mode)
