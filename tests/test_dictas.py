@@ -4,6 +4,9 @@ stacking)."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +157,8 @@ def test_bad_settings_and_another_module_fail_clearly():
         DictAS(heads=5).install(AnomalySegmentationModule(input_shape=(1, 32, 32)))
     with pytest.raises(ValueError, match="pooling"):
         AnomalySegmentationModule(input_shape=(1, 32, 32), pooling=[2])
+
+
+@pytest.mark.parametrize("name", ["reglab.tasks.anomaly", "reglab.callbacks.anomaly.dictas", "reglab.datamodules.anomaly_scenes"])
+def test_docstring_examples_run(name):
+    assert doctest.testmod(importlib.import_module(name), verbose=False).failed == 0

@@ -226,3 +226,43 @@ class AnomalySegmentationModule(RegularizedMixin, L.LightningModule):
         if not trainable:
             return None
         return torch.optim.Adam(trainable, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
+
+def anomaly_grid(model: AnomalySegmentationModule, datamodule: L.LightningDataModule, num_images: int = 6) -> Any:
+    """A matplotlib figure of the first ``num_images`` anomalous test queries: per column the query, its
+    first reference, the true mask and ``model``'s anomaly map (one colour scale, [0, max over the shown
+    maps]). The ``fit`` claims protocol draws it per arm when a claim names it in ``figures``.
+
+    Example:
+        >>> from reglab.datamodules import AnomalyScenesDataModule
+        >>> data = AnomalyScenesDataModule(num_train=4, num_val=2, num_test=8, shots=2, train_bank=2)
+        >>> data.setup()
+        >>> figure = anomaly_grid(AnomalySegmentationModule(input_shape=(1, 32, 32)), data, 2)
+        >>> len(figure.axes)
+        8
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = datamodule.test_dataset
+    chosen = test.extras["anomalous"].nonzero().flatten()[:num_images]
+    batch = {"input": test.inputs[chosen], "reference": test.extras["reference"][chosen], "target": test.targets[chosen]}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        maps = model.forward_step({k: v.to(model.device) for k, v in batch.items()}).logits[:, 0].float().cpu()
+    model.train(was_training)
+    shown = {"query": batch["input"][:, 0], "reference": batch["reference"][:, 0, 0], "mask": batch["target"].float(),
+             "anomaly map": maps}
+    figure, axes = plt.subplots(len(shown), len(chosen), figsize=(1.4 * len(chosen), 6.0), squeeze=False)
+    for row, (name, images) in zip(axes, shown.items()):
+        row[0].set_ylabel(name)
+        top = float(maps.max()) if name == "anomaly map" else 1.0
+        for ax, image in zip(row, images):
+            ax.imshow(image.numpy(), cmap="magma" if name == "anomaly map" else "gray", vmin=0.0, vmax=max(top, 1e-6))
+            ax.set_xticks([])
+            ax.set_yticks([])
+    figure.tight_layout(rect=(0, 0, 1, 0.93))
+    return figure
