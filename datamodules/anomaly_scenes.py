@@ -5,7 +5,9 @@ segmentation scenes of :func:`reglab.datamodules.make_digit_scenes` with all cla
 ``c``). A query is a scene of class ``c``, anomalous with probability ``anomaly_rate``: one
 anomaly of a uniformly drawn kind is synthesized on it. Its references are ``shots`` *normal*
 scenes of the same class (other scenes, other handwriting, other places): the few normal images
-a few-shot anomaly segmenter gets as its visual prompt (DictAS's dictionary).
+a few-shot anomaly segmenter gets as its visual prompt (DictAS's dictionary). Queries and references
+are drawn from disjoint halves of the class's digit images, so a reference holds other instances of
+the class (other objects, as MVTec's normal images are), never the query's own digits elsewhere.
 
 Anomaly kinds (pure functions, numpy, tested against hand-built cases):
 
@@ -208,13 +210,12 @@ class AnomalyScenesDataModule(DictDataModule):
         datasets = {split: self._split(split, pool.inputs, pool.targets, offset) for offset, (split, pool) in enumerate(splits)}
         self.train_dataset, self.val_dataset, self.test_dataset = datasets["train"], datasets["val"], datasets["test"]
 
-    def _scenes(self, digits: Tensor, labels: Tensor, digit: int, count: int, seed: int) -> np.ndarray:
-        """``count`` scenes of ``digit`` only (the pool cut to that class: the generator prepares every digit it is given)."""
+    def _scenes(self, digits: Tensor, digit: int, count: int, seed: int) -> np.ndarray:
+        """``count`` scenes of ``digits``, all of class ``digit``."""
         weights = torch.zeros(NUM_DIGITS)
         weights[digit] = 1.0
-        own = labels == digit
-        return make_digit_scenes(digits[own], labels[own], count, class_weights=weights, seed=seed,
-                                 **self.layout).images[:, 0].numpy()
+        labels = torch.full((len(digits),), digit)
+        return make_digit_scenes(digits, labels, count, class_weights=weights, seed=seed, **self.layout).images[:, 0].numpy()
 
     def _split(self, split: str, digits: Tensor, labels: Tensor, offset: int) -> DictDataset:
         classes, count = self.classes[split], self.num_scenes[split]
@@ -233,8 +234,14 @@ class AnomalyScenesDataModule(DictDataModule):
             if len(members) == 0:
                 continue
             seed = 10 * (self.seed * 3 + offset) + digit
-            drawn = self._scenes(digits, labels, digit, len(members) + bank_size, seed)
-            queries, bank = drawn[: len(members)], drawn[len(members) :]
+            # queries and references from disjoint halves of the class's digit images: a reference shows
+            # other instances of the class, never the query's own handwriting at another place (the pools are
+            # small, ~45 images per class in the test pool, so shared images would be copies of query patches)
+            images_of_class = (labels == digit).nonzero().flatten()
+            own = digits[images_of_class[torch.randperm(len(images_of_class), generator=torch.Generator().manual_seed(seed))]]
+            half = len(own) // 2
+            queries = self._scenes(own[:half], digit, len(members), seed)
+            bank = self._scenes(own[half:], digit, bank_size, seed + 1000)
             foreign_pool = (labels != digit).nonzero().flatten().numpy()
             for query, position in zip(queries, members):
                 chosen = rng.choice(bank_size, self.shots, replace=False) if split == "train" else np.arange(self.shots)
