@@ -16,7 +16,8 @@ Anomaly kinds (pure functions, numpy, tested against hand-built cases):
   foreign texture through a Perlin mask; here the foreign content is another class's strokes).
 * ``noise`` — :func:`add_noise`: Gaussian noise of std ``noise_std`` on a square, clipped to [0, 1].
 * ``cutout`` — :func:`cut_out`: a square set to background, centred on a digit pixel (a cut-out
-  of empty background would change nothing).
+  of empty background would change nothing), at most half a digit's side (a whole digit cut away
+  would leave a normal-looking scene with one digit fewer).
 
 The pixel mask is :func:`changed_pixels`: the pixels the anomaly changed by more than
 ``min_change`` — one rule for every kind, so an anomaly that changes nothing (foreign
@@ -89,11 +90,14 @@ def synthesize_anomaly(
     """One anomaly of ``kind`` on ``image`` ``(H, W)``: ``(anomalous image, bool mask)``.
 
     The square's side is uniform in ``[min_size, max_size]``; ``foreign`` is the (upscaled) foreign
-    digit a ``paste`` crops from (a random ``side``×``side`` crop of it).
+    digit a ``paste`` crops from (a random ``side``×``side`` crop of it). A ``cutout`` is at most half
+    the digit's side (``foreign``'s): a cut that removed a whole digit would leave a normal-looking scene
+    with one digit fewer, its mask on what looks like background.
     """
     height, width = image.shape
     side = int(rng.integers(min_size, max_size + 1))
     if kind == "cutout":
+        side = min(side, foreign.shape[0] // 2)
         ys, xs = np.nonzero(image > 0.5)
         pick = int(rng.integers(len(ys))) if len(ys) else None
         y, x = (height // 2, width // 2) if pick is None else (int(ys[pick]), int(xs[pick]))

@@ -37,11 +37,14 @@ def test_paste_noise_cutout_change_exactly_their_square():
 
 def test_cutout_removes_digit_pixels_and_its_mask_is_what_changed():
     image = np.zeros((8, 8), np.float32)
-    image[3:5, 3:5] = 1.0
+    image[2:6, 2:6] = 1.0  # a digit as wide as the foreign digit below (4 pixels)
     rng = np.random.default_rng(0)
     after, mask = synthesize_anomaly(image, "cutout", np.zeros((4, 4), np.float32), rng, 2, 2, 0.5, 0.1)
     assert mask.sum() > 0 and (image[mask] == 1.0).all() and (after[mask] == 0.0).all()
     np.testing.assert_array_equal(mask, np.abs(after - image) > 0.1)
+    # an 8-pixel cut with 4-pixel digits is capped at 2 pixels: the digit never vanishes whole
+    after, mask = synthesize_anomaly(image, "cutout", np.zeros((4, 4), np.float32), rng, 8, 8, 0.5, 0.1)
+    assert 0 < mask.sum() <= 4 and after.sum() >= 12
 
 
 def test_paste_of_background_onto_background_is_no_anomaly():
