@@ -15,6 +15,6 @@ from reglab.tasks.sparse_retrieval import SparseRetrievalModule
 from reglab.tasks.two_tower import TwoTowerModule
 from reglab.tasks.vae import VAEModule
 
-__all__ = ["AnomalySegmentationModule", "CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiffusionModule", "DiscoveryModule",
-           "EmbeddingModule", "LanguageModelModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule",
+__all__ = ["AnomalySegmentationModule", "CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiffusionModule",
+           "DiscoveryModule", "EmbeddingModule", "LanguageModelModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule",
            "SparseRetrievalModule", "TwoTowerModule", "VAEModule"]
