@@ -3,7 +3,8 @@
 Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataModule`,
 :class:`SyntheticDataModule`, query–item interactions for retrieval: :class:`RecommendationDataModule`, a generated
 query–passage retrieval corpus: :class:`TextRetrievalDataModule`, segmentation scenes of digits with noisy masks:
-:class:`DigitScenesDataModule`, :class:`MaskNoise`; metric learning's open-world split of the digits:
+:class:`DigitScenesDataModule`, :class:`MaskNoise`; few-shot anomaly segmentation on them, with normal references
+and synthesized anomalies: :class:`AnomalyScenesDataModule`; metric learning's open-world split of the digits:
 :class:`OpenWorldDigitsDataModule`; digits with generated captions for image–text pretraining:
 :class:`CaptionedDigitsDataModule`; generated piano-roll bars with measured musical attributes:
 :class:`MusicDataModule`); :class:`CIFARDataModule` and
@@ -23,6 +24,8 @@ _MODULES = {
     "cifar": ["CIFARDataModule"],
     "class_split": ["ClassSplitDataModule"],
     "digits": ["DigitsDataModule"],
+    "anomaly_scenes": ["ANOMALY_KINDS", "AnomalyScenesDataModule", "add_noise", "changed_pixels", "cut_out", "paste_patch",
+                       "synthesize_anomaly"],
     "discovery": ["DiscoveryDataModule"],
     "domains": [
         "DOMAINS", "DomainBalancedSampler", "DomainDigitsDataModule", "PALETTE", "RotatedDigitsDataModule", "label_colours",
