@@ -22,7 +22,7 @@ _MODULES = {
     "cifar": ["CIFARDataModule"],
     "class_split": ["ClassSplitDataModule"],
     "digits": ["DigitsDataModule"],
-    "discovery": ["DiscoveryDataModule"],
+    "discovery": ["ContinualDiscoveryDataModule", "DiscoveryDataModule"],
     "domains": [
         "DOMAINS", "DomainBalancedSampler", "DomainDigitsDataModule", "PALETTE", "RotatedDigitsDataModule", "label_colours",
         "render_domain", "rotate_images",

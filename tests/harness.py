@@ -74,7 +74,15 @@ def glad_with_lora() -> Technique:
     return registry.card("glad").load()(**registry.card("glad").harness["init_args"], lora=LoRA(r=2, lora_alpha=2))
 
 
-FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores,
+def happy_stage() -> Technique:
+    """Happy as at the start of an unlabelled stage (task 1): the fit initializes the new heads,
+    takes the labelled classes' prototypes and trains under all its terms."""
+    technique = registry.example_technique("happy")
+    technique.task = 1
+    return technique
+
+
+FACTORIES: dict[str, Callable[[], Technique]] = {"happy_stage": happy_stage, "consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores,
                                                  "mamba_fscil_session": mamba_fscil_session, "ogen_with_coop": ogen_with_coop,
                                                  "glad_with_lora": glad_with_lora}
 
