@@ -4,6 +4,7 @@ samples and an unlabelled pool, the SimGCD-style parametric baseline (Wen et al.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
@@ -311,6 +312,7 @@ class ContinualDiscoveryModule(DiscoveryModule):
         torch.Size([3, 2])
     """
 
+    @functools.wraps(DiscoveryModule.__init__)  # the same arguments (the CLI reads them from the signature)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register_buffer("active_classes", torch.ones(self.hparams.num_classes, dtype=torch.bool))
