@@ -4,7 +4,7 @@ samples and an unlabelled pool, the SimGCD-style parametric baseline (Wen et al.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
@@ -312,7 +312,10 @@ class ContinualDiscoveryModule(DiscoveryModule):
         torch.Size([3, 2])
     """
 
-    @functools.wraps(DiscoveryModule.__init__)  # the same arguments (the CLI reads them from the signature)
+    #: DiscoveryModule's arguments, for whoever reads the class's signature (the CLI fills the shapes from it);
+    #: ``__init__`` keeps its own, which Lightning's ``save_hyperparameters`` reads from the frames
+    __signature__ = inspect.signature(DiscoveryModule)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register_buffer("active_classes", torch.ones(self.hparams.num_classes, dtype=torch.bool))
