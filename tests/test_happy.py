@@ -2,7 +2,6 @@
 Hungarian hook, and a short stage sequence with exact state round-trip."""
 
 import math
-import tempfile
 
 import pytest
 import torch

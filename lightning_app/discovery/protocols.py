@@ -39,6 +39,7 @@ import lightning as L
 
 from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, fit_then_test, instantiate,
                                     register_protocol)
+from reglab.continual.claims import QUIET
 from reglab.continual.runner import TaskSequenceRunner
 from reglab.datamodules import ContinualDiscoveryDataModule, DiscoveryDataModule
 from reglab.tasks import ContinualDiscoveryModule, DiscoveryModule
@@ -158,9 +159,7 @@ class ContinualDiscoveryProtocol(Protocol):
                                           num_known_classes=data.num_known_classes, backbone_kwargs=s["backbone_kwargs"],
                                           **{"lr": s["lr"], **s["module"]})
         techniques = [instantiate(t) for t in arm_techniques(spec)]
-        trainer = {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False, "enable_progress_bar": False,
-                   "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
-                   "max_epochs": s["epochs"], **s["trainer"]}
+        trainer = {**QUIET, "max_epochs": s["epochs"], **s["trainer"]}
         runner = TaskSequenceRunner(module, data, techniques, trainer, run_dir=tempfile.mkdtemp(dir=workdir), log=False)
         matrix = runner.run()
         scores = runner.scores()
