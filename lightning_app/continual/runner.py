@@ -129,6 +129,11 @@ class TaskSequenceRunner:
         if ckpt_path is not None:
             start, resume_fit_from = self._restore(Path(ckpt_path))
         else:
+            # a module that reads its classes from the DataModule at setup (the tiny CLIP's prompts) needs them
+            # before this first test, which runs before any trainer exists
+            take_class_prompts = getattr(self.module, "take_class_prompts", None)
+            if take_class_prompts is not None:
+                take_class_prompts(self.datamodule)
             self.progress.initial = self._accuracies(range(self.datamodule.num_tasks), after_task=None)
         for task in range(start, self.datamodule.num_tasks):
             self._show_task(task)
