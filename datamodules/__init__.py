@@ -26,7 +26,7 @@ _MODULES = {
     "digits": ["DigitsDataModule"],
     "anomaly_scenes": ["ANOMALY_KINDS", "AnomalyScenesDataModule", "add_noise", "changed_pixels", "cut_out", "paste_patch",
                        "synthesize_anomaly"],
-    "discovery": ["DiscoveryDataModule"],
+    "discovery": ["ContinualDiscoveryDataModule", "DiscoveryDataModule"],
     "domains": [
         "DOMAINS", "DomainBalancedSampler", "DomainDigitsDataModule", "PALETTE", "RotatedDigitsDataModule", "label_colours",
         "render_domain", "rotate_images",

@@ -83,8 +83,16 @@ def cpe_clip_session() -> Technique:
     return technique
 
 
+def happy_stage() -> Technique:
+    """Happy as at the start of an unlabelled stage (task 1): the fit initializes the new heads,
+    takes the labelled classes' prototypes and trains under all its terms."""
+    technique = registry.example_technique("happy")
+    technique.task = 1
+    return technique
+
+
 FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores,
-                                                 "cpe_clip_session": cpe_clip_session,
+                                                 "cpe_clip_session": cpe_clip_session, "happy_stage": happy_stage,
                                                  "mamba_fscil_session": mamba_fscil_session, "ogen_with_coop": ogen_with_coop,
                                                  "glad_with_lora": glad_with_lora}
 

@@ -117,7 +117,7 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                     **{f"{t}.yaml": "digits_text_diffusion.yaml" for t in ("class_diffusion", "plain_personalization")},
                     **{f"{t}.yaml": "discovery_digits.yaml" for t in ("cr_kd", "lego_gcd")},
                     "tabular_ncd.yaml": "discovery_tabular_ncd.yaml", "fadernets.yaml": "music_vae.yaml",
-                    "dictas.yaml": "anomaly_scenes.yaml"}
+                    "dictas.yaml": "anomaly_scenes.yaml", "happy.yaml": "continual_discovery_digits.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:
