@@ -1,5 +1,6 @@
 """LightningModules, one per task kind."""
 
+from reglab.tasks.autoregressive_image import AutoregressiveImageModule
 from reglab.tasks.classification import ClassificationModule
 from reglab.tasks.clip import CLIPModule
 from reglab.tasks.dense_retrieval import DenseRetrievalModule
@@ -14,6 +15,6 @@ from reglab.tasks.sparse_retrieval import SparseRetrievalModule
 from reglab.tasks.two_tower import TwoTowerModule
 from reglab.tasks.vae import VAEModule
 
-__all__ = ["CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiffusionModule", "DiscoveryModule",
+__all__ = ["AutoregressiveImageModule", "CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiffusionModule", "DiscoveryModule",
            "EmbeddingModule", "LanguageModelModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule",
            "SparseRetrievalModule", "TwoTowerModule", "VAEModule"]
