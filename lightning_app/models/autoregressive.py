@@ -118,7 +118,7 @@ class GroupedAR(nn.Module):
         self.register_buffer("blocked", group[None, :] > group[:, None], persistent=False)
         self.value = nn.Linear(1, d_model)
         self.position = nn.Parameter(torch.randn(len(group), d_model) * 0.02)
-        self.condition = nn.Embedding(max(num_classes, 1), d_model)
+        self.condition = nn.Embedding(num_classes, d_model) if num_classes else None
         layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward or 4 * d_model, dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
@@ -142,7 +142,7 @@ class GroupedAR(nn.Module):
     def forward(self, tokens: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """``(N, T, vocab_size)`` logits of every position's token, each from earlier groups' tokens."""
         h = self.value(self.inputs(tokens).unsqueeze(-1).to(self.position.dtype)) + self.position
-        if self.num_classes:
+        if self.condition is not None:
             h = h + self.condition(labels)[:, None]
         return self.head(self.norm(self.transformer(h, mask=self.blocked)))
 
