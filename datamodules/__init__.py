@@ -3,9 +3,11 @@
 Embedded data needs no download (:class:`DigitsDataModule`, :class:`TabularDataModule`,
 :class:`SyntheticDataModule`, query–item interactions for retrieval: :class:`RecommendationDataModule`, a generated
 query–passage retrieval corpus: :class:`TextRetrievalDataModule`, segmentation scenes of digits with noisy masks:
-:class:`DigitScenesDataModule`, :class:`MaskNoise`; metric learning's open-world split of the digits:
+:class:`DigitScenesDataModule`, :class:`MaskNoise`; few-shot anomaly segmentation on them, with normal references
+and synthesized anomalies: :class:`AnomalyScenesDataModule`; metric learning's open-world split of the digits:
 :class:`OpenWorldDigitsDataModule`; digits with generated captions for image–text pretraining:
-:class:`CaptionedDigitsDataModule`); :class:`CIFARDataModule` and
+:class:`CaptionedDigitsDataModule`; generated piano-roll bars with measured musical attributes:
+:class:`MusicDataModule`); :class:`CIFARDataModule` and
 :class:`ImageFolderDataModule` read the papers' datasets from disk. All share
 :class:`DictDataModule`'s mid-epoch resumable training loader; the classification ones also
 :class:`ClassificationDataModule`'s label noise (:class:`LabelNoise`) and class imbalance (:class:`LongTail`).
@@ -22,7 +24,9 @@ _MODULES = {
     "cifar": ["CIFARDataModule"],
     "class_split": ["ClassSplitDataModule"],
     "digits": ["DigitsDataModule"],
-    "discovery": ["DiscoveryDataModule"],
+    "anomaly_scenes": ["ANOMALY_KINDS", "AnomalyScenesDataModule", "add_noise", "changed_pixels", "cut_out", "paste_patch",
+                       "synthesize_anomaly"],
+    "discovery": ["ContinualDiscoveryDataModule", "DiscoveryDataModule"],
     "domains": [
         "DOMAINS", "DomainBalancedSampler", "DomainDigitsDataModule", "PALETTE", "RotatedDigitsDataModule", "label_colours",
         "render_domain", "rotate_images",
@@ -32,6 +36,7 @@ _MODULES = {
     "image_folder": ["ImageFolderDataModule", "ImageFolderInputs"],
     "label_noise": ["CIFAR10_ASYMMETRIC_MAP", "CIFAR100_ASYMMETRIC_MAP", "MNIST_ASYMMETRIC_MAP", "LabelNoise", "apply_label_noise"],
     "long_tail": ["LongTail", "apply_long_tail", "long_tail_class_counts"],
+    "music": ["ATTRIBUTES", "MusicDataModule", "arousal", "attributes", "generate_rolls"],
     "open_world": ["OpenWorldDigitsDataModule"],
     "pydoc_text": ["PydocTopicsDataModule", "pydoc_topics"],
     "recommendation": ["ITEM_FIELDS", "QUERY_FIELDS", "RecommendationDataModule"],

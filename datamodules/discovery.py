@@ -17,6 +17,7 @@ from .digits import digit_images
 from .sampling import RepeatFactorSampler, ResumableSampler
 from .splits import check_holdout_fractions, stratified_split
 from .tabular import TABULAR_SETS
+from .tasks import TaskSequenceDataModule, TaskSubset
 
 Source = Literal["digits", "iris", "wine", "breast_cancer", "blobs"]
 Mode = Literal["ncd", "gcd"]
@@ -243,7 +244,11 @@ class DiscoveryDataModule(DictDataModule):
         return RepeatFactorSampler(factors, num_replicas=num_replicas, rank=rank, seed=seed)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        trainer = self.trainer
+        return self.with_views(batch, self.trainer)
+
+    def with_views(self, batch: dict[str, Any], trainer: Optional[Any]) -> dict[str, Any]:
+        """A training batch with its two views (numbered by ``trainer``'s batch count and rank);
+        other batches as they are."""
         if not self.views or trainer is None or not trainer.training:
             return batch
         number = trainer.fit_loop.epoch_loop.batch_progress.total.ready * trainer.world_size + trainer.global_rank
@@ -256,3 +261,124 @@ class DiscoveryDataModule(DictDataModule):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
         noise = torch.randn((2, *inputs.shape), generator=generator).to(inputs.device, inputs.dtype)
         return {"view1": inputs + self.tabular_noise * noise[0], "view2": inputs + self.tabular_noise * noise[1]}
+
+
+class ContinualDiscoveryDataModule(TaskSequenceDataModule):
+    """Continual generalized category discovery (C-GCD, the setting of Happy, Ma et al. NeurIPS
+    2024) as a task sequence for :mod:`reglab.continual`'s runner.
+
+    Stage 0 (task 0) is ``base``'s labelled known-class samples (the "offline" session: labels
+    only, no pool). Each later stage ``s = 1..num_stages`` is an *unlabelled* pool of the stage's
+    new classes (the novel classes of ``base``, in order, split evenly over the stages) mixed with
+    classes seen before: a new class puts ``new_share`` of its training samples in its own stage
+    and spreads the rest over the later stages (the code's "seen novel" samples); the known
+    classes' unlabelled samples (``1 - labelled_fraction`` of ``base``) are spread over all stages.
+    Each training sample belongs to one stage (the setting keeps no samples of past stages), drawn
+    with ``base.seed``. Validation shows the stage's pool and the held-out val samples of the
+    classes seen so far (for the module's clustering metrics); ``task_split("test", t)`` is the
+    held-out test samples of stage t's classes with their true classes as ``target`` (the runner
+    scores it through the module's Hungarian ``align_predictions``).
+
+    Scaled down from the code's CIFAR-100 setting (50 known classes with 80 % labelled, 5 stages of
+    10 new classes, 400 samples per new class in its stage): ``base`` sets the classes and the
+    labelled share (e.g. 0.8 as the code's ``prop_train_labels``); ``new_share`` 0.8 is 400 of 500.
+
+    Args:
+        base: a :class:`DiscoveryDataModule` with ``mode="gcd"`` (its known classes are stage 0's).
+        num_stages: the unlabelled stages after stage 0.
+        new_share: share of a new class's training samples in its own stage.
+
+    Example:
+        >>> base = DiscoveryDataModule("digits", known_classes=[0, 1, 2, 3], labelled_fraction=0.8, flatten=True)
+        >>> data = ContinualDiscoveryDataModule(base, num_stages=3)
+        >>> data.tasks
+        [[0, 1, 2, 3], [4, 5], [6, 7], [8, 9]]
+        >>> data.setup("fit")
+        >>> data.set_task(1)
+        >>> batch = next(iter(data.train_dataloader()))
+        >>> bool(batch["labelled"].any()), sorted(set(batch["true_target"].tolist())) <= list(range(6))
+        (False, True)
+    """
+
+    def __init__(self, base: DiscoveryDataModule, num_stages: int = 3, new_share: float = 0.8) -> None:
+        name = type(self).__name__
+        if not isinstance(base, DiscoveryDataModule) or base.mode != "gcd":
+            raise ValueError(f"{name}: base must be a DiscoveryDataModule with mode='gcd' (a pool of old and new "
+                             "classes). Fix: pass one.")
+        novel = base.num_classes - base.num_known_classes
+        if num_stages < 1 or novel % num_stages:
+            raise ValueError(f"{name}: {novel} novel classes do not split evenly into num_stages={num_stages}. "
+                             "Fix: choose a divisor of the novel class count.")
+        if not 0.0 < new_share <= 1.0:
+            raise ValueError(f"{name}: new_share {new_share} must lie in (0, 1]. Fix: e.g. the code's 0.8.")
+        super().__init__(base, num_tasks=num_stages + 1, scenario="class", shuffle_classes=False,
+                         first_task_classes=base.num_known_classes)
+        self.num_known_classes, self.new_share = base.num_known_classes, new_share
+        self.stage_of: Optional[Tensor] = None  # the stage of each of base's training samples
+        self.heldout: dict[str, DictDataset] = {}
+
+    @property
+    def num_stages(self) -> int:
+        return self.num_tasks - 1
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.base.setup(stage)
+        if self.stage_of is None:
+            self.stage_of = self._stages()
+            self.heldout = {split: self._heldout(split) for split in ("val", "test")}
+        if self.train_dataset is None:
+            self.set_task(self.task)
+
+    def _stages(self) -> Tensor:
+        train = self.base.train_dataset
+        true, labelled = train.extras["true_target"], train.extras["labelled"]
+        intro = torch.tensor([next(t for t, group in enumerate(self.tasks) if c in group) for c in range(self.num_classes)])
+        stage_of = torch.zeros(len(true), dtype=torch.long)
+        generator = torch.Generator().manual_seed(self.base.seed + 2)
+        for cls in range(self.num_classes):
+            rows = (~labelled & (true == cls)).nonzero().flatten()
+            rows = rows[torch.randperm(len(rows), generator=generator)]
+            first = int(intro[cls])
+            own = 0 if first == 0 else (len(rows) if first == self.num_stages else round(self.new_share * len(rows)))
+            stage_of[rows[:own]] = first
+            later = torch.arange(max(first, 1) + (first > 0), self.num_stages + 1)
+            if len(rows) > own:
+                stage_of[rows[own:]] = later[torch.arange(len(rows) - own) % len(later)]
+        return stage_of
+
+    def _heldout(self, split: str) -> DictDataset:
+        """The held-out ``split`` samples with their true classes as targets (not the pool)."""
+        dataset: DictDataset = getattr(self.base, f"{split}_dataset")
+        rows = (~dataset.extras["pool"]).nonzero().flatten()
+        true = dataset.extras["true_target"][rows]
+        return DictDataset(dataset.inputs[rows], true, {"labelled": torch.zeros_like(true, dtype=torch.bool),
+                                                         "true_target": true, "pool": torch.zeros_like(true, dtype=torch.bool)})
+
+    def set_task(self, task: int) -> None:
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"{type(self).__name__}: task must lie in [0, {self.num_tasks}), got {task}.")
+        self.task = task
+        if self.stage_of is None:
+            return
+        self.train_dataset = self.task_split("train", task)
+        val = self.base.val_dataset
+        pool = val.extras["pool"]
+        in_stage = torch.zeros_like(pool)
+        in_stage[pool.nonzero().flatten()] = self.stage_of[self.base.train_dataset.extras["pool"]] == task
+        seen = torch.isin(val.extras["true_target"], torch.tensor(self.classes_seen(task)))
+        self.val_dataset = TaskSubset(val, (in_stage | (~pool & seen)).nonzero().flatten(), task)
+        self.test_dataset = self.task_split("test", task)
+
+    def task_split(self, split: str, task: int) -> TaskSubset:
+        """Stage ``task``'s training samples, or the held-out val / test samples of its classes."""
+        if split == "train":
+            return TaskSubset(self.base.train_dataset, (self.stage_of == task).nonzero().flatten(), task)
+        dataset = self.heldout[split]
+        return TaskSubset(dataset, torch.isin(dataset.targets, torch.tensor(self.tasks[task])).nonzero().flatten(), task)
+
+    @property
+    def batch_keys(self) -> frozenset[str]:
+        return super().batch_keys | ({"view1", "view2"} if self.base.views else set())
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        return self.base.with_views(batch, self.trainer)

@@ -38,6 +38,10 @@ from .splits import stratified_split
 
 Scenario = Literal["class", "task"]
 
+#: what the base DataModule says about its classes and their text, which a task sequence shows as the base
+#: does (the tiny CLIP's zero-shot prompts and prompt learners read them from the trainer's DataModule)
+DESCRIBED_BY_BASE = ("class_names", "class_prompts", "tokenizer", "max_length", "domain_names")
+
 
 class TaskSubset(Dataset):
     """The samples of ``dataset`` at ``positions``, each tagged with ``task`` (or, for the union of
@@ -226,6 +230,12 @@ class TaskSequenceDataModule(ClassificationDataModule):
     def task_dataloader(self, split: str, task: int) -> DataLoader:
         """An unshuffled loader over task ``task``'s ``split`` (for the accuracy matrix)."""
         return self._eval_dataloader(self.task_split(split, task))
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails; a base without the description raises AttributeError as usual
+        if name in DESCRIBED_BY_BASE and "base" in self.__dict__:
+            return getattr(self.base, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- ClassificationDataModule -------------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:

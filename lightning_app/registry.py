@@ -43,7 +43,9 @@ OPTIONAL = ("kind", "note", "build", "method_card", "harness")
 HARNESS_KEYS = ("init_args", "partner", "remember", "checkpoint_args", "factory", "flat_input_args", "data", "backbone_kwargs")
 #: the harness DataModules a case may name (``harness.data``; default ``noisy_digits``)
 HARNESS_DATA = ("noisy_digits", "domains", "recommendation", "hinted_digits", "embedding", "text_retrieval",
-                "dense_text_retrieval", "captions", "diffusion", "discovery", "discovery_ncd", "text_diffusion")
+                "dense_text_retrieval", "captions", "diffusion", "discovery", "discovery_ncd", "text_diffusion", "music", "anomaly")
+#: the harness's anomaly scenes (~5 training steps per epoch at a 32nd of the harness batch size)
+EXAMPLE_ANOMALY = {"num_train": 40, "num_val": 8, "num_test": 16, "shots": 2, "train_bank": 4}
 #: the harness's generated recommendation data (~5 training steps per epoch at 256, like the digits)
 EXAMPLE_RECOMMENDATION = {"num_items": 100, "num_users": 50, "num_interactions": 1500}
 #: the harness's generated query–passage corpus (a step encodes every query's passages with a transformer):
@@ -254,12 +256,19 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
     ``DiffusionModule`` with a tiny U-Net (channels 8, 16, no attention, 2 sampling steps, lr 1e-3); for
     ``data="text_diffusion"`` the same U-Net text-conditional with cross-attention (personalization techniques);
     for ``data="discovery"`` (and ``"discovery_ncd"``) a ``DiscoveryModule`` on the same MLP (5 known of 10
-    classes, a 32-32-16 projection head, lr 1e-2)."""
+    classes, a 32-32-16 projection head, lr 1e-2); for ``data="music"`` a ``VAEModule`` on the piano-roll bars (latent 4, one hidden
+    layer of 32, a two-component mixture prior: for fader techniques); for ``data="anomaly"`` an
+    ``AnomalySegmentationModule`` on a random frozen U-Net (channels 8, 16, 32; lr 1e-3; its own lookup is the
+    parameter-free nearest patch, which a technique replaces)."""
     import lightning as L
 
     from reglab.tasks import ClassificationModule, EmbeddingModule, TwoTowerModule
 
     L.seed_everything(seed, verbose=False)
+    if data == "anomaly":
+        from reglab.tasks import AnomalySegmentationModule
+
+        return AnomalySegmentationModule(input_shape=(1, 32, 32), backbone_kwargs={"channels": [8, 16, 32]}, lr=1e-3)
     if data == "text_retrieval":
         from reglab.tasks import SparseRetrievalModule
 
@@ -275,6 +284,10 @@ def example_module(seed: int = 0, backbone_kwargs: dict[str, Any] | None = None,
         return DiffusionModule(input_shape=(1, 8, 8), num_classes=10, block_out_channels=(8, 16), norm_num_groups=4,
                                attention_head_dim=4, attention=text, conditioning="text" if text else "class",
                                sample_steps=2, lr=1e-3)
+    if data == "music":
+        from reglab.tasks import VAEModule
+
+        return VAEModule(input_shape=(1, 24, 32), latent_dim=4, hidden_dims=(32,), beta=0.2, prior_components=2)
     if data == "captions":
         from reglab.tasks import CLIPModule
 
@@ -315,12 +328,18 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
     upright digits with captions and class prompts (for prompt-learning techniques on a CLIP); ``data="diffusion"``
     the clean digits as images (1x8x8, for techniques on a diffusion model; ``"text_diffusion"`` the same);
     ``data="discovery"`` the flat digits as a GCD split (0-4 known, half labelled; unbalanced batches, ~5 steps per epoch at 256, for discovery
-    techniques; ``"discovery_ncd"`` the same as an NCD split, the pool of 5-9 only)."""
+    techniques; ``"discovery_ncd"`` the same as an NCD split, the pool of 5-9 only); ``data="music"`` generated piano-roll bars with their
+    attributes and arousal (1,600 bars, ~5 steps per epoch at 256, for fader techniques on a VAE); ``data="anomaly"`` small anomaly scenes (2 references per
+    query, batches of ``batch_size // 32``, for anomaly-segmentation techniques)."""
     from reglab.datamodules import (DigitsDataModule, LabelNoise, RecommendationDataModule, RotatedDigitsDataModule,
                                     TextRetrievalDataModule)
 
     if data not in (None, *HARNESS_DATA):
         raise CardError(f"harness data {data!r}. Fix: use one of {list(HARNESS_DATA)}.")
+    if data == "anomaly":
+        from reglab.datamodules import AnomalyScenesDataModule
+
+        return AnomalyScenesDataModule(batch_size=max(1, batch_size // 32), **EXAMPLE_ANOMALY)
     if data == "domains":
         return RotatedDigitsDataModule(train_angles=(0.0, 30.0), test_angles=(60.0,), flatten=True,
                                        batch_size=batch_size, label_noise=LabelNoise(rate=0.4))
@@ -339,6 +358,10 @@ def example_data(batch_size: int = 256, data: str | None = None) -> Any:
         return DiscoveryDataModule("digits", flatten=True, mode=mode, balance_batches=False, batch_size=batch_size)
     if data in ("diffusion", "text_diffusion"):
         return DigitsDataModule(batch_size=batch_size)
+    if data == "music":
+        from reglab.datamodules import MusicDataModule
+
+        return MusicDataModule(num_samples=1600, batch_size=batch_size)
     if data == "captions":
         from reglab.datamodules import CaptionedDigitsDataModule
 

@@ -53,7 +53,6 @@ from torch import Tensor
 
 from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, instantiate,
                                      register_protocol)
-from reglab.checkpoints import pretrained_checkpoint_of
 from reglab.datamodules import (CaptionedDigitsDataModule, ClassSplitDataModule, DigitsDataModule,
                                 OpenWorldDigitsDataModule)
 from reglab.datamodules.base import DictDataModule, DictDataset
@@ -61,6 +60,7 @@ from reglab.datamodules.domains import DOMAINS
 from reglab.metrics import GroupAccuracy
 from reglab.mixins import StepOutput
 from reglab.tasks import ClassificationModule, CLIPModule
+from reglab.tasks.clip import seed_pretraining
 from reglab.technique import Technique, dataset_features
 
 TRAINER = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
@@ -68,6 +68,23 @@ TRAINER = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpo
 COMMON = {"backbone": "cnn", "backbone_kwargs": {}, "epochs": 15, "batch_size": 64, "lr": 1e-3, "trainer": {}}
 #: fitted models by (protocol, the settings they depend on, seed): the arms of a seed share one
 _MODELS: dict[tuple[str, str, int], ClassificationModule] = {}
+
+
+def check_technique_arm(protocol: Protocol, arm: str, spec: dict[str, Any]) -> None:
+    """An arm of the protocols whose arms are prediction rules or heads: ``technique`` (and ``label``) only."""
+    unknown = sorted(set(spec) - {"technique"})
+    if unknown:
+        raise ClaimError(f"claim {protocol.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
+                         f"protocol {protocol.name!r} takes `technique` (and `label`).")
+    check_arm_techniques(protocol.claim_name, arm, spec)
+
+
+def unseen_sq_distance(predictions: list[Tensor], data: DictDataModule) -> float:
+    """The paper's error in the label metric on ``data``'s test images, whatever the arm's own metric: the mean
+    of ``|y_hat - y|^2`` over the predicted batches (a smoke run predicts a few only)."""
+    predicted = torch.cat(predictions).argmax(-1)
+    labels = data.test_dataset.targets[: len(predicted)]
+    return (predicted - labels).double().square().mean().item()
 
 
 class SharedModelProtocol(Protocol):
@@ -78,11 +95,7 @@ class SharedModelProtocol(Protocol):
     data_settings: tuple[str, ...] = ()
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        unknown = sorted(set(spec) - {"technique"})
-        if unknown:
-            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
-                             f"protocol {self.name!r} takes `technique` (and `label`).")
-        check_arm_techniques(self.claim_name, arm, spec)
+        check_technique_arm(self, arm, spec)
 
     def training_data(self, seed: int) -> L.LightningDataModule:
         raise NotImplementedError
@@ -126,10 +139,7 @@ class UnseenClassesProtocol(SharedModelProtocol):
                              callbacks=[instantiate(t) for t in arm_techniques(spec)])
         (tested,) = trainer().test(module, datamodule=data, verbose=False)
         (validated,) = trainer().validate(module, datamodule=data, verbose=False)
-        predicted = torch.cat(trainer().predict(module, datamodule=data)).argmax(-1)
-        labels = data.test_dataset.targets[: len(predicted)]  # a smoke run predicts a few batches only
-        # the paper's error in the label metric: the mean squared distance |y_hat - y|^2, whatever the arm's own metric
-        distance = (predicted - labels).double().square().mean().item()
+        distance = unseen_sq_distance(trainer().predict(module, datamodule=data), data)
         return {"unseen_acc": tested["test/acc"], "seen_acc": validated["val/acc"], "unseen_sq_distance": distance}
 
     def describe(self) -> list[str]:
@@ -344,17 +354,9 @@ class CLIPAdaptationProtocol(Protocol):
                              "adapt: probe.")
 
     def pretrained(self, seed: int) -> Path:
-        import yaml
-
         s = self.settings
-        source = Path(s["pretrain_config"])
-        config = yaml.safe_load(source.read_text())
-        config["seed_everything"] = seed
-        config["data"]["init_args"].update(seed=seed, split_seed=seed)
-        if s["pretrain_domains"] is not None:
-            config["data"]["init_args"]["domains"] = list(s["pretrain_domains"])
-        config["trainer"] = {**config.get("trainer", {}), "max_epochs": s["pretrain_epochs"], **s["pretrain_trainer"]}
-        return pretrained_checkpoint_of(config, f"{source.stem}-seed{seed}", s["cache_dir"])
+        return seed_pretraining(s["pretrain_config"], seed, s["pretrain_epochs"], s["pretrain_domains"],
+                                s["pretrain_trainer"], s["cache_dir"])
 
     def source(self, seed: int) -> CaptionedDigitsDataModule:
         """The captioned digits of ``domains`` on the seed's split (the pretraining's split)."""
@@ -547,11 +549,7 @@ class CLIPLinearProbeProtocol(ShotsSweep, CLIPAdaptationProtocol):
         self.check_shots()
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        unknown = sorted(set(spec) - {"technique"})
-        if unknown:
-            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
-                             f"protocol {self.name!r} takes `technique` (and `label`).")
-        check_arm_techniques(self.claim_name, arm, spec)
+        check_technique_arm(self, arm, spec)
         self.check_probe_arm(arm, spec)
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
@@ -615,11 +613,7 @@ class CLIPUnseenClassesProtocol(CLIPAdaptationProtocol):
                              "Fix: e.g. seen_classes: [0, 3, 6, 9].")
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
-        unknown = sorted(set(spec) - {"technique"})
-        if unknown:
-            raise ClaimError(f"claim {self.claim_name}, arm {arm}: unknown field(s) {unknown}. Fix: an arm of "
-                             f"protocol {self.name!r} takes `technique` (and `label`).")
-        check_arm_techniques(self.claim_name, arm, spec)
+        check_technique_arm(self, arm, spec)
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         s = self.settings
@@ -635,9 +629,8 @@ class CLIPUnseenClassesProtocol(CLIPAdaptationProtocol):
             (tested,) = self.trainer(techniques).test(module, datamodule=data, verbose=False)
             scores[f"{group}_acc"] = tested["test/acc"]
             if group == "unseen":
-                probabilities = torch.cat(self.trainer(techniques).predict(module, datamodule=data))
-                labels = data.test_dataset.targets[: len(probabilities)]  # a smoke run predicts a few batches only
-                scores["unseen_sq_distance"] = (probabilities.argmax(-1) - labels).double().square().mean().item()
+                scores["unseen_sq_distance"] = unseen_sq_distance(self.trainer(techniques).predict(module, datamodule=data),
+                                                                  data)
         return scores
 
     def describe(self) -> list[str]:

@@ -74,7 +74,25 @@ def glad_with_lora() -> Technique:
     return registry.card("glad").load()(**registry.card("glad").harness["init_args"], lora=LoRA(r=2, lora_alpha=2))
 
 
+def cpe_clip_session() -> Technique:
+    """CPE-CLIP as after a base session of classes 0-5: a plain fit on the ten captioned digits is then an
+    incremental session whose prompt updates are scaled by 4 / 10."""
+    card = registry.card("cpe_clip")
+    technique = card.load()(**card.harness["init_args"])
+    technique.seen_classes = list(range(6))
+    return technique
+
+
+def happy_stage() -> Technique:
+    """Happy as at the start of an unlabelled stage (task 1): the fit initializes the new heads,
+    takes the labelled classes' prototypes and trains under all its terms."""
+    technique = registry.example_technique("happy")
+    technique.task = 1
+    return technique
+
+
 FACTORIES: dict[str, Callable[[], Technique]] = {"consolidated_si": consolidated_si, "ist_with_scores": ist_with_scores,
+                                                 "cpe_clip_session": cpe_clip_session, "happy_stage": happy_stage,
                                                  "mamba_fscil_session": mamba_fscil_session, "ogen_with_coop": ogen_with_coop,
                                                  "glad_with_lora": glad_with_lora}
 

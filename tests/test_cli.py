@@ -101,7 +101,8 @@ def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path):
 #: FPGM's consistency reads unlabelled images, which only the shifted scenes have; the domain-generalization
 #: techniques need batches that carry `domain`; a segmentation model file overrides its segmentation experiment
 #: (the dense-module claims' baselines); personalization tunes a text-conditional diffusion model; the discovery
-#: techniques read a DiscoveryModule's views and classifier (tabular NCD: in an NCD split).
+#: techniques read a DiscoveryModule's views and classifier (tabular NCD: in an NCD split); DictAS replaces the
+#: anomaly module's lookup.
 NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_masking.yaml": "recsys_two_tower.yaml",
                     "tcm.yaml": "digits_retrieval.yaml", "ecaml.yaml": "digits_retrieval.yaml",
                     "t_jepa.yaml": "tabular_t_jepa.yaml", "text_dropout.yaml": "hinted_digits_retrieval.yaml",
@@ -112,9 +113,11 @@ NEEDS_EXPERIMENT = {"s2ft.yaml": "peft_finetune_vit.yaml", "correlated_feature_m
                     "unet_fusion_add.yaml": "scenes_freqfusion.yaml", "unet_dilated.yaml": "scenes_fadc.yaml",
                     "kalm_embedding_v2.yaml": "text_dense_retrieval.yaml", "prompt_tuning.yaml": "tiny_clip_prompt_tuning.yaml",
                     "ogen.yaml": "tiny_clip_prompt_tuning.yaml", "mmrl.yaml": "tiny_clip_prompt_tuning.yaml",
+                    "cpe_clip.yaml": "fewshot_captioned_digits_cpe_clip.yaml",
                     **{f"{t}.yaml": "digits_text_diffusion.yaml" for t in ("class_diffusion", "plain_personalization")},
                     **{f"{t}.yaml": "discovery_digits.yaml" for t in ("cr_kd", "lego_gcd")},
-                    "tabular_ncd.yaml": "discovery_tabular_ncd.yaml"}
+                    "tabular_ncd.yaml": "discovery_tabular_ncd.yaml", "fadernets.yaml": "music_vae.yaml",
+                    "dictas.yaml": "anomaly_scenes.yaml", "happy.yaml": "continual_discovery_digits.yaml"}
 
 
 def _smoke_sets() -> list[list[Path]]:

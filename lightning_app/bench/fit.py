@@ -86,7 +86,7 @@ class FitProtocol(Protocol):
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         cli, metrics = self.fit_and_test(self.arguments(spec, seed, workdir))
         if arm not in self.drawn and self.figure_fns:
-            self.drawn[arm] = {name: _png(fn(cli.model, cli.datamodule), arm) for name, fn in self.figure_fns.items()}
+            self.drawn[arm] = {name: figure_png(fn(cli.model, cli.datamodule), arm) for name, fn in self.figure_fns.items()}
         return metrics
 
     def arguments(self, spec: dict[str, Any], seed: int, workdir: Path) -> list[str]:
@@ -184,7 +184,7 @@ class FitProtocol(Protocol):
         return ["## Per-epoch curves", "", f"![per-epoch curves]({claim_name}_curves.png)", ""]
 
 
-def _png(figure: Any, title: str) -> bytes:
+def figure_png(figure: Any, title: str) -> bytes:
     """``figure`` (matplotlib) titled ``title`` as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 

@@ -129,6 +129,11 @@ class TaskSequenceRunner:
         if ckpt_path is not None:
             start, resume_fit_from = self._restore(Path(ckpt_path))
         else:
+            # a module that reads its classes from the DataModule at setup (the tiny CLIP's prompts) needs them
+            # before this first test, which runs before any trainer exists
+            take_class_prompts = getattr(self.module, "take_class_prompts", None)
+            if take_class_prompts is not None:
+                take_class_prompts(self.datamodule)
             self.progress.initial = self._accuracies(range(self.datamodule.num_tasks), after_task=None)
         for task in range(start, self.datamodule.num_tasks):
             self._show_task(task)
@@ -222,26 +227,36 @@ class TaskSequenceRunner:
         under both rules: among the classes seen through ``max(after_task, j)`` for task j
         (class-incremental: a task not trained yet is tested among the classes it will be tested
         among once trained) and among task j's own classes (task-incremental). One forward pass with
-        every class live; each rule masks the logits itself."""
+        every class live; each rule masks the logits itself. A module with ``align_predictions``
+        (continual category discovery: cluster ids, not labels) maps each rule's predictions before
+        they are scored (:func:`aligned`)."""
         module, data = self.module, self.datamodule
         training_mask, was_training = module.active_classes.clone(), module.training
         module.eval()
         module.active_classes.fill_(True)
-        accuracies: dict[str, list[float]] = {rule: [] for rule in RULES}
+        candidates: dict[str, list[Tensor]] = {rule: [] for rule in RULES}
+        predicted: dict[str, list[Tensor]] = {rule: [] for rule in RULES}
+        targets: list[Tensor] = []
         try:
             for task in tasks:
-                candidates = {"class_il": self._mask(data.classes_seen(task if after_task is None else max(after_task, task))),
-                              "task_il": self._mask(data.tasks[task])}
-                correct, total = dict.fromkeys(RULES, 0), 0
+                candidates["class_il"].append(self._mask(data.classes_seen(task if after_task is None else max(after_task, task))))
+                candidates["task_il"].append(self._mask(data.tasks[task]))
+                parts: dict[str, list[Tensor]] = {rule: [] for rule in RULES}
+                task_targets = []
                 for batch in data.task_dataloader("test", task):
                     batch = {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                     logits = module.forward_step(batch).logits
-                    for rule, mask in candidates.items():
-                        predicted = logits.masked_fill(~mask, float("-inf")).argmax(-1)
-                        correct[rule] += int((predicted == batch["target"]).sum())
-                    total += len(batch["target"])
+                    for rule in RULES:
+                        parts[rule].append(logits.masked_fill(~candidates[rule][-1], float("-inf")).argmax(-1).cpu())
+                    task_targets.append(batch["target"].cpu())
+                targets.append(torch.cat(task_targets))
                 for rule in RULES:
-                    accuracies[rule].append(correct[rule] / total)
+                    predicted[rule].append(torch.cat(parts[rule]))
+            align = getattr(module, "align_predictions", None)
+            if align is not None:
+                for rule in RULES:
+                    predicted[rule] = aligned(align, predicted[rule], targets, candidates[rule])
+            accuracies = {rule: [float((p == t).double().mean()) for p, t in zip(predicted[rule], targets)] for rule in RULES}
         finally:
             module.active_classes.copy_(training_mask)
             module.train(was_training)
@@ -277,6 +292,21 @@ class TaskSequenceRunner:
             if technique.state_key in checkpoint["callbacks"]:
                 technique.load_state_dict(checkpoint["callbacks"][technique.state_key])
         return self.progress.tasks_done, None
+
+
+def aligned(align: Any, predicted: list[Tensor], targets: list[Tensor], candidates: list[Tensor]) -> list[Tensor]:
+    """Each task's predictions through a module's ``align_predictions(predicted, target)`` (a
+    discovery model's cluster ids to classes), one alignment over all tasks scored among the same
+    candidate classes, so those tasks share one map (GCD's one Hungarian assignment)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for task, mask in enumerate(candidates):
+        groups.setdefault(tuple(mask.nonzero().flatten().tolist()), []).append(task)
+    result = list(predicted)
+    for members in groups.values():
+        joined = align(torch.cat([predicted[t] for t in members]), torch.cat([targets[t] for t in members]))
+        for t, part in zip(members, joined.split([len(predicted[t]) for t in members])):
+            result[t] = part
+    return result
 
 
 def checkpoint_progress(path: Path) -> tuple[int, float]:

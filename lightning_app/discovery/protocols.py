@@ -36,7 +36,8 @@ from typing import Any
 
 import lightning as L
 
-from reglab.bench.protocols import ClaimError, Protocol, check_arm_techniques, fit_then_test, register_protocol
+from reglab.bench.protocols import (ClaimError, Protocol, arm_techniques, check_arm_techniques, fit_then_test, instantiate,
+                                    register_protocol)
 from reglab.datamodules import DiscoveryDataModule
 from reglab.tasks import DiscoveryModule
 

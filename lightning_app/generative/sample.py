@@ -14,6 +14,10 @@ is overwritten):
 
 * ``grid.png`` — the samples, rows labelled with their class;
 * ``samples.pt`` — the samples (``(N, C, H, W)`` in [0, 1]), their labels and the sampling settings;
+* ``midi/sample_<i>.mid`` (``--midi``, for a model of piano rolls ``(1, pitches, steps)``: the MusicDataModule
+  VAE) — each sample as MIDI (:func:`reglab.generative.midi.roll_to_midi`, row 0 the note ``--lowest-pitch``),
+  its cells drawn from the decoded probabilities with the sampling seed (rounding at 0.5 leaves an MLP
+  decoder's bars near empty);
 * ``measures.json`` (``--measures``) — :func:`reglab.generative.measures.sample_quality` of
   ``--measure-per-class`` samples per class against the digits' test split (the Fréchet distance
   in the features of the in-repo digits classifier, not Inception's; its accuracy on the samples;
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: the module's sampler")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the module's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--midi", action="store_true", help="also write every sample as a MIDI file (piano-roll models)")
+    parser.add_argument("--lowest-pitch", type=int, default=60, help="the MIDI note of a roll's first row (--midi)")
     parser.add_argument("--measures", action="store_true", help="also write measures.json (fits the in-repo "
                         "digits classifier once if it is not cached)")
     parser.add_argument("--measure-per-class", type=int, default=50, help="samples per class for --measures")
@@ -135,6 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.save({"samples": samples.cpu(), "labels": labels, "settings": settings, "checkpoint": str(args.ckpt)},
                out / "samples.pt")
     print(f"reglab sample: wrote {out / 'grid.png'} and {out / 'samples.pt'}")
+    if args.midi:
+        from reglab.generative.midi import roll_to_midi
+
+        rolls = torch.bernoulli(samples.float().cpu().clamp(0, 1), generator=torch.Generator().manual_seed(args.seed))
+        for i, roll in enumerate(rolls):
+            roll_to_midi(roll, out / "midi" / f"sample_{i}.mid", lowest_pitch=args.lowest_pitch)
+        print(f"reglab sample: wrote {len(rolls)} MIDI files under {out / 'midi'}")
     if args.measures:
         result = measure(module, args.measure_per_class, settings, args.data_seed, args.classifier_config,
                          args.cache_dir)

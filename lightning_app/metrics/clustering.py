@@ -12,6 +12,33 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
+def cluster_to_class(contingency: Tensor) -> Tensor:
+    """The Hungarian map of clusters to classes on a ``(clusters, classes)`` count matrix: each
+    cluster's class, ``-1`` for a cluster left unmatched (more clusters than classes).
+
+    Example:
+        >>> cluster_to_class(torch.tensor([[0, 5], [4, 1], [1, 1]])).tolist()
+        [1, 0, -1]
+    """
+    clusters, classes = linear_sum_assignment(contingency.cpu().numpy(), maximize=True)
+    mapping = torch.full((contingency.shape[0],), -1, dtype=torch.long)
+    mapping[torch.as_tensor(clusters, dtype=torch.long)] = torch.as_tensor(classes, dtype=torch.long)
+    return mapping
+
+
+def align_clusters(preds: Tensor, target: Tensor, num_clusters: int, num_classes: int) -> Tensor:
+    """``preds`` (cluster ids) mapped to the classes of :func:`cluster_to_class` on their counts
+    against ``target``: the predictions whose plain accuracy is the clustering accuracy.
+
+    Example:
+        >>> align_clusters(torch.tensor([1, 1, 0, 0, 2]), torch.tensor([0, 0, 1, 1, 1]), 3, 2).tolist()
+        [0, 0, 1, 1, -1]
+    """
+    cells = preds.long().cpu() * num_classes + target.long().cpu()
+    counts = torch.bincount(cells, minlength=num_clusters * num_classes).view(num_clusters, num_classes)
+    return cluster_to_class(counts).to(preds.device)[preds.long()]
+
+
 class ClusteringAccuracy(Metric):
     """Hungarian clustering accuracy on all / old / new classes, as GCD and SimGCD evaluate.
 
@@ -84,11 +111,12 @@ class ClusteringAccuracy(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """``{"all", "old", "new"}`` accuracies of the one assignment over all samples."""
-        counts = self.contingency
-        clusters, classes = linear_sum_assignment(counts.cpu().numpy(), maximize=True)
+        counts = self.contingency.cpu()
+        mapping = cluster_to_class(counts)
+        clusters = (mapping >= 0).nonzero().flatten()
         matched = torch.zeros(self.num_classes, dtype=torch.float64)
-        matched[torch.as_tensor(classes)] = counts[torch.as_tensor(clusters), torch.as_tensor(classes)].double().cpu()
-        per_class = counts.sum(0).double().cpu()
+        matched[mapping[clusters]] = counts[clusters, mapping[clusters]].double()
+        per_class = counts.sum(0).double()
         is_old = self.is_old.cpu()
 
         def accuracy(members: Tensor) -> Tensor:

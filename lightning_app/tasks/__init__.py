@@ -1,11 +1,12 @@
 """LightningModules, one per task kind."""
 
+from reglab.tasks.anomaly import AnomalySegmentationModule
 from reglab.tasks.autoregressive_image import AutoregressiveImageModule
 from reglab.tasks.classification import ClassificationModule
 from reglab.tasks.clip import CLIPModule
 from reglab.tasks.dense_retrieval import DenseRetrievalModule
 from reglab.tasks.diffusion import DiffusionModule
-from reglab.tasks.discovery import DiscoveryModule
+from reglab.tasks.discovery import ContinualDiscoveryModule, DiscoveryModule
 from reglab.tasks.embedding import EmbeddingModule
 from reglab.tasks.language_model import LanguageModelModule
 from reglab.tasks.levi import LEVIModule
@@ -15,6 +16,7 @@ from reglab.tasks.sparse_retrieval import SparseRetrievalModule
 from reglab.tasks.two_tower import TwoTowerModule
 from reglab.tasks.vae import VAEModule
 
-__all__ = ["AutoregressiveImageModule", "CLIPModule", "ClassificationModule", "DenseRetrievalModule", "DiffusionModule", "DiscoveryModule",
-           "EmbeddingModule", "LanguageModelModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule",
+__all__ = ["AnomalySegmentationModule", "AutoregressiveImageModule", "CLIPModule", "ClassificationModule",
+           "ContinualDiscoveryModule", "DenseRetrievalModule", "DiffusionModule", "DiscoveryModule", "EmbeddingModule",
+           "LanguageModelModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule",
            "SparseRetrievalModule", "TwoTowerModule", "VAEModule"]

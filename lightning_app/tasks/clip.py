@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from reglab.checkpoints import pretrained_checkpoint_for
+from reglab.checkpoints import pretrained_checkpoint_for, pretrained_checkpoint_of
 from reglab.metrics import GroupAccuracy
 from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.models.clip import create_clip
@@ -107,6 +107,9 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.domain_names: tuple[str, ...] = ()
         self.test_domain_acc = GroupAccuracy(0)
+        # Class-incremental sessions (reglab.continual): logits of classes outside this mask are -inf, as
+        # ClassificationModule's. All True outside a task sequence; not saved, the task runner sets it per task.
+        self.register_buffer("active_classes", torch.ones(num_classes, dtype=torch.bool), persistent=False)
 
     # -- prompts -------------------------------------------------------------------------------
     def set_class_prompts(self, prompts: dict[str, Tensor]) -> None:
@@ -127,6 +130,15 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
                              f"vocabulary of {self.clip.vocab_size}. Fix: tokenize with the text tower's tokenizer.")
         self.class_prompts = {key: prompts[key] for key in ("input_ids", "attention_mask")}
         self._class_embeddings = None
+
+    def take_class_prompts(self, datamodule: Any) -> None:
+        """Use ``datamodule``'s ``class_prompts`` unless :meth:`set_class_prompts` gave others; each fit / test
+        calls it at setup, and the task runner before its first test (which runs before any trainer exists)."""
+        prompts = getattr(datamodule, "class_prompts", None)
+        if prompts is not None and not self._prompts_given:
+            self._use_class_prompts(prompts)
+        elif self.class_prompts is None:
+            self.class_embeddings()  # raises, naming the fix
 
     def class_embeddings(self) -> Tensor:
         """``(C, D)``: per class, the normalised mean of its prompts' normalised text embeddings."""
@@ -174,8 +186,11 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
                               labels=batch["target"], features=image, index=batch.get("index"), batch=batch,
                               extras={"text_features": text})
         classes = self.scored_class_embeddings()
-        return StepOutput(logits=self.zero_shot_logits(image, classes), target=batch["target"], features=image,
-                          index=batch.get("index"), batch=batch, extras={"class_embeddings": classes})
+        logits = self.zero_shot_logits(image, classes)
+        if not self.active_classes.all():
+            logits = logits.masked_fill(~self.active_classes, float("-inf"))
+        return StepOutput(logits=logits, target=batch["target"], features=image, index=batch.get("index"), batch=batch,
+                          extras={"class_embeddings": classes})
 
     def task_loss(self, out: StepOutput) -> Tensor:
         if "text_features" not in out.extras:
@@ -189,11 +204,7 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         check_module_fits_data(self, self.num_classes, self.hparams.input_shape)
         datamodule = self.trainer.datamodule
-        prompts = getattr(datamodule, "class_prompts", None)
-        if prompts is not None and not self._prompts_given:
-            self._use_class_prompts(prompts)  # each fit / test takes its own DataModule's classes
-        elif self.class_prompts is None:
-            self.class_embeddings()  # raises, naming the fix
+        self.take_class_prompts(datamodule)
         keys = getattr(datamodule, "batch_keys", None)
         if stage == "fit" and self.hparams.objective == "contrastive" and keys is not None and "caption" not in keys:
             raise ValueError(f"CLIPModule: contrastive training needs a `caption` in every batch, and "
@@ -206,10 +217,12 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
             self.test_domain_acc = GroupAccuracy(len(names)).to(self.device)
 
     def _forget_class_embeddings(self) -> None:
-        # the text tower moves while training: evaluation epochs embed the prompts afresh
+        # the text tower moves while training: evaluation epochs embed the prompts afresh, and so does an
+        # evaluation outside Lightning's loops after a fit (the task runner's accuracy matrix)
         self._class_embeddings = None
 
     on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = _forget_class_embeddings
+    on_train_epoch_end = _forget_class_embeddings
 
     def on_step_output(self, out: StepOutput, stage: str) -> None:
         if stage == "train":
@@ -255,3 +268,22 @@ class CLIPModule(RegularizedMixin, L.LightningModule):
         ends with: fitted once in a subprocess and cached by the config's content, as pretrained
         backbones are (:func:`reglab.checkpoints.pretrained_checkpoint_for`)."""
         return cls.load_from_checkpoint(pretrained_checkpoint_for(config, cache_dir), map_location="cpu")
+
+
+def seed_pretraining(config: str | Path, seed: int, epochs: int, domains: Sequence[str] | None = None,
+                     trainer: dict[str, Any] | None = None, cache_dir: str | Path = "runs/pretrained") -> Path:
+    """The checkpoint of a protocol's per-seed pretraining: ``config`` (a ``reglab fit`` config of a
+    CLIPModule on a CaptionedDigitsDataModule) with ``seed`` as its seed and split seed (so no test image
+    of the seed is seen in pretraining), ``epochs`` epochs and, unless ``None``, only ``domains``;
+    ``trainer`` overrides its trainer. Fitted once and cached by the derived config's content
+    (:func:`reglab.checkpoints.pretrained_checkpoint_of`), so every protocol asking the same gets one fit."""
+    import yaml
+
+    source = Path(config)
+    derived = yaml.safe_load(source.read_text())
+    derived["seed_everything"] = seed
+    derived["data"]["init_args"].update(seed=seed, split_seed=seed)
+    if domains is not None:
+        derived["data"]["init_args"]["domains"] = list(domains)
+    derived["trainer"] = {**derived.get("trainer", {}), "max_epochs": epochs, **(trainer or {})}
+    return pretrained_checkpoint_of(derived, f"{source.stem}-seed{seed}", cache_dir)

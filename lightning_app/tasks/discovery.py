@@ -3,6 +3,8 @@ samples and an unlabelled pool, the SimGCD-style parametric baseline (Wen et al.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
-from reglab.metrics import ClusteringAccuracy
+from reglab.metrics import ClusteringAccuracy, align_clusters
 from reglab.mixins import RegularizedMixin, StepOutput
 from reglab.models import create_backbone
 from reglab.nn.contrastive import mean_positive_log_prob, nt_xent, two_view_masks
@@ -288,3 +290,57 @@ class DiscoveryModule(RegularizedMixin, L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
+
+
+class ContinualDiscoveryModule(DiscoveryModule):
+    """:class:`DiscoveryModule` over the stages of continual GCD, for :mod:`reglab.continual`'s
+    task-sequence runner with :class:`~reglab.datamodules.ContinualDiscoveryDataModule`.
+
+    The head covers every class from the start; ``active_classes`` (the runner sets it to the
+    classes seen so far, which the data numbers known first, then stage by stage) is a prefix
+    ``0..seen-1``, and training logits are *cut* to it rather than masked, so the softmaxes of
+    self-distillation and the mean-entropy term run over the seen classes only (``log K`` with
+    ``K = seen``), as the official Happy code grows its head per stage. The runner scores each
+    stage's test classes by the Hungarian map of :meth:`align_predictions`, one map over all the
+    tasks scored among the same candidates (GCD's ``v2`` accuracy), since a new class's cluster
+    index is not its label.
+
+    Example:
+        >>> module = ContinualDiscoveryModule("mlp", input_shape=(8,), num_classes=4, num_known_classes=2)
+        >>> module.active_classes[2:] = False
+        >>> module(torch.randn(3, 8)).shape
+        torch.Size([3, 2])
+    """
+
+    #: DiscoveryModule's arguments, for whoever reads the class's signature (the CLI fills the shapes from it);
+    #: ``__init__`` keeps its own, which Lightning's ``save_hyperparameters`` reads from the frames
+    __signature__ = inspect.signature(DiscoveryModule)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("active_classes", torch.ones(self.hparams.num_classes, dtype=torch.bool))
+
+    @property
+    def seen_classes(self) -> int:
+        """How many classes are live (the prefix length of ``active_classes``)."""
+        seen = int(self.active_classes.sum())
+        if not bool(self.active_classes[:seen].all()):
+            raise ValueError(f"{type(self).__name__}: active_classes {self.active_classes.nonzero().flatten().tolist()} "
+                             "is not a prefix 0..k-1. Fix: use ContinualDiscoveryDataModule, which numbers classes "
+                             "known first, then stage by stage, without a shuffle.")
+        return seen
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)[:, : self.seen_classes]
+
+    def forward_step(self, batch: dict[str, Any]) -> StepOutput:
+        out = super().forward_step(batch)
+        seen = self.seen_classes
+        if seen == self.hparams.num_classes:
+            return out
+        return dataclasses.replace(out, logits=out.logits[:, :seen],
+                                   extras={**out.extras, "cosine": out.extras["cosine"][:, :seen]})
+
+    def align_predictions(self, predicted: Tensor, target: Tensor) -> Tensor:
+        """The runner's hook: cluster ids mapped to classes (Hungarian, :func:`~reglab.metrics.align_clusters`)."""
+        return align_clusters(predicted, target, self.hparams.num_classes, self.hparams.num_classes)

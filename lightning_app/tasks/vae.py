@@ -8,6 +8,18 @@ negative ELBO with a weight on the KL term (``beta``; 1 is the ELBO, other value
 entries — Bernoulli (binary cross-entropy on logits, for inputs in [0, 1]: the digits, piano rolls) or
 Gaussian with unit variance (half the squared error, up to a constant).
 
+With ``prior_components`` K > 0 the prior is a learned Gaussian mixture (the GM-VAE of Music FaderNets,
+paper 34, after the official ``gmm_model.py``): component means ``prior_means`` ``(K, latent_dim)``
+(Xavier-initialised and trained, as there), every component's log-variance fixed at ``prior_logvar`` (the
+official code's sigma = e^-2, log-variance -4), equal weights 1/K. ``q(y | x)`` is the posterior of the
+components at the sampled ``z`` (``extras["component_logits"]``: ``log p(z | y) + log 1/K``) and the KL term
+is the unsupervised GM-VAE's ``sum_y q(y | x) KL(q(z | x) || p(z | y)) + KL(q(y | x) || 1/K)``
+(:func:`mixture_kl`); the official code averages the latent KL over dimensions and the class term over
+components, here both are sums, as the KL of the plain VAE. A technique that knows some samples' component
+(a label) replaces their term with ``KL(q(z | x) || p(z | y))`` from :meth:`component_kl`.
+``sample(labels)`` then draws from the labels' components (uniformly chosen ones without labels), and
+``num_classes`` is K, so ``reglab sample`` draws one row per component.
+
 The pieces a latent-regularization technique builds on are in the step output: ``features`` the
 posterior means, ``extras["z"]`` the sampled latents, ``extras["mu"]``, ``extras["logvar"]`` and
 ``extras["reconstruction"]`` / ``extras["kl"]`` (per sample), ``logits`` the decoder's output.
@@ -64,6 +76,21 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     return kl_divergence(posterior, Normal(torch.zeros_like(posterior.loc), torch.ones_like(posterior.scale))).sum(1)
 
 
+def diagonal_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor, prior_logvar: Tensor) -> Tensor:
+    """``(N, K)`` ``KL(N(mu_n, exp(logvar_n)) || N(prior_mu_k, exp(prior_logvar_k)))`` summed over dimensions, for
+    ``(N, D)`` posteriors and ``(K, D)`` priors."""
+    mu, logvar = mu.float().unsqueeze(1), logvar.float().unsqueeze(1)
+    prior_mu, prior_logvar = prior_mu.float().unsqueeze(0), prior_logvar.float().unsqueeze(0)
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).square()) / prior_logvar.exp() - 1).sum(-1)
+
+
+def mixture_kl(component_logits: Tensor, component_kl: Tensor) -> Tensor:
+    """``(N,)`` the unsupervised GM-VAE KL term, ``sum_y q(y) KL_y + KL(q(y) || uniform)``, for ``(N, K)``
+    log-probabilities of the components up to a constant (``component_logits``) and ``(N, K)`` latent KLs."""
+    log_q = component_logits.float().log_softmax(-1)
+    return (log_q.exp() * (component_kl + log_q + math.log(component_kl.shape[-1]))).sum(-1)
+
+
 class VAEModule(RegularizedMixin, L.LightningModule):
     """A VAE over inputs of any shape (flattened), trained on the negative ELBO through the step contract.
 
@@ -81,12 +108,15 @@ class VAEModule(RegularizedMixin, L.LightningModule):
         hidden_dims: the encoder's hidden widths (the decoder uses them reversed).
         likelihood: ``"bernoulli"`` (inputs in [0, 1]) or ``"gaussian"``.
         beta: the KL term's weight (1: the ELBO).
+        prior_components: K > 0: a learned Gaussian-mixture prior of K components (module docstring); 0: N(0, I).
+        prior_logvar: the mixture components' fixed log-variance (the official GM-VAE's -4).
         lr, weight_decay: Adam's; a config's ``optimizer:`` replaces it.
     """
 
     def __init__(self, input_shape: Optional[Sequence[int]] = None, latent_dim: int = 8,
                  hidden_dims: Sequence[int] = (256, 128), likelihood: str = "bernoulli", beta: float = 1.0,
-                 lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+                 prior_components: int = 0, prior_logvar: float = -4.0, lr: float = 1e-3,
+                 weight_decay: float = 0.0) -> None:
         super().__init__()
         if input_shape is None:
             raise TechniqueConfigError("VAEModule: input_shape is not set. Fix: pass the inputs' shape, or run through "
@@ -94,6 +124,9 @@ class VAEModule(RegularizedMixin, L.LightningModule):
         if likelihood not in LIKELIHOODS:
             raise TechniqueConfigError(f"VAEModule: likelihood {likelihood!r} is not one of {LIKELIHOODS}. Fix: pick "
                                        "one of them.")
+        if prior_components == 1 or prior_components < 0:
+            raise TechniqueConfigError(f"VAEModule: prior_components={prior_components}. Fix: 0 (a N(0, I) prior) or at "
+                                       "least 2 mixture components.")
         if beta < 0 or latent_dim < 1:
             raise TechniqueConfigError(f"VAEModule: beta={beta}, latent_dim={latent_dim}. Fix: beta >= 0 and at least "
                                        "one latent dimension.")
@@ -102,6 +135,20 @@ class VAEModule(RegularizedMixin, L.LightningModule):
         width = math.prod(self.input_shape)
         self.encoder = mlp([width, *hidden_dims, 2 * latent_dim])
         self.decoder = mlp([latent_dim, *reversed(tuple(hidden_dims)), width])
+        if prior_components:
+            self.num_classes = prior_components
+            self.prior_means = nn.Parameter(nn.init.xavier_uniform_(torch.empty(prior_components, latent_dim)))
+
+    def component_logits(self, z: Tensor) -> Tensor:
+        """``(N, K)`` ``log p(z | y) + log 1/K`` of the mixture prior's components (q(y | x)'s logits)."""
+        var = math.exp(self.hparams.prior_logvar)
+        log_density = -0.5 * ((z.float().unsqueeze(1) - self.prior_means.float()).square() / var
+                              + self.hparams.prior_logvar + math.log(2 * math.pi)).sum(-1)
+        return log_density - math.log(self.hparams.prior_components)
+
+    def component_kl(self, mu: Tensor, logvar: Tensor) -> Tensor:
+        """``(N, K)`` ``KL(q(z | x) || p(z | y))`` for every mixture component ``y``."""
+        return diagonal_kl(mu, logvar, self.prior_means, torch.full_like(self.prior_means, self.hparams.prior_logvar))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The posterior's ``(mu, logvar)``, each ``(N, latent_dim)``."""
@@ -129,8 +176,12 @@ class VAEModule(RegularizedMixin, L.LightningModule):
             z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         output = self.decode(z)
         extras = {"z": z, "mu": mu, "logvar": logvar,
-                  "reconstruction": reconstruction_nll(output, x, self.hparams.likelihood),
-                  "kl": gaussian_kl(mu, logvar)}
+                  "reconstruction": reconstruction_nll(output, x, self.hparams.likelihood)}
+        if self.hparams.prior_components:
+            extras["component_logits"] = self.component_logits(z)
+            extras["kl"] = mixture_kl(extras["component_logits"], self.component_kl(mu, logvar))
+        else:
+            extras["kl"] = gaussian_kl(mu, logvar)
         # labels=None: the first-step label check would read the (N, C, H, W) output's channels as classes;
         # class labels or attributes stay in out.batch
         return StepOutput(logits=output, target=x, labels=None, features=mu, index=batch.get("index"),
@@ -148,12 +199,18 @@ class VAEModule(RegularizedMixin, L.LightningModule):
 
     @torch.no_grad()
     def sample(self, labels: Optional[Tensor] = None, num_samples: Optional[int] = None, seed: int = 0) -> Tensor:
-        """``num_samples`` (or ``len(labels)``: the VAE is unconditional) decoded prior draws, as means, seeded."""
+        """``num_samples`` (or ``len(labels)``) decoded prior draws, as means, seeded; with a mixture prior from the
+        components ``labels`` (uniformly drawn ones without), else ``labels`` only count the draws."""
         count = len(labels) if labels is not None else num_samples
         if count is None:
             raise ValueError("VAEModule.sample: give num_samples.")
         generator = torch.Generator(self.device).manual_seed(seed)
         z = torch.randn((count, self.hparams.latent_dim), generator=generator, device=self.device)
+        components = self.hparams.prior_components
+        if components:
+            if labels is None:
+                labels = torch.randint(components, (count,), generator=generator, device=self.device)
+            z = self.prior_means[labels.to(self.device)] + math.exp(0.5 * self.hparams.prior_logvar) * z
         return self.mean_output(z)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
