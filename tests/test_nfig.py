@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from harness import assert_resumes_exactly_and_trains_in_bf16
 
-from reglab import registry
 from reglab.datamodules import DigitsDataModule
 from reglab.models.autoregressive import NFIG, PixelAR, accumulate, frequency_token_maps, quantize
 from reglab.tasks import AutoregressiveImageModule
@@ -97,23 +96,12 @@ def test_a_training_step_lowers_the_loss():
 
 def test_training_resumes_exactly_and_runs_in_bf16(one_thread, tmp_path):
     """Stopped mid-epoch and resumed, the weights equal an uninterrupted run's; bf16-mixed trains."""
-    total_steps, stop_at = 5, 3     # batches of 256: 5 steps per epoch, so the stop is mid-epoch
-
-    def run(max_steps, ckpt_path=None, checkpoint=None, **trainer):
+    def module():
         torch.manual_seed(0)
-        module = AutoregressiveImageModule(input_shape=(1, 8, 8), num_classes=10, model="nfig", dropout=0.1, **TINY)
-        extra = dict(enable_checkpointing=True, callbacks=[checkpoint]) if checkpoint else {}
-        fit = registry.example_trainer(max_steps=max_steps, limit_val_batches=0, **extra, **trainer)
-        fit.fit(module, datamodule=DigitsDataModule(batch_size=256, seed=0), ckpt_path=ckpt_path)
-        return module, fit
+        return AutoregressiveImageModule(input_shape=(1, 8, 8), num_classes=10, model="nfig", dropout=0.1, **TINY)
 
-    straight, _ = run(total_steps)
-    run(stop_at, checkpoint=ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop_at, save_top_k=-1))
-    resumed, _ = run(total_steps, ckpt_path=str(tmp_path / f"epoch=0-step={stop_at}.ckpt"))
-    for key, value in straight.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    _, bf16 = run(2, precision="bf16-mixed")
-    assert torch.isfinite(bf16.callback_metrics["train/loss"])
+    # batches of 256: 5 steps per epoch, so the stop at step 3 is mid-epoch; dropout draws from the global RNG
+    assert_resumes_exactly_and_trains_in_bf16(module, lambda: DigitsDataModule(batch_size=256, seed=0), tmp_path)
 
 
 @pytest.mark.parametrize("kwargs, words", [
