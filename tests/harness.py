@@ -157,3 +157,27 @@ def ddp_worker(rank: int, technique_ids: list[str], port: int, report_dir: str) 
             callbacks=[technique, RankStateCheck(technique, Path(report_dir) / technique_id)],
         )
         trainer.fit(module_for(technique_id), datamodule=data_for(technique_id, batch_size=128))
+
+
+def assert_resumes_exactly_and_trains_in_bf16(make_module: Callable[[], L.LightningModule],
+                                              make_data: Callable[[], L.LightningDataModule], tmp_path: Path,
+                                              total_steps: int = 5, stop_at: int = 3) -> None:
+    """A task module fitted ``total_steps`` straight and one stopped at ``stop_at`` (mid-epoch for data of 5
+    batches an epoch) and resumed from its checkpoint end with equal weights; two steps in bf16-mixed
+    give a finite loss. ``make_module`` must build the same initial weights every call."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps, ckpt_path=None, checkpoint=None, **trainer):
+        module = make_module()
+        extra = dict(enable_checkpointing=True, callbacks=[checkpoint]) if checkpoint else {}
+        fit = quiet_trainer(max_steps=max_steps, limit_val_batches=0, **extra, **trainer)
+        fit.fit(module, datamodule=make_data(), ckpt_path=ckpt_path)
+        return module, fit
+
+    straight, _ = run(total_steps)
+    run(stop_at, checkpoint=ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop_at, save_top_k=-1))
+    resumed, _ = run(total_steps, ckpt_path=str(tmp_path / f"epoch=0-step={stop_at}.ckpt"))
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    _, bf16 = run(2, precision="bf16-mixed")
+    assert torch.isfinite(bf16.callback_metrics["train/loss"])

@@ -9,8 +9,7 @@ import lightning as L
 import pytest
 import torch
 from diffusers import DDPMScheduler
-
-from lightning.pytorch.callbacks import ModelCheckpoint
+from harness import assert_resumes_exactly_and_trains_in_bf16
 
 from reglab import registry
 from reglab.datamodules import DigitsDataModule
@@ -137,19 +136,6 @@ def test_the_sample_command_writes_a_grid_and_keeps_existing_folders(one_thread,
 def test_the_harness_case_resumes_exactly_and_trains_in_bf16(one_thread, tmp_path):
     """Timesteps, noise and condition dropout come from the global RNG, which the mixin checkpoints:
     stopped mid-epoch and resumed, the weights equal an uninterrupted run's."""
-    total_steps, stop_at = 5, 3     # batches of 256: 5 steps per epoch, so the stop is mid-epoch
-
-    def run(max_steps, ckpt_path=None, checkpoint=None, **trainer):
-        module = registry.example_module(data="diffusion")
-        extra = dict(enable_checkpointing=True, callbacks=[checkpoint]) if checkpoint else {}
-        fit = registry.example_trainer(max_steps=max_steps, limit_val_batches=0, **extra, **trainer)
-        fit.fit(module, datamodule=registry.example_data(data="diffusion"), ckpt_path=ckpt_path)
-        return module, fit
-
-    straight, _ = run(total_steps)
-    run(stop_at, checkpoint=ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop_at, save_top_k=-1))
-    resumed, _ = run(total_steps, ckpt_path=str(tmp_path / f"epoch=0-step={stop_at}.ckpt"))
-    for key, value in straight.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    _, bf16 = run(2, precision="bf16-mixed")
-    assert torch.isfinite(bf16.callback_metrics["train/loss"])
+    # batches of 256: 5 steps per epoch, so the stop at step 3 is mid-epoch
+    assert_resumes_exactly_and_trains_in_bf16(lambda: registry.example_module(data="diffusion"),
+                                              lambda: registry.example_data(data="diffusion"), tmp_path)

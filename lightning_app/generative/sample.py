@@ -5,7 +5,8 @@
     reglab sample --ckpt runs/digits_diffusion/version_0/checkpoints/last.ckpt --out samples/ --measures
 
 loads the checkpoint (:class:`~reglab.tasks.DiffusionModule` by default, ``--model-class`` for any
-module with ``sample(labels, num_samples, seed)``: :class:`~reglab.tasks.VAEModule`; ``--steps``,
+module with ``sample(labels, num_samples, seed)``: :class:`~reglab.tasks.VAEModule`,
+:class:`~reglab.tasks.AutoregressiveImageModule`; ``--steps``,
 ``--sampler`` and ``--guidance`` go to a module whose ``sample`` takes them), samples
 ``--per-class`` images of every class (a conditional model: one row per class) or ``--num-samples``
 (an unconditional one), seeded, and writes into ``--out``, which must not exist or be empty (nothing

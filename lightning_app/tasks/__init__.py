@@ -1,6 +1,7 @@
 """LightningModules, one per task kind."""
 
 from reglab.tasks.anomaly import AnomalySegmentationModule
+from reglab.tasks.autoregressive_image import AutoregressiveImageModule
 from reglab.tasks.classification import ClassificationModule
 from reglab.tasks.clip import CLIPModule
 from reglab.tasks.dense_retrieval import DenseRetrievalModule
@@ -15,6 +16,7 @@ from reglab.tasks.sparse_retrieval import SparseRetrievalModule
 from reglab.tasks.two_tower import TwoTowerModule
 from reglab.tasks.vae import VAEModule
 
-__all__ = ["AnomalySegmentationModule", "CLIPModule", "ClassificationModule", "ContinualDiscoveryModule",
-           "DenseRetrievalModule", "DiffusionModule", "DiscoveryModule", "EmbeddingModule", "LanguageModelModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule",
+__all__ = ["AnomalySegmentationModule", "AutoregressiveImageModule", "CLIPModule", "ClassificationModule",
+           "ContinualDiscoveryModule", "DenseRetrievalModule", "DiffusionModule", "DiscoveryModule", "EmbeddingModule",
+           "LanguageModelModule", "LEVIModule", "MultiInputRetrievalModule", "SegmentationModule",
            "SparseRetrievalModule", "TwoTowerModule", "VAEModule"]
