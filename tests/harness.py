@@ -22,6 +22,20 @@ import torch
 from reglab import registry
 from reglab.technique import Technique
 
+#: how the suite starts the ranks of its 2-process DDP tests. Not "spawn": each spawned child re-imports
+#: torch, Lightning and reglab (most of a DDP test's 15-30 s). Not "fork": an xdist worker has threads of
+#: its own, and a child forked while one of them held a lock hangs (seen once in a full run). The forkserver
+#: is a clean single-threaded process, started once per worker with those modules preloaded (conftest), so a
+#: child is a fork of it: the import cost is paid once per worker, and the child holds no one else's lock.
+START_METHOD = "forkserver"
+
+
+def ddp_strategy() -> "L.pytorch.strategies.DDPStrategy":
+    """A 2-process DDP strategy for ``L.Trainer(devices=2, ...)`` whose ranks start by :data:`START_METHOD`."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(start_method=START_METHOD)
+
 small_module = registry.example_module
 noisy_digits = registry.example_data
 quiet_trainer = registry.example_trainer

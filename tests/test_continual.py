@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 
+from harness import ddp_strategy
 from reglab.callbacks import EWC, SI, ExperienceReplay, FeatureDistillation, L2ToPreviousTask, LwF
 from reglab.callbacks.continual.ewc import diagonal_fisher
 from reglab.callbacks.continual.lwf import prediction_distillation
@@ -280,7 +281,7 @@ class FisherOnEachRank(L.Callback):
 
 @pytest.mark.slow
 def test_ewc_fisher_under_ddp_equals_the_single_process_fisher_of_all_shards(tmp_path):
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=1, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ddp_strategy(), max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[FisherOnEachRank(tmp_path)])
     trainer.fit(small_module(), datamodule=DigitsDataModule(flatten=True, batch_size=64))

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from harness import FACTORIES, data_for, ddp_worker, flat_state, make, module_for, partner, quiet_trainer
+from harness import FACTORIES, START_METHOD, data_for, ddp_worker, flat_state, make, module_for, partner, quiet_trainer
 from reglab import registry
 from reglab.technique import EvalTimeAdaptation
 
@@ -151,7 +151,7 @@ def test_ddp_two_processes_keep_identical_state(tmp_path):
     """One 2-process DDP group fits every stateful technique in turn: each tensor of its state
     must be identical on both ranks and have been updated."""
     torch.multiprocessing.start_processes(
-        ddp_worker, args=(STATEFUL, _free_port(), str(tmp_path)), nprocs=2, start_method="fork"
+        ddp_worker, args=(STATEFUL, _free_port(), str(tmp_path)), nprocs=2, start_method=START_METHOD
     )
     assert len(STATEFUL) > 5
     for name in STATEFUL:

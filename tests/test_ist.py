@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from harness import quiet_trainer
+from harness import ddp_strategy, quiet_trainer
 from tiny_bert import tiny_bert
 from reglab.callbacks.peft import IST
 from reglab.callbacks.peft.ist import layer_unit, score_update
@@ -106,7 +106,7 @@ class SaveState(L.Callback):
 def test_ddp_ranks_keep_the_same_scores_and_choices(tmp_path):
     # each rank scores on its own batch: the losses are averaged over the ranks, so the scores agree
     ist = IST(r=2, update_interval=2, seed=1)
-    trainer = quiet_trainer(max_steps=5, devices=2, strategy="ddp_fork", callbacks=[ist, SaveState(ist, tmp_path)])
+    trainer = quiet_trainer(max_steps=5, devices=2, strategy=ddp_strategy(), callbacks=[ist, SaveState(ist, tmp_path)])
     trainer.fit(tiny_vit(), datamodule=DigitsDataModule(batch_size=32))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert rank0["importance"].ne(0).any()

@@ -11,7 +11,7 @@ from reglab.callbacks.peft import S2FT, BitFit, LoLDU, LoRA, LoRASB, SaRA, SVFit
 from reglab.callbacks.peft.loldu import loldu_factors
 from reglab.callbacks.peft.lora_sb import lora_sb_factors
 from reglab.callbacks.peft.svfit import svfit_factors
-from harness import noisy_digits, quiet_trainer, small_module
+from harness import ddp_strategy, noisy_digits, quiet_trainer, small_module
 from reglab.nn.core_adapter import CoreAdapter
 from reglab.peft_surgery import select_layers
 from reglab.tasks import ClassificationModule
@@ -150,7 +150,7 @@ def test_lora_sb_first_gradients_are_all_reduced_over_ddp_ranks(tmp_path):
     # 2 ranks x 64 samples in batches of 32 cover the same 128 samples (the seeded permutation,
     # rank r taking every second index) as one process taking the first 128
     factors = {}
-    for devices, strategy in ((2, "ddp_fork"), (1, "auto")):
+    for devices, strategy in ((2, ddp_strategy()), (1, "auto")):
         directory = tmp_path / f"{devices}"
         directory.mkdir()
         trainer = quiet_trainer(max_steps=1, devices=devices, strategy=strategy,

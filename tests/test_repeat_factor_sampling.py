@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from harness import START_METHOD
 from reglab import registry
 from reglab.bench.fit import FitProtocol
 from reglab.bench.protocols import ClaimError
@@ -287,7 +288,7 @@ def ddp_worker(rank: int, port: int, report_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_share_the_factors_and_deal_disjoint_shards_of_the_epoch(tmp_path):
-    torch.multiprocessing.start_processes(ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method=START_METHOD)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["factors"] == ranks[1]["factors"] and ranks[0]["epoch_list"] == ranks[1]["epoch_list"]
     epoch_list = ranks[0]["epoch_list"]

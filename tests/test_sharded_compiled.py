@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from torch.distributed.fsdp import fully_shard
 
-from harness import data_for, make, module_for, noisy_digits, quiet_trainer, small_module
+from harness import START_METHOD, data_for, make, module_for, noisy_digits, quiet_trainer, small_module
 from reglab import registry
 from reglab.callbacks import ELR, EMA, LoRA
 from reglab.tasks import ClassificationModule
@@ -102,17 +102,17 @@ def test_ema_of_a_compiled_module_averages_its_real_parameters():
 
 
 class MetricsOnlyLauncher(_MultiProcessingLauncher):
-    """Forks the ranks (pytest cannot be re-run as a script; a fork also skips the children's imports) and
-    brings back the metrics only: DTensor weights do not reload in the main process."""
+    """Starts the ranks from the suite's forkserver (pytest cannot be re-run as a script) and brings back the
+    metrics only: DTensor weights do not reload in the main process."""
 
     def _collect_rank_zero_results(self, trainer, results):
         output = super()._collect_rank_zero_results(trainer, results)
         return None if output is None else output._replace(weights_path=None)
 
 
-class ForkedModelParallel(ModelParallelStrategy):
+class ModelParallelOnCPUProcesses(ModelParallelStrategy):
     def _configure_launcher(self) -> None:
-        self._launcher = MetricsOnlyLauncher(self, start_method="fork")
+        self._launcher = MetricsOnlyLauncher(self, start_method=START_METHOD)
 
 
 class ShardedClassifier(ClassificationModule):
@@ -131,7 +131,7 @@ class ShardedClassifier(ClassificationModule):
 def test_techniques_that_declare_nothing_train_a_sharded_model(make, term):
     L.seed_everything(0, verbose=False)
     module = ShardedClassifier("mlp", num_classes=10, input_shape=(64,), backbone_kwargs={"hidden_sizes": (32,)}, lr=1e-2)
-    trainer = quiet_trainer(max_steps=3, devices=2, strategy=ForkedModelParallel(), limit_val_batches=1,
+    trainer = quiet_trainer(max_steps=3, devices=2, strategy=ModelParallelOnCPUProcesses(), limit_val_batches=1,
                             callbacks=[make()])
     trainer.fit(module, datamodule=noisy_digits(batch_size=64))
     assert trainer.state.finished and torch.isfinite(trainer.callback_metrics[term])

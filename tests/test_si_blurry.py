@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from reglab.datamodules import DigitsDataModule, SiBlurryDataModule, si_blurry_stream
-from harness import quiet_trainer, small_module
+from harness import ddp_strategy, quiet_trainer, small_module
 from reglab.continual.online import AnytimeAccuracy, area_under_accuracy, seen_class_accuracy
 
 # 20 classes x 30 samples, grouped by class as many datasets are stored.
@@ -217,7 +217,7 @@ class CurveOnEachRank(L.Callback):
 @pytest.mark.slow
 def test_anytime_accuracy_agrees_on_every_ddp_rank_and_counts_all_ranks_classes(tmp_path):
     curve = AnytimeAccuracy(eval_period=64)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=6, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ddp_strategy(), max_steps=6, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[curve, CurveOnEachRank(tmp_path, curve)])
     trainer.fit(small_module(), datamodule=digits_stream(batch_size=16))
