@@ -18,6 +18,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from reglab import registry
 from reglab.technique import Technique
@@ -27,14 +29,45 @@ from reglab.technique import Technique
 #: its own, and a child forked while one of them held a lock hangs (seen once in a full run). The forkserver
 #: is a clean single-threaded process, started once per worker with those modules preloaded (conftest), so a
 #: child is a fork of it: the import cost is paid once per worker, and the child holds no one else's lock.
+#: A forkserver child has the server's environment, not the test's: every start below hands the test's
+#: environment over (Lightning's DDP reseeds each rank from PL_GLOBAL_SEED, which a stale one got wrong).
 START_METHOD = "forkserver"
 
 
-def ddp_strategy() -> "L.pytorch.strategies.DDPStrategy":
-    """A 2-process DDP strategy for ``L.Trainer(devices=2, ...)`` whose ranks start by :data:`START_METHOD`."""
-    from lightning.pytorch.strategies import DDPStrategy
+def _in_environment(rank: int, environment: dict[str, str], function: Callable, args: tuple) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
+    function(rank, *args)
 
-    return DDPStrategy(start_method=START_METHOD)
+
+def start_ranks(function: Callable, *args: object) -> None:
+    """``function(rank, *args)`` in 2 processes started by :data:`START_METHOD`, each with this process's
+    environment (the test sets the rank variables itself, e.g. :func:`ddp_worker`)."""
+    torch.multiprocessing.start_processes(_in_environment, args=(dict(os.environ), function, args), nprocs=2,
+                                          start_method=START_METHOD)
+
+
+class EnvironmentPassingLauncher(_MultiProcessingLauncher):
+    """Lightning's launcher for ``start_method`` spawn / fork / forkserver, with the test's environment in each rank."""
+
+    def launch(self, function: Callable, *args: object, trainer: object = None, **kwargs: object) -> object:
+        self.environment = dict(os.environ)  # pickled with this launcher into each rank
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+    def _wrapping_function(self, *args: object, **kwargs: object) -> None:
+        os.environ.clear()
+        os.environ.update(self.environment)
+        super()._wrapping_function(*args, **kwargs)
+
+
+class ForkserverDDP(DDPStrategy):
+    def _configure_launcher(self) -> None:
+        self._launcher = EnvironmentPassingLauncher(self, start_method=START_METHOD)
+
+
+def ddp_strategy() -> DDPStrategy:
+    """A 2-process DDP strategy for ``L.Trainer(devices=2, ...)`` whose ranks start by :data:`START_METHOD`."""
+    return ForkserverDDP(start_method=START_METHOD)
 
 small_module = registry.example_module
 noisy_digits = registry.example_data

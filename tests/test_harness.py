@@ -9,10 +9,10 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from harness import FACTORIES, START_METHOD, data_for, ddp_worker, flat_state, make, module_for, partner, quiet_trainer
+from harness import (FACTORIES, data_for, ddp_worker, flat_state, make, module_for, partner, quiet_trainer,
+                     start_ranks)
 from reglab import registry
 from reglab.technique import EvalTimeAdaptation
 
@@ -150,9 +150,7 @@ def _free_port() -> int:
 def test_ddp_two_processes_keep_identical_state(tmp_path):
     """One 2-process DDP group fits every stateful technique in turn: each tensor of its state
     must be identical on both ranks and have been updated."""
-    torch.multiprocessing.start_processes(
-        ddp_worker, args=(STATEFUL, _free_port(), str(tmp_path)), nprocs=2, start_method=START_METHOD
-    )
+    start_ranks(ddp_worker, STATEFUL, _free_port(), str(tmp_path))
     assert len(STATEFUL) > 5
     for name in STATEFUL:
         reports = [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in range(2)]

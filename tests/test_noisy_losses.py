@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness import START_METHOD, noisy_digits, quiet_trainer, small_module
+from harness import noisy_digits, quiet_trainer, small_module, start_ranks
 from reglab.callbacks.baselines.co_teaching import PEER, CoTeaching, co_teaching_loss, forget_rate_at, small_loss_mask
 from reglab.callbacks.baselines.focal_loss import FocalLoss, focal_loss
 from reglab.callbacks.baselines.sce import symmetric_cross_entropy
@@ -279,13 +279,12 @@ def _ddp_worker(rank: int, port: int, report: str) -> None:
 def test_ddp_peer_is_one_network_on_both_ranks(tmp_path):
     import socket
 
-    import torch.multiprocessing
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     report = str(tmp_path / "peer.pt")
-    torch.multiprocessing.start_processes(_ddp_worker, args=(port, report), nprocs=2, start_method=START_METHOD)
+    start_ranks(_ddp_worker, port, report)
     result = torch.load(report)
     assert result, "no peer state"
     for key, (same, trained) in result.items():

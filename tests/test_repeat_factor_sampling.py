@@ -13,10 +13,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from harness import START_METHOD
+from harness import start_ranks
 from reglab import registry
 from reglab.bench.fit import FitProtocol
 from reglab.bench.protocols import ClaimError
@@ -288,7 +287,7 @@ def ddp_worker(rank: int, port: int, report_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_share_the_factors_and_deal_disjoint_shards_of_the_epoch(tmp_path):
-    torch.multiprocessing.start_processes(ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method=START_METHOD)
+    start_ranks(ddp_worker, _free_port(), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["factors"] == ranks[1]["factors"] and ranks[0]["epoch_list"] == ranks[1]["epoch_list"]
     epoch_list = ranks[0]["epoch_list"]

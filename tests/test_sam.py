@@ -11,11 +11,10 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from harness import START_METHOD, noisy_digits, quiet_trainer, small_module
+from harness import noisy_digits, quiet_trainer, small_module, start_ranks
 from test_harness import _free_port
 from reglab.callbacks.baselines import SAM
 from reglab.callbacks.domain_generalization import UDIM
@@ -159,7 +158,7 @@ def ddp_worker(rank: int, port: int, report: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_averages_the_per_process_sam_gradients_and_udim_stays_in_sync(tmp_path):
-    torch.multiprocessing.start_processes(ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method=START_METHOD)
+    start_ranks(ddp_worker, _free_port(), str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert sorted(reports[0]["rows"] + reports[1]["rows"]) == sorted(DDP_ROWS)  # each process its own half
     per_rank = [sam_gradient(report["rows"], START) for report in reports]

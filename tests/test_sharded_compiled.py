@@ -19,10 +19,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from torch.distributed.fsdp import fully_shard
 
-from harness import START_METHOD, data_for, make, module_for, noisy_digits, quiet_trainer, small_module
+from harness import (START_METHOD, EnvironmentPassingLauncher, data_for, make, module_for, noisy_digits, quiet_trainer,
+                     small_module)
 from reglab import registry
 from reglab.callbacks import ELR, EMA, LoRA
 from reglab.tasks import ClassificationModule
@@ -101,7 +101,7 @@ def test_ema_of_a_compiled_module_averages_its_real_parameters():
             torch.testing.assert_close(parameters[name].detach(), value)
 
 
-class MetricsOnlyLauncher(_MultiProcessingLauncher):
+class MetricsOnlyLauncher(EnvironmentPassingLauncher):
     """Starts the ranks from the suite's forkserver (pytest cannot be re-run as a script) and brings back the
     metrics only: DTensor weights do not reload in the main process."""
 

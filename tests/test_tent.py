@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from harness import START_METHOD
+from harness import start_ranks
 from reglab.callbacks.baselines.tent import TENT, softmax_entropy
 from reglab.callbacks.domain_generalization.cafa import CAFA
 from reglab.datamodules import DigitsDataModule
@@ -175,12 +175,11 @@ def test_ddp_ranks_adapt_alike(tmp_path):
     import json
     import socket
 
-    import torch.multiprocessing
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.start_processes(ddp_test_worker, args=(port, str(tmp_path)), nprocs=2, start_method=START_METHOD)
+    start_ranks(ddp_test_worker, port, str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert all(report["same"] and report["moved"] > 0 for report in reports), reports
 
