@@ -1,4 +1,3 @@
-import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -6,12 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# tests import their shared helpers (harness.py) by module name, also in the DDP ranks (their forkserver imports them by name)
+# tests import their shared helpers (harness.py) by module name, also in spawned DDP ranks
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-# the DDP tests' ranks start from a forkserver (harness.START_METHOD): it imports these once per worker, so each
-# rank is a fork of a process that has them (a failed preload is skipped by multiprocessing: the child imports it)
-multiprocessing.set_forkserver_preload(["torch", "lightning", "reglab", "reglab.tasks", "harness"])
 if "PYTEST_XDIST_WORKER" in os.environ:
     # `make test` runs one pytest worker per core: a second intra-op thread in each would only
     # spin-wait against the other worker's (the tests' models are tiny)

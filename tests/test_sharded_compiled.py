@@ -102,7 +102,7 @@ def test_ema_of_a_compiled_module_averages_its_real_parameters():
 
 
 class MetricsOnlyLauncher(EnvironmentPassingLauncher):
-    """Starts the ranks from the suite's forkserver (pytest cannot be re-run as a script) and brings back the
+    """Starts the ranks by the suite's START_METHOD (pytest cannot be re-run as a script) and brings back the
     metrics only: DTensor weights do not reload in the main process."""
 
     def _collect_rank_zero_results(self, trainer, results):
