@@ -5,6 +5,7 @@ page and JSON are written (into tmp_path, never docs/results)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -43,4 +44,7 @@ def test_claim_smoke_run(name, runner, tmp_path, monkeypatch):
                 assert len(record["arms"][arm]["values"][check["metric"]]) == 1
         assert not check["shown"]  # one seed has an infinite standard error: nothing is ever shown
     assert record["verdict"] == "claim not reproduced"
-    assert f"# Claim: {name}" in (tmp_path / f"{name}.md").read_text()
+    page = (tmp_path / f"{name}.md").read_text()
+    assert f"# Claim: {name}" in page
+    # every figure the page shows was written beside it
+    assert all((tmp_path / link).is_file() for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page))

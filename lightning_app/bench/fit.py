@@ -15,7 +15,6 @@ and the data seed to the seed and measures what ``trainer.test`` logs.
 
 from __future__ import annotations
 
-import io
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -71,8 +70,6 @@ class FitProtocol(Protocol):
             )
         self.measures = [import_object(path) for path in self.settings["measures"]]
         self.figure_fns = {path.rpartition(".")[2]: import_object(path) for path in self.settings["figures"]}
-        # arm -> figure name -> PNG bytes of its first run: drawn while the model exists, written by figures()
-        self.drawn: dict[str, dict[str, bytes]] = {}
 
     def check_arm(self, arm: str, spec: dict[str, Any]) -> None:
         if set(spec) - {"configs"}:
@@ -85,8 +82,8 @@ class FitProtocol(Protocol):
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         cli, metrics = self.fit_and_test(self.arguments(spec, seed, workdir))
-        if arm not in self.drawn and self.figure_fns:
-            self.drawn[arm] = {name: figure_png(fn(cli.model, cli.datamodule), arm) for name, fn in self.figure_fns.items()}
+        for name, fn in self.figure_fns.items():
+            self.keep_figure(arm, name, lambda fn=fn: fn(cli.model, cli.datamodule))
         return metrics
 
     def arguments(self, spec: dict[str, Any], seed: int, workdir: Path) -> list[str]:
@@ -141,14 +138,7 @@ class FitProtocol(Protocol):
         return {**metrics, **last, **{f"curve:{key}": series for key, series in history.values.items()}}
 
     def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
-        lines = self.curve_figure(runs, out_dir, claim_name)
-        drawn = [(arm, name, png) for arm in runs for name, png in self.drawn.get(arm, {}).items()]
-        if drawn:
-            lines += ["## Figures (each arm's first seed)", ""]
-        for arm, name, png in drawn:
-            (out_dir / f"{claim_name}_{arm}_{name}.png").write_bytes(png)
-            lines += [f"![{arm}: {name}]({claim_name}_{arm}_{name}.png)", ""]
-        return lines
+        return self.curve_figure(runs, out_dir, claim_name) + super().figures(runs, out_dir, claim_name)
 
     def curve_figure(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
         """The per-epoch ``curves`` of every arm, mean ± std over seeds."""
@@ -163,6 +153,7 @@ class FitProtocol(Protocol):
         keys = self.settings["curves"]
         fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
         for ax, key in zip(axes[0], keys):
+            lowest, highest = float("inf"), float("-inf")
             for arm, seeds in runs.items():
                 series = [run.get(f"curve:{key}", []) for run in seeds]
                 length = min((len(s) for s in series), default=0)
@@ -172,9 +163,11 @@ class FitProtocol(Protocol):
                 epochs = np.arange(1, length + 1)
                 ax.plot(epochs, values.mean(0), label=arm)
                 ax.fill_between(epochs, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.2)
+                lowest, highest = min(lowest, values.min()), max(highest, values.max())
             ax.set_title(key)
             ax.set_xlabel("epoch")
-            ax.set_ylim(0, 1)
+            if 0 <= lowest and highest <= 1:  # a rate on its whole scale; a loss on its own
+                ax.set_ylim(0, 1)
             ax.legend()
         seeds = len(next(iter(runs.values())))
         fig.suptitle(f"{claim_name}: mean ± std over {seeds} seeds")
@@ -183,13 +176,3 @@ class FitProtocol(Protocol):
         plt.close(fig)
         return ["## Per-epoch curves", "", f"![per-epoch curves]({claim_name}_curves.png)", ""]
 
-
-def figure_png(figure: Any, title: str) -> bytes:
-    """``figure`` (matplotlib) titled ``title`` as PNG bytes; the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    figure.suptitle(title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 #: protocols that ship with the core bench, by the module that registers them
 BUILT_IN = {"fit": "reglab.bench.fit"}
@@ -134,6 +135,8 @@ class Protocol:
             )
         self.claim_name = claim_name
         self.settings = {**copy.deepcopy(self.defaults), **settings}
+        # arm -> figure name -> PNG bytes of its first run (keep_figure), written by figures()
+        self.drawn: dict[str, dict[str, bytes]] = {}
         self.check_settings()
 
     def check_settings(self) -> None:
@@ -151,6 +154,30 @@ class Protocol:
         """Markdown lines on the setting, for the results page (default: none beyond the settings)."""
         return []
 
+    def keep_figure(self, arm: str, name: str, draw: Callable[[], Any]) -> None:
+        """Keep figure ``name`` of ``arm`` from its first run only: ``draw()`` (a matplotlib Figure) is called
+        while the run's model exists, and :meth:`figures` writes it next to the results page."""
+        kept = self.drawn.setdefault(arm, {})
+        if name not in kept:
+            kept[name] = figure_png(draw(), arm)
+
     def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:
-        """Write any figures next to the results page; return their markdown lines."""
-        return []
+        """Write the figures next to the results page; return their markdown lines. Here the kept ones
+        (:meth:`keep_figure`); a protocol that draws more adds them to these."""
+        kept = [(arm, name, png) for arm in runs for name, png in self.drawn.get(arm, {}).items()]
+        lines = ["## Figures (each arm's first run)", ""] if kept else []
+        for arm, name, png in kept:
+            (out_dir / f"{claim_name}_{arm}_{name}.png").write_bytes(png)
+            lines += [f"![{arm}: {name}]({claim_name}_{arm}_{name}.png)", ""]
+        return lines
+
+
+def figure_png(figure: Any, title: str) -> bytes:
+    """``figure`` (matplotlib) titled ``title`` as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()

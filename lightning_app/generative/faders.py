@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional import spearman_corrcoef
 
-from reglab.bench.fit import FitProtocol, figure_png
+from reglab.bench.fit import FitProtocol
 from reglab.bench.protocols import ClaimError, register_protocol
 from reglab.datamodules.music import ATTRIBUTES, attributes as measured_attributes
 
@@ -163,12 +163,12 @@ class AttributeControlProtocol(FitProtocol):
         measures = fader_measures(cli.model, test.inputs, test.extras["attributes"], test.targets, faders,
                                   self.settings["attribute_dims"], self.settings["slide_steps"],
                                   self.settings["slide_bases"])
-        if arm not in self.drawn:
+        if arm not in self.midi:
             means = cli.model.encode(test.inputs.to(cli.model.device))[0].detach().float().cpu()
             dims, signs = fader_choice(rank_correlations(means, test.extras["attributes"]), faders,
                                        self.settings["attribute_dims"])
             figure, self.midi[arm] = slide_figure(cli.model, test.inputs, dims, signs, self.settings["slide_steps"])
-            self.drawn[arm] = {"slides": figure_png(figure, arm)}
+            self.keep_figure(arm, "slides", lambda: figure)
         return {**metrics, **measures}
 
     def figures(self, runs: dict[str, list[dict[str, Any]]], out_dir: Path, claim_name: str) -> list[str]:

@@ -38,7 +38,8 @@ so a large-N similarity above it is agreement the training produced.
 The claim protocol ``denoiser_generalization`` (:class:`DenoiserGeneralizationProtocol`) turns the
 curves into per-seed numbers: the gain of each similarity from the smallest to the largest N
 (:func:`gain`), the gain of the nearest ratio, and the crossover N where the nearest ratio reaches
-``crossover_level`` (:func:`crossover_size`, reported, not judged); it draws the curves.
+``crossover_level`` (:func:`crossover_size`, reported, not judged); it draws the curves and the first
+run's samples of both models per N (:func:`pairs_grid`).
 
 Example:
     >>> import torch
@@ -59,6 +60,7 @@ import torch
 from torch import Tensor
 
 from reglab.bench.protocols import ClaimError, Protocol, register_protocol
+from reglab.generative.sample import GRID_COLUMNS, grid_figure
 
 
 def image_correlation(a: Tensor, b: Tensor) -> Tensor:
@@ -159,7 +161,8 @@ def denoised_estimates(module: Any, images: Tensor, timesteps: Sequence[int], se
 
 def generalization_curves(seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """The per-N measures of the module docstring for one seed (the digits' split of that seed, the
-    subsets of :func:`disjoint_subsets`); lists ordered by ``settings["sizes"]``."""
+    subsets of :func:`disjoint_subsets`); lists ordered by ``settings["sizes"]``; ``pairs`` holds the two
+    models' first samples per N (:func:`pairs_grid`)."""
     from reglab.datamodules import DigitsDataModule
     from reglab.generative.measures import nearest_training_distance
 
@@ -172,6 +175,7 @@ def generalization_curves(seed: int, settings: dict[str, Any]) -> dict[str, Any]
     timesteps = settings["noise_timesteps"]
     curves: dict[str, list[float]] = {"denoised_similarity": [], "sample_similarity": [], "nearest_ratio": [],
                                       **{f"denoised_similarity/t={t}": [] for t in timesteps}}
+    pairs: dict[int, list[Tensor]] = {}
     for n, (first, second) in disjoint_subsets(len(train), sizes, seed).items():
         models = [fit_denoiser(train[subset], seed * 1000 + 2 * n + k, settings) for k, subset in enumerate((first, second))]
         estimates = [denoised_estimates(model, test, timesteps, seed) for model in models]
@@ -180,12 +184,20 @@ def generalization_curves(seed: int, settings: dict[str, Any]) -> dict[str, Any]
             curves[f"denoised_similarity/t={t}"].append(value)
         curves["denoised_similarity"].append(sum(per_level) / len(per_level))
         samples = [_samples(model, seed, settings) for model in models]
+        pairs[n] = [images[:GRID_COLUMNS] for images in samples]
         curves["sample_similarity"].append(float(image_correlation(*samples).mean()))
         own = train[first]
         curves["nearest_ratio"].append(float(nearest_training_distance(samples[0], own).mean()
                                              / nearest_training_distance(test, own).mean()))
     untrained = [_samples(new_denoiser(train.shape[1:], seed * 1000 + k, settings), seed, settings) for k in (0, 1)]
-    return {"sizes": sizes, "curves": curves, "untrained_sample_similarity": float(image_correlation(*untrained).mean())}
+    return {"sizes": sizes, "curves": curves, "untrained_sample_similarity": float(image_correlation(*untrained).mean()),
+            "pairs": pairs}
+
+
+def pairs_grid(pairs: dict[int, list[Tensor]]) -> Any:
+    """A grid of the two models' first samples from the same noise, per N: a row for model A, one for B."""
+    rows = [(f"N={n} {name}", images) for n, models in sorted(pairs.items()) for name, images in zip("AB", models)]
+    return grid_figure(torch.cat([images for _, images in rows]), len(rows[0][1]), [name for name, _ in rows])
 
 
 def _samples(model: Any, seed: int, settings: dict[str, Any]) -> Tensor:
@@ -267,6 +279,7 @@ class DenoiserGeneralizationProtocol(Protocol):
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         result = generalization_curves(seed, self.settings)
+        self.keep_figure(arm, "samples", lambda: pairs_grid(result["pairs"]))
         curves = result["curves"]
         metrics: dict[str, Any] = {f"curve:{name}": values for name, values in curves.items()}
         for name in ("sample_similarity", "denoised_similarity", "nearest_ratio"):
@@ -287,4 +300,4 @@ class DenoiserGeneralizationProtocol(Protocol):
             plot_curves(sizes, curves, self.settings["crossover_level"], path,
                         f"{claim_name}: mean ± std over {len(seeds)} seed(s)")
             lines += [f"## Similarity and memorization vs N ({arm})", "", f"![curves]({path.name})", ""]
-        return lines
+        return lines + super().figures(runs, out_dir, claim_name)

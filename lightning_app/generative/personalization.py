@@ -23,6 +23,8 @@ fitted from the pretrained model for ``steps`` steps of batches of ``batch_size`
 * ``class_accuracy`` — its accuracy on samples of the plain class prompts (what the tuning forgot);
 * ``concept_accuracy`` — its accuracy on the concept prompt's samples as the concept's class (reported);
 * ``spl`` — the tuned concept phrase's ``1 - cos`` to its class phrase (reported).
+
+The results page shows each arm's first-run samples of every prompt (:func:`prompt_grid`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from reglab.bench.protocols import ClaimError, Protocol, arm_techniques, instantiate, register_protocol
 from reglab.generative.measures import CACHE_DIR, CLASSIFIER_CONFIG, ClassifierFeatures, conditional_accuracy
+from reglab.generative.sample import GRID_COLUMNS, grid_figure, row_names
 
 CONCEPTS = ("thick", "inverted")
 
@@ -52,6 +55,15 @@ def make_concept(images: Tensor, concept: str) -> Tensor:
 def nearest_feature_distance(features: Tensor, examples: Tensor) -> float:
     """Mean over ``features`` of the L2 distance to the nearest row of ``examples``."""
     return float(torch.cdist(features, examples, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.mean())
+
+
+def prompt_grid(blocks: list[Tensor], prompts: list[list[str]], count: int) -> Any:
+    """A grid of the first :data:`~reglab.generative.sample.GRID_COLUMNS` samples of every prompt, a row each:
+    ``blocks[i]`` holds ``count`` samples of each of ``prompts[i]``, prompt by prompt."""
+    columns = min(GRID_COLUMNS, count)
+    rows = [images.view(len(names), count, *images.shape[1:])[:, :columns].flatten(0, 1)
+            for images, names in zip(blocks, prompts)]
+    return grid_figure(torch.cat(rows), columns, [name for names in prompts for name in names])
 
 
 def concept_gap(samples: float, held_out_concept: float, plain_class: float) -> float:
@@ -140,6 +152,11 @@ class PersonalizationProtocol(Protocol):
         concept_samples, concept_labels = draw([s["concept_class"]], True)
         composed, composed_labels = draw(others, True)
         classes, class_labels = draw(list(range(module.num_classes)), False)
+        names = row_names(module)
+        modifier = technique.modifier
+        self.keep_figure(arm, "samples", lambda: prompt_grid(
+            [concept_samples, composed, classes],
+            [[f"{modifier} {names[s['concept_class']]}"], [f"{modifier} {names[c]}" for c in others], names], count))
 
         classifier = digits_classifier(s["classifier_config"], s["cache_dir"])
         features = ClassifierFeatures(classifier)

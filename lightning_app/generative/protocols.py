@@ -21,7 +21,8 @@ images: its ``reference_accuracy`` is then optimistic, the Fréchet distance onl
       - {metric: conditional_accuracy, direction: higher, arm: guided, against: conditional}
 
 Each run reports the test metrics (``test/loss``) and ``fd_classifier_features``,
-``conditional_accuracy``, ``nearest_train_distance`` and their references.
+``conditional_accuracy``, ``nearest_train_distance`` and their references; the results page shows a grid
+of each arm's first-run samples (:func:`reglab.generative.sample.claim_grid`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from reglab.bench.fit import FitProtocol
 from reglab.bench.protocols import ClaimError, register_protocol
 from reglab.generative.measures import CACHE_DIR, CLASSIFIER_CONFIG
-from reglab.generative.sample import measure
+from reglab.generative.sample import DIGIT_CLASSES, claim_grid, draw_samples, measure
 
 SAMPLE_SETTINGS = ("steps", "sampler", "guidance_scale")
 
@@ -54,6 +55,9 @@ class SampleQualityProtocol(FitProtocol):
 
     def run_arm(self, arm: str, spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
         cli, metrics = self.fit_and_test(self.arguments(spec, seed, workdir))
-        quality = measure(cli.model.eval(), self.settings["per_class"], {**self.settings["sample"], "seed": seed},
-                          seed, self.settings["classifier_config"], self.settings["cache_dir"])
+        per_class = self.settings["per_class"]
+        samples, labels = draw_samples(cli.model.eval(), per_class, {**self.settings["sample"], "seed": seed},
+                                       DIGIT_CLASSES * per_class)
+        self.keep_figure(arm, "samples", lambda: claim_grid(samples, labels, cli.model, per_class))
+        quality = measure(samples, labels, seed, self.settings["classifier_config"], self.settings["cache_dir"])
         return {**metrics, **{key: value for key, value in quality.items() if isinstance(value, float)}}

@@ -35,6 +35,11 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+#: the classes of the digits that the measures compare samples against
+DIGIT_CLASSES = 10
+#: the columns of a claim's sample grid (samples of a class, a prompt or a model; ten for an unconditional model)
+GRID_COLUMNS = 8
+
 
 def class_labels(module: nn.Module, per_class: int) -> Optional[Tensor]:
     """``per_class`` copies of every class index, class by class; ``None`` for an unconditional module."""
@@ -48,18 +53,15 @@ def row_names(module: nn.Module) -> list[str]:
     return list(names) if names else [str(i) for i in range(module.num_classes)]
 
 
-def save_grid(samples: Tensor, path: Path, columns: int, rows: Sequence[str] | None = None, title: str = "") -> Path:
-    """``samples`` (``(N, C, H, W)`` in [0, 1]) as a PNG grid of ``columns`` images a row, each row named
-    by ``rows`` when given; refuses an existing ``path``."""
+def grid_figure(samples: Tensor, columns: int, rows: Sequence[str] | None = None, title: str = "") -> Any:
+    """``samples`` (``(N, C, H, W)`` in [0, 1]) as a matplotlib Figure: a grid of ``columns`` images a row,
+    each row named by ``rows`` when given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
 
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"reglab sample: {path} exists and is kept. Fix: give another --out folder.")
     pad = 1
     grid = make_grid(samples.float().cpu(), nrow=columns, padding=pad, pad_value=1.0)
     height = samples.shape[-2] + pad
@@ -74,23 +76,50 @@ def save_grid(samples: Tensor, path: Path, columns: int, rows: Sequence[str] | N
         ax.set_yticks([])
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def save_grid(samples: Tensor, path: Path, columns: int, rows: Sequence[str] | None = None, title: str = "") -> Path:
+    """:func:`grid_figure` written as a PNG to ``path``; refuses an existing ``path``."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"reglab sample: {path} exists and is kept. Fix: give another --out folder.")
+    fig = grid_figure(samples, columns, rows, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def measure(module: nn.Module, per_class: int, settings: dict[str, Any], data_seed: int,
-            classifier_config: str, cache_dir: str) -> dict[str, Any]:
-    """:func:`~reglab.generative.measures.sample_quality` of fresh samples against the digits' test split."""
+def draw_samples(module: nn.Module, per_class: int, settings: dict[str, Any],
+                 num_samples: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """``per_class`` samples of every class, class by class, and their labels (a conditional module), or
+    ``num_samples`` and ``None`` (an unconditional one); ``settings`` go to ``module.sample``."""
+    labels = class_labels(module, per_class)
+    return module.sample(labels, num_samples=num_samples if labels is None else None, **settings), labels
+
+
+def claim_grid(samples: Tensor, labels: Optional[Tensor], module: nn.Module, per_class: int) -> Any:
+    """The grid figure of a claim's measured samples: the first :data:`GRID_COLUMNS` of every class, a row
+    each (``samples`` class by class, ``per_class`` each), or as many rows of ten (unconditional)."""
+    if labels is None:
+        return grid_figure(samples[:DIGIT_CLASSES * GRID_COLUMNS], DIGIT_CLASSES)
+    keep = min(GRID_COLUMNS, per_class)
+    first = torch.cat([torch.arange(c * per_class, c * per_class + keep) for c in range(module.num_classes)])
+    return grid_figure(samples[first], keep, row_names(module))
+
+
+def measure(samples: Tensor, labels: Optional[Tensor], data_seed: int, classifier_config: str,
+            cache_dir: str) -> dict[str, Any]:
+    """:func:`~reglab.generative.measures.sample_quality` of ``samples`` against the digits' test split."""
     from reglab.datamodules import DigitsDataModule
     from reglab.generative.measures import digits_classifier, sample_quality
 
     data = DigitsDataModule(seed=data_seed)
     data.setup("fit")
     data.setup("test")
-    labels = class_labels(module, per_class)
-    samples = module.sample(labels, num_samples=per_class * data.num_classes if labels is None else None, **settings)
     classifier = digits_classifier(classifier_config, cache_dir)
     test = data.test_dataset
     result = sample_quality(samples.cpu(), labels, classifier, data.train_dataset.inputs, test.inputs, test.targets)
@@ -130,8 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     # only what was given: a module without a sampler (a VAE) takes just the seed
     given = {"steps": args.steps, "sampler": args.sampler, "guidance_scale": args.guidance, "seed": args.seed}
     settings = {key: value for key, value in given.items() if value is not None}
-    labels = class_labels(module, args.per_class)
-    samples = module.sample(labels, num_samples=args.num_samples if labels is None else None, **settings)
+    samples, labels = draw_samples(module, args.per_class, settings, args.num_samples)
     out.mkdir(parents=True, exist_ok=True)
     rows = row_names(module) if labels is not None else None
     columns = args.per_class if labels is not None else int(args.num_samples ** 0.5) or 1
@@ -149,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
             roll_to_midi(roll, out / "midi" / f"sample_{i}.mid", lowest_pitch=args.lowest_pitch)
         print(f"reglab sample: wrote {len(rolls)} MIDI files under {out / 'midi'}")
     if args.measures:
-        result = measure(module, args.measure_per_class, settings, args.data_seed, args.classifier_config,
-                         args.cache_dir)
+        # unconditional: as many samples as a conditional model's ten digit classes would give
+        drawn, drawn_labels = draw_samples(module, args.measure_per_class, settings,
+                                           DIGIT_CLASSES * args.measure_per_class)
+        result = measure(drawn, drawn_labels, args.data_seed, args.classifier_config, args.cache_dir)
         (out / "measures.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"reglab sample: wrote {out / 'measures.json'}: " + json.dumps(result))
