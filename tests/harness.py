@@ -19,42 +19,75 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.fabric.strategies.launchers.multiprocessing import _disable_module_memory_sharing
+from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot, _MultiProcessingLauncher
 
 from reglab import registry
 from reglab.technique import Technique
 
-#: how the suite starts the ranks of its 2-process DDP tests. "spawn", although each spawned child re-imports
-#: torch, Lightning and reglab (most of a DDP test's 15-30 s): "fork" hung a full xdist run (a child inherited a
-#: lock of a worker thread), and a preloaded "forkserver" made two DDP tests disagree with their single-process
-#: references in full runs only (not understood yet; see docs/architecture.md "The test suite").
-START_METHOD = "spawn"
+#: how the suite starts the ranks of its 2-process DDP tests. Not "spawn": each spawned child re-imports torch and
+#: Lightning (most of a DDP test's 15-30 s). Not "fork": an xdist worker has threads of its own, and a child forked
+#: while one of them held a lock hangs (seen once in a full run). The forkserver is a clean single-threaded process,
+#: started once per worker with torch and Lightning preloaded (conftest), and each rank is a fork of it. What a
+#: rank would inherit from the server rather than from the test is put back as a spawned child has it
+#: (:func:`_as_if_spawned`); reglab itself is not preloaded, so no reglab state is older than the test.
+START_METHOD = "forkserver"
 
 
-def _in_environment(rank: int, environment: dict[str, str], function: Callable, args: tuple) -> None:
+def _parent_state() -> dict[str, object]:
+    """What :func:`_as_if_spawned` gives a rank: this process's environment and working folder."""
+    return {"environment": dict(os.environ), "cwd": os.getcwd()}
+
+
+def _as_if_spawned(state: dict[str, object]) -> None:
+    """Make a forkserver child what a spawned child of the test would be: the test's environment (Lightning
+    reseeds a rank from PL_GLOBAL_SEED: a stale one from the server's start got that wrong) and working folder,
+    Python's and NumPy's generators seeded afresh from the OS and torch's at its start seed, not the server's
+    states shared by every child."""
+    import random
+
+    import numpy as np
+
     os.environ.clear()
-    os.environ.update(environment)
+    os.environ.update(state["environment"])
+    os.chdir(state["cwd"])
+    random.seed()
+    np.random.seed()
+    torch.manual_seed(torch.initial_seed())
+
+
+def _in_parent_state(rank: int, state: dict[str, object], function: Callable, args: tuple) -> None:
+    _as_if_spawned(state)
     function(rank, *args)
 
 
 def start_ranks(function: Callable, *args: object) -> None:
-    """``function(rank, *args)`` in 2 processes started by :data:`START_METHOD`, each with this process's
-    environment (the test sets the rank variables itself, e.g. :func:`ddp_worker`)."""
-    torch.multiprocessing.start_processes(_in_environment, args=(dict(os.environ), function, args), nprocs=2,
+    """``function(rank, *args)`` in 2 processes started by :data:`START_METHOD`, each in this process's
+    environment and folder (the test sets the rank variables itself, e.g. :func:`ddp_worker`)."""
+    torch.multiprocessing.start_processes(_in_parent_state, args=(_parent_state(), function, args), nprocs=2,
                                           start_method=START_METHOD)
 
 
 class EnvironmentPassingLauncher(_MultiProcessingLauncher):
-    """Lightning's launcher for ``start_method`` spawn / fork / forkserver, with the test's environment in each rank."""
+    """Lightning's launcher for ``start_method`` spawn / fork / forkserver, each rank in the test's state
+    (:func:`_as_if_spawned`). Lightning treats a forkserver child as a fork of the test, but it is not one: its
+    module arrives pickled, in memory shared with the other rank (whose optimizer steps would then write into
+    the same weights), and without the test's random states. So a forkserver rank is set up as Lightning sets up
+    a spawned one: the module copied out of shared memory, the test's global states (random generators,
+    deterministic flags) restored."""
 
     def launch(self, function: Callable, *args: object, trainer: object = None, **kwargs: object) -> object:
-        self.environment = dict(os.environ)  # pickled with this launcher into each rank
+        # pickled with this launcher into each rank
+        self.parent_state = {**_parent_state(), "global_states": _GlobalStateSnapshot.capture()}
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
-    def _wrapping_function(self, *args: object, **kwargs: object) -> None:
-        os.environ.clear()
-        os.environ.update(self.environment)
-        super()._wrapping_function(*args, **kwargs)
+    def _wrapping_function(self, process_idx: int, trainer: object, function: Callable, args: object,
+                           kwargs: object, return_queue: object, global_states: object = None) -> None:
+        _as_if_spawned(self.parent_state)
+        if self._start_method == "forkserver":
+            args, kwargs = _disable_module_memory_sharing((args, kwargs))
+        super()._wrapping_function(process_idx, trainer, function, args, kwargs, return_queue,
+                                   self.parent_state["global_states"])
 
 
 class ForkserverDDP(DDPStrategy):
