@@ -132,6 +132,7 @@ class Technique(L.Callback):
             check_technique(self, trainer, pl_module)
             check_sharding(self, trainer)
             check_precision(self, trainer)
+            check_rank_copies(self, trainer, pl_module)
 
     def fail(self, problem: str, fix: str) -> TechniqueConfigError:
         """An error naming this technique, the problem and the fix (raise it)."""
@@ -220,6 +221,21 @@ def check_precision(technique: Technique, trainer: L.Trainer) -> None:
         raise technique.fail(
             f"it cannot run with precision='{precision}': {reason}",
             "train with precision='bf16-mixed' (no gradient scaler) or '32-true'",
+        )
+
+
+def check_rank_copies(technique: Technique, trainer: L.Trainer, module: L.LightningModule) -> None:
+    """Refuse DDP ranks whose CPU weights are one copy in shared memory. Lightning hands a module to ranks it
+    starts with ``start_method="forkserver"`` pickled that way and copies it out for ``spawn`` only
+    (Lightning-AI/pytorch-lightning#18238), so every rank's optimizer step writes into the same weights: the
+    ranks race, and a technique's per-rank state no longer matches its rank's weights."""
+    ranks = getattr(trainer, "world_size", 1)
+    if ranks > 1 and any(p.is_shared() for p in module.parameters() if p.device.type == "cpu"):
+        raise technique.fail(
+            f"the {ranks} DDP ranks' weights are one copy in shared memory (Lightning passes the "
+            "module to forkserver-started CPU ranks that way), so every rank's optimizer step writes into the "
+            "same weights",
+            "start the ranks with start_method='spawn' (strategy='ddp_spawn'), or launch them with torchrun",
         )
 
 

@@ -3,14 +3,18 @@ stages run in config order, every term is logged under its own name."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
+from harness import ddp_strategy
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset
 
 from reglab.callbacks import ELR, GCE, LabelSmoothing
 from reglab.mixins import RegularizedMixin, StepOutput
-from reglab.technique import Technique, TechniqueConfigError
+from reglab.technique import Technique, TechniqueConfigError, check_rank_copies
 
 
 class PointsDataset(Dataset):
@@ -174,3 +178,26 @@ def test_soft_targets_keep_labels():
     assert torch.equal(out.labels, torch.tensor([0, 1, 3]))
     torch.testing.assert_close(smoothed.sum(-1), torch.ones(3))
     torch.testing.assert_close(smoothed[0], torch.tensor([0.85, 0.05, 0.05, 0.05]))
+
+
+def test_ranks_whose_weights_are_one_shared_copy_are_refused():
+    technique, module = LabelSmoothing(), UserModule()
+    check_rank_copies(technique, SimpleNamespace(world_size=2), module)  # each rank its own copy
+    module.share_memory()
+    check_rank_copies(technique, SimpleNamespace(world_size=1), module)  # one process: nothing to race
+    with pytest.raises(TechniqueConfigError, match="one copy in shared memory.*Fix: start the ranks with"):
+        check_rank_copies(technique, SimpleNamespace(world_size=2), module)
+
+
+@pytest.mark.slow
+def test_lightnings_forkserver_ranks_on_cpu_are_refused_at_setup():
+    def trainer(strategy):
+        return L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[LabelSmoothing()])
+
+    # Lightning's own launch hands the module to forkserver ranks in shared memory
+    with pytest.raises(Exception, match="one copy in shared memory"):
+        trainer(DDPStrategy(start_method="forkserver")).fit(UserModule(), datamodule=UserDataModule())
+    # the suite's launcher copies it out, as Lightning does for spawn: the same run trains
+    trainer(ddp_strategy()).fit(UserModule(), datamodule=UserDataModule())
