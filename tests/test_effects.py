@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reglab.bench.effects import Check, Claim, Provenance, load_claims, mean_std, verdict, write_results
+from reglab.bench.effects import Check, Claim, Provenance, load_claims, mean_std, run_claims, verdict, write_results
 from reglab.bench.protocols import ClaimError, Protocol, get_protocol, register_protocol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,6 +196,29 @@ def test_results_json_and_page_hold_every_arm_seed_and_check(tmp_path):
     assert "**Verdict: claim not reproduced**" in page and provenance.command in page
     assert page.count("**claim shown**") == 2 and page.count("**claim not reproduced**") == 1
     assert "| T | 0.72 | 0.74 | 0.76 |" in page  # per-seed values
+
+
+@register_protocol("test_seed_echo")
+class SeedEchoProtocol(Protocol):
+    """Measures the seed it ran with."""
+
+    def run_arm(self, arm, spec, seed, workdir):
+        return {"seed": float(seed)}
+
+
+def test_a_claim_with_a_first_seed_runs_and_reports_the_seeds_from_it(tmp_path):
+    claim = Claim.from_dict({"name": "c", "claim": "t", "protocol": "test_seed_echo", "seeds": 2, "first_seed": 1,
+                             "arms": {"a": {}, "b": {}},
+                             "checks": [{"metric": "seed", "direction": "higher", "arm": "a", "against": "b"}]})
+    run_claims([claim], None, tmp_path)
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert record["first_seed"] == 1 and record["seeds"] == 2
+    assert record["arms"]["a"]["values"]["seed"] == [1.0, 2.0]
+    page = (tmp_path / "c.md").read_text()
+    assert "(2 seeds, 1 to 2;" in page and "| arm | seed 1 | seed 2 |" in page
+    with pytest.raises(ClaimError, match="first_seed -1. Fix: give a seed >= 0"):
+        Claim.from_dict({"name": "c", "claim": "t", "arms": {"a": {}}, "first_seed": -1,
+                         "checks": [{"metric": "m", "direction": "at_most", "bound": 0.1, "arm": "a"}]})
 
 
 def test_a_check_on_an_unmeasured_metric_fails_loudly(tmp_path):

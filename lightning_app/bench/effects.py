@@ -8,6 +8,7 @@ A claim is a YAML file ``benchmarks/effects/<name>.yaml``::
     protocol: fit                     # how an arm runs (default fit; see reglab.bench.protocols)
     module: null                      # the module that registers the protocol, unless built in
     seeds: 3
+    first_seed: 0                     # seeds first_seed .. first_seed + seeds - 1 (1: seed 0 chose a recipe)
     settings: {configs: [configs/experiment/noisy_digits.yaml]}   # the protocol's shared settings
     arms:                             # one or more; each spec is the protocol's
       ce: {label: CE}
@@ -171,6 +172,9 @@ class Claim:
     module: str | None = None
     techniques: list[str] = field(default_factory=list)
     seeds: int = 3
+    #: the first seed run: a claim whose recipe was looked at on seed 0 starts at 1, so each seed it
+    #: reports is independent of that choice
+    first_seed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     smoke: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
@@ -185,6 +189,8 @@ class Claim:
             raise ClaimError(f"claim {self.name}: bad check ({error}); fields: metric, direction, arm, against, margin, bound")
         if not self.checks:
             raise ClaimError(f"claim {self.name}: give a non-empty `checks` list")
+        if not isinstance(self.first_seed, int) or self.first_seed < 0:
+            raise ClaimError(f"claim {self.name}: first_seed {self.first_seed!r}. Fix: give a seed >= 0.")
         for check in self.checks:
             for arm in (check.arm, check.against):
                 if arm is not None and arm not in self.arms:
@@ -314,6 +320,7 @@ def result_record(claim: Claim, values: dict[str, dict[str, list[float]]], judge
         "statement": claim.claim,
         "protocol": claim.protocol,
         "seeds": len(next(iter(next(iter(values.values())).values()))),
+        "first_seed": claim.first_seed,
         "arms": {arm: {"label": claim.label(arm), "values": metrics} for arm, metrics in values.items()},
         "checks": [
             {"metric": c.metric, "kind": c.kind, "direction": c.direction, "arm": c.arm, "against": c.against,
@@ -337,7 +344,9 @@ def report_lines(claim: Claim, protocol: Protocol, record: dict[str, Any], figur
     lines = [
         f"# Claim: {claim.name}", "",
         claim.claim, "",
-        f"**Verdict: {record['verdict']}** ({record['seeds']} seeds; every check below must be shown).", "",
+        f"**Verdict: {record['verdict']}** ({record['seeds']} seeds"
+        + (f", {record['first_seed']} to {record['first_seed'] + record['seeds'] - 1}" if record["first_seed"] else "")
+        + "; every check below must be shown).", "",
         f"Produced by: `{record['command']}` (protocol `{claim.protocol}`; commit {record['commit']}; "
         f"{record['machine']}; {record['date']}; {record['wall_s']:.0f} s).", "",
         *protocol.describe(),
@@ -362,7 +371,8 @@ def report_lines(claim: Claim, protocol: Protocol, record: dict[str, Any], figur
         lines.append(f"| {data['label']} | " + " | ".join(cells) + " |")
     lines += ["", "## Per seed", ""]
     for metric in metrics:
-        lines += [f"{metric}:", "", "| arm | " + " | ".join(f"seed {s}" for s in range(record["seeds"])) + " |",
+        seeds = range(record["first_seed"], record["first_seed"] + record["seeds"])
+        lines += [f"{metric}:", "", "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
                   "|---|" + "---|" * record["seeds"]]
         lines += [f"| {data['label']} | " + " | ".join(f"{v:.4g}" for v in data["values"][metric]) + " |"
                   for data in arms.values() if metric in data["values"]]
@@ -402,7 +412,8 @@ def run_claims(claims: list[Claim], seeds: int | None, out_dir: Path, smoke: boo
                                     datetime.now(timezone.utc).strftime("%Y-%m-%d"))
             protocol, start = protocols[claim.name], time.perf_counter()
             runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in claim.arms}
-            for seed in range(1 if smoke else seeds or claim.seeds):
+            count = 1 if smoke else seeds or claim.seeds
+            for seed in range(claim.first_seed, claim.first_seed + count):
                 for arm in claim.arms:
                     runs[arm].append(runner.run(claim, protocol, arm, seed))
                     shown = {k: round(v, 4) for k, v in runs[arm][-1].items() if not isinstance(v, list)}
